@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` (main job) and `make test`.
+# Both create .venv and install the project into it from pyproject.toml on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/edgevit-build: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[cpu,builder,dev]'
+	touch $@
+
+.PHONY: install demo test bench
+install: $(BIN)/edgevit-build
+
+demo: install
+	$(BIN)/edgevit-build demo --out out/demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/export_bench.py

@@ -1,0 +1,82 @@
+"""Export time and peak memory for full-size models: ViT-B/16 and Mixer-B/16 at 224.
+
+Random weights in the published layout (no pretrained weights can be downloaded
+here); the export cost does not depend on the values. Each model is exported in its
+own process so that its peak RSS is its own. Prints a table; ``--json`` for scripts.
+
+    python bench/export_bench.py [--models ViT-B_16 Mixer-B_16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from builder.architecture import MIXER_SIZES, VIT_SIZES, MixerConfig, ModelConfig, ViTConfig, parse_model_name  # noqa: E402
+
+
+def config(name: str) -> ModelConfig:
+    family, size, patch, _ = parse_model_name(name)
+    if family == "vit":
+        return ViTConfig(patch, *VIT_SIZES[size], num_classes=1000, image_size=224)
+    return MixerConfig(patch, *MIXER_SIZES[size], num_classes=1000, image_size=224)
+
+
+def measure(name: str) -> dict[str, float | str]:
+    """Runs in the child: write a checkpoint, export it, report phases and peak RSS."""
+    from builder.checkpoint import save_checkpoint
+    from builder.export import ExportOptions, export_checkpoint
+    from builder.models import init_params
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / f"{name}.npz"
+        save_checkpoint(ckpt, init_params(config(name)))
+        start = time.perf_counter()
+        result = export_checkpoint(ckpt, Path(tmp) / "onnx", ExportOptions())
+        seconds = time.perf_counter() - start
+        return {
+            "model": name,
+            "checkpoint_mib": ckpt.stat().st_size / 2**20,
+            "onnx_mib": sum(p.stat().st_size for p in result.files) / 2**20,
+            "export_s": seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "max_abs_error": result.report.max_abs_error,
+        }
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--models", nargs="+", default=["ViT-B_16", "Mixer-B_16"])
+    args.add_argument("--json", action="store_true")
+    args.add_argument("--child", help=argparse.SUPPRESS)
+    parsed = args.parse_args()
+    if parsed.child:
+        print(json.dumps(measure(parsed.child)))
+        return
+    rows = []
+    for name in parsed.models:
+        out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if parsed.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':<12}{'ckpt MiB':>10}{'onnx MiB':>10}{'export s':>10}{'peak RSS MiB':>14}{'max |Δlogit|':>14}")
+    for r in rows:
+        print(
+            f"{r['model']:<12}{r['checkpoint_mib']:>10.0f}{r['onnx_mib']:>10.0f}{r['export_s']:>10.1f}"
+            f"{r['peak_rss_mib']:>14.0f}{r['max_abs_error']:>14.2e}"
+        )
+    print("export = read + convert + write + verify (ONNX Runtime vs JAX on 8 images at batch 1 and 8)")
+
+
+if __name__ == "__main__":
+    main()

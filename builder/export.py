@@ -1,0 +1,85 @@
+"""The export job: checkpoint -> (resolution) -> ONNX -> verified against JAX."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import jax
+from rich.progress import Progress
+
+from agent.preprocess import InputSpec
+from builder.architecture import ModelConfig
+from builder.checkpoint import Checkpoint, read_checkpoint
+from builder.models import inference_fn, jax_forward, prepared_params
+from builder.onnx_export import DEFAULT_OPSET, ExternalData, Provenance, convert, metadata, save
+from builder.resolution import at_resolution
+from builder.verify import DEFAULT_TOLERANCE, VerificationReport, sample_images, verify_and_report
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    resolution: int | None = None
+    model: str | None = None
+    opset: int = DEFAULT_OPSET
+    tolerance: float = DEFAULT_TOLERANCE
+    samples: int = 8
+    resize: str = "stretch"
+    interpolation: str = "linear"
+    external_data: ExternalData = "auto"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    config: ModelConfig
+    files: list[Path]
+    input_spec: InputSpec
+    report: VerificationReport
+
+    @property
+    def model_path(self) -> Path:
+        return self.files[0]
+
+
+@contextmanager
+def _step(progress: Progress, description: str) -> Iterator[None]:
+    """An indeterminate progress line for a step that cannot report fractions."""
+    task = progress.add_task(description, total=None)
+    yield
+    progress.update(task, total=1, completed=1)
+
+
+def load(path: Path, options: ExportOptions, progress: Progress) -> Checkpoint:
+    task = progress.add_task(f"reading {path.name}", total=None)
+    return read_checkpoint(path, options.model, lambda done, total: progress.update(task, completed=done, total=total))
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    options: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export and verify; raises a :class:`builder.errors.BuildError` subclass on bad input or disagreement."""
+    progress = progress or Progress(disable=True)
+    out_dir = Path(out_dir)
+    ckpt = load(Path(checkpoint), options, progress)
+    cfg, params = at_resolution(ckpt.config, ckpt.params, options.resolution or ckpt.config.image_size)
+    provenance = Provenance(ckpt.path.name, ckpt.sha256)
+    spec = InputSpec(cfg.image_size, cfg.image_size, resize=options.resize, interpolation=options.interpolation)
+    del ckpt
+    prepared = prepared_params(cfg, params)  # one copy of the weights serves export and reference
+    del params
+    with _step(progress, f"converting {cfg.name} to ONNX (opset {options.opset})"):
+        model = convert(cfg, inference_fn(cfg, prepared), options.opset)
+    with _step(progress, f"writing {out_dir}"):
+        files = save(model, out_dir, metadata(cfg, spec, provenance), options.external_data)
+    del model
+    with _step(progress, "verifying ONNX Runtime against JAX"):
+        images = sample_images(options.samples, cfg.image_size)
+        versions = {"jax": jax.__version__, "jax2onnx": version("jax2onnx")}
+        report = verify_and_report(files, jax_forward(cfg, prepared), images, options.tolerance, versions)
+    return ExportResult(cfg, files, spec, report)
