@@ -26,6 +26,7 @@ from jax2onnx import to_onnx
 from agent.preprocess import METADATA_KEY as INPUT_SPEC_KEY
 from agent.preprocess import InputSpec
 from builder.architecture import ModelConfig, config_to_dict
+from builder.graph_passes import tidy
 
 DEFAULT_OPSET = 20  # TensorRT 10 reads opsets <= 20; native Gelu needs 20.
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -61,7 +62,7 @@ def convert(cfg: ModelConfig, forward: Callable[[jax.Array], jax.Array], opset: 
     """
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)  # benign shape-value chatter
     spec = jax.ShapeDtypeStruct(("batch", cfg.image_size, cfg.image_size, 3), jnp.uint8)
-    return to_onnx(
+    model = to_onnx(
         forward,
         [spec],
         model_name=cfg.name,
@@ -71,6 +72,7 @@ def convert(cfg: ModelConfig, forward: Callable[[jax.Array], jax.Array], opset: 
         normalization_mode="prefer_native",
         return_mode="ir",
     )
+    return tidy(model)
 
 
 def weight_bytes(model: ir.Model) -> int:
