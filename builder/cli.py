@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from agent.bundle import BundleError, verify_bundle
+from agent.device import DeviceInfo
+from agent.golden import check_golden
+from agent.runtimes import EngineError, open_engine
+from agent.signing import SignatureError, load_public_key
 from builder.architecture import describe
+from builder.datasets import DEMO
 from builder.demo.evaluate import held_out_top1
 from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
+from builder.engine_build import TARGETS, BundleResult, EngineOptions, build_engine_bundle
 from builder.errors import BuildError, VerificationError
 from builder.export import ExportOptions, ExportResult, export_checkpoint
+from builder.keys import keygen
 from builder.onnx_export import DEFAULT_OPSET
+from builder.passport import Gate, GateError
+from builder.precision import CALIBRATION_METHODS
 from builder.verify import DEFAULT_TOLERANCE, REPORT_FILE
 
-EXIT_BAD_INPUT, EXIT_VERIFICATION = 2, 3
+EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_GATE = 2, 3, 4
 
 
 def _positive(text: str) -> int:
@@ -27,37 +39,89 @@ def _positive(text: str) -> int:
     return value
 
 
+def _export_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--resolution", type=_positive, help="input size in pixels (ViT only; default: the checkpoint's)")
+    cmd.add_argument("--model", help="architecture name to check the file against, e.g. ViT-B_16, Mixer-B_16")
+    cmd.add_argument("--opset", type=_positive, default=DEFAULT_OPSET, help="ONNX opset (TensorRT 10 reads <= 20)")
+    cmd.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="allowed max |Δlogit| / max(1, max |logit|) between ONNX Runtime and JAX",
+    )
+    cmd.add_argument("--samples", type=_positive, default=8, help="images used to verify the export")
+    cmd.add_argument(
+        "--resize", choices=["stretch", "center_crop"], default="stretch", help="how frames become the input size"
+    )
+    cmd.add_argument("--interpolation", choices=["linear", "area"], default="linear")
+    cmd.add_argument(
+        "--external-data",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="store weights in model.onnx.data (auto: only near protobuf's 2 GiB limit)",
+    )
+
+
+def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--target", choices=list(TARGETS), default="cpu")
+    cmd.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    cmd.add_argument("--eval", required=True, help="labelled folder (<label>/<image>) or 'demo' (held-out split)")
+    cmd.add_argument("--calib", help="folder of images for INT8 calibration, or 'demo' (training split)")
+    cmd.add_argument("--labels", type=Path, help="class names: JSON list or one per line (default: eval folders)")
+    cmd.add_argument("--max-batch", type=_positive, default=8)
+    cmd.add_argument(
+        "--quantization",
+        choices=["auto", "static", "dynamic"],
+        default="auto",
+        help="INT8 method; auto builds both and the passport picks",
+    )
+    cmd.add_argument("--calibration", choices=list(CALIBRATION_METHODS), default="minmax")
+    cmd.add_argument("--calibration-images", type=_positive, default=128)
+    cmd.add_argument(
+        "--quantize-ops",
+        choices=["weights", "all"],
+        default="weights",
+        help="weights: Gemm/Conv only (default); all: every op, which the gate usually refuses",
+    )
+    cmd.add_argument("--max-drop", type=float, default=1.0, help="allowed top-1 drop, in points")
+    cmd.add_argument("--min-agreement", type=float, default=0.99, help="required top-1 agreement with FP32")
+    cmd.add_argument("--accept-accuracy-loss", action="store_true", help="ship even if outside the budget (recorded)")
+    cmd.add_argument("--key", type=Path, required=True, help="Ed25519 signing key (edgevit-build keygen)")
+    cmd.add_argument("--name", help="model name in the manifest (default: the checkpoint's)")
+    cmd.add_argument("--version", default="1", help="model version in the manifest")
+    cmd.add_argument("--golden", type=_positive, default=8, help="frames in the golden set")
+    cmd.add_argument("--workspace-mib", type=_positive, default=1024, help="TensorRT workspace memory-pool limit")
+    cmd.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, reused and updated")
+    cmd.add_argument("--profile-seconds", type=float, default=1.0, help="time spent per batch size when profiling")
+    cmd.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
-        prog="edgevit-build", description="Build verified edge engines from JAX ViT/Mixer checkpoints."
+        prog="edgevit-build", description="Build verified, signed edge engines from JAX ViT/Mixer checkpoints."
     )
     commands = root.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="checkpoint (.npz, published layout) -> verified ONNX")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("--out", type=Path, required=True, help="output folder (model.onnx, verification.json)")
-    export.add_argument(
-        "--resolution", type=_positive, help="input size in pixels (ViT only; default: the checkpoint's)"
-    )
-    export.add_argument("--model", help="architecture name to check the file against, e.g. ViT-B_16, Mixer-B_16")
-    export.add_argument("--opset", type=_positive, default=DEFAULT_OPSET, help="ONNX opset (TensorRT 10 reads <= 20)")
-    export.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="allowed max |Δlogit| / max(1, max |logit|)"
-    )
-    export.add_argument("--samples", type=_positive, default=8, help="images used to verify the export")
-    export.add_argument(
-        "--resize", choices=["stretch", "center_crop"], default="stretch", help="how frames become the input size"
-    )
-    export.add_argument("--interpolation", choices=["linear", "area"], default="linear")
-    export.add_argument(
-        "--external-data",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="store weights in model.onnx.data (auto: only when they approach protobuf's 2 GiB limit)",
-    )
-    demo = commands.add_parser("demo", help="export the bundled demo checkpoints and measure their held-out accuracy")
-    demo.add_argument(
-        "--out", type=Path, default=Path("out/demo"), help="folder for the exports (one subfolder per model)"
-    )
+    _export_arguments(export)
+    engine = commands.add_parser("engine", help="verified export folder -> measured, gated, signed bundle")
+    engine.add_argument("export_dir", type=Path)
+    engine.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    _engine_arguments(engine)
+    build = commands.add_parser("build", help="export + engine in one step")
+    build.add_argument("checkpoint", type=Path)
+    build.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    _export_arguments(build)
+    _engine_arguments(build)
+    keys = commands.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
+    keys.add_argument("--out", type=Path, required=True, help="folder for NAME.key (private) and NAME.pub")
+    keys.add_argument("--name", default="edgevit")
+    inspect = commands.add_parser("inspect", help="verify a bundle as a device would and show its passport")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("--trust", type=Path, action="append", required=True, help="trusted public key (repeatable)")
+    demo = commands.add_parser("demo", help="demo checkpoints -> verified exports -> signed INT8 CPU bundles")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for exports, keys and bundles")
     return root
 
 
@@ -66,9 +130,46 @@ def _progress(console: Console) -> Progress:
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
+        MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        transient=False,
+    )
+
+
+def _export_options(args: argparse.Namespace) -> ExportOptions:
+    return ExportOptions(
+        args.resolution,
+        args.model,
+        args.opset,
+        args.tolerance,
+        args.samples,
+        args.resize,
+        args.interpolation,
+        args.external_data,
+    )
+
+
+def _engine_options(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(
+        target=args.target,
+        precision=args.precision,
+        eval=args.eval,
+        calib=args.calib,
+        labels=args.labels,
+        max_batch=args.max_batch,
+        quantization=args.quantization,
+        calibration=args.calibration,
+        quantize_ops=args.quantize_ops,
+        calibration_images=args.calibration_images,
+        gate=Gate(args.max_drop, args.min_agreement),
+        accept_accuracy_loss=args.accept_accuracy_loss,
+        name=args.name,
+        version=args.version,
+        golden=args.golden,
+        workspace_mib=args.workspace_mib,
+        timing_cache=args.timing_cache,
+        profile_seconds=args.profile_seconds,
+        threads=args.threads,
     )
 
 
@@ -82,31 +183,107 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, console: Consol
     return result
 
 
-def run_export(args: argparse.Namespace, console: Console) -> None:
-    options = ExportOptions(
-        args.resolution,
-        args.model,
-        args.opset,
-        args.tolerance,
-        args.samples,
-        args.resize,
-        args.interpolation,
-        args.external_data,
+def _engine(export_dir: Path, out: Path, key: Path, options: EngineOptions, console: Console) -> BundleResult:
+    with _progress(console) as progress:
+        result = build_engine_bundle(export_dir, out, key, options, progress)
+    table = Table(
+        "candidate",
+        "top-1",
+        "drop (pts)",
+        "agreement",
+        "max |Δlogit|",
+        "img/s @max batch",
+        "gate",
+        title=f"{options.target} {options.precision}: {result.passport['evaluation_set']['description']}",
     )
-    _export(args.checkpoint, args.out, options, console)
+    for c in result.candidates:
+        a = c.accuracy
+        chosen = " [bold](ships)[/]" if c is result.chosen else ""
+        table.add_row(
+            c.label + chosen,
+            f"{a.engine_top1:.2%}",
+            f"{a.top1_drop_points:.2f}",
+            f"{a.top1_agreement:.2%}",
+            f"{a.max_abs_logit_error:.3g}",
+            f"{c.throughput():.1f}" if c.profile else "-",
+            "pass" if not c.misses else "; ".join(c.misses),
+        )
+    console.print(table)
+    ref = result.passport["accuracy"]["reference_top1"]
+    console.print(f"FP32 reference top-1 {ref:.2%}; wrote bundle {result.path} ({result.passport['bundle_id']})")
+    if result.passport["gate"]["accepted_accuracy_loss"]:
+        console.print("[yellow]shipped outside the accuracy budget (--accept-accuracy-loss), recorded in the passport")
+    return result
+
+
+def run_export(args: argparse.Namespace, console: Console) -> None:
+    _export(args.checkpoint, args.out, _export_options(args), console)
+
+
+def run_engine(args: argparse.Namespace, console: Console) -> None:
+    _engine(args.export_dir, args.out, args.key, _engine_options(args), console)
+
+
+def run_build(args: argparse.Namespace, console: Console) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.export-") as tmp:
+        _export(args.checkpoint, Path(tmp), _export_options(args), console)
+        _engine(Path(tmp), args.out, args.key, _engine_options(args), console)
+
+
+def run_keygen(args: argparse.Namespace, console: Console) -> None:
+    private, public, kid = keygen(args.out, args.name)
+    console.print(f"wrote {private} (keep secret) and {public} (give to devices); key id {kid}")
+
+
+def run_inspect(args: argparse.Namespace, console: Console) -> None:
+    try:
+        bundle = verify_bundle(args.bundle, [load_public_key(p) for p in args.trust], DeviceInfo.probe())
+        engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1])
+        golden = check_golden(engine, bundle.golden_path, bundle.batch_range[1])
+        engine.close()
+    except (BundleError, SignatureError, EngineError) as exc:
+        raise BuildError(str(exc)) from exc
+    passport, accuracy = bundle.passport, bundle.passport["accuracy"]
+    console.print(f"{bundle.bundle_id}: signature by {bundle.signer} valid, all files intact, runs on this device")
+    console.print(golden.summary())
+    console.print(
+        f"top-1 {accuracy['engine_top1']:.2%} (FP32 {accuracy['reference_top1']:.2%}), agreement "
+        f"{accuracy['top1_agreement']:.2%}; gate {'passed' if passport['gate']['passed'] else 'MISSED'}"
+    )
+    if not golden.passed:
+        raise BuildError(f"{bundle.bundle_id} does not reproduce its golden set on this device")
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> None:
+    keys = args.out / "keys"
+    key = keys / "edgevit.key"
+    if not key.exists():
+        run_keygen(argparse.Namespace(out=keys, name="edgevit"), console)
     for name in DEMO_MODELS:
         checkpoint = CHECKPOINT_DIR / f"{name}.npz"
         result = _export(checkpoint, args.out / name, ExportOptions(), console)
         top1, count = held_out_top1(checkpoint, result.model_path)
         console.print(
-            f"[bold]{name}[/]: held-out top-1 {top1:.2%} on {count} digits (ONNX Runtime, agent preprocessing)\n"
+            f"[bold]{name}[/]: held-out top-1 {top1:.2%} on {count} digits (ONNX Runtime, agent preprocessing)"
         )
+        bundle = args.out / "bundles" / f"{name}-cpu-int8"
+        if bundle.exists():
+            console.print(f"{bundle} exists, kept")
+            continue
+        options = EngineOptions(target="cpu", precision="int8", eval=DEMO, calib=DEMO, max_batch=8)
+        _engine(args.out / name, bundle, key, options, console)
+        console.print()
 
 
-COMMANDS = {"export": run_export, "demo": run_demo}
+COMMANDS = {
+    "export": run_export,
+    "engine": run_engine,
+    "build": run_build,
+    "keygen": run_keygen,
+    "inspect": run_inspect,
+    "demo": run_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args, console)
     except BuildError as exc:
         errors.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return EXIT_VERIFICATION if isinstance(exc, VerificationError) else EXIT_BAD_INPUT
+        if isinstance(exc, VerificationError):
+            return EXIT_VERIFICATION
+        return EXIT_GATE if isinstance(exc, GateError) else EXIT_BAD_INPUT
     return 0
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -16,6 +14,7 @@ from builder.architecture import ModelConfig
 from builder.checkpoint import Checkpoint, read_checkpoint
 from builder.models import inference_fn, jax_forward, prepared_params
 from builder.onnx_export import DEFAULT_OPSET, ExternalData, Provenance, convert, metadata, save
+from builder.progress import counter, step
 from builder.resolution import at_resolution
 from builder.verify import DEFAULT_TOLERANCE, VerificationReport, sample_images, verify_and_report
 
@@ -44,17 +43,8 @@ class ExportResult:
         return self.files[0]
 
 
-@contextmanager
-def _step(progress: Progress, description: str) -> Iterator[None]:
-    """An indeterminate progress line for a step that cannot report fractions."""
-    task = progress.add_task(description, total=None)
-    yield
-    progress.update(task, total=1, completed=1)
-
-
 def load(path: Path, options: ExportOptions, progress: Progress) -> Checkpoint:
-    task = progress.add_task(f"reading {path.name}", total=None)
-    return read_checkpoint(path, options.model, lambda done, total: progress.update(task, completed=done, total=total))
+    return read_checkpoint(path, options.model, counter(progress, f"reading {path.name}"))
 
 
 def export_checkpoint(
@@ -73,12 +63,12 @@ def export_checkpoint(
     del ckpt
     prepared = prepared_params(cfg, params)  # one copy of the weights serves export and reference
     del params
-    with _step(progress, f"converting {cfg.name} to ONNX (opset {options.opset})"):
+    with step(progress, f"converting {cfg.name} to ONNX (opset {options.opset})"):
         model = convert(cfg, inference_fn(cfg, prepared), options.opset)
-    with _step(progress, f"writing {out_dir}"):
+    with step(progress, f"writing {out_dir}"):
         files = save(model, out_dir, metadata(cfg, spec, provenance), options.external_data)
     del model
-    with _step(progress, "verifying ONNX Runtime against JAX"):
+    with step(progress, "verifying ONNX Runtime against JAX"):
         images = sample_images(options.samples, cfg.image_size)
         versions = {"jax": jax.__version__, "jax2onnx": version("jax2onnx")}
         report = verify_and_report(files, jax_forward(cfg, prepared), images, options.tolerance, versions)

@@ -25,6 +25,14 @@ def _bias_of(add: ir.Node, gemm_out: ir.Value, features: int) -> ir.Value | None
     return other if tensor is not None and tensor.size == features and tensor.shape[-1] == features else None
 
 
+def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Make every consumer of ``old`` read ``new``; a graph output keeps its name (``logits``)."""
+    if old in graph.outputs:
+        graph.outputs[graph.outputs.index(old)] = new
+        new.name, old.name = old.name, None
+    ir.convenience.replace_all_uses_with(old, new)
+
+
 def _as_vector(graph: ir.Graph, value: ir.Value) -> ir.Value:
     """A 1-D initializer holding ``value``: quantizers expect Gemm's C as [N]."""
     tensor = value.const_value
@@ -53,13 +61,7 @@ def fold_gemm_bias(model: ir.Model) -> int:
             continue
         gemm.replace_input_with(2, _as_vector(graph, bias))
         gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        result = add.outputs[0]
-        if result in graph.outputs:
-            graph.outputs[graph.outputs.index(result)] = out
-            name = result.name
-            result.name = None
-            out.name = name
-        ir.convenience.replace_all_uses_with(result, out)
+        _replace(graph, add.outputs[0], out)
         graph.remove(add, safe=True)
         folded += 1
     return folded
@@ -75,3 +77,27 @@ def tidy(model: ir.Model) -> ir.Model:
     CommonSubexpressionEliminationPass()(model)
     RemoveUnusedNodesPass()(model)
     return model
+
+
+def gemm_to_matmul(model: ir.Model) -> int:
+    """Rewrite plain ``Gemm`` (no transposes, alpha = beta = 1) as ``MatMul`` + ``Add``.
+
+    ONNX Runtime's dynamic quantizer only quantizes ``MatMul``: without this rewrite
+    it would leave every Dense layer of a jax2onnx export in float.
+    """
+    graph, rewritten = model.graph, 0
+    for gemm in list(graph):
+        attrs = gemm.attributes
+        plain = not attrs.get_int("transA", 0) and not attrs.get_int("transB", 0)
+        if gemm.op_type != "Gemm" or not plain or attrs.get_float("alpha", 1.0) != 1.0 or len(gemm.inputs) < 3:
+            continue
+        if attrs.get_float("beta", 1.0) != 1.0:
+            continue
+        a, b, c = gemm.inputs
+        matmul = ir.node("MatMul", [a, b], name=f"{gemm.name}_matmul")
+        add = ir.node("Add", [matmul.outputs[0], c], name=f"{gemm.name}_bias")
+        graph.insert_after(gemm, [matmul, add])
+        _replace(graph, gemm.outputs[0], add.outputs[0])
+        graph.remove(gemm, safe=True)
+        rewritten += 1
+    return rewritten

@@ -38,3 +38,24 @@ def write_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def demo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled demo checkpoints, exported once per test session."""
+    from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
+    from builder.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("demo-exports")
+    return {
+        name: export_checkpoint(CHECKPOINT_DIR / f"{name}.npz", root / name).model_path.parent for name in DEMO_MODELS
+    }
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(private, public) key files made by ``edgevit-build keygen``'s function."""
+    from builder.keys import keygen
+
+    private, public, _ = keygen(tmp_path_factory.mktemp("keys"))
+    return private, public

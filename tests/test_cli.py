@@ -61,3 +61,60 @@ def test_demo_main_job(tmp_path: Path) -> None:
     for name in ("vit-digits", "mixer-digits"):
         assert re.search(rf"{name}: held-out top-1 \d+\.\d\d% on \d+ digits", proc.stdout)
         assert (tmp_path / name / "model.onnx").is_file()
+        assert re.search(
+            rf"wrote bundle {tmp_path}/bundles/{name}-cpu-int8 \({name}-1-cpu-int8-[0-9a-f]{{8}}\)",
+            proc.stdout.replace("\n", ""),
+        )
+    inspect = build(
+        "inspect", tmp_path / "bundles" / "vit-digits-cpu-int8", "--trust", tmp_path / "keys" / "edgevit.pub"
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    assert "all files intact, runs on this device" in inspect.stdout and "golden set passed" in inspect.stdout
+
+
+def test_keygen_never_overwrites(tmp_path: Path) -> None:
+    assert build("keygen", "--out", tmp_path).returncode == 0
+    assert (tmp_path / "edgevit.key").stat().st_mode & 0o777 == 0o600
+    again = build("keygen", "--out", tmp_path)
+    assert again.returncode == 2 and "refusing to overwrite a signing key" in again.stderr
+
+
+def test_build_one_step_and_gate_exit_code(tmp_path: Path) -> None:
+    assert build("keygen", "--out", tmp_path / "keys").returncode == 0
+    key = tmp_path / "keys" / "edgevit.key"
+    checkpoint = Path(__file__).parents[1] / "builder" / "demo" / "checkpoints" / "vit-digits.npz"
+    proc = build(
+        "build", checkpoint, "--out", tmp_path / "fp32", "--eval", "demo", "--key", key, "--profile-seconds", "0.05"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "fp32" / "manifest.json").is_file()
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(3):
+        (blank / f"{i}.pgm").write_bytes(b"P5\n16 16\n255\n" + bytes(256))
+    proc = build(
+        "build",
+        checkpoint,
+        "--out",
+        tmp_path / "int8",
+        "--eval",
+        "demo",
+        "--key",
+        key,
+        "--precision",
+        "int8",
+        "--quantization",
+        "static",
+        "--calib",
+        blank,
+        "--profile-seconds",
+        "0.05",
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert "no bundle: every candidate is outside the accuracy budget" in proc.stderr
+    assert not (tmp_path / "int8").exists()
+    tampered = build("inspect", tmp_path / "fp32", "--trust", tmp_path / "keys" / "edgevit.pub")
+    assert tampered.returncode == 0
+    (tmp_path / "fp32" / "labels.json").write_text("[]")
+    tampered = build("inspect", tmp_path / "fp32", "--trust", tmp_path / "keys" / "edgevit.pub")
+    assert tampered.returncode == 2 and "labels.json does not match its sha256" in tampered.stderr

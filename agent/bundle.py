@@ -1,0 +1,215 @@
+"""The bundle format and the one function that decides whether this device may run one.
+
+A bundle is a folder::
+
+    manifest.json      identity, engine, input spec, requirements, sha256 of every file
+    manifest.sig       Ed25519 signature over manifest.json (see agent.signing)
+    engine/...         the engine file(s): an ONNX model, or a TensorRT plan
+    labels.json        class names, index order
+    passport.json      accuracy and latency measured at build time, and the gate's verdict
+    golden.npz         preprocessed inputs with reference outputs, for on-device checks
+
+:func:`verify_bundle` checks, in order: the signature against trusted keys, the
+manifest's schema, every file's size and sha256 (and that no unlisted file was
+slipped in), and that this device meets the engine's requirements. Each failure is a
+:class:`BundleError` naming the file, key or requirement at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from agent.device import DeviceInfo
+from agent.preprocess import InputSpec, InputSpecError
+from agent.signing import SignatureError, verify
+
+SCHEMA_VERSION = 1
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+LABELS, PASSPORT, GOLDEN = "labels.json", "passport.json", "golden.npz"
+BACKENDS = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("tensorrt",)}
+PRECISIONS = ("fp32", "fp16", "int8")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class BundleError(ValueError):
+    """The bundle must not be installed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: everything the agent needs to load and check its engine."""
+
+    root: Path
+    manifest: dict[str, Any]
+    signer: str
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["engine"]["backend"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["engine"]["target"]
+
+    @property
+    def engine_path(self) -> Path:
+        return self.root / self.manifest["engine"]["files"][0]
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        batch = self.manifest["engine"]["batch"]
+        return batch["min"], batch["max"]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.manifest["input"])
+
+    @property
+    def labels(self) -> list[str]:
+        return json.loads((self.root / LABELS).read_text())
+
+    @property
+    def passport(self) -> dict[str, Any]:
+        return json.loads((self.root / PASSPORT).read_text())
+
+    @property
+    def golden_path(self) -> Path:
+        return self.root / GOLDEN
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _get(data: dict[str, Any], dotted: str, kind: type | tuple[type, ...]) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise BundleError(f"manifest is missing '{dotted}'")
+        node = node[part]
+    if not isinstance(node, kind) or isinstance(node, bool) and kind is not bool:
+        raise BundleError(f"manifest '{dotted}' has the wrong type ({type(node).__name__})")
+    return node
+
+
+def validate_manifest(manifest: dict[str, Any]) -> None:
+    """Schema check with messages that name the key."""
+    if _get(manifest, "schema", int) != SCHEMA_VERSION:
+        raise BundleError(f"manifest schema {manifest['schema']} is not supported (this agent reads {SCHEMA_VERSION})")
+    _get(manifest, "bundle_id", str)
+    backend, target = _get(manifest, "engine.backend", str), _get(manifest, "engine.target", str)
+    if target not in BACKENDS.get(backend, ()):
+        raise BundleError(
+            f"manifest 'engine.backend' {backend!r} with 'engine.target' {target!r} is not a known engine"
+        )
+    if _get(manifest, "engine.precision", str) not in PRECISIONS:
+        raise BundleError(f"manifest 'engine.precision' must be one of {', '.join(PRECISIONS)}")
+    files = _get(manifest, "engine.files", list)
+    if not files or not all(isinstance(f, str) for f in files):
+        raise BundleError("manifest 'engine.files' must list the engine file(s)")
+    low, high = _get(manifest, "engine.batch.min", int), _get(manifest, "engine.batch.max", int)
+    if not 1 <= low <= high:
+        raise BundleError(f"manifest 'engine.batch' range {low}..{high} is invalid")
+    try:
+        InputSpec.from_dict(_get(manifest, "input", dict))
+    except InputSpecError as exc:
+        raise BundleError(f"manifest 'input': {exc}") from exc
+    _get(manifest, "requires", dict)
+    listed = _get(manifest, "files", dict)
+    for name in (*files, LABELS, PASSPORT, GOLDEN):
+        if name not in listed:
+            raise BundleError(f"manifest 'files' does not list {name}")
+
+
+def check_files(root: Path, listed: dict[str, Any]) -> None:
+    """Every listed file present with its size and sha256; nothing unlisted besides manifest and signature."""
+    for name, expected in sorted(listed.items()):
+        path = root / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise BundleError(f"manifest lists {name!r}, which points outside the bundle")
+        if not path.is_file() or path.is_symlink():
+            raise BundleError(f"{name} is missing from the bundle")
+        actual = file_digest(path)
+        if actual["bytes"] != expected.get("bytes") or actual["sha256"] != expected.get("sha256"):
+            raise BundleError(f"{name} does not match its sha256 in the manifest: the file was altered")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(present - set(listed) - {MANIFEST, SIGNATURE})
+    if extra:
+        raise BundleError(f"{extra[0]} is in the bundle but not in its manifest")
+
+
+def incompatibilities(requires: dict[str, Any], device: DeviceInfo) -> list[str]:
+    """Each way this device falls short of the engine's requirements, in words."""
+    problems = []
+    if (arch := requires.get("arch")) and arch != device.arch:
+        problems.append(f"built for {arch} CPUs, this device is {device.arch}")
+    if spec := requires.get("onnxruntime"):
+        problems += _version_problems("ONNX Runtime", spec, device.onnxruntime)
+    for provider in requires.get("providers", []):
+        if provider not in device.providers:
+            problems.append(
+                f"needs ONNX Runtime's {provider}, this device offers {', '.join(device.providers) or 'none'}"
+            )
+    if (features := requires.get("cpu_features_any")) and not set(features) & device.cpu_features:
+        problems.append(f"needs a CPU with one of {', '.join(features)} for its INT8 kernels, this CPU has none")
+    if (trt := requires.get("tensorrt")) and trt != device.tensorrt:
+        problems.append(f"is a TensorRT {trt} plan, this device has TensorRT {device.tensorrt or 'not installed'}")
+    if (cc := requires.get("compute_capability")) and cc != device.compute_capability:
+        problems.append(
+            f"was built for GPU compute capability {cc}, this device has {device.compute_capability or 'no GPU'}"
+        )
+    if (model := requires.get("jetson_model")) and model != device.jetson_model:
+        problems.append(f"was built on a {model}, this device is {device.jetson_model or 'not a Jetson'}")
+    return problems
+
+
+def _version_problems(name: str, spec: str, version: str | None) -> list[str]:
+    if version is None:
+        return [f"needs {name} {spec}, which is not installed"]
+    try:
+        ok = Version(version) in SpecifierSet(spec)
+    except (InvalidSpecifier, InvalidVersion) as exc:
+        return [f"has an unreadable {name} requirement {spec!r}: {exc}"]
+    return [] if ok else [f"needs {name} {spec}, this device has {version}"]
+
+
+def verify_bundle(root: Path, trusted_keys: list[Ed25519PublicKey], device: DeviceInfo | None = None) -> Bundle:
+    """Verify signature, schema, files and (when ``device`` is given) compatibility."""
+    root = Path(root)
+    manifest_path, signature_path = root / MANIFEST, root / SIGNATURE
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+    if not signature_path.is_file():
+        raise BundleError(f"bundle {root.name} is unsigned: {SIGNATURE} is missing")
+    data = manifest_path.read_bytes()
+    try:
+        signer = verify(data, signature_path.read_bytes(), trusted_keys)
+    except SignatureError as exc:
+        raise BundleError(f"bundle {root.name}: {exc}") from exc
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"bundle {root.name}: {MANIFEST} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"bundle {root.name}: {MANIFEST} must be a JSON object")
+    validate_manifest(manifest)
+    check_files(root, manifest["files"])
+    if device is not None and (problems := incompatibilities(manifest["requires"], device)):
+        raise BundleError(f"bundle {manifest['bundle_id']} cannot run on this device: it " + "; it ".join(problems))
+    return Bundle(root, manifest, signer)

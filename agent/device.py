@@ -1,0 +1,103 @@
+"""What this device is, as far as running an engine is concerned.
+
+An engine needs things of a device: an ONNX Runtime recent enough for its opset, an
+execution provider, CPU instructions its INT8 kernels rely on, or (TensorRT) the
+exact TensorRT version and GPU it was built on. :class:`DeviceInfo` holds the
+device's side of that comparison; :func:`DeviceInfo.probe` reads it off the running
+machine, and a description of another device can be written out by hand.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JETSON_MODEL_FILE = Path("/proc/device-tree/model")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    arch: str
+    cpu_features: frozenset[str] = field(default_factory=frozenset)
+    onnxruntime: str | None = None
+    providers: tuple[str, ...] = ()
+    tensorrt: str | None = None
+    compute_capability: str | None = None
+    jetson_model: str | None = None
+
+    @classmethod
+    def probe(cls) -> DeviceInfo:
+        """This machine. Optional runtimes that are not installed are simply absent."""
+        return cls(
+            arch=platform.machine(),
+            cpu_features=_cpu_features(),
+            onnxruntime=_onnxruntime()[0],
+            providers=_onnxruntime()[1],
+            tensorrt=_tensorrt(),
+            compute_capability=_compute_capability(),
+            jetson_model=_jetson_model(),
+        )
+
+    def describe(self) -> dict[str, object]:
+        """JSON-able summary, for passports and status reports."""
+        return {
+            "arch": self.arch,
+            "onnxruntime": self.onnxruntime,
+            "providers": list(self.providers),
+            "tensorrt": self.tensorrt,
+            "compute_capability": self.compute_capability,
+            "jetson_model": self.jetson_model,
+            "int8_features": sorted(self.cpu_features & INT8_FEATURES),
+        }
+
+
+# CPU flags that give ONNX Runtime's u8 x s8 kernels their speed and exactness on x86:
+# without VNNI, AVX2 u8s8 uses VPMADDUBSW, which can saturate (ONNX Runtime's docs).
+INT8_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+
+
+def _cpu_features() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _onnxruntime() -> tuple[str | None, tuple[str, ...]]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None, ()
+    return onnxruntime.__version__, tuple(onnxruntime.get_available_providers())
+
+
+def _tensorrt() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
+
+
+def _compute_capability() -> str | None:
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        major, minor = cuda.Device(0).compute_capability()
+    except Exception:  # no pycuda, no driver or no GPU: all mean "no CUDA device"
+        return None
+    return f"{major}.{minor}"
+
+
+def _jetson_model() -> str | None:
+    try:
+        return JETSON_MODEL_FILE.read_text().rstrip("\x00\n") or None
+    except OSError:
+        return None

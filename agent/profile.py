@@ -1,0 +1,66 @@
+"""Latency and memory of one engine, in a process that does nothing else.
+
+``python -m agent.profile ENGINE --backend onnxruntime --target cpu --size 224 --batches 1 8``
+prints JSON: per batch size p50/p99 milliseconds and images/s, and the process's
+peak RSS. The builder runs it in a subprocess for the passport, so the memory figure
+is that of a process serving the engine, not of the builder with JAX loaded; on a
+device it profiles TensorRT plans on the target, where they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from agent.runtimes import open_engine
+
+
+def profile(
+    engine_run: Callable[[np.ndarray], np.ndarray], size: int, batch: int, min_seconds: float, min_runs: int
+) -> dict[str, float]:
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    for _ in range(2):
+        engine_run(images)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        engine_run(images)
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1e3
+    return {
+        "batch": batch,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "images_per_s": float(batch * len(ms) / (ms.sum() / 1e3)),
+        "runs": len(ms),
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(prog="python -m agent.profile", description=__doc__)
+    args.add_argument("engine")
+    args.add_argument("--backend", default="onnxruntime")
+    args.add_argument("--target", default="cpu")
+    args.add_argument("--size", type=int, required=True, help="input height = width in pixels")
+    args.add_argument("--batches", type=int, nargs="+", required=True)
+    args.add_argument("--min-seconds", type=float, default=1.0)
+    args.add_argument("--min-runs", type=int, default=10)
+    args.add_argument("--threads", type=int)
+    parsed = args.parse_args()
+    engine = open_engine(parsed.backend, parsed.target, parsed.engine, max(parsed.batches), parsed.threads)
+    rows = [profile(engine.run, parsed.size, b, parsed.min_seconds, parsed.min_runs) for b in parsed.batches]
+    print(json.dumps({"latency": rows, "peak_rss_mib": peak_rss_mib()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""One interface over the runtimes a bundle can name.
+
+An :class:`Engine` takes a uint8 NHWC batch and returns float32 logits; which runtime
+serves it comes from the bundle's manifest (``engine.backend`` / ``engine.target``).
+Runtimes are imported only when asked for, so a CPU-only device needs no TensorRT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be loaded or run on this device."""
+
+
+class Engine(Protocol):
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [batch, H, W, 3] -> float32 [batch, classes]."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_engine(backend: str, target: str, path: Path, max_batch: int, threads: int | None = None) -> Engine:
+    if backend == "onnxruntime":
+        from agent.runtimes.onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(path, target, threads)
+    if backend == "tensorrt":
+        from agent.runtimes.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(path, max_batch)
+    raise EngineError(f"unknown engine backend {backend!r}")

@@ -1,0 +1,136 @@
+"""Lowering an exported model's precision: INT8 (static QDQ or dynamic) and FP16.
+
+Static INT8 calibrates activation ranges on real frames and writes QDQ pairs around
+the weight-bearing ops only (``Gemm``, ``Conv``): LayerNorm, Softmax, GELU and the
+activation x activation attention products stay in float, because quantizing them
+costs ViTs far more agreement than it buys speed. Two flavours, by where it runs:
+
+- ``cpu``: u8 activations x s8 weights (asymmetric activations). On x86 with VNNI
+  that is ONNX Runtime's fast path; s8 x s8 measured slower than FP32 there.
+- ``tensorrt``: s8 x s8 with symmetric activations, the only Q/DQ TensorRT accepts.
+
+Dynamic INT8 quantizes weights ahead of time and activations per batch, needing no
+calibration; it only touches ``MatMul``, so ``Gemm`` is rewritten first.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from builder.errors import BuildError
+from builder.graph_passes import gemm_to_matmul
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+WEIGHT_OPS = ("Gemm", "Conv")
+ALL_OPS: tuple[str, ...] = ()  # quantize every op the quantizer knows: the over-quantized build
+FP16_BLOCKED_OPS = ("LayerNormalization", "Softmax")  # reductions that lose most in half precision
+
+
+class QuantizationError(BuildError):
+    """Quantization failed or left weight-bearing ops in float."""
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, images: np.ndarray, batch_size: int, on_batch: Callable[[int, int], None] | None) -> None:
+        self._chunks: Iterator[np.ndarray] = iter(np.array_split(images, max(1, -(-len(images) // batch_size))))
+        self._total, self._done, self._on_batch = -(-len(images) // batch_size), 0, on_batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            return None
+        self._done += 1
+        if self._on_batch:
+            self._on_batch(self._done, self._total)
+        return {"images": chunk}
+
+
+def _pre_processed(model: ir.Model, tmp: Path) -> Path:
+    """ONNX Runtime's recommended pre-quantization pass (shape inference, graph clean-up)."""
+    raw, prepared = tmp / "raw.onnx", tmp / "prepared.onnx"
+    ir.save(model, raw)
+    quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+    return prepared
+
+
+def quantize_static_int8(
+    src: Path,
+    dst: Path,
+    calibration: np.ndarray,
+    method: str = "minmax",
+    flavour: str = "cpu",
+    op_types: tuple[str, ...] = WEIGHT_OPS,
+    on_batch: Callable[[int, int], None] | None = None,
+    batch_size: int = 8,
+) -> Path:
+    """QDQ INT8 model calibrated on ``calibration`` (preprocessed uint8 NHWC)."""
+    symmetric = flavour == "tensorrt"
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = _pre_processed(ir.load(src), Path(tmp))
+        quantize_static(
+            str(prepared),
+            str(dst),
+            _Batches(calibration, batch_size, on_batch),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(op_types) or None,
+            per_channel=True,
+            calibrate_method=CALIBRATION_METHODS[method],
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibPercentile": 99.999},
+        )
+    return dst
+
+
+def quantize_dynamic_int8(src: Path, dst: Path) -> Path:
+    """Dynamic INT8 (weights s8 ahead of time, activations u8 per batch) of every Dense layer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = ir.load(src)
+        gemm_to_matmul(model)
+        prepared = _pre_processed(model, Path(tmp))
+        quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    return dst
+
+
+def float_weight_ops(path: Path) -> list[tuple[str, str]]:
+    """(op type, name) of weight-bearing ops whose weight is still a float initializer."""
+    model = onnx.load(str(path))
+    floats = {
+        t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
+    weighted = ("Gemm", "MatMul", "Conv")
+    return [(n.op_type, n.name) for n in model.graph.node if n.op_type in weighted and n.input[1] in floats]
+
+
+def require_quantized(path: Path, op_types: tuple[str, ...]) -> None:
+    """Fail when a layer of ``op_types`` escaped quantization: a silent FP32 layer is a wrong benchmark."""
+    left = [name for op, name in float_weight_ops(path) if op in op_types]
+    if left:
+        raise QuantizationError(f"{len(left)} {'/'.join(op_types)} layers were left in float: {', '.join(left[:5])}")
+
+
+def to_fp16(src: Path, dst: Path, blocked: tuple[str, ...] = FP16_BLOCKED_OPS) -> Path:
+    """FP16 weights and activations; uint8 input and float32 logits kept; ``blocked`` ops stay FP32."""
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=list(blocked))
+    onnx.save(model, str(dst))
+    return dst

@@ -1,0 +1,209 @@
+"""Engines from the demo exports: INT8 that passes the gate, builds the gate refuses, the passport's figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.bundle import verify_bundle
+from agent.device import DeviceInfo
+from agent.golden import check_golden
+from agent.runtimes import open_engine
+from agent.signing import load_public_key
+from builder.datasets import DatasetError
+from builder.demo.digits import raw_digits
+from builder.demo.evaluate import held_out_indices
+from builder.demo.train import CHECKPOINT_DIR
+from builder.engine_build import EngineOptions, build_engine_bundle
+from builder.errors import BuildError
+from builder.evaluate import top1_accuracy
+from builder.passport import GateError
+
+FAST = {"profile_seconds": 0.05, "calibration_images": 64}
+
+
+@pytest.fixture(scope="module")
+def int8_bundles(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    options = EngineOptions(target="cpu", precision="int8", eval="demo", calib="demo", **FAST)
+    return {
+        name: build_engine_bundle(path, root / name, signing_key[0], options).path
+        for name, path in demo_exports.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["vit-digits", "mixer-digits"])
+def test_int8_bundle_passes_gate_with_measured_drop(int8_bundles: dict[str, Path], signing_key, name: str) -> None:
+    bundle = verify_bundle(int8_bundles[name], [load_public_key(signing_key[1])], DeviceInfo.probe())
+    passport = bundle.passport
+    accuracy = passport["accuracy"]
+    assert passport["gate"]["passed"] and not bundle.manifest["accepted_accuracy_loss"]
+    assert accuracy["top1_drop_points"] == pytest.approx((accuracy["reference_top1"] - accuracy["engine_top1"]) * 100)
+    assert accuracy["top1_drop_points"] <= 1.0 and accuracy["top1_agreement"] >= 0.99
+    assert {c["label"] for c in passport["candidates"]} == {"int8 static (minmax)", "int8 dynamic"}
+    assert [row["batch"] for row in passport["latency"]] == [1, 2, 4, 8]
+    assert all(row["p99_ms"] >= row["p50_ms"] > 0 and row["images_per_s"] > 0 for row in passport["latency"])
+    assert passport["peak_rss_mib"] > 0
+    assert bundle.manifest["engine"]["precision"] == "int8" and bundle.manifest["engine"]["quantization"]
+
+
+@pytest.mark.parametrize("name", ["vit-digits", "mixer-digits"])
+def test_passport_top1_is_what_the_engine_scores(int8_bundles: dict[str, Path], signing_key, name: str) -> None:
+    """Recomputed independently: the shipped engine on the held-out scans through the agent's preprocessing."""
+    bundle = verify_bundle(int8_bundles[name], [load_public_key(signing_key[1])])
+    scans, labels = raw_digits()
+    idx = held_out_indices(CHECKPOINT_DIR / f"{name}.npz")
+    assert top1_accuracy(bundle.engine_path, scans[idx], labels[idx]) == pytest.approx(
+        bundle.passport["accuracy"]["engine_top1"]
+    )
+
+
+def test_golden_set_reproduces(int8_bundles: dict[str, Path], signing_key) -> None:
+    bundle = verify_bundle(int8_bundles["vit-digits"], [load_public_key(signing_key[1])])
+    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 8)
+    check = check_golden(engine, bundle.golden_path, 8)
+    assert check.passed and check.top1_agreement == 1.0
+    with np.load(bundle.golden_path) as golden:
+        assert golden["images"].shape == (8, 64, 64, 3) and golden["images"].dtype == np.uint8
+
+
+def _blank_folder(root: Path) -> Path:
+    root.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(root / f"{i}.png"), np.zeros((48, 48, 3), np.uint8))
+    return root
+
+
+def test_blank_calibration_is_refused(demo_exports, signing_key, tmp_path: Path) -> None:
+    options = EngineOptions(
+        precision="int8", quantization="static", calib=str(_blank_folder(tmp_path / "blank")), **FAST
+    )
+    with pytest.raises(GateError, match=r"top-1 dropped [\d.]+ points, [\d.]+ over the budget of 1"):
+        build_engine_bundle(demo_exports["vit-digits"], tmp_path / "bundle", signing_key[0], options)
+    assert not (tmp_path / "bundle").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], "no partial bundle left behind"
+
+
+def test_accepting_the_loss_is_recorded(demo_exports, signing_key, tmp_path: Path) -> None:
+    options = EngineOptions(
+        precision="int8",
+        quantization="static",
+        calib=str(_blank_folder(tmp_path / "blank")),
+        accept_accuracy_loss=True,
+        **FAST,
+    )
+    result = build_engine_bundle(demo_exports["mixer-digits"], tmp_path / "bundle", signing_key[0], options)
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["accepted_accuracy_loss"] is True
+    assert result.passport["gate"]["accepted_accuracy_loss"] and result.passport["gate"]["misses"]
+
+
+def test_eval_folder_of_images(demo_exports, signing_key, tmp_path: Path) -> None:
+    """A labelled folder of real image files (PNG, BGR on disk), labels from the folder names."""
+    scans, labels = raw_digits()
+    for i in held_out_indices(CHECKPOINT_DIR / "vit-digits.npz")[:200]:
+        folder = tmp_path / "eval" / str(labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(scans[i], cv2.COLOR_RGB2BGR))
+    result = build_engine_bundle(
+        demo_exports["vit-digits"],
+        tmp_path / "bundle",
+        signing_key[0],
+        EngineOptions(eval=str(tmp_path / "eval"), **FAST),
+    )
+    assert result.passport["accuracy"]["images"] == 200
+    assert result.passport["accuracy"]["top1_agreement"] == 1.0  # FP32 engine == FP32 reference
+    assert json.loads((result.path / "labels.json").read_text()) == [str(d) for d in range(10)]
+
+
+def test_eval_folder_with_unknown_class(demo_exports, signing_key, tmp_path: Path) -> None:
+    (tmp_path / "eval" / "cat").mkdir(parents=True)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(str(d) for d in range(10)))
+    with pytest.raises(DatasetError, match=r"eval/cat is not one of the model's labels"):
+        build_engine_bundle(
+            demo_exports["vit-digits"],
+            tmp_path / "b",
+            signing_key[0],
+            EngineOptions(eval=str(tmp_path / "eval"), labels=labels),
+        )
+
+
+def test_cuda_fp16_accuracy_is_measured_on_cpu(demo_exports, signing_key, tmp_path: Path) -> None:
+    result = build_engine_bundle(
+        demo_exports["vit-digits"],
+        tmp_path / "bundle",
+        signing_key[0],
+        EngineOptions(target="cuda", precision="fp16", **FAST),
+    )
+    passport = result.passport
+    assert passport["gate"]["passed"] and passport["accuracy"]["max_abs_logit_error"] > 0
+    cuda_here = "CUDAExecutionProvider" in DeviceInfo.probe().providers
+    assert passport["candidates"][0]["measured_with"] == ("onnxruntime-cuda" if cuda_here else "onnxruntime-cpu")
+    assert (passport["latency"] is None) != cuda_here
+    assert json.loads((result.path / "manifest.json").read_text())["requires"]["providers"] == ["CUDAExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    "target, precision, message",
+    [
+        ("cpu", "fp16", "--precision fp16 is not offered for --target cpu"),
+        ("cuda", "int8", "--precision int8 is not offered for --target cuda"),
+    ],
+)
+def test_unsupported_combinations(demo_exports, signing_key, tmp_path, target, precision, message) -> None:
+    with pytest.raises(BuildError, match=message):
+        build_engine_bundle(
+            demo_exports["vit-digits"], tmp_path / "b", signing_key[0], EngineOptions(target, precision)
+        )
+
+
+def test_static_int8_needs_calibration(demo_exports, signing_key, tmp_path) -> None:
+    with pytest.raises(BuildError, match="static INT8 needs --calib"):
+        build_engine_bundle(
+            demo_exports["vit-digits"],
+            tmp_path / "b",
+            signing_key[0],
+            EngineOptions(precision="int8", quantization="static"),
+        )
+
+
+def test_unverified_export_is_refused(demo_exports, signing_key, tmp_path: Path) -> None:
+    export = shutil.copytree(demo_exports["mixer-digits"], tmp_path / "export")
+    report = json.loads((export / "verification.json").read_text())
+    (export / "verification.json").write_text(json.dumps({**report, "passed": False}))
+    with pytest.raises(BuildError, match="no passing verification.json: only verified exports become engines"):
+        build_engine_bundle(export, tmp_path / "b", signing_key[0], EngineOptions())
+
+
+def test_tensorrt_without_tensorrt(demo_exports, signing_key, tmp_path: Path) -> None:
+    if DeviceInfo.probe().tensorrt:
+        pytest.skip("TensorRT is installed here: the plan is built by test_tensorrt_plans")
+    with pytest.raises(BuildError, match="TensorRT plans are built on the target device, and this machine has no"):
+        build_engine_bundle(
+            demo_exports["vit-digits"],
+            tmp_path / "b",
+            signing_key[0],
+            EngineOptions(target="tensorrt", precision="fp16"),
+        )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_plans(demo_exports, signing_key, tmp_path: Path, precision: str) -> None:
+    device = DeviceInfo.probe()
+    if not (device.tensorrt and device.compute_capability):
+        pytest.skip("needs TensorRT 10 and a CUDA GPU")
+    result = build_engine_bundle(
+        demo_exports["vit-digits"],
+        tmp_path / "b",
+        signing_key[0],
+        EngineOptions(target="tensorrt", precision=precision, calib="demo", **FAST),
+    )
+    bundle = verify_bundle(result.path, [load_public_key(signing_key[1])], device)
+    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 8)
+    assert check_golden(engine, bundle.golden_path, 8).passed

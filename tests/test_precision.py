@@ -1,0 +1,105 @@
+"""Graph rewrites and precision lowering, each checked by running the result in ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from agent.preprocess import InputSpec
+from agent.runtimes import open_engine
+from builder.datasets import calibration_set
+from builder.graph_passes import gemm_to_matmul
+from builder.precision import (
+    CALIBRATION_METHODS,
+    WEIGHT_OPS,
+    QuantizationError,
+    float_weight_ops,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+    require_quantized,
+    to_fp16,
+)
+from builder.verify import sample_images
+
+
+def run(path: Path, images: np.ndarray) -> np.ndarray:
+    return open_engine("onnxruntime", "cpu", path, len(images)).run(images)
+
+
+def ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_exports_have_every_dense_as_gemm_with_its_bias(demo_exports) -> None:
+    model = onnx.load(str(demo_exports["vit-digits"] / "model.onnx"))
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 4 * 4 + 1  # qkv, out, mlp x2 per layer, and the head
+    assert all(len(n.input) == 3 for n in gemms)
+    assert len(float_weight_ops(demo_exports["vit-digits"] / "model.onnx")) == len(gemms)
+
+
+def test_gemm_to_matmul_keeps_outputs(demo_exports, tmp_path: Path) -> None:
+    src = demo_exports["mixer-digits"] / "model.onnx"
+    model = ir.load(src)
+    assert gemm_to_matmul(model) > 0
+    ir.save(model, tmp_path / "mm.onnx")
+    assert "Gemm" not in ops(tmp_path / "mm.onnx")
+    images = sample_images(3, 64)
+    np.testing.assert_allclose(run(tmp_path / "mm.onnx", images), run(src, images), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> np.ndarray:
+    return calibration_set("demo", "vit-digits.npz").subset(32).preprocessed(InputSpec(64, 64))
+
+
+@pytest.mark.parametrize("method", CALIBRATION_METHODS)
+def test_static_int8_quantizes_every_weight_op(demo_exports, calibration, tmp_path: Path, method: str) -> None:
+    src = demo_exports["vit-digits"] / "model.onnx"
+    dst = quantize_static_int8(src, tmp_path / "q.onnx", calibration, method)
+    require_quantized(dst, WEIGHT_OPS)
+    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax", "Gelu"} <= ops(dst)
+    model = onnx.load(str(dst))
+    activation_zero_points = [
+        t for t in model.graph.initializer if t.name.endswith("_zero_point") and t.data_type == onnx.TensorProto.UINT8
+    ]
+    assert activation_zero_points, "CPU flavour quantizes activations to u8"
+    assert run(dst, calibration[:4]).shape == (4, 10)
+
+
+def test_tensorrt_flavour_is_symmetric_s8(demo_exports, calibration, tmp_path: Path) -> None:
+    dst = quantize_static_int8(
+        demo_exports["vit-digits"] / "model.onnx", tmp_path / "q.onnx", calibration, flavour="tensorrt"
+    )
+    zero_points = [
+        onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if t.name.endswith("_zero_point")
+    ]
+    assert zero_points and not any(z.any() for z in zero_points)  # symmetric: every zero point is 0
+    assert {z.dtype for z in zero_points} <= {np.dtype(np.int8), np.dtype(np.int32)}  # s8 tensors, int32 biases
+
+
+def test_dynamic_int8(demo_exports, tmp_path: Path) -> None:
+    dst = quantize_dynamic_int8(demo_exports["vit-digits"] / "model.onnx", tmp_path / "d.onnx")
+    require_quantized(dst, ("Gemm", "MatMul"))
+    assert "MatMulInteger" in ops(dst) or "DynamicQuantizeMatMul" in ops(dst)
+
+
+def test_unquantized_layers_are_caught(demo_exports) -> None:
+    with pytest.raises(QuantizationError, match=r"17 Gemm/Conv layers were left in float"):
+        require_quantized(demo_exports["vit-digits"] / "model.onnx", WEIGHT_OPS)
+
+
+def test_fp16_keeps_uint8_in_and_float_out(demo_exports, tmp_path: Path) -> None:
+    dst = to_fp16(demo_exports["vit-digits"] / "model.onnx", tmp_path / "h.onnx")
+    model = onnx.load(str(dst))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    images = sample_images(4, 64)
+    reference = run(demo_exports["vit-digits"] / "model.onnx", images)
+    half = run(dst, images)
+    assert 0 < np.abs(half - reference).max() < 0.05 * np.abs(reference).max()
