@@ -20,4 +20,6 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
+	$(BIN)/python -m pip install --quiet -e '.[cpu,builder,dev,bench]'
 	$(BIN)/python bench/export_bench.py
+	$(BIN)/python bench/engine_bench.py

@@ -54,7 +54,8 @@ class DeviceInfo:
 
 # CPU flags that give ONNX Runtime's u8 x s8 kernels their speed and exactness on x86:
 # without VNNI, AVX2 u8s8 uses VPMADDUBSW, which can saturate (ONNX Runtime's docs).
-INT8_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+X86_INT8_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+INT8_FEATURES = X86_INT8_FEATURES | {"asimddp", "i8mm"}  # Arm dot-product / matrix-multiply extensions
 
 
 def _cpu_features() -> frozenset[str]:

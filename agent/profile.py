@@ -14,6 +14,7 @@ import json
 import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +44,17 @@ def profile(
 
 
 def peak_rss_mib() -> float:
+    """Peak resident memory of this process image.
+
+    Linux's ``ru_maxrss`` survives ``exec`` and so reports the parent's size for a
+    child spawned by a large builder process; ``VmHWM`` belongs to this image alone.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -22,7 +22,7 @@ import onnx
 from rich.progress import Progress
 
 from agent.bundle import PROVIDERS, SCHEMA_VERSION, file_digest
-from agent.device import INT8_FEATURES, DeviceInfo
+from agent.device import X86_INT8_FEATURES, DeviceInfo
 from agent.preprocess import METADATA_KEY, InputSpec
 from agent.runtimes import open_engine
 from agent.signing import load_private_key
@@ -225,7 +225,7 @@ def _requirements(options: EngineOptions, engine: Path, device: DeviceInfo) -> d
     )
     requires: dict[str, Any] = {"onnxruntime": f">={minimum},<2", "providers": [PROVIDERS[options.target]]}
     if options.precision == "int8" and device.arch in ("x86_64", "AMD64"):
-        requires["cpu_features_any"] = sorted(INT8_FEATURES & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        requires["cpu_features_any"] = sorted(X86_INT8_FEATURES)
     return requires
 
 
@@ -266,7 +266,7 @@ def build_engine_bundle(
     reference_logits = logits(reference, images, batch, counter(progress, "evaluating the FP32 reference"))
     reference.close()
     measure_target, timed = _measure_target(options, device)
-    batches = sorted({1, *[b for b in (2, 4, 8, 16, 32, 64) if b < batch], batch})
+    batches = list(range(1, batch + 1))  # every size: the agent's batcher may pick any of them
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         candidates = _candidates(export, options, Path(tmp), progress)

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +120,3 @@ def golden_set(images: np.ndarray, reference: np.ndarray, candidate: np.ndarray,
     images, reference, candidate = images[:count], reference[:count], candidate[:count]
     allowed = 2 * float(np.abs(candidate - reference).max()) + 1e-3 * max(1.0, float(np.abs(reference).max()))
     return {"images": images, "reference": reference.astype(np.float32), "allowed_error": np.float32(allowed)}
-
-
-def as_dict(accuracy: Accuracy) -> dict:
-    return asdict(accuracy)

@@ -46,7 +46,7 @@ def test_int8_bundle_passes_gate_with_measured_drop(int8_bundles: dict[str, Path
     assert accuracy["top1_drop_points"] == pytest.approx((accuracy["reference_top1"] - accuracy["engine_top1"]) * 100)
     assert accuracy["top1_drop_points"] <= 1.0 and accuracy["top1_agreement"] >= 0.99
     assert {c["label"] for c in passport["candidates"]} == {"int8 static (minmax)", "int8 dynamic"}
-    assert [row["batch"] for row in passport["latency"]] == [1, 2, 4, 8]
+    assert [row["batch"] for row in passport["latency"]] == list(range(1, 9))
     assert all(row["p99_ms"] >= row["p50_ms"] > 0 and row["images_per_s"] > 0 for row in passport["latency"])
     assert passport["peak_rss_mib"] > 0
     assert bundle.manifest["engine"]["precision"] == "int8" and bundle.manifest["engine"]["quantization"]
