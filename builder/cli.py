@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from rich.console import Console
@@ -136,41 +137,17 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _options(cls: type, args: argparse.Namespace, **extra: object) -> object:
+    """Build an options dataclass from the arguments of the same names (the parser mirrors its fields)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in extra}, **extra)
+
+
 def _export_options(args: argparse.Namespace) -> ExportOptions:
-    return ExportOptions(
-        args.resolution,
-        args.model,
-        args.opset,
-        args.tolerance,
-        args.samples,
-        args.resize,
-        args.interpolation,
-        args.external_data,
-    )
+    return _options(ExportOptions, args)
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions(
-        target=args.target,
-        precision=args.precision,
-        eval=args.eval,
-        calib=args.calib,
-        labels=args.labels,
-        max_batch=args.max_batch,
-        quantization=args.quantization,
-        calibration=args.calibration,
-        quantize_ops=args.quantize_ops,
-        calibration_images=args.calibration_images,
-        gate=Gate(args.max_drop, args.min_agreement),
-        accept_accuracy_loss=args.accept_accuracy_loss,
-        name=args.name,
-        version=args.version,
-        golden=args.golden,
-        workspace_mib=args.workspace_mib,
-        timing_cache=args.timing_cache,
-        profile_seconds=args.profile_seconds,
-        threads=args.threads,
-    )
+    return _options(EngineOptions, args, gate=Gate(args.max_drop, args.min_agreement))
 
 
 def _export(checkpoint: Path, out: Path, options: ExportOptions, console: Console) -> ExportResult:
