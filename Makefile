@@ -15,6 +15,9 @@ install: $(BIN)/edgevit-build
 
 demo: install
 	$(BIN)/edgevit-build demo --out out/demo
+	rm -f out/demo/results.jsonl
+	$(BIN)/edgevit-agent --config configs/demo.yaml
+	$(BIN)/python -m builder.demo score out/demo/results.jsonl out/demo/digits.json
 
 test: install
 	$(BIN)/python -m pytest

@@ -189,19 +189,27 @@ def _version_problems(name: str, spec: str, version: str | None) -> list[str]:
     return [] if ok else [f"needs {name} {spec}, this device has {version}"]
 
 
-def verify_bundle(root: Path, trusted_keys: list[Ed25519PublicKey], device: DeviceInfo | None = None) -> Bundle:
-    """Verify signature, schema, files and (when ``device`` is given) compatibility."""
+def verify_bundle(
+    root: Path, trusted_keys: list[Ed25519PublicKey] | None, device: DeviceInfo | None = None
+) -> Bundle:
+    """Verify signature, schema, files and (when ``device`` is given) compatibility.
+
+    ``trusted_keys=None`` skips the signature (an operator's explicit choice,
+    ``require_signature: false``); hashes and compatibility are always checked.
+    """
     root = Path(root)
     manifest_path, signature_path = root / MANIFEST, root / SIGNATURE
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-    if not signature_path.is_file():
-        raise BundleError(f"bundle {root.name} is unsigned: {SIGNATURE} is missing")
     data = manifest_path.read_bytes()
-    try:
-        signer = verify(data, signature_path.read_bytes(), trusted_keys)
-    except SignatureError as exc:
-        raise BundleError(f"bundle {root.name}: {exc}") from exc
+    signer = "unchecked"
+    if trusted_keys is not None:
+        if not signature_path.is_file():
+            raise BundleError(f"bundle {root.name} is unsigned: {SIGNATURE} is missing")
+        try:
+            signer = verify(data, signature_path.read_bytes(), trusted_keys)
+        except SignatureError as exc:
+            raise BundleError(f"bundle {root.name}: {exc}") from exc
     try:
         manifest = json.loads(data)
     except json.JSONDecodeError as exc:

@@ -19,8 +19,9 @@ from agent.runtimes import EngineError, open_engine
 from agent.signing import SignatureError, load_public_key
 from builder.architecture import describe
 from builder.datasets import DEMO
-from builder.demo.evaluate import held_out_top1
+from builder.demo.evaluate import held_out_indices, held_out_top1
 from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
+from builder.demo.video import write_labelled_video
 from builder.engine_build import TARGETS, BundleResult, EngineOptions, build_engine_bundle
 from builder.errors import BuildError, VerificationError
 from builder.export import ExportOptions, ExportResult, export_checkpoint
@@ -251,6 +252,9 @@ def run_demo(args: argparse.Namespace, console: Console) -> None:
         options = EngineOptions(target="cpu", precision="int8", eval=DEMO, calib=DEMO, max_batch=8)
         _engine(args.out / name, bundle, key, options, console)
         console.print()
+    video = args.out / "digits.mp4"
+    labels = write_labelled_video(video, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz"))
+    console.print(f"wrote {video}: {len(labels)} held-out digits at 30 fps, labels in {video.with_suffix('.json')}")
 
 
 COMMANDS = {

@@ -59,3 +59,58 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     private, public, _ = keygen(tmp_path_factory.mktemp("keys"))
     return private, public
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], tmp_path_factory) -> Path:
+    """The demo ViT as a signed INT8 CPU bundle, as ``edgevit-build demo`` makes it."""
+    from builder.engine_build import EngineOptions, build_engine_bundle
+
+    options = EngineOptions(precision="int8", eval="demo", calib="demo", calibration_images=64, profile_seconds=0.2)
+    return build_engine_bundle(demo_exports["vit-digits"], tmp_path_factory.mktemp("bundle") / "vit-int8",
+                               signing_key[0], options).path
+
+
+@pytest.fixture(scope="session")
+def digits_video(tmp_path_factory) -> Path:
+    """A labelled video of 120 held-out digits (labels in the .json beside it)."""
+    from builder.demo.evaluate import held_out_indices
+    from builder.demo.train import CHECKPOINT_DIR
+    from builder.demo.video import write_labelled_video
+
+    path = tmp_path_factory.mktemp("video") / "digits.mp4"
+    write_labelled_video(path, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz")[:120])
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A real Mosquitto broker on a free loopback port; yields the port."""
+    import shutil
+    import subprocess
+    import time
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from builder.demo.score import score
 from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS, train_demo
 
 
@@ -14,7 +15,14 @@ def main() -> None:
     train = commands.add_parser("train", help="train the demo models on digits and save them")
     train.add_argument("names", nargs="*", help=f"any of {', '.join(DEMO_MODELS)} (default: all)")
     train.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    scorer = commands.add_parser("score", help="top-1 of agent results (JSONL) on a labelled demo video")
+    scorer.add_argument("results", type=Path)
+    scorer.add_argument("labels", type=Path, help="the video's .json (written beside it)")
     args = root.parse_args()
+    if args.command == "score":
+        top1, frames = score(args.results, args.labels)
+        print(f"agent top-1 on {args.labels.with_suffix('.mp4').name}: {top1:.2%} over {frames} frames")
+        return
     unknown = sorted(set(args.names) - set(DEMO_MODELS))
     if unknown:
         root.error(f"unknown demo model {unknown[0]}; choose from {', '.join(DEMO_MODELS)}")

@@ -1,0 +1,107 @@
+"""Choosing batch size and maximum wait from a latency budget, and adjusting them as load changes.
+
+A frame's worst latency is roughly: waiting for the batch in flight to finish
+(one batch latency), waiting for its own batch to fill, and its own batch latency::
+
+    worst(b) = 2 * L(b) + (b - 1) / arrival_rate
+
+``L(b)`` starts from the passport's p99 for batch size ``b`` and follows what this
+device actually measures (an exponentially weighted estimate of the p99). The policy
+picks the smallest batch that keeps up with the arrival rate (with 10 % headroom)
+and fits the budget; when none keeps up, the feasible batch with the highest
+throughput, and the frame queue sheds what cannot be served in time. The maximum
+wait is what the budget leaves after ``2 * L(b)``, never more than filling the batch
+takes. ``fixed`` mode keeps one batch size, for comparison.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+HEADROOM = 1.1
+SMOOTHING = 0.1
+
+
+@dataclass(frozen=True)
+class Decision:
+    batch: int
+    max_wait: float
+    predicted_worst: float
+
+
+class BatchPolicy:
+    def __init__(
+        self,
+        budget_s: float,
+        p99_by_batch: dict[int, float],
+        max_batch: int,
+        mode: str = "adaptive",
+        fixed_batch: int = 1,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._latency = dict(p99_by_batch)
+        self.configure(budget_s, max_batch, mode, fixed_batch)
+
+    def configure(self, budget_s: float, max_batch: int, mode: str, fixed_batch: int) -> None:
+        """Apply new settings (a config reload) without forgetting what was measured."""
+        with self._lock:
+            self.budget, self.max_batch, self.mode = budget_s, max_batch, mode
+            self.fixed_batch = min(fixed_batch, max_batch)
+
+    def latency(self, batch: int) -> float:
+        """Predicted p99 seconds for ``batch``: measured or from the passport, else extrapolated linearly."""
+        if batch in self._latency:
+            return self._latency[batch]
+        known = sorted(self._latency)
+        below = max((b for b in known if b < batch), default=known[0])
+        return self._latency[below] * batch / below
+
+    def observe(self, batch: int, seconds: float) -> None:
+        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly)."""
+        with self._lock:
+            current = self.latency(batch)
+            weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
+            self._latency[batch] = current + weight * (seconds - current)
+
+    def decide(self, arrival_rate: float) -> Decision:
+        with self._lock:
+            if self.mode == "fixed":
+                b = self.fixed_batch
+                return Decision(b, max(0.0, self.budget - 2 * self.latency(b)), self._worst(b, arrival_rate))
+            sizes = range(1, self.max_batch + 1)
+            feasible = [b for b in sizes if self._worst(b, arrival_rate) <= self.budget] or [1]
+            keeping_up = [b for b in feasible if b / self.latency(b) >= HEADROOM * arrival_rate]
+            b = keeping_up[0] if keeping_up else max(feasible, key=lambda s: s / self.latency(s))
+            fill = (b - 1) / arrival_rate if arrival_rate > 0 else 0.0
+            max_wait = max(0.0, min(fill, self.budget - 2 * self.latency(b)))
+            return Decision(b, max_wait, self._worst(b, arrival_rate))
+
+    def _worst(self, batch: int, arrival_rate: float) -> float:
+        fill = (batch - 1) / arrival_rate if arrival_rate > 0 else 0.0
+        return 2 * self.latency(batch) + fill
+
+
+class RateMeter:
+    """Frames per second over a sliding horizon, from arrival counts."""
+
+    def __init__(self, horizon_s: float = 2.0) -> None:
+        self._horizon = horizon_s
+        self._events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, now: float, count: int = 1) -> None:
+        with self._lock:
+            self._events.append((now, count))
+            cutoff = now - self._horizon
+            while self._events and self._events[0][0] < cutoff:
+                self._events.popleft()
+
+    def rate(self, now: float) -> float:
+        with self._lock:
+            events = [(t, c) for t, c in self._events if t >= now - self._horizon]
+        if not events:
+            return 0.0
+        span = max(now - events[0][0], 1e-3)
+        return sum(c for _, c in events) / max(span, self._horizon / 4)

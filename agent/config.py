@@ -1,0 +1,152 @@
+"""The agent's configuration: YAML, validated entirely at start-up.
+
+Every error names the key at fault (``cameras.1.fps: ...``), so a typo fails the
+start, not a camera at 3 a.m. Which settings a reload (SIGHUP or a file change) may
+apply without a restart is decided in :mod:`agent.daemon`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be used; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reconnect(Strict):
+    initial_s: float = Field(0.5, gt=0)
+    max_s: float = Field(30.0, gt=0)
+    jitter: float = Field(0.2, ge=0, le=1)
+
+
+class CameraConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    source: str | int
+    backend: Literal["auto", "ffmpeg", "v4l2", "gstreamer"] = "auto"
+    loop: bool = False
+    fps: float = Field(0.0, ge=0, description="cap on frames taken per second; 0 = every frame")
+    stride: int = Field(1, ge=1, description="take every n-th decoded frame")
+    region: tuple[int, int, int, int] | None = Field(None, description="x, y, width, height cropped first")
+    stall_timeout_s: float = Field(5.0, gt=0)
+    reconnect: Reconnect = Reconnect()
+    paused: bool = False
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if value is not None and (value[0] < 0 or value[1] < 0 or value[2] <= 0 or value[3] <= 0):
+            raise ValueError("region is x, y, width, height with x, y >= 0 and width, height > 0")
+        return value
+
+
+class EngineConfig(Strict):
+    bundle: Path
+    trusted_keys: list[Path] = Field(default_factory=list)
+    require_signature: bool = True
+    threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _keys(self) -> EngineConfig:
+        if self.require_signature and not self.trusted_keys:
+            raise ValueError("trusted_keys must list at least one public key while require_signature is true")
+        return self
+
+
+class BatchingConfig(Strict):
+    latency_budget_ms: float = Field(100.0, gt=0, description="frame-to-result p99 target")
+    mode: Literal["adaptive", "fixed"] = "adaptive"
+    fixed_batch: int = Field(1, ge=1)
+    max_batch: int | None = Field(None, ge=1, description="default: the bundle's maximum")
+
+
+class ResultsConfig(Strict):
+    jsonl: Path | None = None
+    top_k: int = Field(3, ge=1)
+
+
+class TLSConfig(Strict):
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class MQTTConfig(Strict):
+    host: str
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = Field("edgevit", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    username: str | None = None
+    password: str | None = None
+    tls: TLSConfig | None = None
+    keepalive_s: int = Field(30, ge=5)
+
+
+class MetricsConfig(Strict):
+    prometheus_port: int = Field(0, ge=0, le=65535, description="0 = no Prometheus endpoint")
+    publish_every_s: float = Field(10.0, gt=0)
+    print_every_s: float = Field(0.0, ge=0, description="standalone: print a live line every n seconds; 0 = never")
+
+
+class AgentConfig(Strict):
+    device: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    engine: EngineConfig
+    cameras: list[CameraConfig] = Field(min_length=1)
+    batching: BatchingConfig = BatchingConfig()
+    results: ResultsConfig = ResultsConfig()
+    mqtt: MQTTConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
+    exit_when_sources_end: bool = Field(False, description="stop once every non-looping file has ended")
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> AgentConfig:
+        names = [c.name for c in self.cameras]
+        if len(names) != len(set(names)):
+            raise ValueError(f"camera names must be unique, got {names}")
+        return self
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_config(data: object, origin: str = "config") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{origin} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    config = parse_config(data, str(path))
+    base = path.parent  # relative paths in the file are relative to the file
+    engine = config.engine.model_copy(update={
+        "bundle": base / config.engine.bundle,
+        "trusted_keys": [base / k for k in config.engine.trusted_keys],
+    })
+    jsonl = config.results.jsonl and base / config.results.jsonl
+    cameras = [c.model_copy(update={"source": _resolve_source(c.source, base)}) for c in config.cameras]
+    return config.model_copy(update={
+        "engine": engine, "cameras": cameras, "results": config.results.model_copy(update={"jsonl": jsonl}),
+    })
+
+
+def _resolve_source(source: str | int, base: Path) -> str | int:
+    """A relative file path is relative to the config file; URLs, devices and pipelines are left alone."""
+    if isinstance(source, int) or "://" in source or "!" in source or Path(source).is_absolute():
+        return source
+    return str(base / source) if (base / source).exists() else source

@@ -1,0 +1,140 @@
+"""Pipeline metrics: one set of figures, read two ways.
+
+Prometheus scrapes them (text format on a local port) through a custom collector
+that reads the pipeline's own counters at scrape time, so nothing is counted twice;
+:meth:`Metrics.snapshot` turns the same state into the JSON published to
+``<prefix>/<device>/metrics`` and printed in standalone mode, with rates computed
+between snapshots.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from agent.pipeline import Pipeline
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.latencies: collections.deque[float] = collections.deque(maxlen=4096)  # seconds, frame to result
+        self.latency_buckets = np.zeros(len(LATENCY_BUCKETS) + 1, np.int64)
+        self.latency_sum = 0.0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.engine_seconds: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        self.engine_errors = 0
+        self._previous: dict[str, Any] = {}
+        self._started = time.monotonic()
+
+    def record_batch(self, batch: int, engine_s: float, frame_latencies: np.ndarray) -> None:
+        with self._lock:
+            self.batch_sizes[batch] += 1
+            total = self.engine_seconds[batch]
+            total[0] += engine_s
+            total[1] += 1
+            self.latencies.extend(frame_latencies.tolist())
+            self.latency_buckets += np.bincount(np.searchsorted(LATENCY_BUCKETS, frame_latencies),
+                                                minlength=len(self.latency_buckets))
+            self.latency_sum += float(frame_latencies.sum())
+
+    def percentiles(self) -> dict[str, float | None]:
+        with self._lock:
+            window = np.asarray(self.latencies)
+        if not len(window):
+            return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+        p50, p95, p99 = np.percentile(window, [50, 95, 99]) * 1e3
+        return {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2)}
+
+    def snapshot(self, pipeline: Pipeline) -> dict[str, Any]:
+        """Per-camera rates since the previous snapshot, latency percentiles, batching, process."""
+        now = time.monotonic()
+        elapsed = max(now - self._previous.get("at", self._started), 1e-6)
+        cameras = {}
+        for name, state in pipeline.camera_states().items():
+            counts = state["counts"]
+            before = self._previous.get(name, {})
+            rates = {f"{k}_fps": round((v - before.get(k, 0)) / elapsed, 2) for k, v in counts.items()}
+            cameras[name] = {"state": state["state"], "reconnects": state["reconnects"], **counts, **rates}
+            self._previous[name] = counts
+        self._previous["at"] = now
+        with self._lock:
+            engine = {str(b): round(s / n * 1e3, 3) for b, (s, n) in sorted(self.engine_seconds.items()) if n}
+            batches = {str(b): n for b, n in sorted(self.batch_sizes.items())}
+            errors = self.engine_errors
+        times = os.times()
+        return {
+            "cameras": cameras,
+            "latency": self.percentiles(),
+            "engine_ms_by_batch": engine,
+            "batch_sizes": batches,
+            "engine_errors": errors,
+            "queue_depth": pipeline.queue.depth(),
+            "decision": pipeline.decision_summary(),
+            "process": {"cpu_s": round(times.user + times.system, 2), "rss_mib": round(_rss_mib(), 1)},
+        }
+
+    def collector(self, pipeline: Pipeline) -> _Collector:
+        return _Collector(self, pipeline)
+
+    def serve(self, pipeline: Pipeline, port: int) -> CollectorRegistry:
+        registry = CollectorRegistry()
+        registry.register(self.collector(pipeline))
+        ProcessCollector(registry=registry)
+        start_http_server(port, addr="127.0.0.1", registry=registry)
+        return registry
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+class _Collector:
+    def __init__(self, metrics: Metrics, pipeline: Pipeline) -> None:
+        self._metrics, self._pipeline = metrics, pipeline
+
+    def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
+        frames = CounterMetricFamily("edgevit_frames", "Frames per camera by fate", labels=["camera", "kind"])
+        reconnects = CounterMetricFamily("edgevit_camera_reconnects", "Camera reconnects", labels=["camera"])
+        connected = GaugeMetricFamily("edgevit_camera_connected", "1 when the camera delivers frames",
+                                      labels=["camera", "state"])
+        for name, state in self._pipeline.camera_states().items():
+            for kind, value in state["counts"].items():
+                frames.add_metric([name, kind], value)
+            reconnects.add_metric([name], state["reconnects"])
+            connected.add_metric([name, state["state"]], 1.0 if state["state"] == "connected" else 0.0)
+        yield from (frames, reconnects, connected)
+        m = self._metrics
+        with m._lock:
+            cumulative = np.cumsum(m.latency_buckets).tolist()
+            buckets = [(str(b), c) for b, c in zip(LATENCY_BUCKETS, cumulative, strict=False)]
+            buckets.append(("+Inf", cumulative[-1]))
+            latency_sum = m.latency_sum
+            batch_sizes = dict(m.batch_sizes)
+            engine = {b: tuple(v) for b, v in m.engine_seconds.items()}
+            errors = m.engine_errors
+        yield HistogramMetricFamily("edgevit_frame_latency_seconds", "Frame capture to result", buckets=buckets,
+                                    sum_value=latency_sum)
+        sizes = CounterMetricFamily("edgevit_batches", "Batches run, by size", labels=["size"])
+        seconds = CounterMetricFamily("edgevit_engine_seconds", "Engine time, by batch size", labels=["size"])
+        for b in sorted(batch_sizes):
+            sizes.add_metric([str(b)], batch_sizes[b])
+            seconds.add_metric([str(b)], engine[b][0])
+        yield from (sizes, seconds)
+        yield CounterMetricFamily("edgevit_engine_errors", "Batches the engine failed", value=errors)
+        yield GaugeMetricFamily("edgevit_queue_depth", "Frames waiting for the engine", value=self._pipeline.queue.depth())

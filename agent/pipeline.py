@@ -1,0 +1,161 @@
+"""camera -> preprocess -> batcher -> engine -> results: the agent's data path, one way.
+
+Camera threads preprocess into the :class:`FrameQueue`; one inference thread asks the
+:class:`BatchPolicy` for a batch size and wait, takes frames into a preallocated
+batch buffer, runs the engine, and hands results to the sinks. The inference thread
+also records when it last finished a batch: with frames waiting and no batch done
+for too long, the pipeline is stalled and the systemd watchdog is no longer fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from agent.batching import BatchPolicy, Decision
+from agent.bundle import Bundle
+from agent.camera import Camera, CameraState
+from agent.config import AgentConfig, BatchingConfig, CameraConfig
+from agent.frames import FrameQueue
+from agent.metrics import Metrics
+from agent.results import ResultSink, make_results
+from agent.runtimes import Engine
+
+log = logging.getLogger("edgevit.pipeline")
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def passport_p99(bundle: Bundle) -> dict[int, float]:
+    """Batch size -> p99 seconds from the passport; a neutral guess when it was not measured there."""
+    rows = bundle.passport.get("latency") or [{"batch": 1, "p99_ms": 10.0}]
+    return {row["batch"]: row["p99_ms"] / 1e3 for row in rows}
+
+
+class Pipeline:
+    def __init__(
+        self, config: AgentConfig, bundle: Bundle, engine: Engine, sinks: list[ResultSink], events: EventSink
+    ) -> None:
+        self.bundle, self.engine, self.sinks, self.events = bundle, engine, sinks, events
+        self.spec, self.labels = bundle.input_spec, bundle.labels
+        self.max_batch = bundle.batch_range[1]
+        self.queue = FrameQueue([c.name for c in config.cameras], self.spec.height, self.spec.width)
+        self.policy = BatchPolicy(1.0, passport_p99(bundle), self.max_batch)
+        self.metrics = Metrics()
+        self._batch = np.empty((self.max_batch, self.spec.height, self.spec.width, 3), np.uint8)
+        self.cameras: dict[str, Camera] = {}
+        self._decision = Decision(1, 0.0, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.last_batch_done = time.monotonic()
+        self.top_k = config.results.top_k
+        self.apply(config)
+
+    # -- configuration ---------------------------------------------------------------------------
+    def apply(self, config: AgentConfig) -> None:
+        """Apply batching, result and camera settings; cameras whose source changed are reopened."""
+        self._configure_batching(config.batching)
+        self.top_k = config.results.top_k
+        wanted = {c.name: c for c in config.cameras}
+        for name in list(self.cameras):
+            camera = self.cameras[name]
+            new = wanted.get(name)
+            if new is None or (new.source, new.backend) != (camera.config.source, camera.config.backend):
+                camera.stop()
+                del self.cameras[name]
+                self.queue.remove_camera(name)
+            elif new != camera.config:
+                camera.update(new)
+        for name, camera_config in wanted.items():
+            if name not in self.cameras:
+                self._add_camera(camera_config)
+
+    def _configure_batching(self, batching: BatchingConfig) -> None:
+        limit = min(batching.max_batch or self.max_batch, self.max_batch)
+        self.policy.configure(batching.latency_budget_ms / 1e3, limit, batching.mode, batching.fixed_batch)
+
+    def _add_camera(self, config: CameraConfig) -> None:
+        self.queue.add_camera(config.name)
+        camera = Camera(config, self.spec, self.queue, self.events)
+        self.cameras[config.name] = camera
+        if self._thread.is_alive():
+            camera.start()
+
+    # -- running ---------------------------------------------------------------------------------
+    def start(self) -> Pipeline:
+        self._thread.start()
+        for camera in self.cameras.values():
+            camera.start()
+        return self
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop cameras, finish the batch in flight (and, with ``drain``, what is queued), flush sinks."""
+        for camera in self.cameras.values():
+            camera.stop()
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if drain:
+            while self.queue.depth():
+                self._step(timeout=0)
+        for sink in self.sinks:
+            sink.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._step(timeout=0.2)
+
+    def _step(self, timeout: float) -> None:
+        now = time.monotonic()
+        self._decision = decision = self.policy.decide(self.queue.arrivals.rate(now))
+        shed_after = max(self.policy.budget - self.policy.latency(decision.batch), 0.0)
+        infos = self.queue.take(decision.batch, decision.max_wait, shed_after, self._batch, timeout)
+        if not infos:
+            return
+        n = len(infos)
+        started = time.monotonic()
+        try:
+            logits = self.engine.run(self._batch[:n])
+        except Exception as exc:  # a failing engine must not kill the pipeline; every loss is counted
+            self.metrics.engine_errors += 1
+            for info in infos:
+                self.queue.counters[info.camera].failed += 1
+            self.events("engine", {"error": str(exc), "frames": n})
+            log.error("engine failed on a batch of %d: %s", n, exc)
+            return
+        done = time.monotonic()
+        self.policy.observe(n, done - started)
+        results = make_results(infos, logits, self.labels, self.top_k, self.bundle.bundle_id, done)
+        for sink in self.sinks:
+            sink.emit(results)
+        for info in infos:
+            self.queue.counters[info.camera].processed += 1
+        self.metrics.record_batch(n, done - started, np.asarray([done - i.arrived for i in infos]))
+        self.last_batch_done = done
+
+    # -- state -----------------------------------------------------------------------------------
+    def healthy(self, now: float, stall_after: float) -> bool:
+        """False when frames are waiting and no batch has completed for ``stall_after`` seconds."""
+        return not self.queue.depth() or now - self.last_batch_done < stall_after
+
+    def sources_ended(self) -> bool:
+        return all(c.state in (CameraState.ENDED, CameraState.STOPPED) for c in self.cameras.values()) and not (
+            self.queue.depth()
+        )
+
+    def camera_states(self) -> dict[str, dict[str, Any]]:
+        states = {}
+        for name, camera in self.cameras.items():
+            c = self.queue.counters[name]
+            counts = {"decoded": camera.decoded, "taken": c.taken, "processed": c.processed,
+                      "skipped": c.skipped, "shed": c.shed, "failed": c.failed}
+            states[name] = {"state": camera.state.value, "reconnects": camera.reconnects, "counts": counts}
+        return states
+
+    def decision_summary(self) -> dict[str, float]:
+        d = self._decision
+        return {"batch": d.batch, "max_wait_ms": round(d.max_wait * 1e3, 2),
+                "predicted_worst_ms": round(d.predicted_worst * 1e3, 2)}

@@ -1,0 +1,44 @@
+"""Running the real agent process from tests: configs, processes, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_config(path: Path, bundle: Path, public_key: Path, cameras: list[dict[str, Any]], **sections: Any) -> Path:
+    config = {
+        "device": "test-box",
+        "engine": {"bundle": str(bundle), "trusted_keys": [str(public_key)]},
+        "cameras": cameras,
+        "results": {"jsonl": str(path.parent / "results.jsonl")},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_agent(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.daemon", "--config", str(config), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+
+
+def run_agent(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.daemon", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def summary(stdout: str) -> dict[str, Any]:
+    return next(json.loads(line)["summary"] for line in reversed(stdout.splitlines()) if line.startswith('{"summary"'))

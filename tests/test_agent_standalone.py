@@ -1,0 +1,122 @@
+"""The real agent process, standalone: labelled video in, per-frame results out, bad configs refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from agent_helpers import read_results, run_agent, start_agent, summary, write_config
+
+from agent.bundle import verify_bundle
+from agent.preprocess import preprocess_into
+from agent.runtimes import open_engine
+from agent.signing import load_public_key
+
+
+def offline_predictions(video: Path, bundle_path: Path, public_key: Path) -> list[int]:
+    """The bundle's engine on every decoded frame of the video, outside the agent."""
+    bundle = verify_bundle(bundle_path, [load_public_key(public_key)])
+    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 1)
+    capture, slot = cv2.VideoCapture(str(video)), np.empty((64, 64, 3), np.uint8)
+    predictions = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return predictions
+        predictions.append(int(engine.run(preprocess_into(frame, bundle.input_spec, slot)[None]).argmax()))
+
+
+def test_labelled_video_end_to_end(demo_bundle: Path, signing_key, digits_video: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1],
+                          [{"name": "digits", "source": str(digits_video), "fps": 30}],
+                          exit_when_sources_end=True, metrics={"print_every_s": 0.5})
+    proc = run_agent(config)
+    assert proc.returncode == 0, proc.stderr
+    assert "frames/s | latency p50" in proc.stdout  # the live line of standalone mode
+    results = read_results(tmp_path / "results.jsonl")
+    labels = json.loads(digits_video.with_suffix(".json").read_text())["labels"]
+    seqs = [r["seq"] for r in results]
+    assert len(seqs) == len(set(seqs)) and set(seqs) <= set(range(1, len(labels) + 1))
+    stats = summary(proc.stdout)["cameras"]["digits"]
+    assert stats["state"] == "ended" and stats["taken"] == len(labels)
+    assert stats["processed"] == len(results) == len(labels) - stats["skipped"] - stats["shed"]
+    assert len(results) >= 0.9 * len(labels)  # latest-frame-wins may skip a frame if the engine was busy
+    expected = offline_predictions(digits_video, demo_bundle, signing_key[1])
+    agent = {r["seq"]: int(r["top"][0]["label"]) for r in results}
+    assert {s: expected[s - 1] for s in agent} == agent, "agent top-1 == engine top-1 on the same frames"
+    assert np.mean([agent[s] == labels[s - 1] for s in agent]) >= 0.95
+    r = results[0]
+    assert {"camera", "seq", "captured", "top", "engine", "latency_ms", "batch"} <= r.keys() and len(r["top"]) == 3
+
+
+def test_sigterm_drains_and_flushes(demo_bundle: Path, signing_key, digits_video: Path, tmp_path: Path) -> None:
+    cameras = [{"name": f"c{i}", "source": str(digits_video), "loop": True, "fps": 60} for i in range(2)]
+    proc = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    results = read_results(tmp_path / "results.jsonl")  # every line parses: nothing half-written
+    counts = summary(stdout)["cameras"]
+    assert len(results) == sum(c["processed"] for c in counts.values()) > 0
+    for name, c in counts.items():
+        assert c["taken"] == c["processed"] + c["skipped"] + c["shed"] + c["failed"], name
+
+
+def test_reload_applies_batching_without_restart(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
+    cameras = [{"name": f"c{i}", "source": str(digits_video), "loop": True, "fps": 60} for i in range(3)]
+    config = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras,
+                          batching={"mode": "fixed", "fixed_batch": 1})
+    proc = start_agent(config)
+    time.sleep(3)
+    write_config(config, demo_bundle, signing_key[1], cameras,
+                 batching={"mode": "fixed", "fixed_batch": 3, "latency_budget_ms": 400})
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGHUP)  # the file watcher has usually applied it already; SIGHUP is the other way in
+    time.sleep(3)
+    (tmp_path / "agent.yaml").write_text("device: [unclosed")  # a broken edit must not stop the agent
+    time.sleep(1.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    sizes = [r["batch"] for r in read_results(tmp_path / "results.jsonl")]
+    assert set(sizes[:20]) == {1} and max(sizes) == 3
+    assert "reload refused, keeping the running configuration" in stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(cameras=[]), "cameras: List should have at least 1 item"),
+    (lambda c: c["cameras"][0].update(fps=-5), "cameras.0.fps: Input should be greater than or equal to 0"),
+    (lambda c: c.update(batching={"latency_budget_ms": "fast"}), "batching.latency_budget_ms: Input should be a valid number"),
+    (lambda c: c.update(colour="blue"), "colour: Extra inputs are not permitted"),
+    (lambda c: c["engine"].update(trusted_keys=[]), "engine: Value error, trusted_keys must list at least one"),
+    (lambda c: c["engine"].update(bundle="/nonexistent"), "/nonexistent is not a bundle: manifest.json is missing"),
+])
+def test_bad_configs_are_refused(demo_bundle, signing_key, digits_video: Path, tmp_path: Path, edit, message) -> None:
+    import yaml
+
+    path = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}])
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config))
+    proc = run_agent(path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    (tmp_path / "agent.yaml").write_text("device: [unclosed")
+    proc = run_agent(tmp_path / "agent.yaml")
+    assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
+
+
+def test_check_mode(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}])
+    proc = run_agent(path, "--check")
+    assert proc.returncode == 0 and "golden set reproduced" in proc.stdout
