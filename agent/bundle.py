@@ -189,9 +189,7 @@ def _version_problems(name: str, spec: str, version: str | None) -> list[str]:
     return [] if ok else [f"needs {name} {spec}, this device has {version}"]
 
 
-def verify_bundle(
-    root: Path, trusted_keys: list[Ed25519PublicKey] | None, device: DeviceInfo | None = None
-) -> Bundle:
+def verify_bundle(root: Path, trusted_keys: list[Ed25519PublicKey] | None, device: DeviceInfo | None = None) -> Bundle:
     """Verify signature, schema, files and (when ``device`` is given) compatibility.
 
     ``trusted_keys=None`` skips the signature (an operator's explicit choice,

@@ -49,7 +49,7 @@ class Camera(threading.Thread):
         self.config = config
         self._spec, self._queue, self._on_event = spec, queue, on_event
         self._scratch = np.empty((spec.height, spec.width, 3), np.uint8)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._settings_lock = threading.Lock()
         self.state = CameraState.CONNECTING
         self.decoded = 0
@@ -59,7 +59,7 @@ class Camera(threading.Thread):
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def update(self, config: CameraConfig) -> None:
         """Apply new throttling/region/pause settings; a new source needs a new Camera."""
@@ -87,12 +87,13 @@ class Camera(threading.Thread):
 
     def run(self) -> None:
         delay = self.config.reconnect.initial_s
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 capture = self._open()
             except OSError as exc:
                 self._set_state(CameraState.RECONNECTING, error=str(exc))
                 delay = self._backoff(delay)
+                self.reconnects += 1
                 continue
             self._set_state(CameraState.CONNECTED)
             self.last_frame = time.monotonic()
@@ -109,7 +110,7 @@ class Camera(threading.Thread):
 
     def _backoff(self, delay: float) -> float:
         reconnect = self.config.reconnect
-        self._stop.wait(delay * (1 + random.uniform(-reconnect.jitter, reconnect.jitter)))
+        self._halt.wait(delay * (1 + random.uniform(-reconnect.jitter, reconnect.jitter)))
         return min(delay * 2, reconnect.max_s)
 
     def _read(self, capture: cv2.VideoCapture) -> str:
@@ -117,7 +118,7 @@ class Camera(threading.Thread):
         is_file = _is_file(self.config.source)
         next_due = 0.0
         index = 0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             ok, frame = capture.read()
             now = time.monotonic()
             if not ok:
@@ -137,7 +138,7 @@ class Camera(threading.Thread):
                 continue
             if config.fps:
                 if is_file:  # a file decodes far faster than real time: play it at the capped rate
-                    self._stop.wait(max(0.0, next_due - now))
+                    self._halt.wait(max(0.0, next_due - now))
                 elif now < next_due:  # a live source: drop what comes faster than the cap
                     continue
                 next_due = max(next_due + 1.0 / config.fps, time.monotonic() - 1.0 / config.fps)

@@ -134,15 +134,21 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     config = parse_config(data, str(path))
     base = path.parent  # relative paths in the file are relative to the file
-    engine = config.engine.model_copy(update={
-        "bundle": base / config.engine.bundle,
-        "trusted_keys": [base / k for k in config.engine.trusted_keys],
-    })
+    engine = config.engine.model_copy(
+        update={
+            "bundle": base / config.engine.bundle,
+            "trusted_keys": [base / k for k in config.engine.trusted_keys],
+        }
+    )
     jsonl = config.results.jsonl and base / config.results.jsonl
     cameras = [c.model_copy(update={"source": _resolve_source(c.source, base)}) for c in config.cameras]
-    return config.model_copy(update={
-        "engine": engine, "cameras": cameras, "results": config.results.model_copy(update={"jsonl": jsonl}),
-    })
+    return config.model_copy(
+        update={
+            "engine": engine,
+            "cameras": cameras,
+            "results": config.results.model_copy(update={"jsonl": jsonl}),
+        }
+    )
 
 
 def _resolve_source(source: str | int, base: Path) -> str | int:

@@ -50,8 +50,9 @@ def load_engine(config: AgentConfig) -> tuple[Bundle, Engine]:
     try:
         keys = [load_public_key(p) for p in config.engine.trusted_keys] if config.engine.require_signature else None
         bundle = verify_bundle(config.engine.bundle, keys, DeviceInfo.probe())
-        engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1],
-                             config.engine.threads)
+        engine = open_engine(
+            bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1], config.engine.threads
+        )
     except (BundleError, SignatureError, EngineError) as exc:
         raise StartupError(str(exc)) from exc
     golden = check_golden(engine, bundle.golden_path, bundle.batch_range[1])
@@ -114,8 +115,10 @@ class Agent:
         states = " ".join(f"{n}={c['state']}" for n, c in cams.items())
         skipped = sum(c["skipped"] for c in cams.values())
         shed = sum(c["shed"] for c in cams.values())
-        return (f"{processed:7.1f} frames/s | latency p50 {lat['p50_ms']} ms p99 {lat['p99_ms']} ms "
-                f"| batch {snapshot['decision']['batch']} | skipped {skipped} shed {shed} | {states}")
+        return (
+            f"{processed:7.1f} frames/s | latency p50 {lat['p50_ms']} ms p99 {lat['p99_ms']} ms "
+            f"| batch {snapshot['decision']['batch']} | skipped {skipped} shed {shed} | {states}"
+        )
 
     def run(self, duration: float | None) -> None:
         port = self.config.metrics.prometheus_port
@@ -151,6 +154,7 @@ class Agent:
         finally:
             notify("STOPPING=1")
             observer.stop()
+            observer.join()
             self.pipeline.stop(drain=True)
             self.engine.close()
             summary = self.metrics.snapshot(self.pipeline)
@@ -158,8 +162,9 @@ class Agent:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="edgevit-agent", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(
+        prog="edgevit-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     root.add_argument("--config", type=Path, required=True)
     root.add_argument("--check", action="store_true", help="validate config, bundle and engine, then exit")
     root.add_argument("--duration", type=float, help="stop after this many seconds (benchmarks, tests)")
@@ -169,8 +174,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = load_config(args.config)
         agent = Agent(args.config, config)

@@ -45,8 +45,9 @@ class Metrics:
             total[0] += engine_s
             total[1] += 1
             self.latencies.extend(frame_latencies.tolist())
-            self.latency_buckets += np.bincount(np.searchsorted(LATENCY_BUCKETS, frame_latencies),
-                                                minlength=len(self.latency_buckets))
+            self.latency_buckets += np.bincount(
+                np.searchsorted(LATENCY_BUCKETS, frame_latencies), minlength=len(self.latency_buckets)
+            )
             self.latency_sum += float(frame_latencies.sum())
 
     def percentiles(self) -> dict[str, float | None]:
@@ -111,8 +112,9 @@ class _Collector:
     def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
         frames = CounterMetricFamily("edgevit_frames", "Frames per camera by fate", labels=["camera", "kind"])
         reconnects = CounterMetricFamily("edgevit_camera_reconnects", "Camera reconnects", labels=["camera"])
-        connected = GaugeMetricFamily("edgevit_camera_connected", "1 when the camera delivers frames",
-                                      labels=["camera", "state"])
+        connected = GaugeMetricFamily(
+            "edgevit_camera_connected", "1 when the camera delivers frames", labels=["camera", "state"]
+        )
         for name, state in self._pipeline.camera_states().items():
             for kind, value in state["counts"].items():
                 frames.add_metric([name, kind], value)
@@ -128,8 +130,9 @@ class _Collector:
             batch_sizes = dict(m.batch_sizes)
             engine = {b: tuple(v) for b, v in m.engine_seconds.items()}
             errors = m.engine_errors
-        yield HistogramMetricFamily("edgevit_frame_latency_seconds", "Frame capture to result", buckets=buckets,
-                                    sum_value=latency_sum)
+        yield HistogramMetricFamily(
+            "edgevit_frame_latency_seconds", "Frame capture to result", buckets=buckets, sum_value=latency_sum
+        )
         sizes = CounterMetricFamily("edgevit_batches", "Batches run, by size", labels=["size"])
         seconds = CounterMetricFamily("edgevit_engine_seconds", "Engine time, by batch size", labels=["size"])
         for b in sorted(batch_sizes):
@@ -137,4 +140,6 @@ class _Collector:
             seconds.add_metric([str(b)], engine[b][0])
         yield from (sizes, seconds)
         yield CounterMetricFamily("edgevit_engine_errors", "Batches the engine failed", value=errors)
-        yield GaugeMetricFamily("edgevit_queue_depth", "Frames waiting for the engine", value=self._pipeline.queue.depth())
+        yield GaugeMetricFamily(
+            "edgevit_queue_depth", "Frames waiting for the engine", value=self._pipeline.queue.depth()
+        )

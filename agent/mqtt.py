@@ -24,14 +24,17 @@ log = logging.getLogger("edgevit.mqtt")
 class MqttLink:
     def __init__(self, config: MQTTConfig, device: str) -> None:
         self.base = f"{config.prefix}/{device}"
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgevit-{device}",
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgevit-{device}", protocol=mqtt.MQTTv5)
         self.client.will_set(f"{self.base}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
         if config.tls:
-            self.client.tls_set(ca_certs=str(config.tls.ca), certfile=config.tls.cert and str(config.tls.cert),
-                                keyfile=config.tls.key and str(config.tls.key), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self.client.tls_set(
+                ca_certs=str(config.tls.ca),
+                certfile=config.tls.cert and str(config.tls.cert),
+                keyfile=config.tls.key and str(config.tls.key),
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect

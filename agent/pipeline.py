@@ -96,9 +96,11 @@ class Pipeline:
         """Stop cameras, finish the batch in flight (and, with ``drain``, what is queued), flush sinks."""
         for camera in self.cameras.values():
             camera.stop()
+        for camera in self.cameras.values():  # a capture released under a live read aborts the process
+            camera.join(timeout=camera.config.stall_timeout_s + 5)
         self._stop.set()
         self._thread.join(timeout=30)
-        if drain:
+        if drain and not self._thread.is_alive():  # a hung engine gets no more batches
             while self.queue.depth():
                 self._step(timeout=0)
         for sink in self.sinks:
@@ -150,12 +152,21 @@ class Pipeline:
         states = {}
         for name, camera in self.cameras.items():
             c = self.queue.counters[name]
-            counts = {"decoded": camera.decoded, "taken": c.taken, "processed": c.processed,
-                      "skipped": c.skipped, "shed": c.shed, "failed": c.failed}
+            counts = {
+                "decoded": camera.decoded,
+                "taken": c.taken,
+                "processed": c.processed,
+                "skipped": c.skipped,
+                "shed": c.shed,
+                "failed": c.failed,
+            }
             states[name] = {"state": camera.state.value, "reconnects": camera.reconnects, "counts": counts}
         return states
 
     def decision_summary(self) -> dict[str, float]:
         d = self._decision
-        return {"batch": d.batch, "max_wait_ms": round(d.max_wait * 1e3, 2),
-                "predicted_worst_ms": round(d.predicted_worst * 1e3, 2)}
+        return {
+            "batch": d.batch,
+            "max_wait_ms": round(d.max_wait * 1e3, 2),
+            "predicted_worst_ms": round(d.predicted_worst * 1e3, 2),
+        }

@@ -67,8 +67,9 @@ def demo_bundle(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], t
     from builder.engine_build import EngineOptions, build_engine_bundle
 
     options = EngineOptions(precision="int8", eval="demo", calib="demo", calibration_images=64, profile_seconds=0.2)
-    return build_engine_bundle(demo_exports["vit-digits"], tmp_path_factory.mktemp("bundle") / "vit-int8",
-                               signing_key[0], options).path
+    return build_engine_bundle(
+        demo_exports["vit-digits"], tmp_path_factory.mktemp("bundle") / "vit-int8", signing_key[0], options
+    ).path
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,14 @@ def offline_predictions(video: Path, bundle_path: Path, public_key: Path) -> lis
 
 
 def test_labelled_video_end_to_end(demo_bundle: Path, signing_key, digits_video: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1],
-                          [{"name": "digits", "source": str(digits_video), "fps": 30}],
-                          exit_when_sources_end=True, metrics={"print_every_s": 0.5})
+    config = write_config(
+        tmp_path / "agent.yaml",
+        demo_bundle,
+        signing_key[1],
+        [{"name": "digits", "source": str(digits_video), "fps": 30}],
+        exit_when_sources_end=True,
+        metrics={"print_every_s": 0.5},
+    )
     proc = run_agent(config)
     assert proc.returncode == 0, proc.stderr
     assert "frames/s | latency p50" in proc.stdout  # the live line of standalone mode
@@ -70,12 +75,18 @@ def test_sigterm_drains_and_flushes(demo_bundle: Path, signing_key, digits_video
 
 def test_reload_applies_batching_without_restart(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
     cameras = [{"name": f"c{i}", "source": str(digits_video), "loop": True, "fps": 60} for i in range(3)]
-    config = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras,
-                          batching={"mode": "fixed", "fixed_batch": 1})
+    config = write_config(
+        tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras, batching={"mode": "fixed", "fixed_batch": 1}
+    )
     proc = start_agent(config)
     time.sleep(3)
-    write_config(config, demo_bundle, signing_key[1], cameras,
-                 batching={"mode": "fixed", "fixed_batch": 3, "latency_budget_ms": 400})
+    write_config(
+        config,
+        demo_bundle,
+        signing_key[1],
+        cameras,
+        batching={"mode": "fixed", "fixed_batch": 3, "latency_budget_ms": 400},
+    )
     time.sleep(1.0)
     proc.send_signal(signal.SIGHUP)  # the file watcher has usually applied it already; SIGHUP is the other way in
     time.sleep(3)
@@ -90,18 +101,26 @@ def test_reload_applies_batching_without_restart(demo_bundle, signing_key, digit
     assert "reload refused, keeping the running configuration" in stderr
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(cameras=[]), "cameras: List should have at least 1 item"),
-    (lambda c: c["cameras"][0].update(fps=-5), "cameras.0.fps: Input should be greater than or equal to 0"),
-    (lambda c: c.update(batching={"latency_budget_ms": "fast"}), "batching.latency_budget_ms: Input should be a valid number"),
-    (lambda c: c.update(colour="blue"), "colour: Extra inputs are not permitted"),
-    (lambda c: c["engine"].update(trusted_keys=[]), "engine: Value error, trusted_keys must list at least one"),
-    (lambda c: c["engine"].update(bundle="/nonexistent"), "/nonexistent is not a bundle: manifest.json is missing"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(cameras=[]), "cameras: List should have at least 1 item"),
+        (lambda c: c["cameras"][0].update(fps=-5), "cameras.0.fps: Input should be greater than or equal to 0"),
+        (
+            lambda c: c.update(batching={"latency_budget_ms": "fast"}),
+            "batching.latency_budget_ms: Input should be a valid number",
+        ),
+        (lambda c: c.update(colour="blue"), "colour: Extra inputs are not permitted"),
+        (lambda c: c["engine"].update(trusted_keys=[]), "engine: Value error, trusted_keys must list at least one"),
+        (lambda c: c["engine"].update(bundle="/nonexistent"), "/nonexistent is not a bundle: manifest.json is missing"),
+    ],
+)
 def test_bad_configs_are_refused(demo_bundle, signing_key, digits_video: Path, tmp_path: Path, edit, message) -> None:
     import yaml
 
-    path = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}])
+    path = write_config(
+        tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}]
+    )
     config = yaml.safe_load(path.read_text())
     edit(config)
     path.write_text(yaml.safe_dump(config))
@@ -117,6 +136,8 @@ def test_not_yaml(tmp_path: Path) -> None:
 
 
 def test_check_mode(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
-    path = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}])
+    path = write_config(
+        tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}]
+    )
     proc = run_agent(path, "--check")
     assert proc.returncode == 0 and "golden set reproduced" in proc.stdout

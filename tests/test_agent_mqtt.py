@@ -1,0 +1,105 @@
+"""Results, metrics, events and status through a real Mosquitto broker; Prometheus on a local port."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from agent_helpers import start_agent, write_config
+from paho.mqtt.enums import CallbackAPIVersion
+
+from conftest import free_port
+
+
+class Subscriber:
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[str, dict, bool]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-subscriber")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        with self._lock:
+            self.messages.append((message.topic, json.loads(message.payload), message.retain))
+
+    def on(self, suffix: str) -> list[dict]:
+        with self._lock:
+            return [payload for topic, payload, _ in self.messages if topic.endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_results_metrics_status_over_mqtt(
+    mosquitto: int, demo_bundle, signing_key, digits_video: Path, tmp_path: Path
+) -> None:
+    prometheus = free_port()
+    config = write_config(
+        tmp_path / "agent.yaml",
+        demo_bundle,
+        signing_key[1],
+        [{"name": "door", "source": str(digits_video), "loop": True, "fps": 25}],
+        mqtt={"host": "127.0.0.1", "port": mosquitto, "prefix": "fleet"},
+        metrics={"publish_every_s": 1, "prometheus_port": prometheus},
+    )
+    subscriber = Subscriber(mosquitto, "fleet/test-box/#")
+    agent = start_agent(config)
+    try:
+        time.sleep(6)
+        with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=5) as response:
+            scrape = response.read().decode()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=60)
+        time.sleep(0.5)
+        subscriber.close()
+    assert agent.returncode == 0, stderr
+    results = subscriber.on("/door/result")
+    assert len(results) > 50
+    seqs = [r["seq"] for r in results]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert results[0]["engine"].startswith("vit-digits") and results[0]["top"][0]["label"] in [
+        str(d) for d in range(10)
+    ]
+    metrics = subscriber.on("/metrics")
+    assert len(metrics) >= 3
+    last = metrics[-1]
+    assert last["cameras"]["door"]["processed_fps"] > 10 and last["latency"]["p99_ms"] is not None
+    assert {"queue_depth", "batch_sizes", "engine_ms_by_batch", "process"} <= last.keys()
+    statuses = [s["state"] for s in subscriber.on("/status")]
+    assert statuses[0] == "online" and statuses[-1] == "offline"
+    assert any(e["event"] == "camera" and e["state"] == "connected" for e in subscriber.on("/events"))
+    assert 'edgevit_frames_total{camera="door",kind="processed"}' in scrape
+    assert "edgevit_frame_latency_seconds_bucket" in scrape and "process_resident_memory_bytes" in scrape
+
+
+def test_last_will_marks_a_killed_agent_offline(
+    mosquitto: int, demo_bundle, signing_key, digits_video: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "agent.yaml",
+        demo_bundle,
+        signing_key[1],
+        [{"name": "door", "source": str(digits_video), "loop": True, "fps": 10}],
+        mqtt={"host": "127.0.0.1", "port": mosquitto, "keepalive_s": 5},
+    )
+    agent = start_agent(config)
+    time.sleep(4)
+    agent.kill()  # no goodbye: the broker must publish the will
+    agent.wait()
+    subscriber = Subscriber(mosquitto, "edgevit/test-box/status")
+    deadline = time.time() + 20
+    while time.time() < deadline and not subscriber.on("/status")[-1:] == [{"state": "offline"}]:
+        time.sleep(0.2)
+    retained = [retain for _, _, retain in subscriber.messages]
+    subscriber.close()
+    assert subscriber.on("/status")[-1] == {"state": "offline"} and retained[0] is True

@@ -1,0 +1,119 @@
+"""A network camera served by a real ffmpeg process that dies and comes back, beside a file camera."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+from agent_helpers import read_results, start_agent, summary, write_config
+
+from conftest import free_port
+
+FFMPEG = shutil.which("ffmpeg") or "ffmpeg"  # .ci/run installs it where missing
+
+
+def serve(video: Path, port: int) -> subprocess.Popen:
+    """ffmpeg as an HTTP server of an endless MPEG-TS stream (one client at a time)."""
+    return subprocess.Popen(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-stream_loop",
+            "-1",
+            "-i",
+            str(video),
+            "-c:v",
+            "mpeg4",
+            "-q:v",
+            "3",
+            "-g",
+            "15",
+            "-bsf:v",
+            "dump_extra",
+            "-f",
+            "mpegts",
+            "-listen",
+            "1",
+            f"http://127.0.0.1:{port}/live.ts",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_stream_recovers_and_the_other_camera_never_pauses(
+    demo_bundle, signing_key, digits_video: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    server = serve(digits_video, port)
+    time.sleep(1.0)
+    cameras = [
+        {"name": "file", "source": str(digits_video), "loop": True, "fps": 20},
+        {
+            "name": "net",
+            "source": f"http://127.0.0.1:{port}/live.ts",
+            "backend": "ffmpeg",
+            "stall_timeout_s": 2,
+            "reconnect": {"initial_s": 0.3, "max_s": 2},
+        },
+    ]
+    agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
+    try:
+        time.sleep(5)
+        killed_at = time.time()
+        server.kill()
+        server.wait()
+        time.sleep(4)  # the stream is down; the agent retries with backoff
+        restarted_at = time.time()
+        server = serve(digits_video, port)
+        time.sleep(8)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=60)
+        server.kill()
+    assert agent.returncode == 0, stderr
+    results = read_results(tmp_path / "results.jsonl")
+    net = [r["captured"] for r in results if r["camera"] == "net"]
+    file_times = np.asarray(sorted(r["captured"] for r in results if r["camera"] == "file"))
+    assert any(t < killed_at for t in net) and any(t > restarted_at for t in net), "net camera before and after"
+    assert not any(killed_at + 0.5 < t < restarted_at for t in net)
+    during = file_times[(file_times > killed_at - 1) & (file_times < restarted_at + 1)]
+    assert len(during) > 0 and np.diff(during).max() < 0.5, "the file camera kept its 20 fps through the outage"
+    stats = summary(stdout)["cameras"]
+    assert stats["net"]["reconnects"] >= 1
+    states = re.findall(r"'camera': 'net', 'state': '(\w+)'", stderr)
+    assert states[:1] == ["connected"] and "reconnecting" in states
+    assert "connected" in states[states.index("reconnecting") :], f"back after the restart: {states}"
+    assert stats["file"]["reconnects"] == 0
+    assert "'camera': 'net', 'state': 'reconnecting'" in stderr
+
+
+def test_dead_camera_at_start_is_retried_without_stopping_the_agent(
+    demo_bundle, signing_key, digits_video, tmp_path: Path
+) -> None:
+    cameras = [
+        {"name": "file", "source": str(digits_video), "loop": True, "fps": 20},
+        {
+            "name": "dead",
+            "source": f"http://127.0.0.1:{free_port()}/none.ts",
+            "backend": "ffmpeg",
+            "stall_timeout_s": 1,
+            "reconnect": {"initial_s": 0.2, "max_s": 1},
+        },
+    ]
+    agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
+    time.sleep(5)
+    agent.send_signal(signal.SIGTERM)
+    stdout, stderr = agent.communicate(timeout=60)
+    stats = summary(stdout)["cameras"]
+    assert stats["dead"]["reconnects"] >= 2 and stats["dead"]["processed"] == 0
+    assert "'camera': 'dead', 'state': 'reconnecting', 'error': \"cannot open" in stderr
+    assert stats["file"]["processed"] > 50

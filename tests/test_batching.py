@@ -1,0 +1,108 @@
+"""The batch policy and the latest-frame queue, as plain objects with real threads and clocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.batching import BatchPolicy
+from agent.frames import FrameInfo, FrameQueue
+
+# an engine whose batch costs 4 ms + 2 ms per image (p99)
+PROFILE = {b: 0.004 + 0.002 * b for b in range(1, 9)}
+
+
+def policy(budget_ms: float = 100, **kw) -> BatchPolicy:
+    return BatchPolicy(budget_ms / 1e3, PROFILE, 8, **kw)
+
+
+def test_light_load_gets_batch_one_and_no_wait() -> None:
+    decision = policy().decide(arrival_rate=10)
+    assert decision.batch == 1 and decision.max_wait == 0.0
+
+
+def test_heavy_load_gets_the_smallest_batch_that_keeps_up() -> None:
+    decision = policy().decide(arrival_rate=300)  # batch b serves b / (4 + 2b) ms
+    b = decision.batch
+    assert b / PROFILE[b] >= 1.1 * 300 and (b == 1 or (b - 1) / PROFILE[b - 1] < 1.1 * 300)
+    assert decision.predicted_worst <= 0.1
+
+
+def test_overload_takes_the_fastest_batch_within_budget() -> None:
+    decision = policy(budget_ms=30).decide(arrival_rate=5000)
+    assert decision.predicted_worst <= 0.03
+    assert all(
+        2 * PROFILE[b] + (b - 1) / 5000 > 0.03 or b / PROFILE[b] <= decision.batch / PROFILE[decision.batch]
+        for b in PROFILE
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1, 100_000), st.floats(10, 1000))
+def test_decisions_stay_inside_budget_and_range(rate: float, budget_ms: float) -> None:
+    decision = policy(budget_ms).decide(rate)
+    assert 1 <= decision.batch <= 8 and decision.max_wait >= 0
+    if 2 * PROFILE[1] <= budget_ms / 1e3:
+        assert decision.predicted_worst <= budget_ms / 1e3 + 1e-9
+
+
+def test_measured_latency_moves_the_decision() -> None:
+    p = policy()
+    before = p.decide(arrival_rate=300).batch
+    for _ in range(20):
+        p.observe(before, PROFILE[before] * 3)  # the device is slower than the passport said
+    assert p.latency(before) > 2 * PROFILE[before]
+    assert p.decide(arrival_rate=300).batch != before
+
+
+def test_fixed_mode() -> None:
+    assert policy(mode="fixed", fixed_batch=4).decide(arrival_rate=10).batch == 4
+
+
+def frame(camera: str, seq: int) -> FrameInfo:
+    return FrameInfo(camera, seq, time.time(), time.monotonic())
+
+
+def test_latest_frame_wins_and_skips_are_counted() -> None:
+    queue = FrameQueue(["a"], 2, 2)
+    for seq in range(1, 6):
+        queue.put(frame("a", seq), np.full((2, 2, 3), seq, np.uint8))
+    batch = np.zeros((4, 2, 2, 3), np.uint8)
+    taken = queue.take(4, 0.0, 10.0, batch, timeout=0.1)
+    assert [i.seq for i in taken] == [5] and (batch[0] == 5).all()
+    assert queue.counters["a"].skipped == 4 and queue.depth() == 0
+
+
+def test_batch_is_formed_across_cameras_oldest_first() -> None:
+    queue = FrameQueue(["a", "b", "c"], 1, 1)
+    for name in "cab":
+        queue.put(frame(name, 1), np.full((1, 1, 3), ord(name), np.uint8))
+        time.sleep(0.002)
+    batch = np.zeros((2, 1, 1, 3), np.uint8)
+    taken = queue.take(2, 0.0, 10.0, batch, timeout=0.1)
+    assert [i.camera for i in taken] == ["c", "a"] and batch[:, 0, 0, 0].tolist() == [ord("c"), ord("a")]
+    assert queue.depth() == 1
+
+
+def test_stale_frames_are_shed_when_fresher_ones_wait() -> None:
+    queue = FrameQueue(["old", "new"], 1, 1)
+    queue.put(FrameInfo("old", 1, time.time(), time.monotonic() - 1.0), np.zeros((1, 1, 3), np.uint8))
+    queue.put(frame("new", 1), np.zeros((1, 1, 3), np.uint8))
+    taken = queue.take(1, 0.0, 0.2, np.zeros((1, 1, 1, 3), np.uint8), timeout=0.1)
+    assert [i.camera for i in taken] == ["new"] and queue.counters["old"].shed == 1 and queue.depth() == 0
+
+
+def test_take_waits_for_the_batch_to_fill_until_max_wait() -> None:
+    queue = FrameQueue(["a", "b"], 1, 1)
+    queue.put(frame("a", 1), np.zeros((1, 1, 3), np.uint8))
+    threading.Timer(0.05, lambda: queue.put(frame("b", 1), np.zeros((1, 1, 3), np.uint8))).start()
+    taken = queue.take(2, 0.5, 10.0, np.zeros((2, 1, 1, 3), np.uint8), timeout=0.1)
+    assert len(taken) == 2
+    start = time.monotonic()
+    queue.put(frame("a", 2), np.zeros((1, 1, 3), np.uint8))
+    assert len(queue.take(2, 0.1, 10.0, np.zeros((2, 1, 1, 3), np.uint8), timeout=0.1)) == 1
+    assert 0.08 <= time.monotonic() - start < 0.5
