@@ -65,12 +65,14 @@ class BatchPolicy:
             weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
             self._latency[batch] = current + weight * (seconds - current)
 
-    def decide(self, arrival_rate: float) -> Decision:
+    def decide(self, arrival_rate: float, sources: int) -> Decision:
+        """``sources``: cameras delivering frames. Each has one pending slot (latest frame wins),
+        so no batch can hold more frames than there are cameras."""
         with self._lock:
             if self.mode == "fixed":
                 b = self.fixed_batch
                 return Decision(b, max(0.0, self.budget - 2 * self.latency(b)), self._worst(b, arrival_rate))
-            sizes = range(1, self.max_batch + 1)
+            sizes = range(1, max(1, min(self.max_batch, sources)) + 1)
             feasible = [b for b in sizes if self._worst(b, arrival_rate) <= self.budget] or [1]
             keeping_up = [b for b in feasible if b / self.latency(b) >= HEADROOM * arrival_rate]
             b = keeping_up[0] if keeping_up else max(feasible, key=lambda s: s / self.latency(s))

@@ -53,6 +53,7 @@ class EngineConfig(Strict):
     trusted_keys: list[Path] = Field(default_factory=list)
     require_signature: bool = True
     threads: int | None = Field(None, ge=1)
+    onnxruntime_tensorrt: bool = Field(False, description="run a cuda ONNX bundle through ORT's TensorRT provider")
 
     @model_validator(mode="after")
     def _keys(self) -> EngineConfig:

@@ -50,9 +50,8 @@ def load_engine(config: AgentConfig) -> tuple[Bundle, Engine]:
     try:
         keys = [load_public_key(p) for p in config.engine.trusted_keys] if config.engine.require_signature else None
         bundle = verify_bundle(config.engine.bundle, keys, DeviceInfo.probe())
-        engine = open_engine(
-            bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1], config.engine.threads
-        )
+        target = "tensorrt-ep" if config.engine.onnxruntime_tensorrt and bundle.target == "cuda" else bundle.target
+        engine = open_engine(bundle.backend, target, bundle.engine_path, bundle.batch_range[1], config.engine.threads)
     except (BundleError, SignatureError, EngineError) as exc:
         raise StartupError(str(exc)) from exc
     golden = check_golden(engine, bundle.golden_path, bundle.batch_range[1])

@@ -41,6 +41,7 @@ class FrameQueue:
     def __init__(self, cameras: list[str], height: int, width: int) -> None:
         self._slots = {name: np.empty((height, width, 3), np.uint8) for name in cameras}
         self._pending: dict[str, FrameInfo] = {}
+        self._waiting_since: dict[str, float] = {}  # survives overwrites: fairness across cameras
         self.counters = {name: CameraCounters() for name in cameras}
         self.arrivals = RateMeter()
         self._cond = threading.Condition()
@@ -62,6 +63,8 @@ class FrameQueue:
             self.arrivals.add(info.arrived)
             if info.camera in self._pending:
                 counters.skipped += 1
+            else:
+                self._waiting_since[info.camera] = info.arrived
             np.copyto(self._slots[info.camera], image)
             self._pending[info.camera] = info
             self._cond.notify()
@@ -76,7 +79,7 @@ class FrameQueue:
             return max((now - i.arrived for i in self._pending.values()), default=0.0)
 
     def take(self, n: int, max_wait: float, shed_after: float, into: np.ndarray, timeout: float) -> list[FrameInfo]:
-        """Up to ``n`` frames into ``into[:k]``, oldest first.
+        """Up to ``n`` frames into ``into[:k]``, longest-waiting camera first.
 
         Waits up to ``timeout`` for a first frame, then up to ``max_wait`` (from the
         oldest frame's arrival) for the batch to fill. Frames older than
@@ -85,11 +88,11 @@ class FrameQueue:
         with self._cond:
             if not self._cond.wait_for(lambda: self._pending, timeout):
                 return []
-            deadline = min(i.arrived for i in self._pending.values()) + max_wait
+            deadline = min(self._waiting_since[c] for c in self._pending) + max_wait
             while len(self._pending) < n and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
             now = time.monotonic()
-            ordered = sorted(self._pending.values(), key=lambda i: i.arrived)
+            ordered = sorted(self._pending.values(), key=lambda i: self._waiting_since[i.camera])
             stale = [i for i in ordered if now - i.arrived > shed_after]
             fresh = [i for i in ordered if now - i.arrived <= shed_after]
             chosen = fresh[:n]

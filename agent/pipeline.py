@@ -112,7 +112,8 @@ class Pipeline:
 
     def _step(self, timeout: float) -> None:
         now = time.monotonic()
-        self._decision = decision = self.policy.decide(self.queue.arrivals.rate(now))
+        sources = sum(c.state == CameraState.CONNECTED for c in self.cameras.values())
+        self._decision = decision = self.policy.decide(self.queue.arrivals.rate(now), sources)
         shed_after = max(self.policy.budget - self.policy.latency(decision.batch), 0.0)
         infos = self.queue.take(decision.batch, decision.max_wait, shed_after, self._batch, timeout)
         if not infos:

@@ -21,19 +21,19 @@ def policy(budget_ms: float = 100, **kw) -> BatchPolicy:
 
 
 def test_light_load_gets_batch_one_and_no_wait() -> None:
-    decision = policy().decide(arrival_rate=10)
+    decision = policy().decide(arrival_rate=10, sources=8)
     assert decision.batch == 1 and decision.max_wait == 0.0
 
 
 def test_heavy_load_gets_the_smallest_batch_that_keeps_up() -> None:
-    decision = policy().decide(arrival_rate=300)  # batch b serves b / (4 + 2b) ms
+    decision = policy().decide(arrival_rate=300, sources=8)  # batch b serves b / (4 + 2b) ms
     b = decision.batch
     assert b / PROFILE[b] >= 1.1 * 300 and (b == 1 or (b - 1) / PROFILE[b - 1] < 1.1 * 300)
     assert decision.predicted_worst <= 0.1
 
 
 def test_overload_takes_the_fastest_batch_within_budget() -> None:
-    decision = policy(budget_ms=30).decide(arrival_rate=5000)
+    decision = policy(budget_ms=30).decide(arrival_rate=5000, sources=8)
     assert decision.predicted_worst <= 0.03
     assert all(
         2 * PROFILE[b] + (b - 1) / 5000 > 0.03 or b / PROFILE[b] <= decision.batch / PROFILE[decision.batch]
@@ -44,7 +44,7 @@ def test_overload_takes_the_fastest_batch_within_budget() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.floats(1, 100_000), st.floats(10, 1000))
 def test_decisions_stay_inside_budget_and_range(rate: float, budget_ms: float) -> None:
-    decision = policy(budget_ms).decide(rate)
+    decision = policy(budget_ms).decide(rate, sources=8)
     assert 1 <= decision.batch <= 8 and decision.max_wait >= 0
     if 2 * PROFILE[1] <= budget_ms / 1e3:
         assert decision.predicted_worst <= budget_ms / 1e3 + 1e-9
@@ -52,15 +52,20 @@ def test_decisions_stay_inside_budget_and_range(rate: float, budget_ms: float) -
 
 def test_measured_latency_moves_the_decision() -> None:
     p = policy()
-    before = p.decide(arrival_rate=300).batch
+    before = p.decide(arrival_rate=300, sources=8).batch
     for _ in range(20):
         p.observe(before, PROFILE[before] * 3)  # the device is slower than the passport said
     assert p.latency(before) > 2 * PROFILE[before]
-    assert p.decide(arrival_rate=300).batch != before
+    assert p.decide(arrival_rate=300, sources=8).batch != before
+
+
+def test_batch_never_exceeds_the_cameras_delivering() -> None:
+    assert policy(budget_ms=30).decide(arrival_rate=5000, sources=2).batch <= 2
+    assert policy().decide(arrival_rate=5000, sources=0).batch == 1
 
 
 def test_fixed_mode() -> None:
-    assert policy(mode="fixed", fixed_batch=4).decide(arrival_rate=10).batch == 4
+    assert policy(mode="fixed", fixed_batch=4).decide(arrival_rate=10, sources=8).batch == 4
 
 
 def frame(camera: str, seq: int) -> FrameInfo:

@@ -9,7 +9,13 @@ import onnxruntime as ort
 
 from agent.runtimes import EngineError
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    # ONNX Runtime's own TensorRT provider: builds TensorRT engines from an ONNX bundle at load time
+    # (on Jetson, NVIDIA's onnxruntime-gpu wheel), falling back to CUDA for unsupported nodes.
+    "tensorrt-ep": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 
 
 class OnnxRuntimeEngine:
@@ -21,6 +27,8 @@ class OnnxRuntimeEngine:
             raise EngineError(f"{wanted} is not available in this ONNX Runtime ({ort.__version__})")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: quantized graphs trigger benign initializer warnings
+        # Camera threads share the cores: idle ORT workers must sleep, not spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:

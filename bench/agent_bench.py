@@ -1,0 +1,194 @@
+"""The agent end to end: 1, 2, 4 and 8 cameras of 30 fps video through the real daemon.
+
+Two engines: the demo ViT INT8 bundle (64 px) and ViT-Ti/16 INT8 at 224 px (random
+weights, built with ``--accept-accuracy-loss`` since only its speed matters here).
+For each, measured in one run on this machine:
+
+- the raw engine's best images/s over a batch sweep (``agent.profile``, own process);
+- the agent's processed frames/s, frame-to-result p99 and skipped/shed frames, with
+  adaptive batching and with fixed batch 1 and fixed maximum batch at the same load.
+
+The cameras are looping files paced at 30 fps (decode and resize run on the same two
+cores as the engine, as they would on a CPU-only box).
+
+    python bench/agent_bench.py [--seconds 8] [--budget-ms 100] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export_bench import config  # noqa: E402
+
+from builder.checkpoint import save_checkpoint  # noqa: E402
+from builder.demo.digits import raw_digits  # noqa: E402
+from builder.demo.evaluate import held_out_indices  # noqa: E402
+from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
+from builder.demo.video import write_labelled_video  # noqa: E402
+from builder.engine_build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.export import export_checkpoint  # noqa: E402
+from builder.keys import keygen  # noqa: E402
+from builder.models import init_params  # noqa: E402
+from builder.passport import profile_engine  # noqa: E402
+
+CAMERAS = [1, 2, 4, 8]
+
+
+def bundles(work: Path, key: Path) -> dict[str, Path]:
+    demo = export_checkpoint(CHECKPOINT_DIR / "vit-digits.npz", work / "demo-export")
+    out = {
+        "demo ViT INT8 64px": build_engine_bundle(
+            demo.model_path.parent,
+            work / "demo-bundle",
+            key,
+            EngineOptions(precision="int8", eval="demo", calib="demo", profile_seconds=0.3),
+        ).path
+    }
+    save_checkpoint(work / "ti.npz", init_params(config("ViT-Ti_16")))
+    ti = export_checkpoint(work / "ti.npz", work / "ti-export")
+    labels = work / "labels.txt"
+    labels.write_text("\n".join(f"class{i}" for i in range(1000)))
+    evaluation = work / "eval" / "class0"
+    evaluation.mkdir(parents=True)
+    for i, scan in enumerate(raw_digits()[0][:16]):
+        cv2.imwrite(str(evaluation / f"{i}.png"), cv2.resize(scan, (224, 224)))
+    out["ViT-Ti/16 INT8 224px"] = build_engine_bundle(
+        ti.model_path.parent,
+        work / "ti-bundle",
+        key,
+        EngineOptions(
+            precision="int8",
+            eval=str(work / "eval"),
+            calib=str(work / "eval"),
+            labels=labels,
+            accept_accuracy_loss=True,
+            profile_seconds=0.3,
+        ),
+    ).path
+    return out
+
+
+def raw_best(bundle: Path) -> float:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    engine = bundle / manifest["engine"]["files"][0]
+    batches = list(range(1, manifest["engine"]["batch"]["max"] + 1))
+    profile = profile_engine(engine, "onnxruntime", "cpu", manifest["input"]["height"], batches, 1.0, None)
+    return max(row["images_per_s"] for row in profile["latency"])
+
+
+def run_agent(
+    bundle: Path, public: Path, video: Path, cameras: int, batching: dict, seconds: float, work: Path
+) -> dict:
+    cfg = {
+        "device": "bench",
+        "engine": {"bundle": str(bundle), "trusted_keys": [str(public)]},
+        "cameras": [{"name": f"cam{i}", "source": str(video), "loop": True, "fps": 30} for i in range(cameras)],
+        "batching": batching,
+    }
+    path = work / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.daemon",
+            "--config",
+            str(path),
+            "--duration",
+            str(seconds),
+            "--log-level",
+            "WARNING",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    summary = next(json.loads(line)["summary"] for line in proc.stdout.splitlines() if line.startswith('{"summary"'))
+    cams = summary["cameras"].values()
+    return {
+        "processed_fps": sum(c["processed"] for c in cams) / seconds,
+        "taken": sum(c["taken"] for c in cams),
+        "skipped": sum(c["skipped"] for c in cams),
+        "shed": sum(c["shed"] for c in cams),
+        "p99_ms": summary["latency"]["p99_ms"],
+        "batches": summary["batch_sizes"],
+    }
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--seconds", type=float, default=8.0)
+    args.add_argument("--budget-ms", type=float, default=100.0)
+    args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args.add_argument("--only", help="measure only engines whose name contains this")
+    parsed = args.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        key, public, _ = keygen(work / "keys")
+        video = work / "digits.mp4"
+        write_labelled_video(video, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz"))
+        for name, bundle in bundles(work, key).items():
+            if parsed.only and parsed.only not in name:
+                continue
+            best = raw_best(bundle)
+            max_batch = json.loads((bundle / "manifest.json").read_text())["engine"]["batch"]["max"]
+            modes = {
+                "adaptive": {"mode": "adaptive"},
+                "fixed 1": {"mode": "fixed", "fixed_batch": 1},
+                f"fixed {max_batch}": {"mode": "fixed", "fixed_batch": max_batch},
+            }
+            for cameras in CAMERAS:
+                for mode, batching in modes.items():
+                    print(f"  {name}: {cameras} cameras, {mode}", file=sys.stderr, flush=True)
+                    measured = run_agent(
+                        bundle,
+                        public,
+                        video,
+                        cameras,
+                        {**batching, "latency_budget_ms": parsed.budget_ms},
+                        parsed.seconds,
+                        work,
+                    )
+                    rows.append(
+                        {
+                            "engine": name,
+                            "cameras": cameras,
+                            "offered_fps": 30 * cameras,
+                            "mode": mode,
+                            "raw_best_ips": best,
+                            **measured,
+                        }
+                    )
+    lines = [
+        "| engine | cameras (30 fps) | mode | raw engine best img/s | agent frames/s | % of raw "
+        f"| p99 ms (budget {parsed.budget_ms:g}) | skipped | shed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['engine']} | {r['cameras']} | {r['mode']} | {r['raw_best_ips']:.0f} | "
+            f"{r['processed_fps']:.1f} | {r['processed_fps'] / r['raw_best_ips']:.0%} | {r['p99_ms']} | "
+            f"{r['skipped']} | {r['shed']} |"
+        )
+    table = "\n".join(lines) + "\n"
+    parsed.out.mkdir(parents=True, exist_ok=True)
+    (parsed.out / "agent_bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (parsed.out / "agent_bench.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
