@@ -26,3 +26,4 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e '.[cpu,builder,dev,bench]'
 	$(BIN)/python bench/export_bench.py
 	$(BIN)/python bench/engine_bench.py
+	$(BIN)/python bench/agent_bench.py
