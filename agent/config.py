@@ -88,6 +88,7 @@ class MQTTConfig(Strict):
     password: str | None = None
     tls: TLSConfig | None = None
     keepalive_s: int = Field(30, ge=5)
+    outbox_max_results: int = Field(100_000, ge=1, description="results kept on disk while the broker is away")
 
 
 class MetricsConfig(Strict):
@@ -98,6 +99,7 @@ class MetricsConfig(Strict):
 
 class AgentConfig(Strict):
     device: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    state_dir: Path = Field(Path("/var/lib/edgevit"), description="outbox and (later) installed bundles")
     engine: EngineConfig
     cameras: list[CameraConfig] = Field(min_length=1)
     batching: BatchingConfig = BatchingConfig()
@@ -148,6 +150,7 @@ def load_config(path: Path) -> AgentConfig:
             "engine": engine,
             "cameras": cameras,
             "results": config.results.model_copy(update={"jsonl": jsonl}),
+            "state_dir": base / config.state_dir,
         }
     )
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from agent.device import DeviceInfo
 from agent.golden import check_golden
 from agent.metrics import Metrics
 from agent.mqtt import MqttLink
+from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.results import JsonlSink, ResultSink
 from agent.runtimes import Engine, EngineError, open_engine
@@ -78,7 +80,13 @@ class Agent:
     def __init__(self, config_path: Path, config: AgentConfig) -> None:
         self.config_path, self.config = config_path, config
         self.bundle, self.engine = load_engine(config)
-        self.link = MqttLink(config.mqtt, config.device) if config.mqtt else None
+        self.link = None
+        if config.mqtt:
+            try:
+                outbox = Outbox(config.state_dir / "outbox.sqlite", config.mqtt.outbox_max_results)
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(f"cannot open the outbox in state_dir {config.state_dir}: {exc}") from exc
+            self.link = MqttLink(config.mqtt, config.device, outbox)
         sinks: list[ResultSink] = [JsonlSink(config.results.jsonl)] if config.results.jsonl else []
         if self.link:
             sinks.append(self.link)
@@ -90,7 +98,7 @@ class Agent:
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         log.info("%s event: %s", kind, detail)
         if self.link:
-            self.link.publish("events", {"event": kind, "at": time.time(), **detail})
+            self.link.event({"event": kind, "at": time.time(), **detail})
 
     def apply_reload(self) -> None:
         self.reload.clear()
@@ -141,7 +149,8 @@ class Agent:
                     last_pet = now
                 metrics_cfg = self.config.metrics
                 if self.link and now - last_publish >= metrics_cfg.publish_every_s:
-                    self.link.publish("metrics", self.metrics.snapshot(self.pipeline))
+                    outbox = {"depth": self.link.outbox.depth(), "dropped_results": self.link.outbox.dropped_results()}
+                    self.link.publish_metrics({**self.metrics.snapshot(self.pipeline), "outbox": outbox})
                     last_publish = now
                 if metrics_cfg.print_every_s and now - last_print >= metrics_cfg.print_every_s:
                     print(self.live_line(self.metrics.snapshot(self.pipeline)), flush=True)

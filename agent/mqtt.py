@@ -1,9 +1,11 @@
-"""The agent's MQTT link (paho-mqtt 2.x): results, metrics, events and a retained status.
+"""The agent's MQTT link (paho-mqtt 2.x): results, events and metrics, and a retained status.
 
 ``<prefix>/<device>/status`` is retained ``online`` while connected and set to
-``offline`` by the broker through the last will when the agent vanishes. paho keeps
-reconnecting with backoff by itself; messages published while disconnected wait in
-its queue (an on-disk outbox that survives restarts is the control plane's job).
+``offline`` by an orderly stop or by the broker's last will. Results and events go
+through the on-disk :class:`~agent.outbox.Outbox`: a publisher thread sends them
+(QoS 1) while connected and deletes each one when the broker's PUBACK arrives; after
+a reconnect or a restart everything not acknowledged is sent again (at least once).
+Metrics are periodic snapshots and are published directly.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import MQTTConfig
+from agent.outbox import Outbox
 
 log = logging.getLogger("edgevit.mqtt")
+MAX_IN_FLIGHT = 500
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 class MqttLink:
-    def __init__(self, config: MQTTConfig, device: str) -> None:
+    def __init__(self, config: MQTTConfig, device: str, outbox: Outbox) -> None:
         self.base = f"{config.prefix}/{device}"
+        self.outbox = outbox
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgevit-{device}", protocol=mqtt.MQTTv5)
         self.client.will_set(f"{self.base}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
         if config.username:
@@ -35,34 +45,89 @@ class MqttLink:
                 keyfile=config.tls.key and str(config.tls.key),
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
+        self.client.max_inflight_messages_set(MAX_IN_FLIGHT)
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
         self.connected = False
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # paho mid -> outbox id
+        self._cursor = 0  # highest outbox id handed to paho since the last (re)connect
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._publisher = threading.Thread(target=self._publish_loop, name="mqtt-outbox", daemon=True)
         self.client.connect_async(config.host, config.port, keepalive=config.keepalive_s)
         self.client.loop_start()
+        self._publisher.start()
 
+    # -- paho callbacks (network thread) ------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.warning("MQTT connection refused: %s", reason)
             return
-        self.connected = True
+        with self._lock:
+            self.connected = True
+            self._cursor = 0  # resend what the broker has not acknowledged (paho resends its own in-flight)
         client.publish(f"{self.base}/status", json.dumps({"state": "online"}), qos=1, retain=True)
+        self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.connected = False
+        with self._lock:
+            self.connected = False
         log.warning("MQTT disconnected (%s); reconnecting", reason)
 
-    def publish(self, suffix: str, payload: dict[str, Any], retain: bool = False) -> None:
-        self.client.publish(f"{self.base}/{suffix}", json.dumps(payload, separators=(",", ":")), qos=1, retain=retain)
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        with self._lock:
+            outbox_id = self._in_flight.pop(mid, None)
+        if outbox_id is not None:
+            self.outbox.ack(outbox_id)
 
+    # -- publisher thread ---------------------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                ready = self.connected and len(self._in_flight) < MAX_IN_FLIGHT
+                cursor, busy = self._cursor, set(self._in_flight.values())
+            batch = self.outbox.next_batch(cursor, 100) if ready else []
+            if not batch:
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
+            for message in batch:
+                if message.id not in busy:
+                    info = self.client.publish(message.topic, message.payload, qos=1)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        break  # connection lost: the next connect rescans from the start
+                    with self._lock:
+                        self._in_flight[info.mid] = message.id
+                with self._lock:
+                    self._cursor = max(self._cursor, message.id)
+
+    # -- what the agent calls ------------------------------------------------------------------------
     def emit(self, results: list[dict[str, Any]]) -> None:
-        for result in results:
-            self.publish(f"{result['camera']}/result", result)
+        self.outbox.put("result", [(f"{self.base}/{r['camera']}/result", _json(r)) for r in results])
+        self._wake.set()
 
-    def close(self) -> None:
-        if self.connected:  # an orderly stop says so itself; otherwise the last will does
+    def event(self, payload: dict[str, Any]) -> None:
+        self.outbox.put("event", [(f"{self.base}/events", _json(payload))])
+        self._wake.set()
+
+    def publish_metrics(self, payload: dict[str, Any]) -> None:
+        self.client.publish(f"{self.base}/metrics", _json(payload), qos=1)
+
+    def close(self, flush_s: float = 5.0) -> None:
+        """Give the outbox a moment to drain, say offline, disconnect; what is left stays on disk."""
+        deadline = threading.Event()
+        for _ in range(int(flush_s * 10)):
+            if not self.connected or not self.outbox.depth():
+                break
+            deadline.wait(0.1)
+        self._stop.set()
+        self._publisher.join(timeout=2)
+        if self.connected:
             info = self.client.publish(f"{self.base}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
             info.wait_for_publish(2)
         self.client.disconnect()
         self.client.loop_stop()
+        self.outbox.close()

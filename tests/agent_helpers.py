@@ -15,6 +15,7 @@ import yaml
 def write_config(path: Path, bundle: Path, public_key: Path, cameras: list[dict[str, Any]], **sections: Any) -> Path:
     config = {
         "device": "test-box",
+        "state_dir": str(path.parent / "state"),
         "engine": {"bundle": str(bundle), "trusted_keys": [str(public_key)]},
         "cameras": cameras,
         "results": {"jsonl": str(path.parent / "results.jsonl")},

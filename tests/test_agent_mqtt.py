@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
+import sqlite3
+import subprocess
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from agent_helpers import start_agent, write_config
+from agent_helpers import read_results, run_agent, start_agent, write_config
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import free_port
@@ -103,3 +107,107 @@ def test_last_will_marks_a_killed_agent_offline(
     retained = [retain for _, _, retain in subscriber.messages]
     subscriber.close()
     assert subscriber.on("/status")[-1] == {"state": "offline"} and retained[0] is True
+
+
+def start_broker(tmp_path: Path, port: int) -> subprocess.Popen:
+    """Mosquitto with persistence, so a subscriber's session and its queued messages survive a restart."""
+    conf = tmp_path / "persistent.conf"
+    (tmp_path / "broker").mkdir(exist_ok=True)
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {tmp_path / 'broker'}/\nmax_queued_messages 100000\n"
+    )
+    proc = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
+class Collector(Subscriber):
+    """A subscriber with a persistent session (QoS 1): the broker keeps its messages while it is away."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="collector", clean_session=False)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+
+def result_seqs(messages: list[dict]) -> set[tuple[str, int]]:
+    return {(m["camera"], m["seq"]) for m in messages}
+
+
+def test_broker_outage_loses_no_result(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
+    port = free_port()
+    broker = start_broker(tmp_path, port)
+    collector = Collector(port, "edgevit/test-box/+/result")
+    config = write_config(
+        tmp_path / "agent.yaml",
+        demo_bundle,
+        signing_key[1],
+        [{"name": "door", "source": str(digits_video), "loop": True, "fps": 20}],
+        mqtt={"host": "127.0.0.1", "port": port, "keepalive_s": 5},
+    )
+    agent = start_agent(config)
+    try:
+        time.sleep(4)
+        down_at = time.time()
+        broker.terminate()
+        broker.wait()
+        time.sleep(10)
+        up_at = time.time()
+        broker = start_broker(tmp_path, port)
+        time.sleep(10)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=60)
+        time.sleep(2)
+        collector.close()
+        broker.terminate()
+        broker.wait()
+    assert agent.returncode == 0, stderr
+    produced = read_results(tmp_path / "results.jsonl")
+    during = [r for r in produced if down_at + 1 < r["captured"] < up_at - 1]
+    assert len(during) > 100, "results kept being produced while the broker was down"
+    missing = result_seqs(produced) - result_seqs(collector.on("/result"))
+    assert not missing, f"{len(missing)} results never reached the broker, e.g. {sorted(missing)[:5]}"
+
+
+def test_restart_with_a_full_outbox_loses_nothing(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
+    port = free_port()  # no broker yet: every result waits in the outbox
+    camera = {"name": "door", "source": str(digits_video), "fps": 60}
+    mqtt_section = {"host": "127.0.0.1", "port": port, "outbox_max_results": 100_000}
+    config = write_config(
+        tmp_path / "agent.yaml", demo_bundle, signing_key[1], [camera], mqtt=mqtt_section, exit_when_sources_end=True
+    )
+    first = run_agent(config)
+    assert first.returncode == 0, first.stderr
+    produced = read_results(tmp_path / "results.jsonl")
+    with sqlite3.connect(tmp_path / "state" / "outbox.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'result'").fetchone()[0] == len(produced) > 100
+    broker = start_broker(tmp_path, port)
+    collector = Collector(port, "edgevit/test-box/+/result")
+    write_config(config, demo_bundle, signing_key[1], [{**camera, "paused": True}], mqtt=mqtt_section)
+    try:
+        second = run_agent(config, "--duration", "6")
+    finally:
+        time.sleep(1)
+        collector.close()
+        broker.terminate()
+        broker.wait()
+    assert second.returncode == 0, second.stderr
+    assert result_seqs(produced) <= result_seqs(collector.on("/result"))
+    with sqlite3.connect(tmp_path / "state" / "outbox.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'result'").fetchone()[0] == 0
