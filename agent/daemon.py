@@ -26,6 +26,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from agent.bundle import Bundle, BundleError, verify_bundle
+from agent.commands import CommandHandler
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.device import DeviceInfo
 from agent.golden import check_golden
@@ -94,6 +95,37 @@ class Agent:
         self.metrics: Metrics = self.pipeline.metrics
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self._config_lock = threading.Lock()
+        if self.link:
+            self.link.on_command = CommandHandler(
+                lambda: self.config, self.apply_config, self.status, self.installed
+            ).handle
+
+    def apply_config(self, new: AgentConfig) -> None:
+        """The one way settings change at run time (reload or command)."""
+        with self._config_lock:
+            self.pipeline.apply(new)
+            self.config = new
+
+    def status(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "engine": self.bundle.bundle_id,
+            "batching": config.batching.model_dump(mode="json"),
+            "cameras": {c.name: {"paused": c.paused, **self.pipeline.camera_states()[c.name]} for c in config.cameras},
+            "latency": self.metrics.percentiles(),
+        }
+
+    def installed(self) -> list[dict[str, Any]]:
+        accuracy = self.bundle.passport["accuracy"]
+        return [
+            {
+                "bundle_id": self.bundle.bundle_id,
+                "active": True,
+                "top1": accuracy["engine_top1"],
+                "agreement": accuracy["top1_agreement"],
+            }
+        ]
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         log.info("%s event: %s", kind, detail)
@@ -111,8 +143,7 @@ class Agent:
         needs_restart = [s for s in RESTART_ONLY if getattr(new, s) != getattr(self.config, s)]
         if needs_restart:
             log.warning("changes to %s take effect after a restart", ", ".join(needs_restart))
-        self.pipeline.apply(new)
-        self.config = new
+        self.apply_config(new)
         self.event("config", {"reloaded": True, "restart_needed_for": needs_restart})
 
     def live_line(self, snapshot: dict[str, Any]) -> str:

@@ -5,7 +5,9 @@
 through the on-disk :class:`~agent.outbox.Outbox`: a publisher thread sends them
 (QoS 1) while connected and deletes each one when the broker's PUBACK arrives; after
 a reconnect or a restart everything not acknowledged is sent again (at least once).
-Metrics are periodic snapshots and are published directly.
+Metrics are periodic snapshots and are published directly. Commands arrive on
+``<prefix>/<device>/cmd``; replies go to ``<prefix>/<device>/reply`` and, for MQTT 5
+requests, to the response topic with the request's correlation data.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -50,6 +53,8 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.on_command: Callable[[bytes], dict[str, Any]] | None = None  # set by the agent
         self.connected = False
         self._lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # paho mid -> outbox id
@@ -70,7 +75,21 @@ class MqttLink:
             self.connected = True
             self._cursor = 0  # resend what the broker has not acknowledged (paho resends its own in-flight)
         client.publish(f"{self.base}/status", json.dumps({"state": "online"}), qos=1, retain=True)
+        client.subscribe(f"{self.base}/cmd", qos=1)
         self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.on_command is None:
+            return
+        reply = _json(self.on_command(message.payload))
+        client.publish(f"{self.base}/reply", reply, qos=1)
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        if response_topic:  # MQTT 5 request/response
+            out = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
+            if getattr(props, "CorrelationData", None) is not None:
+                out.CorrelationData = props.CorrelationData
+            client.publish(response_topic, reply, qos=1, properties=out)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._lock:

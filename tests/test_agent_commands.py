@@ -1,0 +1,173 @@
+"""Fleet commands through a real broker to a real agent: replies, validation, idempotency, fuzzing."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import time
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from agent_helpers import start_agent, write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from test_agent_mqtt import start_broker
+
+from conftest import free_port
+
+BASE = "edgevit/test-box"
+
+
+class Requester:
+    """Sends commands one at a time and reads the replies in order."""
+
+    def __init__(self, port: int) -> None:
+        self.replies: queue.Queue[tuple[str, dict, object]] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="operator", protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.replies.put(
+            (m.topic, json.loads(m.payload), getattr(m.properties, "CorrelationData", None))
+        )
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([(f"{BASE}/reply", 1), ("operator/inbox", 1)])
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def send(self, payload: bytes | dict) -> dict:
+        return self.send_many([payload if isinstance(payload, bytes) else json.dumps(payload).encode()])[0]
+
+    def send_many(self, payloads: list[bytes]) -> list[dict]:
+        """Publish all, then read as many replies: MQTT keeps QoS 1 messages of one client in order."""
+        for data in payloads:
+            self.client.publish(f"{BASE}/cmd", data, qos=1)
+        replies = []
+        for _ in payloads:
+            topic, reply, _ = self.replies.get(timeout=30)
+            assert topic == f"{BASE}/reply"
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[Requester]:
+    tmp = tmp_path_factory.mktemp("commands")
+    port = free_port()
+    broker = start_broker(tmp, port)
+    cameras = [{"name": n, "source": str(digits_video), "loop": True, "fps": 20} for n in ("door", "yard")]
+    process = start_agent(
+        write_config(tmp / "agent.yaml", demo_bundle, signing_key[1], cameras, mqtt={"host": "127.0.0.1", "port": port})
+    )
+    time.sleep(3)
+    requester = Requester(port)
+    requester.process = process  # type: ignore[attr-defined]
+    yield requester
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    requester.client.loop_stop()
+    broker.terminate()
+    broker.wait()
+
+
+def processed(agent: Requester, camera: str) -> int:
+    return agent.send({"id": f"status-{time.monotonic_ns()}", "cmd": "status"})["result"]["cameras"][camera]["counts"][
+        "processed"
+    ]
+
+
+def test_ping_over_mqtt5_request_response(agent: Requester) -> None:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "operator/inbox"
+    props.CorrelationData = b"req-42"
+    agent.client.publish(f"{BASE}/cmd", json.dumps({"id": "p1", "cmd": "ping"}), qos=1, properties=props)
+    got = [agent.replies.get(timeout=10) for _ in range(2)]
+    inbox = next(r for r in got if r[0] == "operator/inbox")
+    assert inbox[1]["ok"] and "pong" in inbox[1]["result"] and inbox[2] == b"req-42"
+
+
+def test_status_and_list(agent: Requester) -> None:
+    status = agent.send({"id": "s1", "cmd": "status"})["result"]
+    assert status["engine"].startswith("vit-digits") and set(status["cameras"]) == {"door", "yard"}
+    bundles = agent.send({"id": "l1", "cmd": "list"})["result"]["bundles"]
+    assert bundles[0]["active"] and bundles[0]["bundle_id"] == status["engine"]
+
+
+def test_set_batching_is_validated(agent: Requester) -> None:
+    bad = agent.send({"id": "b1", "cmd": "set", "batching": {"latency_budget_ms": -5}})
+    assert not bad["ok"] and "batching.latency_budget_ms: Input should be greater than 0" in bad["error"]
+    assert agent.send({"id": "s2", "cmd": "status"})["result"]["batching"]["latency_budget_ms"] == 100
+    good = agent.send({"id": "b2", "cmd": "set", "batching": {"latency_budget_ms": 80}})
+    assert good["ok"] and good["result"]["batching"]["latency_budget_ms"] == 80
+    assert agent.send({"id": "s3", "cmd": "status"})["result"]["batching"]["latency_budget_ms"] == 80
+
+
+def test_pause_and_resume_a_camera(agent: Requester) -> None:
+    assert agent.send({"id": "pause-1", "cmd": "pause", "camera": "yard"})["ok"]
+    time.sleep(0.5)
+    before, door_before = processed(agent, "yard"), processed(agent, "door")
+    time.sleep(1.5)
+    assert processed(agent, "yard") == before and processed(agent, "door") > door_before
+    assert agent.send({"id": "resume-1", "cmd": "resume", "camera": "yard"})["ok"]
+    time.sleep(1.5)
+    assert processed(agent, "yard") > before
+    bad = agent.send({"id": "pause-2", "cmd": "pause", "camera": "garage"})
+    assert not bad["ok"] and "'camera' must name one of door, yard" in bad["error"]
+
+
+def test_same_id_is_applied_once(agent: Requester) -> None:
+    command = {"id": "once", "cmd": "set", "camera": "door", "settings": {"fps": 15}}
+    first, second = agent.send(command), agent.send(command)
+    assert first["ok"] and second == {**first, "duplicate": True}
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"x" * 20000, "bytes, the limit is 16384"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"cmd": "ping"}', "'id' must be a string"),
+        (b'{"id": "u1", "cmd": "reboot"}', "unknown command 'reboot'"),
+        (b'{"id": "u2", "cmd": "set", "camera": "door", "settings": {"fps": "fast"}}', "cameras.door.fps"),
+    ],
+)
+def test_bad_commands_get_precise_errors(agent: Requester, payload: bytes, message: str) -> None:
+    reply = agent.send(payload)
+    assert reply["ok"] is False and message in reply["error"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+commands = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"id": st.text(min_size=1, max_size=64), "cmd": st.sampled_from(["set", "pause", "resume"])},
+        optional={"camera": json_values, "settings": json_values, "batching": json_values},
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(commands, min_size=100, max_size=100))
+def test_generated_malformed_commands_are_each_answered(agent: Requester, payloads: list[bytes]) -> None:
+    """3,000 generated commands in all, 100 at a time: every one answered, the agent unaffected."""
+    replies = agent.send_many(payloads)
+    assert len(replies) == len(payloads)
+    for payload, reply in zip(payloads, replies, strict=True):
+        assert set(reply) >= {"id", "ok"} and (reply["ok"] or reply["error"]), payload
+    assert agent.process.poll() is None  # type: ignore[attr-defined]
+
+
+def test_agent_still_serves_after_the_fuzzing(agent: Requester) -> None:
+    agent.send({"id": "fix-door", "cmd": "resume", "camera": "door"})
+    agent.send({"id": "fix-yard", "cmd": "resume", "camera": "yard"})
+    before = processed(agent, "door")
+    time.sleep(1.5)
+    assert processed(agent, "door") > before and agent.process.poll() is None  # type: ignore[attr-defined]
