@@ -41,7 +41,7 @@ from agent.systemd import notify, watchdog_period
 
 log = logging.getLogger("edgevit.agent")
 EXIT_BAD_START = 2
-RESTART_ONLY = ("device", "engine", "mqtt", "metrics")  # sections a reload cannot change
+RESTART_ONLY = ("device", "state_dir", "engine", "mqtt")  # sections a reload cannot change
 
 
 class StartupError(Exception):
@@ -141,6 +141,8 @@ class Agent:
             self.event("config", {"reloaded": False, "error": str(exc)})
             return
         needs_restart = [s for s in RESTART_ONLY if getattr(new, s) != getattr(self.config, s)]
+        if new.metrics.prometheus_port != self.config.metrics.prometheus_port:
+            needs_restart.append("metrics.prometheus_port")
         if needs_restart:
             log.warning("changes to %s take effect after a restart", ", ".join(needs_restart))
         self.apply_config(new)
