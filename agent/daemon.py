@@ -108,11 +108,11 @@ class Agent:
             self.config = new
 
     def status(self) -> dict[str, Any]:
-        config = self.config
+        config, states = self.config, self.pipeline.camera_states()
         return {
             "engine": self.bundle.bundle_id,
             "batching": config.batching.model_dump(mode="json"),
-            "cameras": {c.name: {"paused": c.paused, **self.pipeline.camera_states()[c.name]} for c in config.cameras},
+            "cameras": {c.name: {"paused": c.paused, **states[c.name]} for c in config.cameras if c.name in states},
             "latency": self.metrics.percentiles(),
         }
 

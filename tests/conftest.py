@@ -95,23 +95,10 @@ def free_port() -> int:
 @pytest.fixture
 def mosquitto(tmp_path: Path):
     """A real Mosquitto broker on a free loopback port; yields the port."""
-    import shutil
-    import subprocess
-    import time
+    from agent_helpers import start_mosquitto
 
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import socket
-
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    proc = start_mosquitto(tmp_path, port)
     yield port
     proc.terminate()
     proc.wait(timeout=10)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import queue
-import signal
 import time
 from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from agent_helpers import start_agent, write_config
+from agent_helpers import start_agent, start_mosquitto, stop_agent, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_agent_mqtt import start_broker
 
 from conftest import free_port
 
@@ -56,7 +54,7 @@ class Requester:
 def agent(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[Requester]:
     tmp = tmp_path_factory.mktemp("commands")
     port = free_port()
-    broker = start_broker(tmp, port)
+    broker = start_mosquitto(tmp, port)
     cameras = [{"name": n, "source": str(digits_video), "loop": True, "fps": 20} for n in ("door", "yard")]
     process = start_agent(
         write_config(tmp / "agent.yaml", demo_bundle, signing_key[1], cameras, mqtt={"host": "127.0.0.1", "port": port})
@@ -65,8 +63,7 @@ def agent(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[
     requester = Requester(port)
     requester.process = process  # type: ignore[attr-defined]
     yield requester
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
+    stop_agent(process)
     requester.client.loop_stop()
     broker.terminate()
     broker.wait()

@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from agent_helpers import read_results, run_agent, start_agent, write_config
+from agent_helpers import read_results, run_agent, start_agent, start_mosquitto, stop_agent, write_config
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import free_port
 
 
 class Subscriber:
-    def __init__(self, port: int, topic: str) -> None:
+    """A QoS 1 subscriber. ``persistent`` keeps its session on the broker, which then holds
+    its messages while it (or the broker) is away."""
+
+    def __init__(self, port: int, topic: str, persistent: bool = False) -> None:
         self.messages: list[tuple[str, dict, bool]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-subscriber")
+        client_id = "collector" if persistent else "test-subscriber"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.reconnect_delay_set(0.2, 1)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -62,8 +63,7 @@ def test_results_metrics_status_over_mqtt(
         with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=5) as response:
             scrape = response.read().decode()
     finally:
-        agent.send_signal(signal.SIGTERM)
-        stdout, stderr = agent.communicate(timeout=60)
+        stdout, stderr = stop_agent(agent)
         time.sleep(0.5)
         subscriber.close()
     assert agent.returncode == 0, stderr
@@ -109,50 +109,14 @@ def test_last_will_marks_a_killed_agent_offline(
     assert subscriber.on("/status")[-1] == {"state": "offline"} and retained[0] is True
 
 
-def start_broker(tmp_path: Path, port: int) -> subprocess.Popen:
-    """Mosquitto with persistence, so a subscriber's session and its queued messages survive a restart."""
-    conf = tmp_path / "persistent.conf"
-    (tmp_path / "broker").mkdir(exist_ok=True)
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-        f"persistence_location {tmp_path / 'broker'}/\nmax_queued_messages 100000\n"
-    )
-    proc = subprocess.Popen(
-        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
-
-
-class Collector(Subscriber):
-    """A subscriber with a persistent session (QoS 1): the broker keeps its messages while it is away."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        self.messages = []
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="collector", clean_session=False)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-        self.client.reconnect_delay_set(0.2, 1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-
 def result_seqs(messages: list[dict]) -> set[tuple[str, int]]:
     return {(m["camera"], m["seq"]) for m in messages}
 
 
 def test_broker_outage_loses_no_result(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
     port = free_port()
-    broker = start_broker(tmp_path, port)
-    collector = Collector(port, "edgevit/test-box/+/result")
+    broker = start_mosquitto(tmp_path, port)
+    collector = Subscriber(port, "edgevit/test-box/+/result", persistent=True)
     config = write_config(
         tmp_path / "agent.yaml",
         demo_bundle,
@@ -168,11 +132,10 @@ def test_broker_outage_loses_no_result(demo_bundle, signing_key, digits_video: P
         broker.wait()
         time.sleep(10)
         up_at = time.time()
-        broker = start_broker(tmp_path, port)
+        broker = start_mosquitto(tmp_path, port)
         time.sleep(10)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        stdout, stderr = agent.communicate(timeout=60)
+        stdout, stderr = stop_agent(agent)
         time.sleep(2)
         collector.close()
         broker.terminate()
@@ -197,8 +160,8 @@ def test_restart_with_a_full_outbox_loses_nothing(demo_bundle, signing_key, digi
     produced = read_results(tmp_path / "results.jsonl")
     with sqlite3.connect(tmp_path / "state" / "outbox.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'result'").fetchone()[0] == len(produced) > 100
-    broker = start_broker(tmp_path, port)
-    collector = Collector(port, "edgevit/test-box/+/result")
+    broker = start_mosquitto(tmp_path, port)
+    collector = Subscriber(port, "edgevit/test-box/+/result", persistent=True)
     write_config(config, demo_bundle, signing_key[1], [{**camera, "paused": True}], mqtt=mqtt_section)
     try:
         second = run_agent(config, "--duration", "6")

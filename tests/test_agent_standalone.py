@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from agent_helpers import read_results, run_agent, start_agent, summary, write_config
+from agent_helpers import read_results, run_agent, start_agent, stop_agent, summary, write_config
 
 from agent.bundle import verify_bundle
 from agent.preprocess import preprocess_into
@@ -63,8 +63,7 @@ def test_sigterm_drains_and_flushes(demo_bundle: Path, signing_key, digits_video
     cameras = [{"name": f"c{i}", "source": str(digits_video), "loop": True, "fps": 60} for i in range(2)]
     proc = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
     time.sleep(4)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = stop_agent(proc)
     assert proc.returncode == 0, stderr
     results = read_results(tmp_path / "results.jsonl")  # every line parses: nothing half-written
     counts = summary(stdout)["cameras"]
@@ -93,8 +92,7 @@ def test_reload_applies_batching_without_restart(demo_bundle, signing_key, digit
     (tmp_path / "agent.yaml").write_text("device: [unclosed")  # a broken edit must not stop the agent
     time.sleep(1.5)
     assert proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = stop_agent(proc)
     assert proc.returncode == 0, stderr
     sizes = [r["batch"] for r in read_results(tmp_path / "results.jsonl")]
     assert set(sizes[:20]) == {1} and max(sizes) == 3

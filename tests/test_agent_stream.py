@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-from agent_helpers import read_results, start_agent, summary, write_config
+from agent_helpers import read_results, start_agent, stop_agent, summary, write_config
 
 from conftest import free_port
 
@@ -76,8 +75,7 @@ def test_stream_recovers_and_the_other_camera_never_pauses(
         server = serve(digits_video, port)
         time.sleep(8)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        stdout, stderr = agent.communicate(timeout=60)
+        stdout, stderr = stop_agent(agent)
         server.kill()
     assert agent.returncode == 0, stderr
     results = read_results(tmp_path / "results.jsonl")
@@ -111,8 +109,7 @@ def test_dead_camera_at_start_is_retried_without_stopping_the_agent(
     ]
     agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
     time.sleep(5)
-    agent.send_signal(signal.SIGTERM)
-    stdout, stderr = agent.communicate(timeout=60)
+    stdout, stderr = stop_agent(agent)
     stats = summary(stdout)["cameras"]
     assert stats["dead"]["reconnects"] >= 2 and stats["dead"]["processed"] == 0
     assert "'camera': 'dead', 'state': 'reconnecting', 'error': \"cannot open" in stderr

@@ -140,9 +140,7 @@ def test_notify_is_a_no_op_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_unit_file_verifies(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = shutil.which("systemd-analyze") or "systemd-analyze"  # .ci/run installs it where missing
     text = UNIT.read_text()
     assert "Type=notify" in text and "WatchdogSec=" in text and "Restart=on-failure" in text
     directives = [line.split("=", 1)[0] for line in text.splitlines() if "=" in line and not line.startswith("#")]
