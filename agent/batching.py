@@ -50,6 +50,11 @@ class BatchPolicy:
             self.budget, self.max_batch, self.mode = budget_s, max_batch, mode
             self.fixed_batch = min(fixed_batch, max_batch)
 
+    def relearn(self, p99_by_batch: dict[int, float]) -> None:
+        """Start over from another engine's passport (a swap): the old measurements describe the old engine."""
+        with self._lock:
+            self._latency = dict(p99_by_batch)
+
     def latency(self, batch: int) -> float:
         """Predicted p99 seconds for ``batch``: measured or from the passport, else extrapolated linearly."""
         if batch in self._latency:

@@ -4,26 +4,34 @@ A command is a JSON object ``{"id": "...", "cmd": "...", ...}`` of at most
 ``MAX_COMMAND_BYTES``. Every message gets a reply ``{"id", "ok", "result" | "error"}``
 (``id`` is null when the message had none): malformed, unknown, oversized or invalid
 commands are refused with a message naming what is wrong and change nothing.
-Replies are remembered by id, so a command delivered twice (QoS 1 allows it) is
-applied once and answered the same way twice.
+Replies are remembered by id with the command's sha256, so a command delivered twice
+(QoS 1 allows it) is applied once and answered the same way twice, while other bytes
+under a used id are refused.
 
-Commands here: ``ping``, ``status``, ``list``, ``set`` (batching, or one camera's
-settings; validated by the same models as the config file), ``pause`` and ``resume``
-a camera. Settings changed by command last until the next restart or config reload.
+Commands: ``ping``, ``status``, ``list`` (installed engines), ``set`` (batching, or
+one camera's settings; validated by the same models as the config file), ``pause``
+and ``resume`` a camera, ``deploy`` (``bundle``: ``{"path"}`` or ``{"url", "sha256",
+"size"}``, optional ``force``) and ``rollback`` (optional ``bundle`` id, ``force``).
+``deploy`` and ``rollback`` answer once the job is accepted; its outcome follows as
+events. Settings changed by ``set`` last until the next restart or config reload.
+With ``mqtt.signed_commands``, every command must carry a valid signature
+(:mod:`agent.command_auth`) before anything else is looked at.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from agent.command_auth import CommandAuthError, CommandVerifier
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
+from agent.fetch import BundleRef
 
 MAX_COMMAND_BYTES = 16 * 1024
 REMEMBERED_REPLIES = 1000
@@ -37,34 +45,58 @@ def _validation_message(exc: ValidationError, prefix: str) -> str:
     return "; ".join(f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
-class CommandHandler:
-    """Turns command payloads into replies, applying valid ones through ``apply``."""
+class Control(Protocol):
+    """What commands act on (the agent)."""
 
-    def __init__(
-        self,
-        get_config: Callable[[], AgentConfig],
-        apply: Callable[[AgentConfig], None],
-        status: Callable[[], dict[str, Any]],
-        installed: Callable[[], list[dict[str, Any]]],
-    ) -> None:
-        self._get_config, self._apply, self._status, self._installed = get_config, apply, status, installed
-        self._replies: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    config: AgentConfig
+
+    def apply_config(self, new: AgentConfig) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def installed(self) -> list[dict[str, Any]]: ...
+
+    def deploy(self, ref: BundleRef, force: bool, command_id: str) -> dict[str, Any]: ...
+
+    def rollback(self, bundle_id: str | None, force: bool, command_id: str) -> dict[str, Any]: ...
+
+
+class CommandHandler:
+    """Turns command payloads into replies, acting on valid ones through ``control``."""
+
+    def __init__(self, control: Control, auth: CommandVerifier | None = None) -> None:
+        self._control, self._auth = control, auth
+        self._replies: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()  # id -> (sha256, reply)
         self._lock = threading.Lock()
 
     def handle(self, payload: bytes) -> dict[str, Any]:
         command_id = None
+        digest = hashlib.sha256(payload).digest()
         try:
             command = self._parse(payload)
             command_id = command["id"]
             with self._lock:
-                if command_id in self._replies:
-                    return {**self._replies[command_id], "duplicate": True}
+                remembered = self._replies.get(command_id)
+            if remembered is not None:  # the same bytes again is a redelivery; other bytes reuse the id
+                if remembered[0] == digest:
+                    return {**remembered[1], "duplicate": True}
+                return {
+                    "id": command_id,
+                    "ok": False,
+                    "error": f"id {command_id!r} was already used by another command",
+                }
+            if self._auth:
+                try:
+                    self._auth.check(command)
+                except CommandAuthError as exc:
+                    return {"id": command_id, "ok": False, "error": f"unauthorised: {exc}"}
+            with self._lock:
                 reply = {"id": command_id, "ok": True, "result": self._run(command)}
         except CommandError as exc:
             reply = {"id": command_id, "ok": False, "error": str(exc)}
         if command_id is not None:
             with self._lock:
-                self._replies[command_id] = reply
+                self._replies[command_id] = (digest, reply)
                 while len(self._replies) > REMEMBERED_REPLIES:
                     self._replies.popitem(last=False)
         return reply
@@ -94,6 +126,8 @@ class CommandHandler:
             "set": self._set,
             "pause": self._pause,
             "resume": self._resume,
+            "deploy": self._deploy,
+            "rollback": self._rollback,
         }
         handler = handlers.get(command["cmd"])
         if handler is None:
@@ -104,13 +138,34 @@ class CommandHandler:
         return {"pong": time.time()}
 
     def _status_cmd(self, command: dict[str, Any]) -> dict[str, Any]:
-        return self._status()
+        return self._control.status()
 
     def _list(self, command: dict[str, Any]) -> dict[str, Any]:
-        return {"bundles": self._installed()}
+        return {"bundles": self._control.installed()}
+
+    @staticmethod
+    def _force(command: dict[str, Any]) -> bool:
+        force = command.get("force", False)
+        if not isinstance(force, bool):
+            raise CommandError("'force' must be true or false")
+        return force
+
+    def _deploy(self, command: dict[str, Any]) -> dict[str, Any]:
+        max_bytes = int(self._control.config.engine.max_bundle_mib * 2**20)
+        try:
+            ref = BundleRef.parse(command.get("bundle"), max_bytes)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return self._control.deploy(ref, self._force(command), command["id"])
+
+    def _rollback(self, command: dict[str, Any]) -> dict[str, Any]:
+        bundle_id = command.get("bundle")
+        if bundle_id is not None and (not isinstance(bundle_id, str) or not 1 <= len(bundle_id) <= 200):
+            raise CommandError("'bundle' must be an installed bundle id (see 'list'), or absent for the previous")
+        return self._control.rollback(bundle_id, self._force(command), command["id"])
 
     def _camera(self, command: dict[str, Any]) -> tuple[AgentConfig, int]:
-        config, name = self._get_config(), command.get("camera")
+        config, name = self._control.config, command.get("camera")
         names = [c.name for c in config.cameras]
         if name not in names:
             raise CommandError(f"'camera' must name one of {', '.join(names)}, got {str(name)[:40]!r}")
@@ -123,7 +178,7 @@ class CommandHandler:
         except ValidationError as exc:
             raise CommandError(_validation_message(exc, f"cameras.{current.name}.")) from None
         cameras = [*config.cameras[:index], camera, *config.cameras[index + 1 :]]
-        self._apply(config.model_copy(update={"cameras": cameras}))
+        self._control.apply_config(config.model_copy(update={"cameras": cameras}))
         return {"camera": camera.model_dump(mode="json")}
 
     def _set(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -131,12 +186,12 @@ class CommandHandler:
             batching = command["batching"]
             if not isinstance(batching, dict):
                 raise CommandError("'batching' must be an object")
-            config = self._get_config()
+            config = self._control.config
             try:
                 new = BatchingConfig.model_validate({**config.batching.model_dump(), **batching})
             except ValidationError as exc:
                 raise CommandError(_validation_message(exc, "batching.")) from None
-            self._apply(config.model_copy(update={"batching": new}))
+            self._control.apply_config(config.model_copy(update={"batching": new}))
             return {"batching": new.model_dump(mode="json")}
         if "camera" in command:
             settings = command.get("settings")

@@ -49,17 +49,46 @@ class CameraConfig(Strict):
 
 
 class EngineConfig(Strict):
-    bundle: Path
+    bundle: Path = Field(description="the first engine; installed into state_dir, made active when it changes")
     trusted_keys: list[Path] = Field(default_factory=list)
     require_signature: bool = True
     threads: int | None = Field(None, ge=1)
     onnxruntime_tensorrt: bool = Field(False, description="run a cuda ONNX bundle through ORT's TensorRT provider")
+    inbox: Path | None = Field(None, description="folder watched for bundle archives or folders to deploy")
+    batch_timeout_s: float = Field(10.0, gt=0, description="a batch running longer kills the engine worker")
+    worker_max_rss_mib: float | None = Field(None, gt=0, description="a worker growing past this is restarted")
+    max_bundle_mib: float = Field(2048, gt=0, description="cap on a downloaded or unpacked bundle")
+    keep_installed: int = Field(4, ge=2, description="installed bundles kept (active, previous and newest)")
 
     @model_validator(mode="after")
     def _keys(self) -> EngineConfig:
         if self.require_signature and not self.trusted_keys:
             raise ValueError("trusted_keys must list at least one public key while require_signature is true")
         return self
+
+
+class SwapConfig(Strict):
+    """The checks a candidate engine passes beside the serving one before it goes live."""
+
+    latency_runs: int = Field(20, ge=3, description="timed runs at the working batch size")
+    max_passport_ratio: float = Field(2.0, ge=1, description="candidate p99 / its passport's p99 at that batch")
+    max_current_ratio: float = Field(3.0, ge=1, description="candidate p99 / the serving engine's p99")
+    slack_ms: float = Field(2.0, ge=0, description="added to both limits: tiny engines time noisily")
+
+
+class CanaryConfig(Strict):
+    """After a swap: watched live, reverted on any violation, committed when the window passes."""
+
+    window_s: float = Field(300.0, gt=0)
+    min_frames: int = Field(200, ge=0, description="the window also lasts until this many frames were served")
+    shadow_every: int = Field(4, ge=1, description="every n-th batch also runs on the previous engine")
+    min_shadow_frames: int = Field(50, ge=1, description="shadow frames needed before agreement is judged")
+    min_agreement: float = Field(0.97, ge=0, le=1, description="top-1 agreement with the previous engine")
+    max_latency_ratio: float = Field(1.5, ge=1, description="p99 vs the previous engine on the same batches")
+    latency_slack_ms: float = Field(2.0, ge=0, description="added to that limit: millisecond tails are noise")
+    max_errors: int = Field(0, ge=0, description="failed batches (errors, timeouts, worker crashes) tolerated")
+    max_restarts: int = Field(2, ge=0, description="agent restarts during the window before it reverts")
+    golden_recheck: bool = True
 
 
 class BatchingConfig(Strict):
@@ -80,6 +109,13 @@ class TLSConfig(Strict):
     key: Path | None = None
 
 
+class CommandAuth(Strict):
+    """Ed25519-signed commands: each carries ts, nonce and sig (see agent.command_auth)."""
+
+    keys: list[Path] = Field(min_length=1, description="public keys of operators allowed to command")
+    max_age_s: float = Field(300.0, gt=0, description="clock skew and delay allowed for 'ts'")
+
+
 class MQTTConfig(Strict):
     host: str
     port: int = Field(1883, ge=1, le=65535)
@@ -89,6 +125,7 @@ class MQTTConfig(Strict):
     tls: TLSConfig | None = None
     keepalive_s: int = Field(30, ge=5)
     outbox_max_results: int = Field(100_000, ge=1, description="results kept on disk while the broker is away")
+    signed_commands: CommandAuth | None = Field(None, description="require signed commands")
 
 
 class MetricsConfig(Strict):
@@ -99,8 +136,10 @@ class MetricsConfig(Strict):
 
 class AgentConfig(Strict):
     device: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    state_dir: Path = Field(Path("/var/lib/edgevit"), description="outbox and (later) installed bundles")
+    state_dir: Path = Field(Path("/var/lib/edgevit"), description="installed engines, their state, the outbox")
     engine: EngineConfig
+    swap: SwapConfig = SwapConfig()
+    canary: CanaryConfig = CanaryConfig()
     cameras: list[CameraConfig] = Field(min_length=1)
     batching: BatchingConfig = BatchingConfig()
     results: ResultsConfig = ResultsConfig()
@@ -141,8 +180,13 @@ def load_config(path: Path) -> AgentConfig:
         update={
             "bundle": base / config.engine.bundle,
             "trusted_keys": [base / k for k in config.engine.trusted_keys],
+            "inbox": config.engine.inbox and base / config.engine.inbox,
         }
     )
+    mqtt = config.mqtt
+    if mqtt and mqtt.signed_commands:
+        auth = mqtt.signed_commands.model_copy(update={"keys": [base / k for k in mqtt.signed_commands.keys]})
+        mqtt = mqtt.model_copy(update={"signed_commands": auth})
     jsonl = config.results.jsonl and base / config.results.jsonl
     cameras = [c.model_copy(update={"source": _resolve_source(c.source, base)}) for c in config.cameras]
     return config.model_copy(
@@ -151,6 +195,7 @@ def load_config(path: Path) -> AgentConfig:
             "cameras": cameras,
             "results": config.results.model_copy(update={"jsonl": jsonl}),
             "state_dir": base / config.state_dir,
+            "mqtt": mqtt,
         }
     )
 

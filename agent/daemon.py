@@ -25,81 +25,80 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from agent.bundle import Bundle, BundleError, verify_bundle
-from agent.commands import CommandHandler
+from agent.bundle import Bundle
+from agent.command_auth import CommandVerifier
+from agent.commands import CommandError, CommandHandler
 from agent.config import AgentConfig, ConfigError, load_config
-from agent.device import DeviceInfo
-from agent.golden import check_golden
+from agent.fetch import BundleRef
+from agent.lifecycle import Lifecycle, LifecycleError
 from agent.metrics import Metrics
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.results import JsonlSink, ResultSink
-from agent.runtimes import Engine, EngineError, open_engine
 from agent.signing import SignatureError, load_public_key
+from agent.store import StoreError
 from agent.systemd import notify, watchdog_period
+from agent.worker import remove_stale_buffers
 
 log = logging.getLogger("edgevit.agent")
 EXIT_BAD_START = 2
-RESTART_ONLY = ("device", "state_dir", "engine", "mqtt")  # sections a reload cannot change
+RESTART_ONLY = ("device", "state_dir", "engine", "mqtt", "swap", "canary")  # a reload cannot change these
+INBOX_RESCAN_S = 1.0  # inbox items wait to settle, so the inbox is rescanned, not only watched
 
 
 class StartupError(Exception):
     """The agent cannot start; the message says why."""
 
 
-def load_engine(config: AgentConfig) -> tuple[Bundle, Engine]:
-    """Verify the configured bundle for this device, open its engine, check its golden set."""
-    try:
-        keys = [load_public_key(p) for p in config.engine.trusted_keys] if config.engine.require_signature else None
-        bundle = verify_bundle(config.engine.bundle, keys, DeviceInfo.probe())
-        target = "tensorrt-ep" if config.engine.onnxruntime_tensorrt and bundle.target == "cuda" else bundle.target
-        engine = open_engine(bundle.backend, target, bundle.engine_path, bundle.batch_range[1], config.engine.threads)
-    except (BundleError, SignatureError, EngineError) as exc:
-        raise StartupError(str(exc)) from exc
-    golden = check_golden(engine, bundle.golden_path, bundle.batch_range[1])
-    if not golden.passed:
-        engine.close()
-        raise StartupError(f"engine {bundle.bundle_id} does not reproduce its golden set here: {golden.summary()}")
-    log.info("engine %s loaded (%s)", bundle.bundle_id, golden.summary())
-    return bundle, engine
+class FolderWatcher(FileSystemEventHandler):
+    """Sets ``changed`` on a change to one of ``paths`` or to anything directly in one of ``folders``."""
 
-
-class ConfigWatcher(FileSystemEventHandler):
-    """Sets ``changed`` when the config file is written or replaced (editors often rename)."""
-
-    def __init__(self, path: Path, changed: threading.Event) -> None:
-        self._path, self._changed = path.resolve(), changed
+    def __init__(self, changed: threading.Event, paths: tuple[Path, ...] = (), folders: tuple[Path, ...] = ()) -> None:
+        self._paths = {p.resolve() for p in paths}
+        self._folders = {f.resolve() for f in folders}
+        self._changed = changed
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        paths = {Path(str(event.src_path)).resolve(), Path(str(getattr(event, "dest_path", "") or "")).resolve()}
-        if self._path in paths and event.event_type in ("modified", "created", "moved", "closed"):
-            self._changed.set()
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            path = Path(str(raw)).resolve() if raw else None
+            if path and (path in self._paths or path.parent in self._folders):
+                self._changed.set()
 
 
 class Agent:
     def __init__(self, config_path: Path, config: AgentConfig) -> None:
         self.config_path, self.config = config_path, config
-        self.bundle, self.engine = load_engine(config)
-        self.link = None
-        if config.mqtt:
-            try:
+        self.link: MqttLink | None = None
+        remove_stale_buffers()
+        try:
+            if config.mqtt:
                 outbox = Outbox(config.state_dir / "outbox.sqlite", config.mqtt.outbox_max_results)
-            except (OSError, sqlite3.Error) as exc:
-                raise StartupError(f"cannot open the outbox in state_dir {config.state_dir}: {exc}") from exc
-            self.link = MqttLink(config.mqtt, config.device, outbox)
+                self.link = MqttLink(config.mqtt, config.device, outbox)
+            self.lifecycle = Lifecycle(config, self.event)
+            serving = self.lifecycle.boot()
+            auth = config.mqtt.signed_commands if config.mqtt else None
+            verifier = auth and CommandVerifier(
+                [load_public_key(k) for k in auth.keys], auth.max_age_s, config.state_dir / "nonces.sqlite"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot use state_dir {config.state_dir}: {exc}") from exc
+        except (LifecycleError, StoreError, SignatureError) as exc:
+            raise StartupError(str(exc)) from exc
         sinks: list[ResultSink] = [JsonlSink(config.results.jsonl)] if config.results.jsonl else []
         if self.link:
             sinks.append(self.link)
-        self.pipeline = Pipeline(config, self.bundle, self.engine, sinks, self.event)
+        self.pipeline = Pipeline(config, serving, sinks, self.event)
         self.metrics: Metrics = self.pipeline.metrics
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self.inbox_changed = threading.Event()
         self._config_lock = threading.Lock()
-        if self.link:
-            self.link.on_command = CommandHandler(
-                lambda: self.config, self.apply_config, self.status, self.installed
-            ).handle
+        self._commands = CommandHandler(self, verifier or None)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.pipeline.bundle
 
     def apply_config(self, new: AgentConfig) -> None:
         """The one way settings change at run time (reload or command)."""
@@ -107,25 +106,32 @@ class Agent:
             self.pipeline.apply(new)
             self.config = new
 
+    def deploy(self, ref: BundleRef, force: bool, command_id: str) -> dict[str, Any]:
+        try:
+            self.lifecycle.request_deploy(ref, force, command_id)
+        except LifecycleError as exc:
+            raise CommandError(str(exc)) from None
+        return {"accepted": True, "bundle": ref.describe()}
+
+    def rollback(self, bundle_id: str | None, force: bool, command_id: str) -> dict[str, Any]:
+        try:
+            target = self.lifecycle.request_rollback(bundle_id, force, command_id)
+        except LifecycleError as exc:
+            raise CommandError(str(exc)) from None
+        return {"accepted": True, "to": target}
+
     def status(self) -> dict[str, Any]:
         config, states = self.config, self.pipeline.camera_states()
         return {
             "engine": self.bundle.bundle_id,
+            "lifecycle": self.lifecycle.describe(),
             "batching": config.batching.model_dump(mode="json"),
             "cameras": {c.name: {"paused": c.paused, **states[c.name]} for c in config.cameras if c.name in states},
             "latency": self.metrics.percentiles(),
         }
 
     def installed(self) -> list[dict[str, Any]]:
-        accuracy = self.bundle.passport["accuracy"]
-        return [
-            {
-                "bundle_id": self.bundle.bundle_id,
-                "active": True,
-                "top1": accuracy["engine_top1"],
-                "agreement": accuracy["top1_agreement"],
-            }
-        ]
+        return self.lifecycle.installed()
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         log.info("%s event: %s", kind, detail)
@@ -148,6 +154,11 @@ class Agent:
         self.apply_config(new)
         self.event("config", {"reloaded": True, "restart_needed_for": needs_restart})
 
+    def close_engines(self) -> None:
+        self.pipeline.serving.engine.close()
+        if self.lifecycle.previous:
+            self.lifecycle.previous.engine.close()
+
     def live_line(self, snapshot: dict[str, Any]) -> str:
         cams = snapshot["cameras"]
         processed = sum(c["processed_fps"] for c in cams.values())
@@ -165,17 +176,28 @@ class Agent:
         if port:
             self.metrics.serve(self.pipeline, port)
         self.pipeline.start()
+        self.lifecycle.attach(self.pipeline)
+        if self.link:
+            self.link.start(self._commands.handle)
         notify(f"READY=1\nSTATUS=serving {self.bundle.bundle_id}")
         observer = Observer()
-        observer.schedule(ConfigWatcher(self.config_path, self.reload), str(self.config_path.parent.resolve()))
+        observer.schedule(FolderWatcher(self.reload, paths=[self.config_path]), str(self.config_path.parent.resolve()))
+        inbox = self.config.engine.inbox
+        if inbox:
+            inbox.mkdir(parents=True, exist_ok=True)
+            observer.schedule(FolderWatcher(self.inbox_changed, folders=[inbox]), str(inbox.resolve()))
         observer.start()
         period = watchdog_period()
-        started = last_pet = last_publish = last_print = time.monotonic()
+        started = last_pet = last_publish = last_print = last_inbox = time.monotonic()
         try:
             while not self.stop.wait(0.1):
                 now = time.monotonic()
                 if self.reload.is_set():
                     self.apply_reload()
+                if inbox and (self.inbox_changed.is_set() or now - last_inbox >= INBOX_RESCAN_S):
+                    self.inbox_changed.clear()
+                    self.lifecycle.poll_inbox()
+                    last_inbox = now
                 stall_after = max(1.0, 10 * self.config.batching.latency_budget_ms / 1e3)
                 if period and now - last_pet >= period and self.pipeline.healthy(now, stall_after):
                     notify("WATCHDOG=1")
@@ -196,8 +218,9 @@ class Agent:
             notify("STOPPING=1")
             observer.stop()
             observer.join()
+            self.lifecycle.stop()
             self.pipeline.stop(drain=True)
-            self.engine.close()
+            self.close_engines()
             summary = self.metrics.snapshot(self.pipeline)
             print(json.dumps({"summary": summary}), flush=True)
 
@@ -226,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_START
     if args.check:
         print(f"ok: config valid, {agent.bundle.bundle_id} verified and golden set reproduced")
-        agent.engine.close()
+        agent.close_engines()
         return 0
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())

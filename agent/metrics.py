@@ -23,6 +23,11 @@ from prometheus_client.process_collector import ProcessCollector
 if TYPE_CHECKING:
     from agent.pipeline import Pipeline
 
+DRIFT_GAUGES = {
+    "mean_confidence": "Mean top-1 confidence over the live window",
+    "confidence_drift": "Live mean top-1 confidence minus the passport's",
+    "class_mix_distance": "Total variation distance between live and passport class mix",
+}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -82,6 +87,8 @@ class Metrics:
             "batch_sizes": batches,
             "engine_errors": errors,
             "queue_depth": pipeline.queue.depth(),
+            "engine": {"bundle_id": pipeline.serving.bundle.bundle_id, "worker_restarts": _restarts(pipeline)},
+            "drift": pipeline.serving.drift.snapshot(),
             "decision": pipeline.decision_summary(),
             "process": {"cpu_s": round(times.user + times.system, 2), "rss_mib": round(_rss_mib(), 1)},
         }
@@ -95,6 +102,10 @@ class Metrics:
         ProcessCollector(registry=registry)
         start_http_server(port, addr="127.0.0.1", registry=registry)
         return registry
+
+
+def _restarts(pipeline: Pipeline) -> int:
+    return getattr(pipeline.serving.engine, "restarts", 0)
 
 
 def _rss_mib() -> float:
@@ -143,3 +154,11 @@ class _Collector:
         yield GaugeMetricFamily(
             "edgevit_queue_depth", "Frames waiting for the engine", value=self._pipeline.queue.depth()
         )
+        serving = self._pipeline.serving
+        info = GaugeMetricFamily("edgevit_engine_info", "The engine in service", labels=["bundle_id"])
+        info.add_metric([serving.bundle.bundle_id], 1.0)
+        yield info
+        drift = serving.drift.snapshot()
+        for key, help_text in DRIFT_GAUGES.items():
+            if key in drift:
+                yield GaugeMetricFamily(f"edgevit_{key}", help_text, value=drift[key])

@@ -54,7 +54,7 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
-        self.on_command: Callable[[bytes], dict[str, Any]] | None = None  # set by the agent
+        self.on_command: Callable[[bytes], dict[str, Any]] | None = None
         self.connected = False
         self._lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # paho mid -> outbox id
@@ -62,7 +62,13 @@ class MqttLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="mqtt-outbox", daemon=True)
-        self.client.connect_async(config.host, config.port, keepalive=config.keepalive_s)
+        self._address = (config.host, config.port, config.keepalive_s)
+
+    def start(self, on_command: Callable[[bytes], dict[str, Any]]) -> None:
+        """Connect once the agent can answer commands; events queued before then go out first."""
+        self.on_command = on_command
+        host, port, keepalive = self._address
+        self.client.connect_async(host, port, keepalive=keepalive)
         self.client.loop_start()
         self._publisher.start()
 
@@ -143,7 +149,8 @@ class MqttLink:
                 break
             deadline.wait(0.1)
         self._stop.set()
-        self._publisher.join(timeout=2)
+        if self._publisher.is_alive():
+            self._publisher.join(timeout=2)
         if self.connected:
             info = self.client.publish(f"{self.base}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
             info.wait_for_publish(2)

@@ -5,6 +5,11 @@ Camera threads preprocess into the :class:`FrameQueue`; one inference thread ask
 batch buffer, runs the engine, and hands results to the sinks. The inference thread
 also records when it last finished a batch: with frames waiting and no batch done
 for too long, the pipeline is stalled and the systemd watchdog is no longer fed.
+
+An engine swap is handed to the inference thread and happens between two batches:
+cameras keep filling the queue, no frame is dropped by the swap itself, and the
+pause (the inference thread busy swapping) and the gap (last result of the old
+engine to first result of the new) are measured and reported.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,10 +27,12 @@ from agent.batching import BatchPolicy, Decision
 from agent.bundle import Bundle
 from agent.camera import Camera, CameraState
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
+from agent.drift import DriftMonitor
 from agent.frames import FrameQueue
 from agent.metrics import Metrics
-from agent.results import ResultSink, make_results
+from agent.results import ResultSink, make_results, top_k
 from agent.runtimes import Engine
+from agent.shadow import Shadow
 
 log = logging.getLogger("edgevit.pipeline")
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -36,24 +44,57 @@ def passport_p99(bundle: Bundle) -> dict[int, float]:
     return {row["batch"]: row["p99_ms"] / 1e3 for row in rows}
 
 
+@dataclass
+class Serving:
+    """The engine in service and what it did since it went live (the canary reads these)."""
+
+    bundle: Bundle
+    engine: Engine
+    labels: list[str]
+    drift: DriftMonitor
+    shadow: Shadow | None = None
+    since: float = field(default_factory=time.monotonic)
+    batches: int = 0
+    frames: int = 0
+    errors: int = 0
+
+    @classmethod
+    def of(cls, bundle: Bundle, engine: Engine, shadow: Shadow | None = None) -> Serving:
+        labels = bundle.labels
+        return cls(bundle, engine, labels, DriftMonitor(bundle.passport.get("outputs"), len(labels)), shadow)
+
+
+@dataclass
+class _Swap:
+    serving: Serving
+    done: threading.Event = field(default_factory=threading.Event)
+    pause_s: float = 0.0
+    applied_at: float = 0.0
+    last_old_result: float = 0.0
+
+
 class Pipeline:
-    def __init__(
-        self, config: AgentConfig, bundle: Bundle, engine: Engine, sinks: list[ResultSink], events: EventSink
-    ) -> None:
-        self.bundle, self.engine, self.sinks, self.events = bundle, engine, sinks, events
-        self.spec, self.labels = bundle.input_spec, bundle.labels
-        self.max_batch = bundle.batch_range[1]
+    def __init__(self, config: AgentConfig, serving: Serving, sinks: list[ResultSink], events: EventSink) -> None:
+        self.serving, self.sinks, self.events = serving, sinks, events
+        self.spec = serving.bundle.input_spec
         self.queue = FrameQueue([c.name for c in config.cameras], self.spec.height, self.spec.width)
-        self.policy = BatchPolicy(1.0, passport_p99(bundle), self.max_batch)
+        self.policy = BatchPolicy(1.0, passport_p99(serving.bundle), serving.bundle.batch_range[1])
         self.metrics = Metrics()
-        self._batch = np.empty((self.max_batch, self.spec.height, self.spec.width, 3), np.uint8)
+        self._batch = np.empty((serving.bundle.batch_range[1], self.spec.height, self.spec.width, 3), np.uint8)
         self.cameras: dict[str, Camera] = {}
         self._decision = Decision(1, 0.0, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._swap: _Swap | None = None
+        self._swap_lock = threading.Lock()
         self.last_batch_done = time.monotonic()
         self.top_k = config.results.top_k
+        self._batching = config.batching
         self.apply(config)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.serving.bundle
 
     # -- configuration ---------------------------------------------------------------------------
     def apply(self, config: AgentConfig) -> None:
@@ -75,8 +116,57 @@ class Pipeline:
                 self._add_camera(camera_config)
 
     def _configure_batching(self, batching: BatchingConfig) -> None:
-        limit = min(batching.max_batch or self.max_batch, self.max_batch)
+        self._batching = batching
+        engine_max = self.serving.bundle.batch_range[1]
+        limit = min(batching.max_batch or engine_max, engine_max)
         self.policy.configure(batching.latency_budget_ms / 1e3, limit, batching.mode, batching.fixed_batch)
+
+    # -- swapping engines --------------------------------------------------------------------------
+    def swap(self, serving: Serving, timeout_s: float = 60.0) -> dict[str, float]:
+        """Put ``serving`` in service between two batches; returns the pause and gap in ms.
+
+        The caller has verified the engine; its input spec must be this pipeline's, because
+        cameras preprocess for it.
+        """
+        if serving.bundle.input_spec != self.spec:
+            raise ValueError(
+                f"{serving.bundle.bundle_id} expects {serving.bundle.input_spec}, the cameras feed {self.spec}"
+            )
+        with self._swap_lock:
+            request = self._swap = _Swap(serving)
+            if not self._thread.is_alive():
+                self._apply_swap()
+            elif not request.done.wait(timeout_s):
+                raise TimeoutError(f"the inference thread did not take the new engine within {timeout_s:g} s")
+        first_new = self._first_result_after(request, timeout_s)
+        gap = (first_new - request.last_old_result) if first_new else None
+        return {"pause_ms": round(request.pause_s * 1e3, 3), "gap_ms": gap and round(gap * 1e3, 3)}
+
+    def _first_result_after(self, request: _Swap, timeout_s: float) -> float | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.serving is request.serving:
+            if self.last_batch_done > request.applied_at:
+                return self.last_batch_done
+            time.sleep(0.002)
+        return None
+
+    def _apply_swap(self) -> None:
+        """In the inference thread, between batches."""
+        request = self._swap
+        if request is None:
+            return
+        started = time.monotonic()
+        request.last_old_result = self.last_batch_done
+        max_batch = request.serving.bundle.batch_range[1]
+        if max_batch > len(self._batch):
+            self._batch = np.empty((max_batch, self.spec.height, self.spec.width, 3), np.uint8)
+        self.serving = request.serving
+        self.policy.relearn(passport_p99(request.serving.bundle))
+        self._configure_batching(self._batching)
+        self._swap = None
+        request.applied_at = time.monotonic()
+        request.pause_s = request.applied_at - started
+        request.done.set()
 
     def _add_camera(self, config: CameraConfig) -> None:
         self.queue.add_camera(config.name)
@@ -111,6 +201,8 @@ class Pipeline:
             self._step(timeout=0.2)
 
     def _step(self, timeout: float) -> None:
+        if self._swap is not None:
+            self._apply_swap()
         now = time.monotonic()
         sources = sum(c.state == CameraState.CONNECTED for c in self.cameras.values())
         self._decision = decision = self.policy.decide(self.queue.arrivals.rate(now), sources)
@@ -118,20 +210,27 @@ class Pipeline:
         infos = self.queue.take(decision.batch, decision.max_wait, shed_after, self._batch, timeout)
         if not infos:
             return
-        n = len(infos)
+        n, serving = len(infos), self.serving
         started = time.monotonic()
         try:
-            logits = self.engine.run(self._batch[:n])
+            logits = serving.engine.run(self._batch[:n])
         except Exception as exc:  # a failing engine must not kill the pipeline; every loss is counted
             self.metrics.engine_errors += 1
+            serving.errors += 1
             for info in infos:
                 self.queue.counters[info.camera].failed += 1
-            self.events("engine", {"error": str(exc), "frames": n})
+            self.events("engine", {"bundle_id": serving.bundle.bundle_id, "error": str(exc), "frames": n})
             log.error("engine failed on a batch of %d: %s", n, exc)
             return
         done = time.monotonic()
         self.policy.observe(n, done - started)
-        results = make_results(infos, logits, self.labels, self.top_k, self.bundle.bundle_id, done)
+        idx, scores = top_k(logits, self.top_k)
+        serving.batches += 1
+        serving.frames += n
+        serving.drift.observe(idx[:, 0], scores[:, 0])
+        if serving.shadow is not None:
+            serving.shadow.offer(self._batch[:n], idx[:, 0], done - started)
+        results = make_results(infos, idx, scores, serving.labels, serving.bundle.bundle_id, done)
         for sink in self.sinks:
             sink.emit(results)
         for info in infos:

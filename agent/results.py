@@ -24,9 +24,9 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_results(
-    infos: list[FrameInfo], logits: np.ndarray, labels: list[str], k: int, engine_id: str, done: float
+    infos: list[FrameInfo], idx: np.ndarray, scores: np.ndarray, labels: list[str], engine_id: str, done: float
 ) -> list[dict[str, Any]]:
-    idx, scores = top_k(logits, k)
+    """One result per frame from :func:`top_k`'s (indices, scores)."""
     return [
         {
             "camera": info.camera,

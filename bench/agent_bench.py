@@ -92,6 +92,7 @@ def run_agent(
 ) -> dict:
     cfg = {
         "device": "bench",
+        "state_dir": str(work / "state"),
         "engine": {"bundle": str(bundle), "trusted_keys": [str(public)]},
         "cameras": [{"name": f"cam{i}", "source": str(video), "loop": True, "fps": 30} for i in range(cameras)],
         "batching": batching,

@@ -10,7 +10,6 @@ entries are dropped), and the Linen numbering produced by the original loader
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.bundle import file_digest
 from builder.architecture import ModelConfig, Shape, infer_config
 from builder.errors import CheckpointError
 
@@ -71,14 +71,6 @@ def canonical_names(names: list[str]) -> tuple[dict[str, str], list[str]]:
     return mapping, ignored
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _open(path: Path) -> zipfile.ZipFile:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -119,7 +111,7 @@ def read_checkpoint(
             if on_tensor:
                 on_tensor(done, len(mapping))
     config = infer_config({k: v.shape for k, v in params.items()}, model)
-    return Checkpoint(path, file_sha256(path), config, params, ignored)
+    return Checkpoint(path, file_digest(path)["sha256"], config, params, ignored)
 
 
 def save_checkpoint(path: str | Path, params: Mapping[str, np.ndarray]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from dataclasses import fields
@@ -27,6 +28,7 @@ from builder.errors import BuildError, VerificationError
 from builder.export import ExportOptions, ExportResult, export_checkpoint
 from builder.keys import keygen
 from builder.onnx_export import DEFAULT_OPSET
+from builder.pack import pack_bundle
 from builder.passport import Gate, GateError
 from builder.precision import CALIBRATION_METHODS
 from builder.verify import DEFAULT_TOLERANCE, REPORT_FILE
@@ -122,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="verify a bundle as a device would and show its passport")
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--trust", type=Path, action="append", required=True, help="trusted public key (repeatable)")
+    pack = commands.add_parser("pack", help="bundle folder -> reproducible .tar.gz for devices to download")
+    pack.add_argument("bundle", type=Path)
+    pack.add_argument("--out", type=Path, required=True, help="archive path (.tar.gz)")
+    pack.add_argument("--trust", type=Path, action="append", help="check the signature too (repeatable)")
     demo = commands.add_parser("demo", help="demo checkpoints -> verified exports -> signed INT8 CPU bundles")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for exports, keys and bundles")
     return root
@@ -233,6 +239,14 @@ def run_inspect(args: argparse.Namespace, console: Console) -> None:
         raise BuildError(f"{bundle.bundle_id} does not reproduce its golden set on this device")
 
 
+def run_pack(args: argparse.Namespace, console: Console) -> None:
+    try:
+        reference = pack_bundle(args.bundle, args.out, args.trust and [load_public_key(p) for p in args.trust])
+    except (BundleError, SignatureError) as exc:
+        raise BuildError(str(exc)) from exc
+    console.print(f"wrote {args.out}; deploy with bundle: {json.dumps({**reference, 'url': '<where it is served>'})}")
+
+
 def run_demo(args: argparse.Namespace, console: Console) -> None:
     keys = args.out / "keys"
     key = keys / "edgevit.key"
@@ -263,6 +277,7 @@ COMMANDS = {
     "build": run_build,
     "keygen": run_keygen,
     "inspect": run_inspect,
+    "pack": run_pack,
     "demo": run_demo,
 }
 

@@ -23,6 +23,7 @@ from rich.progress import Progress
 
 from agent.bundle import PROVIDERS, SCHEMA_VERSION, file_digest
 from agent.device import X86_INT8_FEATURES, DeviceInfo
+from agent.drift import output_profile
 from agent.preprocess import METADATA_KEY, InputSpec
 from agent.runtimes import open_engine
 from agent.signing import load_private_key
@@ -320,6 +321,7 @@ def build_engine_bundle(
                 "latency_measured": timed,
             },
             "candidates": [c.summary() for c in candidates],
+            "outputs": output_profile(chosen.logits),  # the agent's drift reference
             "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},
         }
         manifest = {

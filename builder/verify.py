@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from builder.checkpoint import file_sha256
+from agent.bundle import file_digest
 from builder.errors import VerificationError
 
 DEFAULT_TOLERANCE = 1e-3
@@ -101,7 +101,7 @@ def verify(
         batch_sizes=batch_sizes,
         opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         op_histogram=op_histogram(proto),
-        files={p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in model_files},
+        files={p.name: file_digest(p) for p in model_files},
         runtime={"onnxruntime": ort.__version__, "python": platform.python_version(), **reference_versions},
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +65,16 @@ def stop_agent(proc: subprocess.Popen[str]) -> tuple[str, str]:
     return proc.communicate(timeout=60)
 
 
-def start_mosquitto(folder: Path, port: int) -> subprocess.Popen[bytes]:
-    """A real Mosquitto on a loopback port, persistent so sessions and queued messages survive a restart."""
+def start_mosquitto(folder: Path, port: int, access: str = "allow_anonymous true\n") -> subprocess.Popen[bytes]:
+    """A real Mosquitto on a loopback port, persistent so sessions and queued messages survive a restart.
+
+    ``access`` holds the authentication and TLS lines. Run as root, Mosquitto would switch to its
+    own user, which cannot read the test's folders: it keeps the user that starts it.
+    """
     (folder / "broker").mkdir(parents=True, exist_ok=True)
     conf = folder / "mosquitto.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"listener {port} 127.0.0.1\nuser {getpass.getuser()}\n{access}persistence true\n"
         f"persistence_location {folder / 'broker'}/\nmax_queued_messages 100000\n"
     )
     proc = subprocess.Popen(
@@ -75,11 +82,151 @@ def start_mosquitto(folder: Path, port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    wait_for_port(port, proc)
+    return proc
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until something listens on the loopback ``port``; kills ``proc`` if nothing does within 5 s."""
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc
+            return
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"mosquitto did not start on port {port}")
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def rebundle(
+    original: Path,
+    out: Path,
+    key: Path,
+    bundle_id: str,
+    engine: Path | None = None,
+    manifest_changes: dict[str, Any] | None = None,
+) -> Path:
+    """A copy of a bundle signed with ``key``: another id, engine file or requirements, same golden set."""
+    import numpy as np
+
+    from agent.bundle import verify_bundle
+    from agent.signing import load_private_key
+    from builder.bundle_writer import write_bundle
+
+    bundle = verify_bundle(original, None)
+    with np.load(bundle.golden_path) as golden:
+        golden_set = dict(golden)
+    manifest = {k: v for k, v in bundle.manifest.items() if k != "files"}
+    manifest.update(bundle_id=bundle_id, **(manifest_changes or {}))
+    files = [engine or bundle.engine_path]
+    return write_bundle(out, files, bundle.labels, bundle.passport, golden_set, manifest, load_private_key(key))
+
+
+def blank_image_folder(root: Path, count: int = 4) -> Path:
+    """Black PNGs: calibrating INT8 on them over-quantizes a model reliably."""
+    import cv2
+    import numpy as np
+
+    root.mkdir(parents=True)
+    for i in range(count):
+        cv2.imwrite(str(root / f"{i}.png"), np.zeros((48, 48, 3), np.uint8))
+    return root
+
+
+class Operator:
+    """An MQTT 5 client for one device: sends commands, reads replies in order, collects events."""
+
+    def __init__(
+        self,
+        port: int,
+        base: str = "edgevit/test-box",
+        tls: dict[str, Any] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        import queue
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.base = base
+        self.process: subprocess.Popen[str] | None = None  # the agent, when one was started with it
+        self.folder: Path | None = None
+        self.replies: queue.Queue[tuple[str, dict, object]] = queue.Queue()
+        self.events: list[dict[str, Any]] = []
+        self._events_lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"operator-{port}", protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        if tls:
+            self.client.tls_set(**tls)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([(f"{base}/reply", 1), ("operator/inbox", 1), (f"{base}/events", 1)])
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        payload = json.loads(message.payload)
+        if message.topic == f"{self.base}/events":
+            with self._events_lock:
+                self.events.append(payload)
+        else:
+            self.replies.put((message.topic, payload, getattr(message.properties, "CorrelationData", None)))
+
+    def send(self, payload: bytes | dict[str, Any]) -> dict[str, Any]:
+        return self.send_many([payload if isinstance(payload, bytes) else json.dumps(payload).encode()])[0]
+
+    def send_many(self, payloads: list[bytes]) -> list[dict[str, Any]]:
+        """Publish all, then read as many replies: MQTT keeps QoS 1 messages of one client in order."""
+        for data in payloads:
+            self.client.publish(f"{self.base}/cmd", data, qos=1)
+        replies = []
+        for _ in payloads:
+            topic, reply, _ = self.replies.get(timeout=30)
+            assert topic == f"{self.base}/reply"
+            replies.append(reply)
+        return replies
+
+    def wait_event(self, kind: str, timeout: float = 90, **match: Any) -> dict[str, Any]:
+        """The first event of ``kind`` whose fields equal ``match``; fails with every event seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._events_lock:
+                for event in self.events:
+                    if event["event"] == kind and all(event.get(k) == v for k, v in match.items()):
+                        return event
+            time.sleep(0.1)
+        raise AssertionError(f"no {kind} event with {match} in {timeout} s; events: {self.events}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextlib.contextmanager
+def device_over_mqtt(
+    folder: Path, bundle: Path, public_key: Path, video: Path, fps: float, **sections: Any
+) -> Iterator[Operator]:
+    """A real Mosquitto, a real agent with two looping cameras (door, yard), and an operator for it."""
+    from conftest import free_port
+
+    port = free_port()
+    broker = start_mosquitto(folder, port)
+    cameras = [{"name": n, "source": str(video), "loop": True, "fps": fps} for n in ("door", "yard")]
+    config = write_config(
+        folder / "agent.yaml", bundle, public_key, cameras, mqtt={"host": "127.0.0.1", "port": port}, **sections
+    )
+    process = start_agent(config)
+    time.sleep(3)
+    operator = Operator(port)
+    operator.process, operator.folder = process, folder
+    try:
+        yield operator
+    finally:
+        _, err = stop_agent(operator.process)  # a test may have restarted the agent
+        operator.close()
+        broker.terminate()
+        broker.wait()
+    assert operator.process.returncode == 0, err[-3000:]

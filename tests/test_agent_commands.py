@@ -3,79 +3,32 @@
 from __future__ import annotations
 
 import json
-import queue
 import time
 from collections.abc import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from agent_helpers import start_agent, start_mosquitto, stop_agent, write_config
+from agent_helpers import Operator, device_over_mqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from conftest import free_port
 
 BASE = "edgevit/test-box"
 
 
-class Requester:
-    """Sends commands one at a time and reads the replies in order."""
-
-    def __init__(self, port: int) -> None:
-        self.replies: queue.Queue[tuple[str, dict, object]] = queue.Queue()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="operator", protocol=mqtt.MQTTv5)
-        self.client.on_message = lambda c, u, m: self.replies.put(
-            (m.topic, json.loads(m.payload), getattr(m.properties, "CorrelationData", None))
-        )
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe([(f"{BASE}/reply", 1), ("operator/inbox", 1)])
-        self.client.loop_start()
-        time.sleep(0.3)
-
-    def send(self, payload: bytes | dict) -> dict:
-        return self.send_many([payload if isinstance(payload, bytes) else json.dumps(payload).encode()])[0]
-
-    def send_many(self, payloads: list[bytes]) -> list[dict]:
-        """Publish all, then read as many replies: MQTT keeps QoS 1 messages of one client in order."""
-        for data in payloads:
-            self.client.publish(f"{BASE}/cmd", data, qos=1)
-        replies = []
-        for _ in payloads:
-            topic, reply, _ = self.replies.get(timeout=30)
-            assert topic == f"{BASE}/reply"
-            replies.append(reply)
-        return replies
-
-
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[Requester]:
-    tmp = tmp_path_factory.mktemp("commands")
-    port = free_port()
-    broker = start_mosquitto(tmp, port)
-    cameras = [{"name": n, "source": str(digits_video), "loop": True, "fps": 20} for n in ("door", "yard")]
-    process = start_agent(
-        write_config(tmp / "agent.yaml", demo_bundle, signing_key[1], cameras, mqtt={"host": "127.0.0.1", "port": port})
-    )
-    time.sleep(3)
-    requester = Requester(port)
-    requester.process = process  # type: ignore[attr-defined]
-    yield requester
-    stop_agent(process)
-    requester.client.loop_stop()
-    broker.terminate()
-    broker.wait()
+def agent(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[Operator]:
+    with device_over_mqtt(tmp_path_factory.mktemp("commands"), demo_bundle, signing_key[1], digits_video, 20) as op:
+        yield op
 
 
-def processed(agent: Requester, camera: str) -> int:
+def processed(agent: Operator, camera: str) -> int:
     return agent.send({"id": f"status-{time.monotonic_ns()}", "cmd": "status"})["result"]["cameras"][camera]["counts"][
         "processed"
     ]
 
 
-def test_ping_over_mqtt5_request_response(agent: Requester) -> None:
+def test_ping_over_mqtt5_request_response(agent: Operator) -> None:
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = "operator/inbox"
     props.CorrelationData = b"req-42"
@@ -85,14 +38,14 @@ def test_ping_over_mqtt5_request_response(agent: Requester) -> None:
     assert inbox[1]["ok"] and "pong" in inbox[1]["result"] and inbox[2] == b"req-42"
 
 
-def test_status_and_list(agent: Requester) -> None:
+def test_status_and_list(agent: Operator) -> None:
     status = agent.send({"id": "s1", "cmd": "status"})["result"]
     assert status["engine"].startswith("vit-digits") and set(status["cameras"]) == {"door", "yard"}
     bundles = agent.send({"id": "l1", "cmd": "list"})["result"]["bundles"]
     assert bundles[0]["active"] and bundles[0]["bundle_id"] == status["engine"]
 
 
-def test_set_batching_is_validated(agent: Requester) -> None:
+def test_set_batching_is_validated(agent: Operator) -> None:
     bad = agent.send({"id": "b1", "cmd": "set", "batching": {"latency_budget_ms": -5}})
     assert not bad["ok"] and "batching.latency_budget_ms: Input should be greater than 0" in bad["error"]
     assert agent.send({"id": "s2", "cmd": "status"})["result"]["batching"]["latency_budget_ms"] == 100
@@ -101,7 +54,7 @@ def test_set_batching_is_validated(agent: Requester) -> None:
     assert agent.send({"id": "s3", "cmd": "status"})["result"]["batching"]["latency_budget_ms"] == 80
 
 
-def test_pause_and_resume_a_camera(agent: Requester) -> None:
+def test_pause_and_resume_a_camera(agent: Operator) -> None:
     assert agent.send({"id": "pause-1", "cmd": "pause", "camera": "yard"})["ok"]
     time.sleep(0.5)
     before, door_before = processed(agent, "yard"), processed(agent, "door")
@@ -114,10 +67,12 @@ def test_pause_and_resume_a_camera(agent: Requester) -> None:
     assert not bad["ok"] and "'camera' must name one of door, yard" in bad["error"]
 
 
-def test_same_id_is_applied_once(agent: Requester) -> None:
+def test_same_id_is_applied_once(agent: Operator) -> None:
     command = {"id": "once", "cmd": "set", "camera": "door", "settings": {"fps": 15}}
     first, second = agent.send(command), agent.send(command)
     assert first["ok"] and second == {**first, "duplicate": True}
+    other = agent.send({**command, "settings": {"fps": 5}})
+    assert not other["ok"] and other["error"] == "id 'once' was already used by another command"
 
 
 @pytest.mark.parametrize(
@@ -131,7 +86,7 @@ def test_same_id_is_applied_once(agent: Requester) -> None:
         (b'{"id": "u2", "cmd": "set", "camera": "door", "settings": {"fps": "fast"}}', "cameras.door.fps"),
     ],
 )
-def test_bad_commands_get_precise_errors(agent: Requester, payload: bytes, message: str) -> None:
+def test_bad_commands_get_precise_errors(agent: Operator, payload: bytes, message: str) -> None:
     reply = agent.send(payload)
     assert reply["ok"] is False and message in reply["error"]
 
@@ -153,7 +108,7 @@ commands = st.one_of(
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(commands, min_size=100, max_size=100))
-def test_generated_malformed_commands_are_each_answered(agent: Requester, payloads: list[bytes]) -> None:
+def test_generated_malformed_commands_are_each_answered(agent: Operator, payloads: list[bytes]) -> None:
     """3,000 generated commands in all, 100 at a time: every one answered, the agent unaffected."""
     replies = agent.send_many(payloads)
     assert len(replies) == len(payloads)
@@ -162,7 +117,7 @@ def test_generated_malformed_commands_are_each_answered(agent: Requester, payloa
     assert agent.process.poll() is None  # type: ignore[attr-defined]
 
 
-def test_agent_still_serves_after_the_fuzzing(agent: Requester) -> None:
+def test_agent_still_serves_after_the_fuzzing(agent: Operator) -> None:
     agent.send({"id": "fix-door", "cmd": "resume", "camera": "door"})
     agent.send({"id": "fix-yard", "cmd": "resume", "camera": "yard"})
     before = processed(agent, "door")

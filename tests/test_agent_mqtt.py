@@ -130,10 +130,13 @@ def test_broker_outage_loses_no_result(demo_bundle, signing_key, digits_video: P
         down_at = time.time()
         broker.terminate()
         broker.wait()
-        time.sleep(10)
+        time.sleep(30)
         up_at = time.time()
         broker = start_mosquitto(tmp_path, port)
-        time.sleep(10)
+        backlog = result_seqs(read_results(tmp_path / "results.jsonl"))
+        deadline = time.monotonic() + 60  # the agent's reconnect backoff reaches 30 s
+        while time.monotonic() < deadline and backlog - result_seqs(collector.on("/result")):
+            time.sleep(0.5)
     finally:
         stdout, stderr = stop_agent(agent)
         time.sleep(2)

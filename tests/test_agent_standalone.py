@@ -55,6 +55,9 @@ def test_labelled_video_end_to_end(demo_bundle: Path, signing_key, digits_video:
     agent = {r["seq"]: int(r["top"][0]["label"]) for r in results}
     assert {s: expected[s - 1] for s in agent} == agent, "agent top-1 == engine top-1 on the same frames"
     assert np.mean([agent[s] == labels[s - 1] for s in agent]) >= 0.95
+    drift = summary(proc.stdout)["drift"]  # held-out digits look like the evaluation set: little drift
+    assert drift["frames"] == len(results) and drift["class_mix_distance"] < 0.2
+    assert abs(drift["confidence_drift"]) < 0.1
     r = results[0]
     assert {"camera", "seq", "captured", "top", "engine", "latency_ms", "batch"} <= r.keys() and len(r["top"]) == 3
 
@@ -139,3 +142,11 @@ def test_check_mode(demo_bundle, signing_key, digits_video: Path, tmp_path: Path
     )
     proc = run_agent(path, "--check")
     assert proc.returncode == 0 and "golden set reproduced" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["agent.yaml", "demo.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    from agent.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / name)
+    assert config.canary.max_restarts >= 0 and config.state_dir.name in ("edgevit", "state")

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from agent_helpers import blank_image_folder
 
 from agent.bundle import verify_bundle
 from agent.device import DeviceInfo
@@ -72,16 +73,9 @@ def test_golden_set_reproduces(int8_bundles: dict[str, Path], signing_key) -> No
         assert golden["images"].shape == (8, 64, 64, 3) and golden["images"].dtype == np.uint8
 
 
-def _blank_folder(root: Path) -> Path:
-    root.mkdir()
-    for i in range(4):
-        cv2.imwrite(str(root / f"{i}.png"), np.zeros((48, 48, 3), np.uint8))
-    return root
-
-
 def test_blank_calibration_is_refused(demo_exports, signing_key, tmp_path: Path) -> None:
     options = EngineOptions(
-        precision="int8", quantization="static", calib=str(_blank_folder(tmp_path / "blank")), **FAST
+        precision="int8", quantization="static", calib=str(blank_image_folder(tmp_path / "blank")), **FAST
     )
     with pytest.raises(GateError, match=r"top-1 dropped [\d.]+ points, [\d.]+ over the budget of 1"):
         build_engine_bundle(demo_exports["vit-digits"], tmp_path / "bundle", signing_key[0], options)
@@ -93,7 +87,7 @@ def test_accepting_the_loss_is_recorded(demo_exports, signing_key, tmp_path: Pat
     options = EngineOptions(
         precision="int8",
         quantization="static",
-        calib=str(_blank_folder(tmp_path / "blank")),
+        calib=str(blank_image_folder(tmp_path / "blank")),
         accept_accuracy_loss=True,
         **FAST,
     )

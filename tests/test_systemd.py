@@ -11,80 +11,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import pytest
-from agent_helpers import start_agent, write_config
-from onnx import TensorProto, helper
+from agent_helpers import rebundle, start_agent, write_config
+from engine_variants import hang_on_bright_frames
 
 from agent.bundle import verify_bundle
-from agent.signing import load_private_key, load_public_key
-from builder.bundle_writer import write_bundle
 
 UNIT = Path(__file__).parents[1] / "systemd" / "edgevit-agent.service"
 
 
-def hang_on_bright_frames(src: Path, dst: Path) -> Path:
-    """The engine, plus a Loop that runs ~forever when the batch's mean pixel exceeds 200.
-
-    A real engine that hangs on real input: normal frames pass, a white frame never returns.
-    """
-    model = onnx.load(str(src))
-    graph = model.graph
-    producer = next(n for n in graph.node if "logits" in n.output)
-    producer.output[list(producer.output).index("logits")] = "logits_raw"
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
-        "spin",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, []),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, []),
-        ],
-    )
-    consts = {
-        "hang_200": np.array(200.0, np.float32),
-        "hang_many": np.array(10**15, np.int64),
-        "hang_none": np.array(0, np.int64),
-        "hang_true": np.array(True),
-        "hang_zero": np.array(0.0, np.float32),
-    }
-    graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
-    graph.node.extend(
-        [
-            helper.make_node("Cast", ["images"], ["hang_f"], to=TensorProto.FLOAT),
-            helper.make_node("ReduceMean", ["hang_f"], ["hang_mean"], keepdims=0),
-            helper.make_node("Greater", ["hang_mean", "hang_200"], ["hang_bright"]),
-            helper.make_node("Where", ["hang_bright", "hang_many", "hang_none"], ["hang_trips"]),
-            helper.make_node("Loop", ["hang_trips", "hang_true", "hang_zero"], ["hang_v"], body=body),
-            helper.make_node("Mul", ["hang_v", "hang_zero"], ["hang_nothing"]),
-            helper.make_node("Add", ["logits_raw", "hang_nothing"], ["logits"]),
-        ]
-    )
-    onnx.save(model, str(dst))
-    return dst
-
-
 @pytest.fixture
 def hanging_bundle(demo_bundle: Path, signing_key, tmp_path: Path) -> Path:
-    original = verify_bundle(demo_bundle, [load_public_key(signing_key[1])])
-    engine = hang_on_bright_frames(original.engine_path, tmp_path / "model-hangs.onnx")
-    with np.load(original.golden_path) as golden:
-        golden_set = dict(golden)
-    manifest = {k: v for k, v in original.manifest.items() if k != "files"}
-    manifest["bundle_id"] = "hangs-on-white"
-    return write_bundle(
-        tmp_path / "hanging",
-        [engine],
-        original.labels,
-        original.passport,
-        golden_set,
-        manifest,
-        load_private_key(signing_key[0]),
-    )
+    engine = hang_on_bright_frames(verify_bundle(demo_bundle, None).engine_path, tmp_path / "model-hangs.onnx")
+    return rebundle(demo_bundle, tmp_path / "hanging", signing_key[0], "hangs-on-white", engine=engine)
 
 
 def digits_then_white(path: Path, digits: int, white: int) -> Path:

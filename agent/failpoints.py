@@ -1,0 +1,19 @@
+"""Named crash points for the kill -9 tests of the engine lifecycle.
+
+``EDGEVIT_FAILPOINT=<name>`` makes the agent SIGKILL itself when it reaches that step,
+exactly as a power cut or the OOM killer would stop it there; unset, a failpoint is
+one dictionary lookup. The names are listed in :data:`STEPS`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+STEPS = ("install-copied", "before-state", "after-state", "after-swap", "before-commit", "after-commit")
+
+
+def failpoint(name: str) -> None:
+    assert name in STEPS, name
+    if os.environ.get("EDGEVIT_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,549 @@
+"""The engine lifecycle on a device: boot, deploy, verify, swap, canary, then commit or revert.
+
+Boot
+    ``engine.bundle`` from the config is the first engine: installed into the store
+    and made active when its id changes. The active engine is verified (signature,
+    hashes, this device) and must reproduce its golden set in its worker; if it does
+    not, the previous one, then the config's, is tried, and the agent says which it
+    fell back to. A canary interrupted by restarts is resumed, and reverted once the
+    agent has started more than ``canary.max_restarts`` times during it (a crash loop).
+
+Deploy (MQTT ``deploy`` or a bundle dropped into ``engine.inbox``), in a job thread
+    fetch (path or URL) -> verify and install in the store -> open the candidate in its
+    own worker beside the serving engine -> golden set -> latency at the working batch
+    size against its passport and the serving engine -> state file names it active
+    in canary -> swap between two batches.
+
+Canary
+    For ``canary.window_s`` (and at least ``min_frames`` served): failed batches,
+    top-1 agreement and paired p99 latency against the previous engine on sampled
+    live batches (:class:`~agent.shadow.Shadow`), and a golden recheck at the end. Any
+    violation swaps the previous engine back, marks the bundle bad (refused later
+    unless forced) and publishes a ``revert`` event with the figures; otherwise a
+    ``commit`` event, and the passport's output profile is the drift reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.archive import is_archive
+from agent.bundle import MANIFEST, Bundle, BundleError, verify_bundle
+from agent.config import AgentConfig
+from agent.device import DeviceInfo
+from agent.drift import DriftMonitor
+from agent.failpoints import failpoint
+from agent.fetch import BundleRef, fetch
+from agent.golden import GoldenCheck, check_golden
+from agent.pipeline import EventSink, Pipeline, Serving, passport_p99
+from agent.runtimes import EngineError
+from agent.shadow import Shadow
+from agent.signing import SignatureError, load_public_key
+from agent.store import Canary, EngineState, EngineStore, StoreError
+from agent.worker import WorkerEngine, WorkerSpec
+
+log = logging.getLogger("edgevit.lifecycle")
+MIN_LATENCY_PAIRS = 20  # paired shadow batches before the canary judges p99
+INBOX_SETTLE_S = 2.0  # an inbox item must be this old: a copy in progress is not a bundle yet
+Done = Callable[[bool, str], None]
+
+
+class LifecycleError(RuntimeError):
+    """A deploy or rollback request is refused before it starts; the message says why."""
+
+
+class VerificationError(RuntimeError):
+    """A candidate engine failed a check on this device; the message carries the figures."""
+
+
+REFUSALS = (BundleError, SignatureError, EngineError, VerificationError, StoreError, OSError)
+
+
+class Lifecycle:
+    def __init__(self, config: AgentConfig, events: EventSink) -> None:
+        self.config, self.events = config, events
+        self.store = EngineStore(config.state_dir)
+        self.state = self.store.load()
+        engine = config.engine
+        self.keys = [load_public_key(p) for p in engine.trusted_keys] if engine.require_signature else None
+        self.device = DeviceInfo.probe()
+        self.pipeline: Pipeline | None = None
+        self.previous: Serving | None = None  # kept open during a canary: shadow runs, instant revert
+        self._job: threading.Thread | None = None
+        self._job_lock = threading.Lock()
+        self._revert_requested: str | None = None
+        self._stop = threading.Event()
+        self._inbox_pending: set[Path] = set()
+
+    # -- building blocks ---------------------------------------------------------------------------
+    def verify(self, folder: Path) -> Bundle:
+        return verify_bundle(folder, self.keys, self.device)
+
+    def open_checked(self, bundle: Bundle) -> tuple[Serving, GoldenCheck]:
+        """The bundle's engine in its own worker, after it reproduced its golden set here."""
+        target = bundle.target
+        if self.config.engine.onnxruntime_tensorrt and target == "cuda":
+            target = "tensorrt-ep"
+        spec = bundle.input_spec
+        worker = WorkerEngine(
+            WorkerSpec(
+                bundle.backend,
+                target,
+                bundle.engine_path,
+                bundle.batch_range[1],
+                spec.height,
+                spec.width,
+                len(bundle.labels),
+                self.config.engine.threads,
+            ),
+            timeout_s=self.config.engine.batch_timeout_s,
+            max_rss_mib=self.config.engine.worker_max_rss_mib,
+        )
+        try:
+            golden = check_golden(worker, bundle.golden_path, bundle.batch_range[1])
+        except EngineError:
+            worker.close()
+            raise
+        if not golden.passed:
+            worker.close()
+            raise VerificationError(f"{bundle.bundle_id} does not reproduce its golden set here: {golden.summary()}")
+        return Serving.of(bundle, worker), golden
+
+    def _save(self) -> None:
+        self.store.save(self.state)
+
+    # -- boot --------------------------------------------------------------------------------------
+    def boot(self) -> Serving:
+        """The engine to serve at start (raises :class:`LifecycleError` when none loads)."""
+        self._install_seed()
+        canary = self.state.canary
+        if canary:
+            canary.boots += 1
+            if canary.boots > self.config.canary.max_restarts:
+                reason = f"crash loop: the agent started {canary.boots} times during the canary window"
+                self._undo_canary(reason)
+                self.events("revert", {"bundle_id": canary.bundle, "reason": reason, "restored": canary.previous})
+            self._save()
+        failures: list[str] = []
+        order = dict.fromkeys(b for b in (self.state.active, self.state.previous, self.state.seed) if b)
+        for installed_id in [*order, None]:  # None: reinstall engine.bundle, the last resort
+            try:
+                folder = self.store.path(installed_id) if installed_id else self._reinstall_seed()
+                serving, golden = self.open_checked(self.verify(folder))
+            except REFUSALS as exc:
+                name = installed_id or f"engine.bundle {self.config.engine.bundle}"
+                failures.append(f"{name}: {exc}")
+                if installed_id:
+                    self.state.bad[installed_id] = f"failed to load at start: {exc}"
+                log.error("engine %s does not load: %s", name, exc)
+                continue
+            bundle_id = serving.bundle.bundle_id
+            log.info("engine %s loaded (%s)", bundle_id, golden.summary())
+            if bundle_id != self.state.active:
+                self.events("fallback", {"bundle_id": bundle_id, "failed": failures})
+                log.warning("fell back to engine %s: %s", bundle_id, "; ".join(failures))
+                self.state.previous = self.state.previous if self.state.previous != bundle_id else None
+                self.state.active, self.state.canary = bundle_id, None
+            self._save()
+            if self.state.canary:
+                self.previous = self._open_previous(self.state.canary.previous)
+                if self.previous:
+                    serving.shadow = self._shadow_of(self.previous, serving.bundle)
+            return serving
+        self._save()
+        raise LifecycleError("no installed engine loads: " + "; ".join(failures))
+
+    def _reinstall_seed(self) -> Path:
+        """Install engine.bundle afresh over a damaged copy in the store."""
+        seed = self.verify(self.config.engine.bundle)
+        shutil.rmtree(self.store.path(seed.bundle_id), ignore_errors=True)
+        self.store.install(seed.root, self.verify)
+        self.state.bad.pop(seed.bundle_id, None)
+        log.warning("reinstalled %s from engine.bundle %s", seed.bundle_id, self.config.engine.bundle)
+        return self.store.path(seed.bundle_id)
+
+    def _install_seed(self) -> None:
+
+        try:
+            seed = self.verify(self.config.engine.bundle)
+        except (BundleError, SignatureError) as exc:
+            if not self.state.active:
+                raise LifecycleError(str(exc)) from exc
+            log.warning("engine.bundle is not usable (%s); serving the installed engines", exc)
+            return
+        if seed.bundle_id == self.state.seed:
+            return
+        self.store.install(seed.root, self.verify)
+        if self.state.active != seed.bundle_id:  # the operator changed engine.bundle: it wins
+            self.state.previous, self.state.active, self.state.canary = self.state.active, seed.bundle_id, None
+        self.state.seed = seed.bundle_id
+        self.state.bad.pop(seed.bundle_id, None)
+        self._save()
+
+    def _open_previous(self, bundle_id: str) -> Serving | None:
+        try:
+            return self.open_checked(self.verify(self.store.path(bundle_id)))[0]
+        except REFUSALS as exc:
+            log.error("the canary's previous engine %s does not load (%s): no shadow runs, no revert", bundle_id, exc)
+            return None
+
+    def _shadow_of(self, previous: Serving, candidate: Bundle) -> Shadow:
+        spec = candidate.input_spec
+        shape = (candidate.batch_range[1], spec.height, spec.width, 3)
+        return Shadow(previous.engine, self.config.canary.shadow_every, shape)
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """Start watching a canary that a restart interrupted."""
+        self.pipeline = pipeline
+        if self.state.canary:
+            self._start_job("canary", self._watch_canary, pipeline.serving)
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def _start_job(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        with self._job_lock:
+            if self._job and self._job.is_alive():
+                raise LifecycleError(f"busy: a {self._job.name} is in progress")
+            self._job = threading.Thread(target=target, args=args, name=name, daemon=True)
+            self._job.start()
+
+    def busy(self) -> bool:
+        return bool(self._job and self._job.is_alive())
+
+    def request_deploy(self, ref: BundleRef, force: bool, command_id: str | None, on_done: Done | None = None) -> None:
+        if self.state.canary:
+            raise LifecycleError(f"the canary of {self.state.canary.bundle} is in progress; wait or roll back")
+        self._start_job("deploy", self._deploy, ref, force, command_id, on_done or (lambda ok, msg: None))
+
+    def request_rollback(self, target: str | None, force: bool, command_id: str | None) -> str:
+        """Roll back now: during a canary, revert it; else swap to ``target`` (default: previous)."""
+        if self.state.canary:
+            self._revert_requested = f"rolled back by command {command_id}"
+            return self.state.canary.previous
+        target = target or self.state.previous
+        if target is None:
+            raise LifecycleError("there is no previous engine to roll back to")
+        if target == self.state.active:
+            raise LifecycleError(f"{target} is already the active engine")
+        if target not in self.store.installed():
+            raise LifecycleError(f"{target} is not installed (installed: {', '.join(self.store.installed())})")
+        if target in self.state.bad and not force:
+            raise LifecycleError(f"{target} is marked bad ({self.state.bad[target]}); add force: true")
+        self._start_job("rollback", self._rollback, target, force, command_id)
+        return target
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._job:
+            self._job.join(timeout=60)
+
+    # -- deploy ------------------------------------------------------------------------------------
+    def _deploy(self, ref: BundleRef, force: bool, command_id: str | None, on_done: Done) -> None:
+        context: dict[str, Any] = {"command_id": command_id, "source": ref.describe()}
+        try:
+            serving = self._prepare(ref, force, context)
+        except REFUSALS as exc:
+            self.events("deploy", {**context, "ok": False, "error": str(exc)})
+            on_done(False, str(exc))
+            return
+        if serving is None:  # deploying what already runs succeeds and changes nothing
+            self.events("deploy", {**context, "ok": True, "already_active": True})
+            on_done(True, context["bundle_id"])
+            return
+        try:
+            self._go_live(serving, context)
+        except VerificationError as exc:
+            self.events("deploy", {**context, "ok": False, "error": str(exc)})
+            on_done(False, str(exc))
+            return
+        on_done(True, serving.bundle.bundle_id)
+        self._watch_canary(serving)
+
+    def _prepare(self, ref: BundleRef, force: bool, context: dict[str, Any]) -> Serving | None:
+        assert self.pipeline is not None
+        state_dir = self.config.state_dir
+        (state_dir / "staging").mkdir(parents=True, exist_ok=True)
+        max_bytes = int(self.config.engine.max_bundle_mib * 2**20)
+        with tempfile.TemporaryDirectory(dir=state_dir / "staging") as work:
+            folder = fetch(ref, state_dir / "downloads", Path(work), max_bytes)
+            bundle = self.store.install(folder, self.verify)
+        bundle_id = context["bundle_id"] = bundle.bundle_id
+        if bundle_id == self.state.active:
+            return None
+
+        if bundle_id in self.state.bad and not force:
+            raise VerificationError(f"{bundle_id} is marked bad ({self.state.bad[bundle_id]}); add force: true")
+        if bundle.input_spec != self.pipeline.spec:
+            raise VerificationError(
+                f"{bundle_id} expects {bundle.input_spec}; the cameras feed {self.pipeline.spec}: "
+                "an engine with other preprocessing needs engine.bundle and a restart"
+            )
+        try:
+            serving, golden = self.open_checked(bundle)
+            try:
+                latency = self._latency_check(serving)
+            except VerificationError:
+                serving.engine.close()
+                raise
+        except (VerificationError, EngineError) as exc:
+            self.state.bad[bundle_id] = str(exc)
+            self._save()
+            raise
+        self.state.bad.pop(bundle_id, None)
+        self.events("verify", {**context, "ok": True, "golden": asdict(golden), "latency": latency})
+        return serving
+
+    def _latency_check(self, serving: Serving) -> dict[str, Any]:
+        """Candidate p99 at the working batch size vs its passport and the serving engine."""
+        assert self.pipeline is not None
+        bundle, cfg = serving.bundle, self.config.swap
+        batch = max(1, min(self.pipeline.decision_summary()["batch"], bundle.batch_range[1]))
+        with np.load(bundle.golden_path) as golden:
+            images = golden["images"][np.arange(batch) % len(golden["images"])]
+        serving.engine.run(images)  # warm-up
+        times = []
+        for _ in range(cfg.latency_runs):
+            started = time.monotonic()
+            serving.engine.run(images)
+            times.append(time.monotonic() - started)
+        p99 = float(np.percentile(times, 99)) * 1e3
+        figures: dict[str, Any] = {"batch": batch, "p99_ms": round(p99, 3)}
+        limits = {"serving engine": self.pipeline.policy.latency(batch) * 1e3 * cfg.max_current_ratio}
+        figures["serving_p99_ms"] = round(self.pipeline.policy.latency(batch) * 1e3, 3)
+        if bundle.passport.get("latency"):
+            figures["passport_p99_ms"] = round(passport_p99(bundle).get(batch, 0) * 1e3, 3)
+            limits["passport"] = figures["passport_p99_ms"] * cfg.max_passport_ratio
+        for name, limit in limits.items():
+            if limit and p99 > limit + cfg.slack_ms:
+                raise VerificationError(
+                    f"{bundle.bundle_id} takes {p99:.2f} ms (p99) at batch {batch} here, over the limit of "
+                    f"{limit + cfg.slack_ms:.2f} ms from the {name}: {figures}"
+                )
+        return figures
+
+    def _go_live(self, serving: Serving, context: dict[str, Any]) -> None:
+        assert self.pipeline is not None
+        old = self.pipeline.serving
+        failpoint("before-state")
+        self.state.canary = Canary(
+            serving.bundle.bundle_id, old.bundle.bundle_id, self.state.previous, time.time(), 0, context["command_id"]
+        )
+        self.state.active, self.state.previous = serving.bundle.bundle_id, old.bundle.bundle_id
+        self._save()
+        failpoint("after-state")
+        self.previous = Serving.of(old.bundle, old.engine)
+        serving.shadow = self._shadow_of(self.previous, serving.bundle)
+        try:
+            swap = self.pipeline.swap(serving)
+        except (TimeoutError, ValueError) as exc:  # not swapped: the old engine still serves
+            self._undo_canary(f"swap failed: {exc}")
+            self._save()
+            self._release_shadow(serving)
+            serving.engine.close()
+            raise VerificationError(f"swap failed: {exc}") from exc
+        self.events("swap", {**context, "from": old.bundle.bundle_id, "to": serving.bundle.bundle_id, **swap})
+        log.info("swapped %s -> %s (%s)", old.bundle.bundle_id, serving.bundle.bundle_id, swap)
+        failpoint("after-swap")
+
+    # -- canary ------------------------------------------------------------------------------------
+    def canary_figures(self, serving: Serving) -> dict[str, Any]:
+        figures: dict[str, Any] = {
+            "elapsed_s": round(time.monotonic() - serving.since, 1),
+            "frames": serving.frames,
+            "batches": serving.batches,
+            "failed_batches": serving.errors,
+            "worker_restarts": getattr(serving.engine, "restarts", 0),
+        }
+        if serving.shadow:
+            figures.update(serving.shadow.figures())
+        return figures
+
+    def _violation(self, figures: dict[str, Any]) -> str | None:
+        cfg = self.config.canary
+        if figures["failed_batches"] > cfg.max_errors:
+            return f"{figures['failed_batches']} failed batches, more than canary.max_errors {cfg.max_errors}"
+        agreement = figures.get("agreement")
+        if figures.get("shadow_frames", 0) >= cfg.min_shadow_frames and agreement < cfg.min_agreement:
+            return f"top-1 agreement with the previous engine is {agreement:.1%}, under {cfg.min_agreement:.1%}"
+        if figures.get("shadow_batches", 0) >= MIN_LATENCY_PAIRS:
+            limit = figures["previous_p99_ms"] * cfg.max_latency_ratio + cfg.latency_slack_ms
+            if figures["p99_ms"] > limit:
+                return (
+                    f"p99 latency is {figures['latency_ratio']:.2f}x the previous engine's on the same batches "
+                    f"({figures['p99_ms']} vs {figures['previous_p99_ms']} ms), over the limit of {limit:.2f} ms "
+                    f"({cfg.max_latency_ratio:g}x + {cfg.latency_slack_ms:g} ms)"
+                )
+
+        return None
+
+    def _window_done(self, figures: dict[str, Any]) -> bool:
+        cfg = self.config.canary
+        judged = self.previous is None or figures.get("shadow_frames", 0) >= cfg.min_shadow_frames
+        return figures["elapsed_s"] >= cfg.window_s and figures["frames"] >= cfg.min_frames and judged
+
+    def _watch_canary(self, serving: Serving) -> None:
+        while not self._stop.wait(0.25):
+            figures = self.canary_figures(serving)
+            violation = self._revert_requested or self._violation(figures)
+            if violation:
+                self._revert(serving, violation, figures)
+                return
+            if self._window_done(figures):
+                break
+        else:
+            return  # the agent is stopping: the canary resumes at the next start
+        if self.config.canary.golden_recheck:
+            try:
+                golden = check_golden(serving.engine, serving.bundle.golden_path, serving.bundle.batch_range[1])
+            except EngineError as exc:
+                self._revert(serving, f"golden recheck failed: {exc}", figures)
+                return
+            figures["golden"] = golden.summary()
+            if not golden.passed:
+                self._revert(serving, f"golden recheck failed: {golden.summary()}", figures)
+                return
+        self._commit(serving, figures)
+
+    def _commit(self, serving: Serving, figures: dict[str, Any]) -> None:
+        assert self.state.canary is not None
+        failpoint("before-commit")
+        command_id = self.state.canary.command_id
+        self.state.canary = None
+        self._save()
+        failpoint("after-commit")
+        self._release_shadow(serving)
+        serving.drift = DriftMonitor(serving.bundle.passport.get("outputs"), len(serving.labels))
+        removed = self.store.prune(self.config.engine.keep_installed, self.state)
+        self.events("commit", {"bundle_id": serving.bundle.bundle_id, "command_id": command_id, "figures": figures})
+        log.info("committed %s after its canary: %s (pruned %s)", serving.bundle.bundle_id, figures, removed)
+
+    def _release_shadow(self, serving: Serving) -> None:
+        shadow, serving.shadow = serving.shadow, None
+        if shadow:
+            shadow.close()
+        if self.previous:
+            self.previous.engine.close()
+            self.previous = None
+
+    def _undo_canary(self, reason: str) -> None:
+        canary = self.state.canary
+        assert canary is not None
+        self.state.bad[canary.bundle] = reason
+        self.state.active, self.state.previous, self.state.canary = canary.previous, canary.before_previous, None
+
+    def _revert(self, serving: Serving, reason: str, figures: dict[str, Any]) -> None:
+        assert self.pipeline is not None and self.state.canary is not None
+        canary = self.state.canary
+        previous = self.previous or self._open_previous(canary.previous)
+        if previous is None:
+            log.error("cannot revert %s (%s): the previous engine does not load", canary.bundle, reason)
+            self.events("revert", {"bundle_id": canary.bundle, "ok": False, "reason": reason, "figures": figures})
+            return
+        swap = self.pipeline.swap(Serving.of(previous.bundle, previous.engine))
+        self.previous = None
+        if serving.shadow:
+            serving.shadow.close()
+        serving.engine.close()
+        self._undo_canary(reason)
+        self._save()
+        self._revert_requested = None
+        self.events(
+            "revert",
+            {
+                "bundle_id": canary.bundle,
+                "command_id": canary.command_id,
+                "reason": reason,
+                "figures": figures,
+                "restored": canary.previous,
+                **swap,
+            },
+        )
+        log.warning("reverted %s to %s: %s %s", canary.bundle, canary.previous, reason, figures)
+
+    # -- rollback ----------------------------------------------------------------------------------
+    def _rollback(self, target: str, force: bool, command_id: str | None) -> None:
+        assert self.pipeline is not None
+        context = {"command_id": command_id, "bundle_id": target}
+        try:
+            serving, golden = self.open_checked(self.verify(self.store.path(target)))
+            old = self.pipeline.serving
+            self.state.active, self.state.previous = target, old.bundle.bundle_id
+            self.state.bad.pop(target, None)
+            self._save()
+            swap = self.pipeline.swap(serving)
+        except (*REFUSALS, ValueError) as exc:
+            self.events("rollback", {**context, "ok": False, "error": str(exc)})
+            return
+        old.engine.close()
+        self.events("rollback", {**context, "ok": True, "from": old.bundle.bundle_id, **swap})
+
+    # -- inbox -------------------------------------------------------------------------------------
+    def poll_inbox(self) -> None:
+        """Deploy the oldest settled bundle in ``engine.inbox`` (called by the main loop)."""
+        inbox = self.config.engine.inbox
+        if inbox is None or self.busy() or self.state.canary or not inbox.is_dir():
+            return
+        now = time.time()
+        items = [
+            p
+            for p in inbox.iterdir()
+            if not p.name.startswith(".")
+            and p not in self._inbox_pending
+            and (is_archive(p) or (p / MANIFEST).is_file())
+            and now - p.stat().st_mtime >= INBOX_SETTLE_S
+        ]
+        if not items:
+            return
+        item = min(items, key=lambda p: p.stat().st_mtime)
+        self._inbox_pending.add(item)
+        try:
+            self.request_deploy(BundleRef(path=item), False, None, lambda ok, msg: self._inbox_done(item, ok, msg))
+        except LifecycleError:
+            self._inbox_pending.discard(item)
+
+    def _inbox_done(self, item: Path, ok: bool, message: str) -> None:
+        """Installed: the store has its copy. Refused: moved to ``rejected/`` with the reason beside it."""
+        if ok:
+            shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
+        else:
+            rejected = item.parent / "rejected"
+            rejected.mkdir(exist_ok=True)
+            shutil.move(str(item), rejected / item.name)
+            (rejected / f"{item.name}.reason.txt").write_text(message + "\n")
+        self._inbox_pending.discard(item)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        state: EngineState = self.state
+        described: dict[str, Any] = {"active": state.active, "previous": state.previous, "bad": state.bad}
+        if state.canary and self.pipeline:
+            described["canary"] = {"bundle_id": state.canary.bundle, **self.canary_figures(self.pipeline.serving)}
+        return described
+
+    def installed(self) -> list[dict[str, Any]]:
+        rows = []
+        for bundle_id in self.store.installed():
+            try:
+                accuracy = Bundle(self.store.path(bundle_id), {}, "").passport["accuracy"]
+            except (OSError, ValueError, KeyError):
+                accuracy = {}
+            rows.append(
+                {
+                    "bundle_id": bundle_id,
+                    "active": bundle_id == self.state.active,
+                    "previous": bundle_id == self.state.previous,
+                    "bad": self.state.bad.get(bundle_id),
+                    "top1": accuracy.get("engine_top1"),
+                    "agreement": accuracy.get("top1_agreement"),
+                }
+            )
+        return rows

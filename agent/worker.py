@@ -1,0 +1,221 @@
+"""Inference in a child process: an engine that crashes, hangs or leaks takes only its worker down.
+
+The agent and the worker share two memory-mapped buffers, allocated once: the input
+batch (uint8 NHWC at the bundle's maximum batch) and the output logits. The pipe
+between them carries only a batch size and a status, so a batch costs one memcpy in
+and one small copy out. A batch that does not return within ``timeout_s``, a worker
+that dies, or one whose resident memory grows past ``max_rss_mib`` is killed; the
+call raises :class:`EngineError` (counted by the caller as a failed batch) and the
+next call starts a fresh worker. The worker dies with the agent (``PR_SET_PDEATHSIG``),
+so a hung engine never outlives a killed agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+from agent.runtimes import EngineError, open_engine
+
+log = logging.getLogger("edgevit.worker")
+_CONTEXT = mp.get_context("spawn")  # never fork a process that runs camera and MQTT threads
+PARENT_CHECK_S = 0.5
+RSS_CHECK_EVERY_S = 1.0
+# Buffers live in RAM where the system has /dev/shm: never write batches to a Jetson's eMMC.
+BUFFER_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+BUFFER_PREFIX = "edgevit-worker-"
+
+
+def remove_stale_buffers(folder: Path = BUFFER_DIR) -> None:
+    """Delete buffers left by agents that were killed (their pid is in the folder name)."""
+    for path in folder.glob(f"{BUFFER_PREFIX}*"):
+        pid = path.name[len(BUFFER_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            for item in path.iterdir():
+                item.unlink(missing_ok=True)
+            path.rmdir()
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the child needs to open the engine and map the buffers."""
+
+    backend: str
+    target: str
+    engine_path: Path
+    max_batch: int
+    height: int
+    width: int
+    classes: int
+    threads: int | None
+
+    def inputs(self, path: Path, mode: str) -> np.memmap:
+        return np.memmap(path, np.uint8, mode, shape=(self.max_batch, self.height, self.width, 3))
+
+    def outputs(self, path: Path, mode: str) -> np.memmap:
+        return np.memmap(path, np.float32, mode, shape=(self.max_batch, self.classes))
+
+
+def _die_with_parent() -> None:
+    """Exit as soon as the agent is gone, even mid-batch (the pipe's EOF only ends an idle worker).
+
+    Not PR_SET_PDEATHSIG: that fires when the *thread* that started the worker ends, and
+    workers are started by short-lived deploy threads. ONNX Runtime and TensorRT release
+    the GIL while they run, so this thread gets its turn during a hung batch too.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: Path) -> None:
+    """The child: open the engine, then run batches on request until the pipe closes."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its worker stops
+    try:
+        engine = open_engine(spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads)
+        inputs, outputs = spec.inputs(inputs_path, "r+"), spec.outputs(outputs_path, "r+")
+    except Exception as exc:  # reported to the agent, which refuses the engine with this message
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            n = conn.recv()
+        except EOFError:
+            return
+        if n is None:
+            return
+        try:
+            outputs[:n] = engine.run(inputs[:n])
+            conn.send(("ok", n))
+        except Exception as exc:  # a failed batch is the caller's to count; the worker keeps serving
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class WorkerEngine:
+    """An :class:`~agent.runtimes.Engine` whose runtime lives in a child process."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        timeout_s: float = 10.0,
+        start_timeout_s: float = 300.0,
+        max_rss_mib: float | None = None,
+    ) -> None:
+        self.spec, self.timeout_s, self.start_timeout_s = spec, timeout_s, start_timeout_s
+        self.max_rss_mib = max_rss_mib
+
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{BUFFER_PREFIX}{os.getpid()}-", dir=BUFFER_DIR))
+        self._inputs_path, self._outputs_path = self._dir / "inputs", self._dir / "outputs"
+        self._inputs, self._outputs = spec.inputs(self._inputs_path, "w+"), spec.outputs(self._outputs_path, "w+")
+        self._process: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._rss_checked = 0.0
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def _start(self) -> None:
+        parent, child = _CONTEXT.Pipe()
+        process = _CONTEXT.Process(
+            target=_serve,
+            args=(child, self.spec, self._inputs_path, self._outputs_path),
+            name=f"engine-{self.spec.engine_path.parent.parent.name}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        if not parent.poll(self.start_timeout_s):
+            process.kill()
+            raise EngineError(f"engine worker did not load {self.spec.engine_path} within {self.start_timeout_s:g} s")
+        try:
+            status, detail = parent.recv()
+        except EOFError:
+            process.join(5)
+            raise EngineError(f"engine worker died loading {self.spec.engine_path} (exit {process.exitcode})") from None
+        if status != "ready":
+            process.join(5)
+            raise EngineError(str(detail))
+        self._process, self._conn = process, parent
+
+    def _kill(self, why: str) -> EngineError:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+        self._process = self._conn = None
+        log.error("engine worker killed: %s", why)
+        return EngineError(why)
+
+    def _check_rss(self) -> None:
+        now = time.monotonic()
+        if not self.max_rss_mib or now - self._rss_checked < RSS_CHECK_EVERY_S or self._process is None:
+            return
+        self._rss_checked = now
+        try:
+            with open(f"/proc/{self._process.pid}/statm") as fh:
+                rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            return
+        if rss > self.max_rss_mib:
+            raise self._kill(f"engine worker uses {rss:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Copy the batch in, wait at most ``timeout_s``, return a copy of the logits."""
+        n = len(images)
+        if n > self.spec.max_batch:
+            raise EngineError(f"batch of {n} exceeds the engine's maximum of {self.spec.max_batch}")
+        with self._lock:
+            if self._conn is None:
+                self.restarts += 1
+                self._start()
+            assert self._conn is not None and self._process is not None
+            self._inputs[:n] = images
+            try:
+                self._conn.send(n)
+                if not self._conn.poll(self.timeout_s):
+                    raise self._kill(f"batch of {n} did not finish within {self.timeout_s:g} s")
+                status, detail = self._conn.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                self._process.join(5)
+                raise self._kill(f"engine worker died (exit {self._process.exitcode})") from None
+            if status != "ok":
+                raise EngineError(str(detail))
+            logits = np.array(self._outputs[:n])
+            self._check_rss()
+            return logits
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._process is not None:
+                try:
+                    self._conn.send(None)
+                except OSError:
+                    pass
+                self._process.join(5)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join(5)
+            self._process = self._conn = None
+            for path in (self._inputs_path, self._outputs_path):
+                path.unlink(missing_ok=True)
+            self._dir.rmdir()

@@ -1,0 +1,258 @@
+"""Engine lifecycle through a real broker and a real agent: deploy, refuse, swap, canary, revert, rollback.
+
+One agent serves two looping cameras for the whole module; the tests run in order and
+each starts from the engine the previous one left active.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from agent_helpers import (
+    Operator,
+    blank_image_folder,
+    device_over_mqtt,
+    read_results,
+    rebundle,
+    start_agent,
+    stop_agent,
+)
+from engine_variants import slow_down
+from http_range_server import RangeServer
+
+from agent.bundle import verify_bundle
+from builder.engine_build import EngineOptions, build_engine_bundle
+from builder.keys import keygen
+from builder.pack import pack_bundle
+
+CANARY = {
+    "window_s": 3,
+    "min_frames": 40,
+    "shadow_every": 1,
+    "min_shadow_frames": 40,
+    "min_agreement": 0.95,
+    "max_latency_ratio": 2.0,
+}
+# The slow bundle keeps the demo's passport, as one built on a faster machine would: the
+# pre-swap limits are loosened here so that it is the canary that catches it.
+SWAP = {"max_passport_ratio": 1000, "max_current_ratio": 1000}
+
+
+@pytest.fixture(scope="module")
+def bundles(demo_bundle: Path, demo_exports, signing_key, tmp_path_factory) -> dict[str, Path]:
+    """The demo INT8 bundle's successors: good, slow, disagreeing, and five that must be refused."""
+    root = tmp_path_factory.mktemp("candidates")
+    key = signing_key[0]
+    fast = {"profile_seconds": 0.1, "calibration_images": 64}
+    out = {
+        "good": build_engine_bundle(
+            demo_exports["vit-digits"], root / "fp32", key, EngineOptions(precision="fp32", **fast)
+        ).path,
+        "disagreeing": build_engine_bundle(
+            demo_exports["vit-digits"],
+            root / "over-quantized",
+            key,
+            EngineOptions(
+                precision="int8",
+                quantization="static",
+                calib=str(blank_image_folder(root / "blank")),
+                accept_accuracy_loss=True,
+                name="vit-over-quantized",
+                **fast,
+            ),
+        ).path,
+    }
+    engine = verify_bundle(demo_bundle, None).engine_path
+    out["slow"] = rebundle(demo_bundle, root / "slow", key, "vit-slow", engine=slow_down(engine, root / "slow.onnx"))
+    out["corrupted"] = Path(shutil.copytree(demo_bundle, root / "corrupted"))
+    target = verify_bundle(out["corrupted"], None).engine_path
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    out["unsigned"] = Path(shutil.copytree(demo_bundle, root / "unsigned"))
+    (out["unsigned"] / "manifest.sig").unlink()
+    stranger, _, _ = keygen(root / "stranger-keys", "stranger")
+    out["wrong-key"] = rebundle(demo_bundle, root / "wrong-key", stranger, "vit-stranger")
+    out["incompatible"] = rebundle(
+        demo_bundle,
+        root / "incompatible",
+        key,
+        "vit-needs-cuda",
+        manifest_changes={"requires": {"providers": ["CUDAExecutionProvider"]}},
+    )
+    out["traversal"] = root / "traversal.tar.gz"
+    with tarfile.open(out["traversal"], "w:gz") as tar:
+        tar.add(demo_bundle / "manifest.json", arcname="bundle/manifest.json")
+        tar.add(demo_bundle / "manifest.json", arcname="../escaped.json")
+    out["link"] = root / "link.tar"
+    with tarfile.open(out["link"], "w") as tar:
+        tar.add(demo_bundle / "manifest.json", arcname="manifest.json")
+        link = tarfile.TarInfo("labels.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    return out
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[Operator]:
+    folder = tmp_path_factory.mktemp("lifecycle")
+    with device_over_mqtt(folder, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY, swap=SWAP) as op:
+        yield op
+
+
+def status(device: Operator) -> dict:
+    return device.send({"id": f"status-{time.monotonic_ns()}", "cmd": "status"})["result"]
+
+
+def processed(device: Operator) -> int:
+    return sum(c["counts"]["processed"] for c in status(device)["cameras"].values())
+
+
+def deploy(device: Operator, command_id: str, **bundle: object) -> dict:
+    reply = device.send({"id": command_id, "cmd": "deploy", "bundle": bundle})
+    assert reply["ok"] and reply["result"]["accepted"], reply
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("corrupted", r"does not match its sha256 in the manifest: the file was altered"),
+        ("unsigned", r"is unsigned: manifest.sig is missing"),
+        ("wrong-key", r"signed by key \w+, which is not trusted"),
+        ("incompatible", r"cannot run on this device: it needs ONNX Runtime's CUDAExecutionProvider"),
+        ("traversal", r"archive member '../escaped.json' points outside the bundle"),
+        ("link", r"archive member 'labels.json' is a link \('/etc/passwd'\)"),
+    ],
+)
+def test_bad_bundles_are_refused_while_the_engine_serves(device: Operator, bundles, variant: str, message: str):
+    before, engine = processed(device), status(device)["engine"]
+    deploy(device, f"bad-{variant}", path=str(bundles[variant]))
+    event = device.wait_event("deploy", command_id=f"bad-{variant}")
+    assert event["ok"] is False
+    assert re.search(message, event["error"]), event["error"]
+    time.sleep(0.5)
+    now = status(device)
+    assert now["engine"] == engine and processed(device) > before
+
+
+def test_deploy_reference_is_validated(device: Operator) -> None:
+    bad = device.send({"id": "ref-1", "cmd": "deploy", "bundle": {"path": "relative/folder"}})
+    assert not bad["ok"] and "'bundle.path' must be an absolute path" in bad["error"]
+    bad = device.send({"id": "ref-2", "cmd": "deploy", "bundle": {"url": "https://x/b.tgz", "sha256": "00", "size": 1}})
+    assert not bad["ok"] and "'bundle.sha256' must be" in bad["error"]
+
+
+def test_good_bundle_swaps_with_frames_flowing_then_commits(device: Operator, bundles) -> None:
+    old = status(device)["engine"]
+    new = verify_bundle(bundles["good"], None).bundle_id
+    deploy(device, "good-1", path=str(bundles["good"]))
+    verified = device.wait_event("verify", command_id="good-1")
+    assert verified["golden"]["passed"] and verified["latency"]["p99_ms"] > 0
+    swap = device.wait_event("swap", command_id="good-1")
+    assert swap["from"] == old and swap["to"] == new and swap["pause_ms"] >= 0
+    assert status(device)["lifecycle"]["canary"]["bundle_id"] == new
+    commit = device.wait_event("commit", command_id="good-1")
+    figures = commit["figures"]
+    assert figures["agreement"] >= CANARY["min_agreement"] and figures["failed_batches"] == 0
+    assert figures["shadow_frames"] >= CANARY["min_shadow_frames"] and "golden set passed" in figures["golden"]
+    lifecycle = status(device)["lifecycle"]
+    assert lifecycle["active"] == new and lifecycle["previous"] == old and "canary" not in lifecycle
+    results = read_results(device.folder / "results.jsonl")
+    engines = [r["engine"] for r in results]
+    assert old in engines and new in engines and engines.index(new) > engines.index(old)
+    for camera in status(device)["cameras"].values():
+        assert camera["counts"]["failed"] == 0, [e for e in device.events if e["event"] == "engine"]
+
+
+def test_slower_bundle_is_reverted_in_its_canary(device: Operator, bundles) -> None:
+    active = status(device)["engine"]
+    deploy(device, "slow-1", path=str(bundles["slow"]))
+    device.wait_event("swap", command_id="slow-1")
+    revert = device.wait_event("revert", command_id="slow-1")
+    assert "p99 latency is" in revert["reason"] and revert["figures"]["latency_ratio"] > CANARY["max_latency_ratio"]
+    assert revert["restored"] == active and status(device)["engine"] == active
+    listed = {b["bundle_id"]: b for b in device.send({"id": "list-slow", "cmd": "list"})["result"]["bundles"]}
+    assert listed["vit-slow"]["bad"] == revert["reason"]
+
+
+def test_disagreeing_bundle_is_reverted_in_its_canary(device: Operator, bundles) -> None:
+    active = status(device)["engine"]
+    deploy(device, "over-1", path=str(bundles["disagreeing"]))
+    revert = device.wait_event("revert", command_id="over-1")
+    assert "top-1 agreement with the previous engine" in revert["reason"]
+    assert revert["figures"]["agreement"] < CANARY["min_agreement"] and status(device)["engine"] == active
+
+
+def test_a_bad_bundle_is_not_retried_unless_forced(device: Operator, bundles) -> None:
+    deploy(device, "slow-2", path=str(bundles["slow"]))
+    event = device.wait_event("deploy", command_id="slow-2")
+    assert not event["ok"] and "vit-slow is marked bad (p99 latency is" in event["error"]
+    assert "add force: true" in event["error"]
+
+
+def test_rollback_to_the_previous_engine(device: Operator, demo_bundle) -> None:
+    before = status(device)["lifecycle"]
+    reply = device.send({"id": "rb-1", "cmd": "rollback"})
+    assert reply["ok"] and reply["result"]["to"] == before["previous"]
+    event = device.wait_event("rollback", command_id="rb-1")
+    assert event["ok"] and event["from"] == before["active"]
+    after = status(device)["lifecycle"]
+    assert after["active"] == before["previous"] and after["previous"] == before["active"]
+    missing = device.send({"id": "rb-2", "cmd": "rollback", "bundle": "no-such-bundle"})
+    assert not missing["ok"] and "no-such-bundle is not installed" in missing["error"]
+
+
+def test_deploy_by_url_resumes_an_interrupted_download(device: Operator, bundles, tmp_path: Path) -> None:
+    reference = pack_bundle(bundles["good"], tmp_path / "served" / "good.tar.gz", None)
+    with RangeServer(tmp_path / "served", drop_first_after=reference["size"] // 2) as server:
+        deploy(device, "url-1", url=f"{server.url}/good.tar.gz", sha256=reference["sha256"], size=reference["size"])
+        device.wait_event("swap", command_id="url-1")
+        ranges = [r for r in server.requests if r.startswith("bytes=")]
+    assert ranges and int(ranges[0][6:-1]) > 0, f"the second request resumed: {server.requests}"
+    device.wait_event("commit", command_id="url-1")
+    assert status(device)["engine"] == reference["bundle_id"]
+
+
+def test_url_with_the_wrong_sha256_is_refused(device: Operator, bundles, tmp_path: Path) -> None:
+    reference = pack_bundle(bundles["good"], tmp_path / "served" / "good.tar.gz", None)
+    with RangeServer(tmp_path / "served") as server:
+        deploy(device, "url-2", url=f"{server.url}/good.tar.gz", sha256="0" * 64, size=reference["size"])
+        event = device.wait_event("deploy", command_id="url-2")
+    assert not event["ok"] and f"sha256 is {reference['sha256']}, the command said 000" in event["error"]
+
+
+def test_bundles_dropped_into_the_inbox(device: Operator, demo_bundle, bundles) -> None:
+    """Needs the agent's inbox: a restart with engine.inbox set; also shows the store survives restarts."""
+    folder: Path = device.folder
+    config = yaml.safe_load((folder / "agent.yaml").read_text())
+    config["engine"]["inbox"] = str(folder / "inbox")
+    (folder / "agent.yaml").write_text(yaml.safe_dump(config))
+    out, err = stop_agent(device.process)
+    assert device.process.returncode == 0, err[-3000:]
+    active = json.loads((folder / "state" / "engines.json").read_text())["active"]
+    device.process = start_agent(folder / "agent.yaml")
+    time.sleep(3)
+    assert status(device)["engine"] == active, "the store's active engine, not engine.bundle, serves after a restart"
+    inbox = folder / "inbox"
+    pack_bundle(demo_bundle, inbox / ".incoming.tar.gz", None)
+    (inbox / ".incoming.tar.gz").rename(inbox / "demo.tar.gz")
+    shutil.copy(bundles["traversal"], inbox / "evil.tar.gz")
+    swap = device.wait_event("swap", source=str(inbox / "demo.tar.gz"))
+    assert swap["to"] == verify_bundle(demo_bundle, None).bundle_id
+    refused = device.wait_event("deploy", source=str(inbox / "evil.tar.gz"))
+    assert "points outside the bundle" in refused["error"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and {p.name for p in inbox.iterdir()} != {"rejected"}:
+        time.sleep(0.2)
+    assert {p.name for p in inbox.iterdir()} == {"rejected"}
+    reason = (inbox / "rejected" / "evil.tar.gz.reason.txt").read_text()
+    assert "points outside the bundle" in reason and (inbox / "rejected" / "evil.tar.gz").is_file()

@@ -1,0 +1,111 @@
+"""Inference isolated in a worker process: same outputs, and a crash or hang costs a batch, not the agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_helpers import read_results, rebundle, run_agent, summary, write_config
+from engine_variants import hang_on_bright_frames
+
+from agent.bundle import Bundle, verify_bundle
+from agent.runtimes import EngineError, open_engine
+from agent.worker import WorkerEngine, WorkerSpec
+
+
+def _spec(bundle: Bundle, engine_path: Path | None = None) -> WorkerSpec:
+    spec = bundle.input_spec
+    return WorkerSpec(
+        bundle.backend,
+        bundle.target,
+        engine_path or bundle.engine_path,
+        bundle.batch_range[1],
+        spec.height,
+        spec.width,
+        len(bundle.labels),
+        1,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle(demo_bundle: Path) -> Bundle:
+    return verify_bundle(demo_bundle, None)
+
+
+def test_worker_matches_the_engine_in_process(bundle: Bundle) -> None:
+    with np.load(bundle.golden_path) as golden:
+        images = golden["images"]
+    local = open_engine(bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1], 1)
+    worker = WorkerEngine(_spec(bundle))
+    try:
+        np.testing.assert_array_equal(worker.run(images[:3]), local.run(images[:3]))
+        np.testing.assert_array_equal(worker.run(images), local.run(images))
+    finally:
+        worker.close()
+        local.close()
+
+
+def test_a_killed_worker_fails_one_batch_then_restarts(bundle: Bundle) -> None:
+    with np.load(bundle.golden_path) as golden:
+        images = golden["images"][:2]
+    worker = WorkerEngine(_spec(bundle))
+    try:
+        expected = worker.run(images)
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match=r"engine worker died \(exit -9\)"):
+            worker.run(images)
+        np.testing.assert_array_equal(worker.run(images), expected)
+        assert worker.restarts == 1
+    finally:
+        worker.close()
+
+
+def test_a_hung_batch_times_out_and_the_worker_is_replaced(bundle: Bundle, tmp_path: Path) -> None:
+    hanging = hang_on_bright_frames(bundle.engine_path, tmp_path / "hangs.onnx")
+    worker = WorkerEngine(_spec(bundle, hanging), timeout_s=1.0)
+    try:
+        white = np.full((1, *worker._inputs.shape[1:]), 255, np.uint8)
+        with pytest.raises(EngineError, match="did not finish within 1 s"):
+            worker.run(white)
+        assert worker.run(white * 0).shape == (1, len(bundle.labels))
+    finally:
+        worker.close()
+
+
+def test_an_engine_that_cannot_load_is_reported(bundle: Bundle, tmp_path: Path) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load"):
+        WorkerEngine(_spec(bundle, tmp_path / "broken.onnx"))
+
+
+def test_agent_keeps_serving_through_hung_batches(demo_bundle, signing_key, tmp_path: Path) -> None:
+    """Digits, then white frames that hang the engine, then digits: the hung batches are counted as
+    failed, the worker is replaced, and the digits after them are classified."""
+    from test_systemd import digits_then_white
+
+    video = digits_then_white(tmp_path / "mixed.mp4", digits=30, white=10)
+    tail = digits_then_white(tmp_path / "tail.mp4", digits=90, white=0)
+    engine = hang_on_bright_frames(verify_bundle(demo_bundle, None).engine_path, tmp_path / "hangs.onnx")
+    hanging = rebundle(demo_bundle, tmp_path / "hanging", signing_key[0], "hangs-on-white", engine=engine)
+    config = write_config(
+        tmp_path / "agent.yaml",
+        hanging,
+        signing_key[1],
+        [{"name": "cam", "source": str(video), "fps": 30}, {"name": "late", "source": str(tail), "fps": 10}],
+        engine={
+            "bundle": str(hanging),
+            "trusted_keys": [str(signing_key[1])],
+            "batch_timeout_s": 0.5,
+        },
+        exit_when_sources_end=True,
+    )
+    done = run_agent(config, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = summary(done.stdout)["cameras"]
+    assert counts["cam"]["failed"] >= 1 and counts["late"]["processed"] >= 30
+    assert "did not finish within 0.5 s" in done.stderr
+    results = read_results(tmp_path / "results.jsonl")
+    assert {r["camera"] for r in results} == {"cam", "late"} and summary(done.stdout)["engine"]["worker_restarts"] >= 1
