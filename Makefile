@@ -27,3 +27,4 @@ bench: install
 	$(BIN)/python bench/export_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/agent_bench.py
+	$(BIN)/python bench/swap_bench.py

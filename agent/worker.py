@@ -176,8 +176,9 @@ class WorkerEngine:
                 rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         except OSError:
             return
-        if rss > self.max_rss_mib:
-            raise self._kill(f"engine worker uses {rss:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
+        if rss > self.max_rss_mib:  # this batch's logits are good; the next batch gets a fresh worker
+            self._kill(f"engine worker uses {rss:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
+
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Copy the batch in, wait at most ``timeout_s``, return a copy of the logits."""

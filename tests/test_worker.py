@@ -109,3 +109,16 @@ def test_agent_keeps_serving_through_hung_batches(demo_bundle, signing_key, tmp_
     assert "did not finish within 0.5 s" in done.stderr
     results = read_results(tmp_path / "results.jsonl")
     assert {r["camera"] for r in results} == {"cam", "late"} and summary(done.stdout)["engine"]["worker_restarts"] >= 1
+
+
+def test_a_worker_over_its_memory_cap_is_replaced(bundle: Bundle) -> None:
+    with np.load(bundle.golden_path) as golden:
+        images = golden["images"][:2]
+    worker = WorkerEngine(_spec(bundle), max_rss_mib=1)  # any ONNX Runtime process is bigger: "a leak"
+    try:
+        first = worker.run(images)
+        assert worker.pid is None, "killed after the batch that found it over the cap"
+        np.testing.assert_array_equal(worker.run(images), first)
+        assert worker.restarts == 1
+    finally:
+        worker.close()
