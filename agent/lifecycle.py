@@ -213,8 +213,16 @@ class Lifecycle:
         with self._job_lock:
             if self._job and self._job.is_alive():
                 raise LifecycleError(f"busy: a {self._job.name} is in progress")
-            self._job = threading.Thread(target=target, args=args, name=name, daemon=True)
+            self._job = threading.Thread(target=self._guarded, args=(name, target, *args), name=name, daemon=True)
             self._job.start()
+
+    def _guarded(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        """A job that fails unexpectedly says so in an event: the engine in service keeps serving."""
+        try:
+            target(*args)
+        except Exception as exc:  # a bug must not end a deploy silently
+            log.exception("%s job failed", name)
+            self.events(name, {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
 
     def busy(self) -> bool:
         return bool(self._job and self._job.is_alive())

@@ -179,7 +179,6 @@ class WorkerEngine:
         if rss > self.max_rss_mib:  # this batch's logits are good; the next batch gets a fresh worker
             self._kill(f"engine worker uses {rss:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
 
-
     def run(self, images: np.ndarray) -> np.ndarray:
         """Copy the batch in, wait at most ``timeout_s``, return a copy of the logits."""
         n = len(images)
