@@ -28,3 +28,4 @@ bench: install
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/agent_bench.py
 	$(BIN)/python bench/swap_bench.py
+	$(BIN)/python bench/fleet_bench.py

@@ -7,6 +7,7 @@ apply without a restart is decided in :mod:`agent.daemon`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +59,7 @@ class EngineConfig(Strict):
     batch_timeout_s: float = Field(10.0, gt=0, description="a batch running longer kills the engine worker")
     worker_max_rss_mib: float | None = Field(None, gt=0, description="a worker growing past this is restarted")
     max_bundle_mib: float = Field(2048, gt=0, description="cap on a downloaded or unpacked bundle")
+    download_ca: Path | None = Field(None, description="CA of a private HTTPS bundle store (default: system CAs)")
     keep_installed: int = Field(4, ge=2, description="installed bundles kept (active, previous and newest)")
 
     @model_validator(mode="after")
@@ -136,6 +138,9 @@ class MetricsConfig(Strict):
 
 class AgentConfig(Strict):
     device: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="site, hardware, camera group...: what fleet rollouts select on"
+    )
     state_dir: Path = Field(Path("/var/lib/edgevit"), description="installed engines, their state, the outbox")
     engine: EngineConfig
     swap: SwapConfig = SwapConfig()
@@ -146,6 +151,16 @@ class AgentConfig(Strict):
     mqtt: MQTTConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     exit_when_sources_end: bool = Field(False, description="stop once every non-looping file has ended")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not re.fullmatch(r"[a-z0-9_-]{1,32}", key) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+                raise ValueError(f"label {key}={value!r}: keys [a-z0-9_-]{{1,32}}, values [A-Za-z0-9_.:-]{{1,64}}")
+        if len(labels) > 16:
+            raise ValueError("at most 16 labels")
+        return labels
 
     @model_validator(mode="after")
     def _unique_cameras(self) -> AgentConfig:
@@ -181,6 +196,7 @@ def load_config(path: Path) -> AgentConfig:
             "bundle": base / config.engine.bundle,
             "trusted_keys": [base / k for k in config.engine.trusted_keys],
             "inbox": config.engine.inbox and base / config.engine.inbox,
+            "download_ca": config.engine.download_ca and base / config.engine.download_ca,
         }
     )
     mqtt = config.mqtt

@@ -44,6 +44,8 @@ from agent.worker import remove_stale_buffers
 log = logging.getLogger("edgevit.agent")
 EXIT_BAD_START = 2
 RESTART_ONLY = ("device", "state_dir", "engine", "mqtt", "swap", "canary")  # a reload cannot change these
+# Events that change what the retained status says about the engine.
+LIFECYCLE_EVENTS = ("deploy", "verify", "swap", "commit", "revert", "rollback", "fallback")
 INBOX_RESCAN_S = 1.0  # inbox items wait to settle, so the inbox is rescanned, not only watched
 
 
@@ -70,11 +72,14 @@ class Agent:
     def __init__(self, config_path: Path, config: AgentConfig) -> None:
         self.config_path, self.config = config_path, config
         self.link: MqttLink | None = None
+        self._figures: dict[str, Any] = {}
+        self._last_event: dict[str, Any] | None = None
+        self._last_canary: dict[str, Any] | None = None
         remove_stale_buffers()
         try:
             if config.mqtt:
                 outbox = Outbox(config.state_dir / "outbox.sqlite", config.mqtt.outbox_max_results)
-                self.link = MqttLink(config.mqtt, config.device, outbox)
+                self.link = MqttLink(config.mqtt, config.device, outbox, config.labels)
             self.lifecycle = Lifecycle(config, self.event)
             serving = self.lifecycle.boot()
             auth = config.mqtt.signed_commands if config.mqtt else None
@@ -136,7 +141,46 @@ class Agent:
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         log.info("%s event: %s", kind, detail)
         if self.link:
-            self.link.event({"event": kind, "at": time.time(), **detail})
+            payload = {"event": kind, "at": time.time(), **detail}
+            self.link.event(payload)
+            if kind in LIFECYCLE_EVENTS:
+                self._last_event = {k: payload.get(k) for k in ("event", "at", "bundle_id", "command_id", "ok")}
+                if "figures" in detail:  # a canary's verdict: what the fleet compares devices by
+                    figures = detail["figures"]
+                    self._last_canary = {
+                        "bundle_id": detail.get("bundle_id"),
+                        "verdict": kind,
+                        **{k: figures.get(k) for k in ("agreement", "latency_ratio", "shadow_frames")},
+                    }
+                self.publish_status()
+
+    def publish_status(self, snapshot: dict[str, Any] | None = None) -> None:
+        """The retained status fleet tools read: engine state, live figures, the last lifecycle event."""
+        if not self.link:  # (boot's events come after self.lifecycle is set)
+            return
+        if snapshot is not None:
+            cameras = snapshot["cameras"].values()
+            self._figures = {
+                "fps": round(sum(c["processed_fps"] for c in cameras), 2),
+                "p99_ms": snapshot["latency"]["p99_ms"],
+                "drift": snapshot["drift"],
+            }
+        state = self.lifecycle.state
+        engine = {
+            "active": state.active,
+            "previous": state.previous,
+            "canary": state.canary.bundle if state.canary else None,
+            "bad": sorted(state.bad),
+        }
+        self.link.update_status(
+            {
+                "engine": engine,
+                **self._figures,
+                "last_event": self._last_event,
+                "last_canary": self._last_canary,
+                "updated": round(time.time(), 3),
+            }
+        )
 
     def apply_reload(self) -> None:
         self.reload.clear()
@@ -178,6 +222,7 @@ class Agent:
         self.pipeline.start()
         self.lifecycle.attach(self.pipeline)
         if self.link:
+            self.publish_status()
             self.link.start(self._commands.handle)
         notify(f"READY=1\nSTATUS=serving {self.bundle.bundle_id}")
         observer = Observer()
@@ -205,7 +250,9 @@ class Agent:
                 metrics_cfg = self.config.metrics
                 if self.link and now - last_publish >= metrics_cfg.publish_every_s:
                     outbox = {"depth": self.link.outbox.depth(), "dropped_results": self.link.outbox.dropped_results()}
-                    self.link.publish_metrics({**self.metrics.snapshot(self.pipeline), "outbox": outbox})
+                    snapshot = self.metrics.snapshot(self.pipeline)
+                    self.link.publish_metrics({**snapshot, "outbox": outbox})
+                    self.publish_status(snapshot)
                     last_publish = now
                 if metrics_cfg.print_every_s and now - last_print >= metrics_cfg.print_every_s:
                     print(self.live_line(self.metrics.snapshot(self.pipeline)), flush=True)

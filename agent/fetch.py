@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import logging
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -60,12 +61,12 @@ class BundleRef:
         return str(self.path) if self.path else f"{self.url} ({self.size} bytes, sha256 {self.sha256[:12]}…)"
 
 
-def _download_once(ref: BundleRef, part: Path, timeout_s: float) -> None:
+def _download_once(ref: BundleRef, part: Path, timeout_s: float, context: ssl.SSLContext) -> None:
     """Append to ``part`` from where it ends; raises OSError/URLError on a dropped connection."""
     assert ref.url and ref.size
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(ref.url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+    with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
         resumed = response.status == 206
         if have and not resumed:
             log.info("server ignored the Range request: downloading %s from the start", ref.url)
@@ -78,14 +79,15 @@ def _download_once(ref: BundleRef, part: Path, timeout_s: float) -> None:
                 fh.write(chunk)
 
 
-def download(ref: BundleRef, downloads: Path, timeout_s: float = 30.0) -> Path:
-    """Download ``ref`` (resuming) and return the verified archive's path."""
+def download(ref: BundleRef, downloads: Path, ca: Path | None = None, timeout_s: float = 30.0) -> Path:
+    """Download ``ref`` (resuming) and return the verified archive's path; ``ca``: a private store's CA."""
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
     assert ref.url and ref.sha256 and ref.size
     downloads.mkdir(parents=True, exist_ok=True)
     part = downloads / f"{ref.sha256}.part"
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            _download_once(ref, part, timeout_s)
+            _download_once(ref, part, timeout_s, context)
         except urllib.error.HTTPError as exc:
             if exc.code == 416:  # asked past the end: what we have is the whole file, or garbage
                 pass
@@ -115,7 +117,7 @@ def download(ref: BundleRef, downloads: Path, timeout_s: float = 30.0) -> Path:
     return done
 
 
-def fetch(ref: BundleRef, downloads: Path, work: Path, max_bytes: int) -> Path:
+def fetch(ref: BundleRef, downloads: Path, work: Path, max_bytes: int, ca: Path | None = None) -> Path:
     """The bundle folder ``ref`` names: a local folder as is, an archive unpacked into ``work``."""
     if ref.path is not None:
         if ref.path.is_dir():
@@ -126,7 +128,7 @@ def fetch(ref: BundleRef, downloads: Path, work: Path, max_bytes: int) -> Path:
             raise BundleError(f"{ref.path} is neither a bundle folder nor a .tar/.tar.gz/.tgz archive")
         archive = ref.path
     else:
-        archive = download(ref, downloads)
+        archive = download(ref, downloads, ca)
     try:
         return safe_extract(archive, work, max_bytes)
     finally:

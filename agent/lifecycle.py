@@ -282,7 +282,7 @@ class Lifecycle:
         (state_dir / "staging").mkdir(parents=True, exist_ok=True)
         max_bytes = int(self.config.engine.max_bundle_mib * 2**20)
         with tempfile.TemporaryDirectory(dir=state_dir / "staging") as work:
-            folder = fetch(ref, state_dir / "downloads", Path(work), max_bytes)
+            folder = fetch(ref, state_dir / "downloads", Path(work), max_bytes, self.config.engine.download_ca)
             bundle = self.store.install(folder, self.verify)
         bundle_id = context["bundle_id"] = bundle.bundle_id
         if bundle_id == self.state.active:

@@ -1,7 +1,8 @@
 """The agent's MQTT link (paho-mqtt 2.x): results, events and metrics, and a retained status.
 
-``<prefix>/<device>/status`` is retained ``online`` while connected and set to
-``offline`` by an orderly stop or by the broker's last will. Results and events go
+``<prefix>/<device>/status`` is retained: ``state`` (``online``, or ``offline`` after an
+orderly stop or through the broker's last will), the device's ``labels``, and what
+the agent last reported there (engine, figures, last lifecycle event). Results and events go
 through the on-disk :class:`~agent.outbox.Outbox`: a publisher thread sends them
 (QoS 1) while connected and deletes each one when the broker's PUBACK arrives; after
 a reconnect or a restart everything not acknowledged is sent again (at least once).
@@ -34,11 +35,14 @@ def _json(payload: dict[str, Any]) -> bytes:
 
 
 class MqttLink:
-    def __init__(self, config: MQTTConfig, device: str, outbox: Outbox) -> None:
+    def __init__(self, config: MQTTConfig, device: str, outbox: Outbox, labels: dict[str, str]) -> None:
         self.base = f"{config.prefix}/{device}"
         self.outbox = outbox
+        self._identity = {"device": device, "labels": labels}
+        self._status: dict[str, Any] = {"state": "online", **self._identity}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgevit-{device}", protocol=mqtt.MQTTv5)
-        self.client.will_set(f"{self.base}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
+        offline = _json({"state": "offline", **self._identity})
+        self.client.will_set(f"{self.base}/status", offline, qos=1, retain=True)
         if config.username:
             self.client.username_pw_set(config.username, config.password)
         if config.tls:
@@ -80,7 +84,7 @@ class MqttLink:
         with self._lock:
             self.connected = True
             self._cursor = 0  # resend what the broker has not acknowledged (paho resends its own in-flight)
-        client.publish(f"{self.base}/status", json.dumps({"state": "online"}), qos=1, retain=True)
+        client.publish(f"{self.base}/status", _json(self._status), qos=1, retain=True)
         client.subscribe(f"{self.base}/cmd", qos=1)
         self._wake.set()
 
@@ -138,6 +142,12 @@ class MqttLink:
         self.outbox.put("event", [(f"{self.base}/events", _json(payload))])
         self._wake.set()
 
+    def update_status(self, document: dict[str, Any]) -> None:
+        """Replace the retained status (what fleet tools read): engine, figures, last event."""
+        self._status = {"state": "online", **self._identity, **document}
+        if self.connected:
+            self.client.publish(f"{self.base}/status", _json(self._status), qos=1, retain=True)
+
     def publish_metrics(self, payload: dict[str, Any]) -> None:
         self.client.publish(f"{self.base}/metrics", _json(payload), qos=1)
 
@@ -152,7 +162,8 @@ class MqttLink:
         if self._publisher.is_alive():
             self._publisher.join(timeout=2)
         if self.connected:
-            info = self.client.publish(f"{self.base}/status", json.dumps({"state": "offline"}), qos=1, retain=True)
+            offline = _json({**self._status, "state": "offline"})
+            info = self.client.publish(f"{self.base}/status", offline, qos=1, retain=True)
             info.wait_for_publish(2)
         self.client.disconnect()
         self.client.loop_stop()

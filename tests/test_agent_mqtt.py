@@ -81,6 +81,8 @@ def test_results_metrics_status_over_mqtt(
     assert {"queue_depth", "batch_sizes", "engine_ms_by_batch", "process"} <= last.keys()
     statuses = [s["state"] for s in subscriber.on("/status")]
     assert statuses[0] == "online" and statuses[-1] == "offline"
+    reported = [s for s in subscriber.on("/status") if "fps" in s]  # what fleet tools read, refreshed with metrics
+    assert reported and reported[-1]["engine"]["active"] == results[0]["engine"] and reported[-1]["fps"] > 10
     assert any(e["event"] == "camera" and e["state"] == "connected" for e in subscriber.on("/events"))
     assert 'edgevit_frames_total{camera="door",kind="processed"}' in scrape
     assert "edgevit_frame_latency_seconds_bucket" in scrape and "process_resident_memory_bytes" in scrape
@@ -95,6 +97,7 @@ def test_last_will_marks_a_killed_agent_offline(
         signing_key[1],
         [{"name": "door", "source": str(digits_video), "loop": True, "fps": 10}],
         mqtt={"host": "127.0.0.1", "port": mosquitto, "keepalive_s": 5},
+        labels={"site": "lab"},
     )
     agent = start_agent(config)
     time.sleep(4)
@@ -102,11 +105,12 @@ def test_last_will_marks_a_killed_agent_offline(
     agent.wait()
     subscriber = Subscriber(mosquitto, "edgevit/test-box/status")
     deadline = time.time() + 20
-    while time.time() < deadline and not subscriber.on("/status")[-1:] == [{"state": "offline"}]:
+    while time.time() < deadline and not [s["state"] for s in subscriber.on("/status")[-1:]] == ["offline"]:
         time.sleep(0.2)
     retained = [retain for _, _, retain in subscriber.messages]
     subscriber.close()
-    assert subscriber.on("/status")[-1] == {"state": "offline"} and retained[0] is True
+    last = subscriber.on("/status")[-1]
+    assert last == {"state": "offline", "device": "test-box", "labels": {"site": "lab"}} and retained[0] is True
 
 
 def result_seqs(messages: list[dict]) -> set[tuple[str, int]]:

@@ -146,3 +146,21 @@ def test_garbage_signatures_are_refused_cleanly(garbage_verifier: CommandVerifie
 @pytest.fixture(scope="module")
 def garbage_verifier(operator_keys, tmp_path_factory) -> CommandVerifier:
     return CommandVerifier([load_public_key(operator_keys[1])], 60, tmp_path_factory.mktemp("n") / "n.sqlite")
+
+
+def test_download_over_https_from_a_private_store(demo_bundle: Path, tmp_path: Path) -> None:
+    """edgevit-fleet serve with TLS; the device trusts the store's CA through engine.download_ca."""
+    from test_agent_security import make_pki
+
+    from agent.fetch import download
+    from fleet.serve import BundleServer
+
+    pki = make_pki(tmp_path / "pki")
+    reference = pack_bundle(demo_bundle, tmp_path / "store" / "b.tar.gz", None)
+    with BundleServer(tmp_path / "store", tls=(pki / "broker.pem", pki / "broker.key")) as server:
+        assert server.url.startswith("https://")
+        ref = BundleRef(url=f"{server.url}/b.tar.gz", sha256=reference["sha256"], size=reference["size"])
+        with pytest.raises(BundleError, match="CERTIFICATE_VERIFY_FAILED"):
+            download(ref, tmp_path / "untrusting")  # the system CAs do not know this store
+        archive = download(ref, tmp_path / "dl", ca=pki / "ca.pem")
+    assert archive.stat().st_size == reference["size"]

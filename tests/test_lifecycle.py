@@ -26,12 +26,12 @@ from agent_helpers import (
     stop_agent,
 )
 from engine_variants import slow_down
-from http_range_server import RangeServer
 
 from agent.bundle import verify_bundle
 from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.keys import keygen
 from builder.pack import pack_bundle
+from fleet.serve import BundleServer
 
 CANARY = {
     "window_s": 3,
@@ -213,7 +213,7 @@ def test_rollback_to_the_previous_engine(device: Operator, demo_bundle) -> None:
 
 def test_deploy_by_url_resumes_an_interrupted_download(device: Operator, bundles, tmp_path: Path) -> None:
     reference = pack_bundle(bundles["good"], tmp_path / "served" / "good.tar.gz", None)
-    with RangeServer(tmp_path / "served", drop_first_after=reference["size"] // 2) as server:
+    with BundleServer(tmp_path / "served", drop_first_after=reference["size"] // 2) as server:
         deploy(device, "url-1", url=f"{server.url}/good.tar.gz", sha256=reference["sha256"], size=reference["size"])
         device.wait_event("swap", command_id="url-1")
         ranges = [r for r in server.requests if r.startswith("bytes=")]
@@ -224,7 +224,7 @@ def test_deploy_by_url_resumes_an_interrupted_download(device: Operator, bundles
 
 def test_url_with_the_wrong_sha256_is_refused(device: Operator, bundles, tmp_path: Path) -> None:
     reference = pack_bundle(bundles["good"], tmp_path / "served" / "good.tar.gz", None)
-    with RangeServer(tmp_path / "served") as server:
+    with BundleServer(tmp_path / "served") as server:
         deploy(device, "url-2", url=f"{server.url}/good.tar.gz", sha256="0" * 64, size=reference["size"])
         event = device.wait_event("deploy", command_id="url-2")
     assert not event["ok"] and f"sha256 is {reference['sha256']}, the command said 000" in event["error"]

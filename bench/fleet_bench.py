@@ -1,0 +1,257 @@
+"""edgevit-fleet against 1,000 SIMULATED devices on one Mosquitto: rollout time, messages, broker load.
+
+The devices are protocol-level simulators, not agents: each is its own MQTT
+connection with its own retained status and last will, answers ``deploy`` like an
+agent (reply, then ``verify``, ``swap`` and, after a simulated canary window,
+``commit`` events and an updated retained status), and runs no engine. The
+controller is the real ``edgevit-fleet deploy`` process. Measured in one run:
+
+- wall time of a staged rollout (canary 1 %, then steps), against the sum of the
+  simulated canary windows on its critical path (the waves' lower bound);
+- MQTT messages through the broker per device (from Mosquitto's ``$SYS`` counters);
+- CPU seconds of the broker and of the controller per device.
+
+    python bench/fleet_bench.py [--devices 1000] [--canary-s 2] [--step 10%] [--out bench/results]
+
+Needs the ``mosquitto`` binary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import io
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "edgevit"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Scheduler:
+    """One thread for every simulated device's timers."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._cv = threading.Condition()
+        self._n = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def at(self, delay: float, action: Any) -> None:
+        with self._cv:
+            self._n += 1
+            heapq.heappush(self._heap, (time.monotonic() + delay, self._n, action))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cv.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, action = heapq.heappop(self._heap)
+            action()
+
+
+class SimulatedDevice:
+    """Answers like an agent at the protocol level: status, replies, lifecycle events. No engine."""
+
+    def __init__(self, name: str, port: int, labels: dict[str, str], canary_s: float, scheduler: Scheduler) -> None:
+        self.name, self.canary_s, self.scheduler = name, canary_s, scheduler
+        self.base = f"{PREFIX}/{name}"
+        self.status = {"state": "online", "device": name, "labels": labels, "fps": 10.0, "p99_ms": 20.0,
+                       "engine": {"active": "sim-v1", "previous": None, "canary": None, "bad": []}}  # fmt: skip
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{name}", protocol=mqtt.MQTTv5)
+        will = json.dumps({"state": "offline", "device": name, "labels": labels})
+        self.client.will_set(f"{self.base}/status", will, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect_async("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+
+    def _publish_status(self) -> None:
+        self.client.publish(f"{self.base}/status", json.dumps(self.status), qos=1, retain=True)
+
+    def _event(self, kind: str, **detail: Any) -> None:
+        self.client.publish(f"{self.base}/events", json.dumps({"event": kind, "at": time.time(), **detail}), qos=1)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        client.subscribe(f"{self.base}/cmd", qos=1)
+        self._publish_status()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        command = json.loads(message.payload)
+        reply = {"id": command["id"], "ok": True, "result": {"accepted": True}}
+        client.publish(f"{self.base}/reply", json.dumps(reply), qos=1)
+        if command["cmd"] != "deploy":
+            return
+        bundle = command["bundle"]["url"].rsplit("/", 1)[-1].removesuffix(".tar.gz")
+        engine = self.status["engine"]
+        self._event("verify", command_id=command["id"], bundle_id=bundle, ok=True)
+        self.status["engine"] = {**engine, "active": bundle, "previous": engine["active"], "canary": bundle}
+        self._event("swap", command_id=command["id"], bundle_id=bundle, to=bundle)
+        self._publish_status()
+
+        def commit() -> None:
+            self.status["engine"] = {**self.status["engine"], "canary": None}
+            self._event("commit", command_id=command["id"], bundle_id=bundle, figures={"simulated": True})
+            self._publish_status()
+
+        self.scheduler.at(self.canary_s, commit)
+
+
+PER_PROCESS = 250  # paho's loop uses select(): each process keeps its sockets under FD_SETSIZE (1024)
+
+
+def simulate(port: int, first: int, count: int, canary_s: float, ready: Any, stop: Any, updated: Any) -> None:
+    """A child process running ``count`` simulated devices until ``stop``; reports how many were updated."""
+    scheduler = Scheduler()
+    devices = [
+        SimulatedDevice(f"sim-{i:05d}", port, {"site": f"s{i % 10}"}, canary_s, scheduler)
+        for i in range(first, first + count)
+    ]
+    ready.release()
+    stop.wait()
+    updated.put(sum(d.status["engine"]["active"] == "sim-v2" for d in devices))
+    for device in devices:
+        device.client.loop_stop()
+
+
+def _sys_counters(port: int) -> dict[str, float]:
+    """Mosquitto's $SYS totals (messages and bytes, received and sent)."""
+    values: dict[str, float] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sys-{time.monotonic_ns()}")
+    client.on_message = lambda c, u, m: values.__setitem__(m.topic.removeprefix("$SYS/broker/"), float(m.payload))
+    client.connect("127.0.0.1", port)
+    client.subscribe([(f"$SYS/broker/{t}", 0) for t in ("messages/received", "messages/sent", "bytes/received",
+                                                         "bytes/sent")])  # fmt: skip
+    client.loop_start()
+    deadline = time.monotonic() + 15  # $SYS is republished every sys_interval (1 s here)
+    while time.monotonic() < deadline and len(values) < 4:
+        time.sleep(0.2)
+    client.loop_stop()
+    client.disconnect()
+    return values
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--devices", type=int, default=1000)
+    args.add_argument("--canary-s", type=float, default=2.0, help="simulated canary window per device")
+    args.add_argument("--canary", default="1%")
+    args.add_argument("--step", default="10%")
+    args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parsed = args.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * parsed.devices + 256)), hard))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        port = _free_port()
+        (work / "mosquitto.conf").write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nsys_interval 1\nmax_queued_messages 100000\n"
+            "log_dest none\n"
+        )
+        broker = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")]
+        )
+        time.sleep(0.5)
+        context = multiprocessing.get_context("spawn")
+        ready, stop, updated = context.Semaphore(0), context.Event(), context.Queue()
+        started = time.monotonic()
+        simulators = [
+            context.Process(
+                target=simulate,
+                args=(port, first, min(PER_PROCESS, parsed.devices - first), parsed.canary_s, ready, stop, updated),
+            )
+            for first in range(0, parsed.devices, PER_PROCESS)
+        ]
+        for process in simulators:
+            process.start()
+        for _ in simulators:
+            ready.acquire()
+        time.sleep(3)  # the last connections and retained statuses settle
+        connect_s = time.monotonic() - started
+        archive = work / "sim-v2.tar.gz"  # the controller reads the id from the manifest; simulators download nothing
+        with tarfile.open(archive, "w:gz") as tar:
+            data = json.dumps({"bundle_id": "sim-v2"}).encode()
+            info = tarfile.TarInfo("sim-v2/manifest.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        before = _sys_counters(port)
+        broker_cpu = _cpu_s(broker.pid)
+        command = [sys.executable, "-m", "fleet.cli", "deploy", str(archive), "--url-base", "http://store.invalid",
+                   "--port", str(port), "--state-dir", str(work / "controller"), "--canary", parsed.canary,
+                   "--step", parsed.step, "--timeout", "120"]  # fmt: skip
+        rolled = time.monotonic()
+        controller = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        out, _ = controller.communicate()  # reaped: its CPU time is in RUSAGE_CHILDREN
+        rollout_s = time.monotonic() - rolled
+        controller_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        broker_cpu = _cpu_s(broker.pid) - broker_cpu
+        after = _sys_counters(port)
+        waves = len({line.split(":")[0] for line in out.splitlines() if "deploy sent" in line})
+        stop.set()
+        done = sum(updated.get(timeout=60) for _ in simulators)
+        for process in simulators:
+            process.join(30)
+        broker.terminate()
+    messages = (
+        after["messages/received"] + after["messages/sent"] - before["messages/received"] - before["messages/sent"]
+    )
+    row = {
+        "devices": parsed.devices,
+        "connect_s": round(connect_s, 1),
+        "waves": waves,
+        "rollout_s": round(rollout_s, 1),
+        "lower_bound_s": round(waves * parsed.canary_s, 1),
+        "updated": done,
+        "messages_per_device": round(messages / parsed.devices, 1),
+        "bytes_per_device": round(
+            (after["bytes/received"] + after["bytes/sent"] - before["bytes/received"] - before["bytes/sent"])
+            / parsed.devices
+        ),
+        "broker_cpu_ms_per_device": round(1e3 * broker_cpu / parsed.devices, 2),
+        "controller_cpu_s": round(controller_cpu.ru_utime + controller_cpu.ru_stime, 1),
+    }
+    table = (
+        "| simulated devices | waves (canary, step) | rollout s | lower bound s (waves × canary) | updated "
+        "| broker messages / device | broker bytes / device | broker CPU ms / device | controller CPU s |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        f"| {row['devices']} | {waves} ({parsed.canary}, {parsed.step}) | {row['rollout_s']} | {row['lower_bound_s']} "
+        f"| {row['updated']} | {row['messages_per_device']} | {row['bytes_per_device']} "
+        f"| {row['broker_cpu_ms_per_device']} | {row['controller_cpu_s']} |\n"
+    )
+    parsed.out.mkdir(parents=True, exist_ok=True)
+    (parsed.out / "fleet_bench.json").write_text(json.dumps(row, indent=2) + "\n")
+    (parsed.out / "fleet_bench.md").write_text(table)
+    print(out[-2000:], file=sys.stderr)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

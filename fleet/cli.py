@@ -1,0 +1,309 @@
+"""``edgevit-fleet``: see and change which engine a fleet of edgevit agents runs, wave by wave."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from agent.bundle import MANIFEST, file_digest
+from agent.signing import SignatureError, load_private_key
+from fleet.link import Broker, Device, FleetLink
+from fleet.rollout import (
+    FAILED,
+    SENT,
+    SUCCEEDED,
+    Rollout,
+    Runner,
+    list_rollouts,
+    parse_count,
+    parse_selector,
+    selects,
+)
+from fleet.serve import BundleServer
+
+EXIT_BAD_INPUT, EXIT_HALTED = 2, 5
+
+
+class FleetError(ValueError):
+    """Bad input to the fleet tool; the message says which."""
+
+
+def _connection(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--host", default="127.0.0.1", help="MQTT broker (a cluster's load balancer works the same)")
+    cmd.add_argument("--port", type=int, default=1883)
+    cmd.add_argument("--prefix", default="edgevit", help="the agents' mqtt.prefix")
+    cmd.add_argument("--username")
+    cmd.add_argument("--password")
+    cmd.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
+    cmd.add_argument("--cert", type=Path, help="client certificate (with --ca)")
+    cmd.add_argument("--key", type=Path, help="client certificate's key (with --ca)")
+    cmd.add_argument("--sign", type=Path, help="Ed25519 key to sign commands (agents with mqtt.signed_commands)")
+    cmd.add_argument("--state-dir", type=Path, default=Path.home() / ".edgevit-fleet", help="rollouts are kept here")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="edgevit-fleet", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="every device on the broker: state, labels, engine, figures")
+    status.add_argument("--select", default="", help="labels, e.g. site=lab,hardware=orin (device=NAME works too)")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until interrupted")
+    deploy = commands.add_parser("deploy", help="roll a bundle archive out in waves")
+    deploy.add_argument("bundle", type=Path, help="bundle archive (edgevit-build pack)")
+    where = deploy.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="where devices download the archive")
+    where.add_argument("--url-base", help="devices download <url-base>/<archive name>")
+    deploy.add_argument("--select", default="", help="labels the devices must carry (default: every device)")
+    deploy.add_argument("--canary", default="1", help="devices in the first wave: N or N%% (default 1)")
+    deploy.add_argument("--step", default="25%", help="devices per later wave: N or N%% (default 25%%)")
+    deploy.add_argument("--max-failures", default="0%", help="halt beyond this share of failed devices")
+    deploy.add_argument("--timeout", type=float, default=900, help="seconds a device has to report an outcome")
+    deploy.add_argument("--no-rollback", action="store_true", help="on a halt, leave updated devices as they are")
+    deploy.add_argument("--force", action="store_true", help="deploy even to devices that marked the bundle bad")
+    resume = commands.add_parser("resume", help="continue a rollout a stopped controller left running")
+    resume.add_argument("id", nargs="?", help="rollout id (default: the latest running one)")
+    rollback = commands.add_parser("rollback", help="swap selected devices back to their previous engine")
+    rollback.add_argument("--select", required=True)
+    rollback.add_argument("--to", help="an installed bundle id instead of each device's previous")
+    rollback.add_argument("--timeout", type=float, default=300)
+    history = commands.add_parser("history", help="rollouts this controller ran, with their outcome")
+    history.add_argument("--json", action="store_true")
+    serve = commands.add_parser("serve", help="serve bundle archives over HTTP(S) with Range (resumable)")
+    serve.add_argument("folder", type=Path)
+    serve.add_argument("--bind", default="0.0.0.0")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--tls-cert", type=Path)
+    serve.add_argument("--tls-key", type=Path)
+    for cmd in (status, deploy, resume, rollback, history):
+        _connection(cmd)
+    return root
+
+
+def _link(args: argparse.Namespace) -> FleetLink:
+    broker = Broker(args.host, args.port, args.prefix, args.username, args.password, args.ca, args.cert, args.key)
+    try:
+        key = load_private_key(args.sign) if args.sign else None
+    except SignatureError as exc:
+        raise FleetError(str(exc)) from exc
+    return FleetLink(broker, key).connect()
+
+
+def _row(device: Device) -> dict[str, Any]:
+    status, engine = device.status, device.engine
+    last = status.get("last_event") or {}
+    drift = status.get("drift") or {}
+    canary = status.get("last_canary") or {}
+    return {
+        "device": device.name,
+        "state": status.get("state"),
+        "labels": device.labels,
+        "active": engine.get("active"),
+        "previous": engine.get("previous"),
+        "canary": engine.get("canary"),
+        "bad": engine.get("bad", []),
+        "fps": status.get("fps"),
+        "p99_ms": status.get("p99_ms"),
+        "agreement": canary.get("agreement"),
+        "class_mix_distance": drift.get("class_mix_distance"),
+        "confidence_drift": drift.get("confidence_drift"),
+        "last_event": last.get("event") and f"{last['event']} {last.get('bundle_id') or ''}".strip(),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(
+        "device", "state", "labels", "active", "canary", "fps", "p99 ms", "agreement", "drift (mix/conf)", "last event"
+    )
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
+        drift = f"{r['class_mix_distance']}/{r['confidence_drift']}" if r["class_mix_distance"] is not None else "-"
+        state = "[green]online[/]" if r["state"] == "online" else "[red]offline[/]"
+        table.add_row(
+            r["device"], state, labels, r["active"] or "-", r["canary"] or "-", str(r["fps"] or "-"),
+            str(r["p99_ms"] or "-"), str(r["agreement"] or "-"), drift, r["last_event"] or "-",
+        )  # fmt: skip
+    return table
+
+
+def run_status(args: argparse.Namespace, console: Console) -> int:
+    selector = parse_selector(args.select)
+    link = _link(args)
+
+    def rows() -> list[dict[str, Any]]:
+        return [_row(d) for n, d in sorted(link.snapshot().items()) if selects(selector, d)]
+
+    try:
+        if args.json:
+            print(json.dumps(rows(), indent=2))
+        elif args.watch:
+            with Live(_table(rows()), console=console, refresh_per_second=2) as live:
+                while True:
+                    time.sleep(args.watch)
+                    live.update(_table(rows()))
+        else:
+            console.print(_table(rows()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.close()
+    return 0
+
+
+def bundle_reference(archive: Path, url: str) -> tuple[str, dict[str, Any]]:
+    """(bundle id, the deploy command's ``bundle``) for an archive made by ``edgevit-build pack``."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            member = next(m for m in tar.getmembers() if m.isfile() and Path(m.name).name == MANIFEST)
+            manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except (OSError, tarfile.TarError, StopIteration, ValueError) as exc:
+        raise FleetError(f"{archive} is not a bundle archive (edgevit-build pack makes one): {exc}") from exc
+    digest = file_digest(archive)
+    return manifest["bundle_id"], {"url": url, "sha256": digest["sha256"], "size": digest["bytes"]}
+
+
+def _drive(runner: Runner, console: Console) -> int:
+    rollout = runner.run()
+    counts = rollout.counts()
+    console.print(
+        f"rollout {rollout.id} {rollout.state}: {counts[SUCCEEDED]} succeeded, {counts[FAILED]} failed, "
+        f"{counts['rolled-back']} rolled back, {counts['skipped']} skipped, {counts['pending']} untouched"
+    )
+    return 0 if rollout.state == "completed" else EXIT_HALTED
+
+
+def run_deploy(args: argparse.Namespace, console: Console) -> int:
+    url = args.url or f"{args.url_base.rstrip('/')}/{args.bundle.name}"
+    bundle_id, reference = bundle_reference(args.bundle, url)
+    try:
+        max_failures = float(args.max_failures.rstrip("%"))
+        parse_count(args.canary, 1), parse_count(args.step, 1)
+    except ValueError as exc:
+        raise FleetError(f"--canary/--step take N or N%, --max-failures N%: {exc}") from exc
+    link = _link(args)
+    rollout = Rollout.new(
+        bundle_id,
+        reference,
+        parse_selector(args.select),
+        max_failures_pct=max_failures,
+        timeout_s=args.timeout,
+        rollback_on_halt=not args.no_rollback,
+        force=args.force,
+    )
+    runner = Runner(rollout, link, args.state_dir, console.print)
+    try:
+        runner.plan(args.canary, args.step)
+        if not [t for t in rollout.targets if t.wave >= 0]:
+            raise FleetError(f"no online device matches --select {args.select!r}")
+        return _drive(runner, console)
+    finally:
+        link.close()
+
+
+def run_resume(args: argparse.Namespace, console: Console) -> int:
+    rollouts = list_rollouts(args.state_dir)
+    running = [r for r in rollouts if r.state == "running" and (args.id is None or r.id == args.id)]
+    if not running:
+        raise FleetError(f"no running rollout {args.id or ''} in {args.state_dir}".replace("  ", " "))
+    rollout = running[-1]
+    sent = [t.device for t in rollout.targets if t.state == SENT]
+    console.print(f"resuming {rollout.id} at wave {rollout.wave}; awaiting {', '.join(sent) or 'nothing'}")
+    link = _link(args)
+    try:
+        return _drive(Runner(rollout, link, args.state_dir, console.print), console)
+    finally:
+        link.close()
+
+
+def run_rollback(args: argparse.Namespace, console: Console) -> int:
+    link = _link(args)
+    selector = parse_selector(args.select)
+    try:
+        chosen = {n: d for n, d in link.snapshot().items() if selects(selector, d) and d.online}
+        if not chosen:
+            raise FleetError(f"no online device matches --select {args.select!r}")
+        commands = {}
+        for name in sorted(chosen):
+            command_id = f"rollback-{name}-{int(time.time())}"[:64]
+            link.send(name, {"id": command_id, "cmd": "rollback", **({"bundle": args.to} if args.to else {})})
+            commands[name] = command_id
+        deadline, failed = time.time() + args.timeout, 0
+        while commands and time.time() < deadline:
+            for name, command_id in list(commands.items()):
+                reply = link.reply_for(command_id)
+                done = [e for e in link.events_for(command_id) if e["event"] in ("rollback", "revert")]
+                if reply and not reply["ok"]:
+                    console.print(f"{name}: refused: {reply['error']}")
+                    failed += 1
+                elif done:
+                    ok = done[0].get("ok", True)
+                    failed += not ok
+                    console.print(f"{name}: {'rolled back' if ok else 'rollback failed: ' + str(done[0].get('error'))}")
+                else:
+                    continue
+                del commands[name]
+            time.sleep(0.25)
+        for name in commands:
+            console.print(f"{name}: no outcome within {args.timeout:g} s")
+        return 0 if not failed and not commands else EXIT_HALTED
+    finally:
+        link.close()
+
+
+def run_history(args: argparse.Namespace, console: Console) -> int:
+    rollouts = list_rollouts(args.state_dir)
+    if args.json:
+        print(json.dumps([{"id": r.id, "bundle_id": r.bundle_id, "state": r.state, **r.counts()} for r in rollouts]))
+        return 0
+    table = Table("rollout", "bundle", "state", "succeeded", "failed", "rolled back", "skipped", "untouched")
+    for r in rollouts:
+        c = r.counts()
+        table.add_row(
+            r.id, r.bundle_id, r.state, str(c[SUCCEEDED]), str(c[FAILED]), str(c["rolled-back"]),
+            str(c["skipped"]), str(c["pending"]),
+        )  # fmt: skip
+    console.print(table)
+    return 0
+
+
+def run_serve(args: argparse.Namespace, console: Console) -> int:
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = BundleServer(args.folder, args.bind, args.http_port, tls)
+    console.print(f"serving {args.folder} at {server.url}/ (Range supported); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+COMMANDS = {
+    "status": run_status,
+    "deploy": run_deploy,
+    "resume": run_resume,
+    "rollback": run_rollback,
+    "history": run_history,
+    "serve": run_serve,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console()
+    try:
+        return COMMANDS[args.command](args, console)
+    except (FleetError, ValueError, ConnectionError, OSError) as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

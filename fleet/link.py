@@ -1,0 +1,140 @@
+"""The controller's one MQTT connection: every device's retained status, lifecycle events, replies.
+
+Retained statuses arrive at subscribe time, so a controller that starts (or restarts)
+knows the whole fleet at once, offline devices included (their last will carries
+their labels). Events and replies are indexed by command id, which is how a rollout
+matches outcomes to the commands it sent.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import ssl
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.command_auth import sign_command
+from fleet.protocol import command_topic, device_of, events_topic, reply_topic, status_topic
+
+
+@dataclass
+class Device:
+    """What the fleet knows of one device, from its retained status."""
+
+    name: str
+    status: dict[str, Any] = field(default_factory=dict)
+    seen: float = 0.0
+
+    @property
+    def online(self) -> bool:
+        return self.status.get("state") == "online"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.status.get("labels") or {}
+
+    @property
+    def engine(self) -> dict[str, Any]:
+        return self.status.get("engine") or {}
+
+
+@dataclass(frozen=True)
+class Broker:
+    host: str
+    port: int = 1883
+    prefix: str = "edgevit"
+    username: str | None = None
+    password: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class FleetLink:
+    def __init__(self, broker: Broker, signing_key: Ed25519PrivateKey | None = None) -> None:
+        self.broker, self.signing_key = broker, signing_key
+        self.devices: dict[str, Device] = {}
+        self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # command id -> events
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.messages = 0
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edgevit-fleet-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
+        )
+        if broker.username:
+            self.client.username_pw_set(broker.username, broker.password)
+        if broker.ca:
+            self.client.tls_set(
+                ca_certs=str(broker.ca),
+                certfile=broker.cert and str(broker.cert),
+                keyfile=broker.key and str(broker.key),
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def connect(self, settle_s: float = 1.0, timeout_s: float = 10.0) -> FleetLink:
+        """Connect, subscribe, and give the broker ``settle_s`` to deliver the retained statuses."""
+        self.client.connect(self.broker.host, self.broker.port)
+        self.client.loop_start()
+        if not self._connected.wait(timeout_s):
+            raise ConnectionError(f"no MQTT connection to {self.broker.host}:{self.broker.port} in {timeout_s:g} s")
+        time.sleep(settle_s)
+        return self
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            return
+        prefix = self.broker.prefix
+        client.subscribe([(status_topic(prefix), 1), (events_topic(prefix), 1), (reply_topic(prefix), 1)])
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            payload = json.loads(message.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return  # not ours to judge: a fleet tool only reads what agents write
+        if not isinstance(payload, dict):
+            return
+        name, kind = device_of(message.topic), message.topic.rsplit("/", 1)[-1]
+        with self._lock:
+            self.messages += 1
+            if kind == "status":
+                self.devices[name] = Device(name, payload, time.time())
+            elif kind == "events" and payload.get("command_id"):
+                self.events[payload["command_id"]].append({**payload, "device": name})
+            elif kind == "reply" and payload.get("id"):
+                self.replies[payload["id"]] = payload
+
+    def snapshot(self) -> dict[str, Device]:
+        with self._lock:
+            return dict(self.devices)
+
+    def events_for(self, command_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.events.get(command_id, ()))
+
+    def reply_for(self, command_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self.replies.get(command_id)
+
+    def send(self, device: str, command: dict[str, Any]) -> None:
+        """Publish a command (signed when the controller holds a key), QoS 1."""
+        if self.signing_key is not None:
+            command = sign_command(command, self.signing_key)
+        info = self.client.publish(command_topic(self.broker.prefix, device), json.dumps(command), qos=1)
+        info.wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,50 @@
+"""The MQTT contract between agents and fleet tools, and the limits managed brokers impose on it.
+
+Topics, per device (``agent.mqtt`` publishes them)::
+
+    <prefix>/<device>/status          retained: state, labels, engine, fps, p99, drift, last event
+    <prefix>/<device>/events          lifecycle and camera events (QoS 1, from the agent's outbox)
+    <prefix>/<device>/cmd             commands to the device
+    <prefix>/<device>/reply           replies
+    <prefix>/<device>/<camera>/result per-frame results
+    <prefix>/<device>/metrics         periodic metrics
+
+The deepest is four levels and the longest is 32 + 64 + 64 characters plus separators,
+within AWS IoT Core's limits (at most 7 slashes, 256 bytes), which are the tightest
+of the brokers edgevit targets (Mosquitto, EMQX, HiveMQ, AWS IoT Core). Commands are
+at most 16 KiB and status documents a few hundred bytes, against AWS IoT Core's
+128 KiB per message.
+"""
+
+from __future__ import annotations
+
+AWS_MAX_TOPIC_BYTES = 256
+AWS_MAX_TOPIC_SLASHES = 7
+AWS_MAX_PAYLOAD_BYTES = 128 * 1024
+
+
+def status_topic(prefix: str, device: str = "+") -> str:
+    return f"{prefix}/{device}/status"
+
+
+def events_topic(prefix: str, device: str = "+") -> str:
+    return f"{prefix}/{device}/events"
+
+
+def command_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/{device}/cmd"
+
+
+def reply_topic(prefix: str, device: str = "+") -> str:
+    return f"{prefix}/{device}/reply"
+
+
+def device_of(topic: str) -> str:
+    """The device id in ``<prefix>/<device>/...``."""
+    return topic.split("/")[1]
+
+
+def check_topic(topic: str) -> None:
+    """Raise ValueError when a topic would be refused by AWS IoT Core (and so by some fleets)."""
+    if len(topic.encode()) > AWS_MAX_TOPIC_BYTES or topic.count("/") > AWS_MAX_TOPIC_SLASHES:
+        raise ValueError(f"topic {topic[:60]!r}... exceeds AWS IoT Core's limits (256 bytes, 7 slashes)")

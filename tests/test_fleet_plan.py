@@ -1,0 +1,62 @@
+"""Rollout planning and the fleet tool's input checks, without a broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.pack import pack_bundle
+from fleet.cli import FleetError, bundle_reference, main
+from fleet.link import Device
+from fleet.protocol import check_topic
+from fleet.rollout import Rollout, Target, parse_count, parse_selector, plan_waves, selects
+
+
+def test_waves_canary_first_then_steps() -> None:
+    devices = [f"d{i}" for i in range(10)]
+    assert plan_waves(devices, "1", "25%") == [["d0"], ["d1", "d2", "d3"], ["d4", "d5", "d6"], ["d7", "d8", "d9"]]
+    assert plan_waves(devices, "20%", "100%") == [["d0", "d1"], devices[2:]]
+    assert plan_waves(devices[:1], "5%", "10%") == [["d0"]]
+    assert parse_count("0.1%", 3) == 1, "a wave has at least one device"
+
+
+def test_selectors() -> None:
+    device = Device("cam-7", {"labels": {"site": "lab", "hardware": "orin"}})
+    assert selects(parse_selector("site=lab,hardware=orin"), device) and selects({}, device)
+    assert selects(parse_selector("device=cam-7"), device) and not selects(parse_selector("site=dock"), device)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_selector("site")
+
+
+def test_topics_fit_managed_brokers() -> None:
+    check_topic(f"{'p' * 32}/{'d' * 64}/{'c' * 64}/result")
+    with pytest.raises(ValueError, match="AWS IoT Core"):
+        check_topic("/".join("x" * 8 for _ in range(9)))
+
+
+def test_rollout_state_round_trips(tmp_path: Path) -> None:
+    rollout = Rollout.new("b", {"url": "u"}, {"site": "a"}, max_failures_pct=10, timeout_s=60, rollback_on_halt=True)
+    rollout.targets = [Target("d1", 0, "sent", "old", "c1", 1.0)]
+    assert Rollout.load(rollout.save(tmp_path)) == rollout
+
+
+def test_bundle_reference(demo_bundle: Path, tmp_path: Path) -> None:
+    packed = pack_bundle(demo_bundle, tmp_path / "b.tar.gz", None)
+    bundle_id, reference = bundle_reference(tmp_path / "b.tar.gz", "http://store/b.tar.gz")
+    assert bundle_id == packed["bundle_id"] and reference == {
+        "url": "http://store/b.tar.gz",
+        "sha256": packed["sha256"],
+        "size": packed["size"],
+    }
+    (tmp_path / "not.tar.gz").write_bytes(b"junk")
+    with pytest.raises(FleetError, match="is not a bundle archive"):
+        bundle_reference(tmp_path / "not.tar.gz", "http://x")
+
+
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "x.tar.gz").write_bytes(b"junk")
+    assert main(["deploy", str(tmp_path / "x.tar.gz"), "--url", "http://x", "--state-dir", str(tmp_path)]) == 2
+    assert "is not a bundle archive" in capsys.readouterr().err
+    assert main(["resume", "--state-dir", str(tmp_path)]) == 2
+    assert "no running rollout" in capsys.readouterr().err
