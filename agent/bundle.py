@@ -82,11 +82,16 @@ class Bundle:
 
     @property
     def passport(self) -> dict[str, Any]:
-        return json.loads((self.root / PASSPORT).read_text())
+        return read_passport(self.root)
 
     @property
     def golden_path(self) -> Path:
         return self.root / GOLDEN
+
+
+def read_passport(root: Path) -> dict[str, Any]:
+    """The passport of the bundle at ``root``, as built (reading it verifies nothing)."""
+    return json.loads((root / PASSPORT).read_text())
 
 
 def file_digest(path: Path) -> dict[str, Any]:

@@ -39,13 +39,16 @@ class DriftMonitor:
         self._lock = threading.Lock()
 
     def observe(self, classes: np.ndarray, confidence: np.ndarray) -> None:
-        """Add a batch's top-1 classes and confidences (ring buffer, no allocation)."""
+        """Add a batch's top-1 classes and confidences (ring buffer: two slice copies, no allocation)."""
         with self._lock:
-            size = len(self._classes)
-            idx = (self._count + np.arange(len(classes))) % size
-            self._classes[idx] = classes
-            self._confidence[idx] = confidence
-            self._count += len(classes)
+            size, n = len(self._classes), len(classes)
+            start = self._count % size
+            head = min(n, size - start)
+            self._classes[start : start + head] = classes[:head]
+            self._confidence[start : start + head] = confidence[:head]
+            self._classes[: n - head] = classes[head:]
+            self._confidence[: n - head] = confidence[head:]
+            self._count += n
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

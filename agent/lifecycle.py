@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from agent.archive import is_archive
-from agent.bundle import MANIFEST, Bundle, BundleError, verify_bundle
+from agent.bundle import MANIFEST, Bundle, BundleError, read_passport, verify_bundle
 from agent.config import AgentConfig
 from agent.device import DeviceInfo
 from agent.drift import DriftMonitor
@@ -49,7 +49,7 @@ from agent.pipeline import EventSink, Pipeline, Serving, passport_p99
 from agent.runtimes import EngineError
 from agent.shadow import Shadow
 from agent.signing import SignatureError, load_public_key
-from agent.store import Canary, EngineState, EngineStore, StoreError
+from agent.store import Canary, EngineStore, StoreError
 from agent.worker import WorkerEngine, WorkerSpec
 
 log = logging.getLogger("edgevit.lifecycle")
@@ -81,7 +81,7 @@ class Lifecycle:
         self.previous: Serving | None = None  # kept open during a canary: shadow runs, instant revert
         self._job: threading.Thread | None = None
         self._job_lock = threading.Lock()
-        self._revert_requested: str | None = None
+        self._rollback_requested_by: str | None = None  # the command that asked to end a canary now
         self._stop = threading.Event()
         self._inbox_pending: set[Path] = set()
 
@@ -94,18 +94,8 @@ class Lifecycle:
         target = bundle.target
         if self.config.engine.onnxruntime_tensorrt and target == "cuda":
             target = "tensorrt-ep"
-        spec = bundle.input_spec
         worker = WorkerEngine(
-            WorkerSpec(
-                bundle.backend,
-                target,
-                bundle.engine_path,
-                bundle.batch_range[1],
-                spec.height,
-                spec.width,
-                len(bundle.labels),
-                self.config.engine.threads,
-            ),
+            WorkerSpec.of(bundle, target, self.config.engine.threads),
             timeout_s=self.config.engine.batch_timeout_s,
             max_rss_mib=self.config.engine.worker_max_rss_mib,
         )
@@ -173,7 +163,6 @@ class Lifecycle:
         return self.store.path(seed.bundle_id)
 
     def _install_seed(self) -> None:
-
         try:
             seed = self.verify(self.config.engine.bundle)
         except (BundleError, SignatureError) as exc:
@@ -235,7 +224,7 @@ class Lifecycle:
     def request_rollback(self, target: str | None, force: bool, command_id: str | None) -> str:
         """Roll back now: during a canary, revert it; else swap to ``target`` (default: previous)."""
         if self.state.canary:
-            self._revert_requested = f"rolled back by command {command_id}"
+            self._rollback_requested_by = command_id or "an operator"
             return self.state.canary.previous
         target = target or self.state.previous
         if target is None:
@@ -401,7 +390,8 @@ class Lifecycle:
     def _watch_canary(self, serving: Serving) -> None:
         while not self._stop.wait(0.25):
             figures = self.canary_figures(serving)
-            violation = self._revert_requested or self._violation(figures)
+            requested = self._rollback_requested_by
+            violation = f"rolled back by command {requested}" if requested else self._violation(figures)
             if violation:
                 self._revert(serving, violation, figures)
                 return
@@ -463,12 +453,13 @@ class Lifecycle:
         serving.engine.close()
         self._undo_canary(reason)
         self._save()
-        self._revert_requested = None
+        requested_by, self._rollback_requested_by = self._rollback_requested_by, None
         self.events(
             "revert",
             {
                 "bundle_id": canary.bundle,
                 "command_id": canary.command_id,
+                "rollback_command_id": requested_by,
                 "reason": reason,
                 "figures": figures,
                 "restored": canary.previous,
@@ -531,7 +522,7 @@ class Lifecycle:
 
     # -- reporting ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        state: EngineState = self.state
+        state = self.state
         described: dict[str, Any] = {"active": state.active, "previous": state.previous, "bad": state.bad}
         if state.canary and self.pipeline:
             described["canary"] = {"bundle_id": state.canary.bundle, **self.canary_figures(self.pipeline.serving)}
@@ -541,7 +532,7 @@ class Lifecycle:
         rows = []
         for bundle_id in self.store.installed():
             try:
-                accuracy = Bundle(self.store.path(bundle_id), {}, "").passport["accuracy"]
+                accuracy = read_passport(self.store.path(bundle_id))["accuracy"]
             except (OSError, ValueError, KeyError):
                 accuracy = {}
             rows.append(

@@ -3,11 +3,13 @@
 The agent and the worker share two memory-mapped buffers, allocated once: the input
 batch (uint8 NHWC at the bundle's maximum batch) and the output logits. The pipe
 between them carries only a batch size and a status, so a batch costs one memcpy in
-and one small copy out. A batch that does not return within ``timeout_s``, a worker
-that dies, or one whose resident memory grows past ``max_rss_mib`` is killed; the
-call raises :class:`EngineError` (counted by the caller as a failed batch) and the
-next call starts a fresh worker. The worker dies with the agent (``PR_SET_PDEATHSIG``),
-so a hung engine never outlives a killed agent.
+and one small copy out. A batch that does not return within ``timeout_s`` or a worker
+that dies is killed; the call raises :class:`EngineError` (counted by the caller as a
+failed batch). A worker whose resident memory has grown past ``max_rss_mib`` (checked
+after a batch, at most once a second) is killed once its batch's logits are out. In
+every case the next call starts a fresh worker. The worker exits as soon as the
+agent is gone (a thread watching its parent pid), so a hung engine never outlives a
+killed agent.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.bundle import Bundle
 from agent.runtimes import EngineError, open_engine
 
 log = logging.getLogger("edgevit.worker")
@@ -58,6 +61,21 @@ class WorkerSpec:
     width: int
     classes: int
     threads: int | None
+
+    @classmethod
+    def of(cls, bundle: Bundle, target: str, threads: int | None, engine_path: Path | None = None) -> WorkerSpec:
+        """The worker for ``bundle``'s engine (``engine_path`` replaces its file: tests' variants)."""
+        spec = bundle.input_spec
+        return cls(
+            bundle.backend,
+            target,
+            engine_path or bundle.engine_path,
+            bundle.batch_range[1],
+            spec.height,
+            spec.width,
+            len(bundle.labels),
+            threads,
+        )
 
     def inputs(self, path: Path, mode: str) -> np.memmap:
         return np.memmap(path, np.uint8, mode, shape=(self.max_batch, self.height, self.width, 3))

@@ -25,8 +25,6 @@ import json
 import multiprocessing
 import os
 import resource
-import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -37,16 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from broker import start_broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "edgevit"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _cpu_s(pid: int) -> float:
@@ -171,15 +164,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * parsed.devices + 256)), hard))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        port = _free_port()
-        (work / "mosquitto.conf").write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\nsys_interval 1\nmax_queued_messages 100000\n"
-            "log_dest none\n"
-        )
-        broker = subprocess.Popen(
-            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")]
-        )
-        time.sleep(0.5)
+        broker, port = start_broker(work, "sys_interval 1\nmax_queued_messages 100000\n")
         context = multiprocessing.get_context("spawn")
         ready, stop, updated = context.Semaphore(0), context.Event(), context.Queue()
         started = time.monotonic()

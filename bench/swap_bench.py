@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from broker import start_broker  # noqa: E402
+
 from builder.demo.evaluate import held_out_indices  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
 from builder.demo.video import write_labelled_video  # noqa: E402
@@ -43,23 +44,6 @@ from builder.export import export_checkpoint  # noqa: E402
 from builder.keys import keygen  # noqa: E402
 
 CANARY = {"window_s": 3, "min_frames": 60, "shadow_every": 4, "min_shadow_frames": 15}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(work / "mosquitto.conf")], stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, port
 
 
 def _batch_gaps(results: list[dict]) -> np.ndarray:
@@ -85,7 +69,7 @@ def main() -> None:
         ]
         video = work / "digits.mp4"
         write_labelled_video(video, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz"))
-        broker, port = _broker(work)
+        broker, port = start_broker(work)
         config = {
             "device": "bench",
             "state_dir": str(work / "state"),

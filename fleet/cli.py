@@ -26,6 +26,7 @@ from fleet.rollout import (
     list_rollouts,
     parse_count,
     parse_selector,
+    roll_back,
     selects,
 )
 from fleet.serve import BundleServer
@@ -230,30 +231,8 @@ def run_rollback(args: argparse.Namespace, console: Console) -> int:
         chosen = {n: d for n, d in link.snapshot().items() if selects(selector, d) and d.online}
         if not chosen:
             raise FleetError(f"no online device matches --select {args.select!r}")
-        commands = {}
-        for name in sorted(chosen):
-            command_id = f"rollback-{name}-{int(time.time())}"[:64]
-            link.send(name, {"id": command_id, "cmd": "rollback", **({"bundle": args.to} if args.to else {})})
-            commands[name] = command_id
-        deadline, failed = time.time() + args.timeout, 0
-        while commands and time.time() < deadline:
-            for name, command_id in list(commands.items()):
-                reply = link.reply_for(command_id)
-                done = [e for e in link.events_for(command_id) if e["event"] in ("rollback", "revert")]
-                if reply and not reply["ok"]:
-                    console.print(f"{name}: refused: {reply['error']}")
-                    failed += 1
-                elif done:
-                    ok = done[0].get("ok", True)
-                    failed += not ok
-                    console.print(f"{name}: {'rolled back' if ok else 'rollback failed: ' + str(done[0].get('error'))}")
-                else:
-                    continue
-                del commands[name]
-            time.sleep(0.25)
-        for name in commands:
-            console.print(f"{name}: no outcome within {args.timeout:g} s")
-        return 0 if not failed and not commands else EXIT_HALTED
+        outcomes = roll_back(link, dict.fromkeys(sorted(chosen), args.to), args.timeout, console.print)
+        return 0 if all(ok for ok, _ in outcomes.values()) else EXIT_HALTED
     finally:
         link.close()
 

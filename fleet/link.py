@@ -65,7 +65,6 @@ class FleetLink:
         self.devices: dict[str, Device] = {}
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # command id -> events
         self.replies: dict[str, dict[str, Any]] = {}
-        self.messages = 0
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.client = mqtt.Client(
@@ -108,7 +107,6 @@ class FleetLink:
             return
         name, kind = device_of(message.topic), message.topic.rsplit("/", 1)[-1]
         with self._lock:
-            self.messages += 1
             if kind == "status":
                 self.devices[name] = Device(name, payload, time.time())
             elif kind == "events" and payload.get("command_id"):

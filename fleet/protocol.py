@@ -9,8 +9,9 @@ Topics, per device (``agent.mqtt`` publishes them)::
     <prefix>/<device>/<camera>/result per-frame results
     <prefix>/<device>/metrics         periodic metrics
 
-The deepest is four levels and the longest is 32 + 64 + 64 characters plus separators,
-within AWS IoT Core's limits (at most 7 slashes, 256 bytes), which are the tightest
+The deepest is four levels and the longest is 32 + 64 + 64 characters plus separators
+(the config's patterns for prefix, device and camera names; tests/test_fleet_plan.py
+checks the worst case), within AWS IoT Core's limits (at most 7 slashes, 256 bytes), which are the tightest
 of the brokers edgevit targets (Mosquitto, EMQX, HiveMQ, AWS IoT Core). Commands are
 at most 16 KiB and status documents a few hundred bytes, against AWS IoT Core's
 128 KiB per message.
@@ -42,9 +43,3 @@ def reply_topic(prefix: str, device: str = "+") -> str:
 def device_of(topic: str) -> str:
     """The device id in ``<prefix>/<device>/...``."""
     return topic.split("/")[1]
-
-
-def check_topic(topic: str) -> None:
-    """Raise ValueError when a topic would be refused by AWS IoT Core (and so by some fleets)."""
-    if len(topic.encode()) > AWS_MAX_TOPIC_BYTES or topic.count("/") > AWS_MAX_TOPIC_SLASHES:
-        raise ValueError(f"topic {topic[:60]!r}... exceeds AWS IoT Core's limits (256 bytes, 7 slashes)")

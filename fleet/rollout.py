@@ -208,7 +208,7 @@ class Runner:
                 return SUCCEEDED, "committed after its canary window"
             if event["event"] == "revert":
                 return FAILED, f"reverted: {event.get('reason')}"
-            if event["event"] in ("deploy", "swap") and event.get("ok") is False:
+            if event["event"] == "deploy" and event.get("ok") is False:
                 return FAILED, f"refused: {event.get('error')}"
         reply = self.link.reply_for(target.command_id)
         if reply and not reply.get("ok"):
@@ -244,26 +244,51 @@ class Runner:
             time.sleep(POLL_S)
 
     def _roll_back(self, targets: list[Target]) -> None:
-        pending = {}
+        wanted = {t.device: t.before for t in targets if t.before and t.before != self.rollout.bundle_id}
+        outcomes = roll_back(self.link, wanted, self.rollout.timeout_s, self._note)
         for target in targets:
-            if target.before and target.before != self.rollout.bundle_id:
-                command_id = f"{self.rollout.id}-rb-{secrets.token_hex(3)}"
-                self.link.send(target.device, {"id": command_id, "cmd": "rollback", "bundle": target.before})
-                pending[target.device] = (target, command_id)
-        deadline = time.time() + self.rollout.timeout_s
-        while pending and time.time() < deadline:
-            for name, (target, command_id) in list(pending.items()):
-                device = self.link.snapshot().get(name)
-                reply = self.link.reply_for(command_id)
-                if device and device.engine.get("active") == target.before:
-                    target.state, target.detail = ROLLED_BACK, f"back on {target.before}"
-                elif reply and not reply.get("ok"):
-                    target.detail = f"rollback refused: {reply.get('error')}"
-                else:
-                    continue
-                del pending[name]
-                self._note(f"{name}: {target.detail}")
-            time.sleep(POLL_S)
-        for name, (target, _) in pending.items():
-            target.detail = "rollback sent, no outcome in time"
-            self._note(f"{name}: {target.detail}")
+            ok, target.detail = outcomes.get(target.device, (False, "nothing to roll back to"))
+            if ok:
+                target.state = ROLLED_BACK
+
+
+def roll_back(
+    link: FleetLink, wanted: dict[str, str | None], timeout_s: float, report: Callable[[str], None]
+) -> dict[str, tuple[bool, str]]:
+    """Send ``rollback`` to each device (to the named bundle, or to its previous) and await the outcomes.
+
+    A device has rolled back when its retained status shows the expected engine active and
+    no canary pending: the named bundle, or the ``previous`` its status named when the
+    command left (a canary in progress is reverted to that same engine).
+    """
+    devices = link.snapshot()
+    pending: dict[str, tuple[str | None, str]] = {}
+    for name, bundle in wanted.items():
+        device = devices.get(name)
+        expected = bundle or (device.engine.get("previous") if device else None)
+        command_id = f"rollback-{secrets.token_hex(4)}"
+        link.send(name, {"id": command_id, "cmd": "rollback", **({"bundle": bundle} if bundle else {})})
+        pending[name] = (expected, command_id)
+    outcomes: dict[str, tuple[bool, str]] = {}
+    deadline = time.time() + timeout_s
+    while pending and time.time() < deadline:
+        devices = link.snapshot()
+        for name, (expected, command_id) in list(pending.items()):
+            engine = devices[name].engine if name in devices else {}
+            reply = link.reply_for(command_id)
+            failed = [e for e in link.events_for(command_id) if e["event"] == "rollback" and e.get("ok") is False]
+            if reply and not reply.get("ok"):
+                outcomes[name] = (False, f"rollback refused: {reply.get('error')}")
+            elif failed:
+                outcomes[name] = (False, f"rollback failed: {failed[0].get('error')}")
+            elif expected and engine.get("active") == expected and not engine.get("canary"):
+                outcomes[name] = (True, f"rolled back to {expected}")
+            else:
+                continue
+            del pending[name]
+            report(f"{name}: {outcomes[name][1]}")
+        time.sleep(POLL_S)
+    for name in pending:
+        outcomes[name] = (False, f"rollback sent, no outcome within {timeout_s:g} s")
+        report(f"{name}: {outcomes[name][1]}")
+    return outcomes

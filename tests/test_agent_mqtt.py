@@ -83,9 +83,11 @@ def test_results_metrics_status_over_mqtt(
     assert statuses[0] == "online" and statuses[-1] == "offline"
     reported = [s for s in subscriber.on("/status") if "fps" in s]  # what fleet tools read, refreshed with metrics
     assert reported and reported[-1]["engine"]["active"] == results[0]["engine"] and reported[-1]["fps"] > 10
+    assert len(json.dumps(reported[-1])) < 1024, "a status stays far inside managed brokers' payload limits"
     assert any(e["event"] == "camera" and e["state"] == "connected" for e in subscriber.on("/events"))
     assert 'edgevit_frames_total{camera="door",kind="processed"}' in scrape
     assert "edgevit_frame_latency_seconds_bucket" in scrape and "process_resident_memory_bytes" in scrape
+    assert "edgevit_class_mix_distance" in scrape and 'edgevit_engine_info{bundle_id="vit-digits' in scrape
 
 
 def test_last_will_marks_a_killed_agent_offline(

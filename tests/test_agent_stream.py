@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from agent_helpers import read_results, start_agent, stop_agent, summary, write_config
@@ -48,22 +49,27 @@ def serve(video: Path, port: int) -> subprocess.Popen:
     )
 
 
+def file_and_stream(
+    video: Path, name: str, url: str, stall_s: float, retry_s: tuple[float, float]
+) -> list[dict[str, Any]]:
+    """A looping file camera at 20 fps beside an HTTP stream camera with quick stall detection and retries."""
+    stream = {
+        "name": name,
+        "source": url,
+        "backend": "ffmpeg",
+        "stall_timeout_s": stall_s,
+        "reconnect": {"initial_s": retry_s[0], "max_s": retry_s[1]},
+    }
+    return [{"name": "file", "source": str(video), "loop": True, "fps": 20}, stream]
+
+
 def test_stream_recovers_and_the_other_camera_never_pauses(
     demo_bundle, signing_key, digits_video: Path, tmp_path: Path
 ) -> None:
     port = free_port()
     server = serve(digits_video, port)
     time.sleep(1.0)
-    cameras = [
-        {"name": "file", "source": str(digits_video), "loop": True, "fps": 20},
-        {
-            "name": "net",
-            "source": f"http://127.0.0.1:{port}/live.ts",
-            "backend": "ffmpeg",
-            "stall_timeout_s": 2,
-            "reconnect": {"initial_s": 0.3, "max_s": 2},
-        },
-    ]
+    cameras = file_and_stream(digits_video, "net", f"http://127.0.0.1:{port}/live.ts", stall_s=2, retry_s=(0.3, 2))
     agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
     try:
         time.sleep(5)
@@ -97,16 +103,8 @@ def test_stream_recovers_and_the_other_camera_never_pauses(
 def test_dead_camera_at_start_is_retried_without_stopping_the_agent(
     demo_bundle, signing_key, digits_video, tmp_path: Path
 ) -> None:
-    cameras = [
-        {"name": "file", "source": str(digits_video), "loop": True, "fps": 20},
-        {
-            "name": "dead",
-            "source": f"http://127.0.0.1:{free_port()}/none.ts",
-            "backend": "ffmpeg",
-            "stall_timeout_s": 1,
-            "reconnect": {"initial_s": 0.2, "max_s": 1},
-        },
-    ]
+    url = f"http://127.0.0.1:{free_port()}/none.ts"
+    cameras = file_and_stream(digits_video, "dead", url, stall_s=1, retry_s=(0.2, 1))
     agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
     time.sleep(5)
     stdout, stderr = stop_agent(agent)

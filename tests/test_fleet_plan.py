@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from agent.commands import MAX_COMMAND_BYTES
+from agent.config import AgentConfig, CameraConfig, MQTTConfig
 from builder.pack import pack_bundle
 from fleet.cli import FleetError, bundle_reference, main
 from fleet.link import Device
-from fleet.protocol import check_topic
+from fleet.protocol import AWS_MAX_PAYLOAD_BYTES, AWS_MAX_TOPIC_BYTES, AWS_MAX_TOPIC_SLASHES
 from fleet.rollout import Rollout, Target, parse_count, parse_selector, plan_waves, selects
 
 
@@ -29,10 +32,21 @@ def test_selectors() -> None:
         parse_selector("site")
 
 
-def test_topics_fit_managed_brokers() -> None:
-    check_topic(f"{'p' * 32}/{'d' * 64}/{'c' * 64}/result")
-    with pytest.raises(ValueError, match="AWS IoT Core"):
-        check_topic("/".join("x" * 8 for _ in range(9)))
+def test_topics_and_payloads_fit_managed_brokers() -> None:
+    """The longest names the agent's config accepts still make topics AWS IoT Core takes."""
+    prefix, device, camera = "p" * 32, "d" * 64, "c" * 64
+    MQTTConfig(host="h", prefix=prefix)
+    CameraConfig(name=camera, source=0)
+    for too_long in (
+        lambda: MQTTConfig(host="h", prefix=prefix + "p"),
+        lambda: CameraConfig(name=camera + "c", source=0),
+    ):
+        with pytest.raises(ValidationError):
+            too_long()
+    assert AgentConfig.model_fields["device"].metadata[0].pattern == r"^[A-Za-z0-9_-]{1,64}$"
+    topic = f"{prefix}/{device}/{camera}/result"
+    assert len(topic.encode()) <= AWS_MAX_TOPIC_BYTES and topic.count("/") <= AWS_MAX_TOPIC_SLASHES
+    assert MAX_COMMAND_BYTES <= AWS_MAX_PAYLOAD_BYTES
 
 
 def test_rollout_state_round_trips(tmp_path: Path) -> None:

@@ -256,3 +256,14 @@ def test_bundles_dropped_into_the_inbox(device: Operator, demo_bundle, bundles) 
     assert {p.name for p in inbox.iterdir()} == {"rejected"}
     reason = (inbox / "rejected" / "evil.tar.gz.reason.txt").read_text()
     assert "points outside the bundle" in reason and (inbox / "rejected" / "evil.tar.gz").is_file()
+
+
+def test_rollback_during_a_canary_reverts_it(device: Operator, bundles) -> None:
+    active = status(device)["engine"]
+    deploy(device, "cut-1", path=str(bundles["good"]))
+    device.wait_event("swap", command_id="cut-1")
+    reply = device.send({"id": "rb-cut", "cmd": "rollback"})
+    assert reply["ok"] and reply["result"]["to"] == active
+    revert = device.wait_event("revert", command_id="cut-1")
+    assert revert["rollback_command_id"] == "rb-cut" and revert["restored"] == active
+    assert revert["reason"] == "rolled back by command rb-cut" and status(device)["engine"] == active

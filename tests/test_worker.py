@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +20,7 @@ from agent.worker import WorkerEngine, WorkerSpec
 
 
 def _spec(bundle: Bundle, engine_path: Path | None = None) -> WorkerSpec:
-    spec = bundle.input_spec
-    return WorkerSpec(
-        bundle.backend,
-        bundle.target,
-        engine_path or bundle.engine_path,
-        bundle.batch_range[1],
-        spec.height,
-        spec.width,
-        len(bundle.labels),
-        1,
-    )
+    return WorkerSpec.of(bundle, bundle.target, 1, engine_path)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +115,37 @@ def test_a_worker_over_its_memory_cap_is_replaced(bundle: Bundle) -> None:
         assert worker.restarts == 1
     finally:
         worker.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for a reaper (a container's PID 1 may never reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_hung_worker_exits_when_its_agent_is_killed(bundle: Bundle, tmp_path: Path) -> None:
+    hanging = hang_on_bright_frames(bundle.engine_path, tmp_path / "hangs.onnx")
+    spec = _spec(bundle, hanging)
+    script = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from agent.worker import WorkerEngine, WorkerSpec\n"
+        f"spec = WorkerSpec({spec.backend!r}, {spec.target!r}, Path({str(spec.engine_path)!r}), {spec.max_batch}, "
+        f"{spec.height}, {spec.width}, {spec.classes}, 1)\n"
+        "worker = WorkerEngine(spec, timeout_s=600)\n"
+        "print(worker.pid, flush=True)\n"
+        f"worker.run(np.full((1, {spec.height}, {spec.width}, 3), 255, np.uint8))  # never returns\n"
+    )
+    agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert agent.stdout is not None
+    pid = int(agent.stdout.readline())
+    time.sleep(1)  # the white frame is in the worker now
+    assert _alive(pid)
+    agent.kill()
+    agent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid), "the worker noticed its agent was gone, mid-batch"
