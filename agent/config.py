@@ -85,8 +85,11 @@ class CanaryConfig(Strict):
     min_frames: int = Field(200, ge=0, description="the window also lasts until this many frames were served")
     shadow_every: int = Field(4, ge=1, description="every n-th batch also runs on the previous engine")
     min_shadow_frames: int = Field(50, ge=1, description="shadow frames needed before agreement is judged")
+    min_latency_pairs: int = Field(
+        20, ge=4, description="shadow batches before tail latency is judged; the window lasts until then"
+    )
     min_agreement: float = Field(0.97, ge=0, le=1, description="top-1 agreement with the previous engine")
-    max_latency_ratio: float = Field(1.5, ge=1, description="p99 vs the previous engine on the same batches")
+    max_latency_ratio: float = Field(1.5, ge=1, description="tail (p99) latency vs the previous engine, same batches")
     latency_slack_ms: float = Field(2.0, ge=0, description="added to that limit: millisecond tails are noise")
     max_errors: int = Field(0, ge=0, description="failed batches (errors, timeouts, worker crashes) tolerated")
     max_restarts: int = Field(2, ge=0, description="agent restarts during the window before it reverts")

@@ -16,7 +16,7 @@ Deploy (MQTT ``deploy`` or a bundle dropped into ``engine.inbox``), in a job thr
 
 Canary
     For ``canary.window_s`` (and at least ``min_frames`` served): failed batches,
-    top-1 agreement and paired p99 latency against the previous engine on sampled
+    top-1 agreement and paired tail (p99) latency against the previous engine on sampled
     live batches (:class:`~agent.shadow.Shadow`), and a golden recheck at the end. Any
     violation swaps the previous engine back, marks the bundle bad (refused later
     unless forced) and publishes a ``revert`` event with the figures; otherwise a
@@ -53,7 +53,6 @@ from agent.store import Canary, EngineStore, StoreError
 from agent.worker import WorkerEngine, WorkerSpec
 
 log = logging.getLogger("edgevit.lifecycle")
-MIN_LATENCY_PAIRS = 20  # paired shadow batches before the canary judges p99
 INBOX_SETTLE_S = 2.0  # an inbox item must be this old: a copy in progress is not a bundle yet
 Done = Callable[[bool, str], None]
 
@@ -371,20 +370,25 @@ class Lifecycle:
         agreement = figures.get("agreement")
         if figures.get("shadow_frames", 0) >= cfg.min_shadow_frames and agreement < cfg.min_agreement:
             return f"top-1 agreement with the previous engine is {agreement:.1%}, under {cfg.min_agreement:.1%}"
-        if figures.get("shadow_batches", 0) >= MIN_LATENCY_PAIRS:
-            limit = figures["previous_p99_ms"] * cfg.max_latency_ratio + cfg.latency_slack_ms
-            if figures["p99_ms"] > limit:
+        if figures.get("shadow_batches", 0) >= cfg.min_latency_pairs:
+            limit = figures["previous_tail_ms"] * cfg.max_latency_ratio + cfg.latency_slack_ms
+            if figures["tail_ms"] > limit:
                 return (
-                    f"p99 latency is {figures['latency_ratio']:.2f}x the previous engine's on the same batches "
-                    f"({figures['p99_ms']} vs {figures['previous_p99_ms']} ms), over the limit of {limit:.2f} ms "
+                    f"p{figures['tail_quantile'] * 100:.0f} latency is {figures['latency_ratio']:.2f}x the previous "
+                    f"engine's on the same {figures['shadow_batches']} batches ({figures['tail_ms']} vs "
+                    f"{figures['previous_tail_ms']} ms), over the limit of {limit:.2f} ms "
                     f"({cfg.max_latency_ratio:g}x + {cfg.latency_slack_ms:g} ms)"
                 )
 
         return None
 
     def _window_done(self, figures: dict[str, Any]) -> bool:
+        """Time and frames served, and enough shadow runs that agreement and latency were judged."""
         cfg = self.config.canary
-        judged = self.previous is None or figures.get("shadow_frames", 0) >= cfg.min_shadow_frames
+        judged = self.previous is None or (
+            figures.get("shadow_frames", 0) >= cfg.min_shadow_frames
+            and figures.get("shadow_batches", 0) >= cfg.min_latency_pairs
+        )
         return figures["elapsed_s"] >= cfg.window_s and figures["frames"] >= cfg.min_frames and judged
 
     def _watch_canary(self, serving: Serving) -> None:

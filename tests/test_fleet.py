@@ -8,6 +8,7 @@ The tests run in order, each from the state the previous one left.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,11 @@ from builder.pack import pack_bundle
 from conftest import free_port
 
 SITES = {"a": 6, "b": 4}
-CANARY = {"window_s": 6, "min_frames": 8, "shadow_every": 1, "min_shadow_frames": 8, "max_latency_ratio": 2.0}
+# Ten agents share two cores here: 5 ms of slack for scheduling; the slow bundle adds far more.
+CANARY = {
+    "window_s": 6, "min_frames": 8, "shadow_every": 1, "min_shadow_frames": 8,
+    "max_latency_ratio": 2.0, "latency_slack_ms": 5.0,
+}  # fmt: skip
 SWAP = {"max_passport_ratio": 1000, "max_current_ratio": 1000}  # the slow bundle is for the canary to catch
 
 
@@ -138,7 +143,8 @@ def test_a_bad_bundle_halts_after_the_canary_wave(fleet: Fleet) -> None:
     before = fleet.status()
     done = fleet.cli(*fleet.deploy("slow.tar.gz", "--canary", "1", "--step", "50%", "--max-failures", "0%"))
     assert done.returncode == 5, done.stdout + done.stderr
-    assert "reverted: p99 latency is" in done.stdout and "halted after wave 0: 1 of 1 devices failed" in done.stdout
+    assert re.search(r"reverted: p\d+ latency is", done.stdout), done.stdout
+    assert "halted after wave 0: 1 of 1 devices failed" in done.stdout
     after = fleet.status()
     assert all(after[n]["active"] == before[n]["active"] for n in after)
     assert [n for n in after if "vit-slow" in after[n]["bad"]] == ["a-1"], "only the canary device tried it"
@@ -184,7 +190,7 @@ def test_a_device_that_goes_offline_is_reported_not_waited_on(fleet: Fleet) -> N
     controller.wait(timeout=240)
     out = "".join(lines)
     assert controller.returncode == 0, out
-    assert "a-6 failed: went offline" in out and "completed: 5 devices run vit-digits-v3" in out
+    assert "a-6 failed: went offline" in out and "completed: 5 devices run vit-digits-v3" in out, out
     assert fleet.status()["a-6"]["state"] == "offline"
 
 

@@ -40,6 +40,7 @@ CANARY = {
     "min_shadow_frames": 40,
     "min_agreement": 0.95,
     "max_latency_ratio": 2.0,
+    "latency_slack_ms": 5.0,  # scheduling noise on a shared two-core machine; the slow bundle adds far more
 }
 # The slow bundle keeps the demo's passport, as one built on a faster machine would: the
 # pre-swap limits are loosened here so that it is the canary that catches it.
@@ -178,7 +179,7 @@ def test_slower_bundle_is_reverted_in_its_canary(device: Operator, bundles) -> N
     deploy(device, "slow-1", path=str(bundles["slow"]))
     device.wait_event("swap", command_id="slow-1")
     revert = device.wait_event("revert", command_id="slow-1")
-    assert "p99 latency is" in revert["reason"] and revert["figures"]["latency_ratio"] > CANARY["max_latency_ratio"]
+    assert " latency is " in revert["reason"] and revert["figures"]["latency_ratio"] > CANARY["max_latency_ratio"]
     assert revert["restored"] == active and status(device)["engine"] == active
     listed = {b["bundle_id"]: b for b in device.send({"id": "list-slow", "cmd": "list"})["result"]["bundles"]}
     assert listed["vit-slow"]["bad"] == revert["reason"]
@@ -195,7 +196,7 @@ def test_disagreeing_bundle_is_reverted_in_its_canary(device: Operator, bundles)
 def test_a_bad_bundle_is_not_retried_unless_forced(device: Operator, bundles) -> None:
     deploy(device, "slow-2", path=str(bundles["slow"]))
     event = device.wait_event("deploy", command_id="slow-2")
-    assert not event["ok"] and "vit-slow is marked bad (p99 latency is" in event["error"]
+    assert not event["ok"] and re.search(r"vit-slow is marked bad \(p\d+ latency is", event["error"])
     assert "add force: true" in event["error"]
 
 

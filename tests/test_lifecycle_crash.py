@@ -22,7 +22,9 @@ from agent.bundle import verify_bundle
 from agent.failpoints import STEPS
 
 NEW = "vit-digits-v2"
-CANARY = {"window_s": 2, "min_frames": 20, "shadow_every": 1, "min_shadow_frames": 10}
+# Latency is not what these tests judge (the candidate is the same engine): a wide slack keeps
+# a busy test machine's scheduling noise from reverting it.
+CANARY = {"window_s": 2, "min_frames": 20, "shadow_every": 1, "min_shadow_frames": 10, "latency_slack_ms": 50}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_kill_at_each_step_then_restart_is_consistent(
     first = start_agent(config, env={"EDGEVIT_FAILPOINT": step})
     time.sleep(2)
     _drop(v2, tmp_path / "inbox")
-    first.communicate(timeout=90)
+    first.communicate(timeout=180)
     assert first.returncode == -signal.SIGKILL, f"the failpoint {step} was reached"
     assert _assert_consistent(tmp_path, signing_key)["active"] in (old, NEW)
     served = len(read_results(tmp_path / "results.jsonl"))
