@@ -45,6 +45,7 @@ from agent.drift import DriftMonitor
 from agent.failpoints import failpoint
 from agent.fetch import BundleRef, fetch
 from agent.golden import GoldenCheck, check_golden
+from agent.headroom import MemoryShortage, check_headroom
 from agent.pipeline import EventSink, Pipeline, Serving, passport_p99
 from agent.runtimes import EngineError
 from agent.shadow import Shadow
@@ -65,7 +66,7 @@ class VerificationError(RuntimeError):
     """A candidate engine failed a check on this device; the message carries the figures."""
 
 
-REFUSALS = (BundleError, SignatureError, EngineError, VerificationError, StoreError, OSError)
+REFUSALS = (BundleError, SignatureError, EngineError, VerificationError, StoreError, MemoryShortage, OSError)
 
 
 class Lifecycle:
@@ -89,7 +90,12 @@ class Lifecycle:
         return verify_bundle(folder, self.keys, self.device)
 
     def open_checked(self, bundle: Bundle) -> tuple[Serving, GoldenCheck]:
-        """The bundle's engine in its own worker, after it reproduced its golden set here."""
+        """The bundle's engine in its own worker, after it reproduced its golden set here.
+
+        Beside a serving engine, only when the memory headroom allows it (:mod:`agent.headroom`).
+        """
+        if self.pipeline is not None:
+            check_headroom(bundle, self.pipeline.serving, self.config.swap.min_free_mib)
         target = bundle.target
         if self.config.engine.onnxruntime_tensorrt and target == "cuda":
             target = "tensorrt-ep"

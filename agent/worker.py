@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from agent.bundle import Bundle
 from agent.runtimes import EngineError, open_engine
@@ -184,17 +185,20 @@ class WorkerEngine:
         log.error("engine worker killed: %s", why)
         return EngineError(why)
 
+    def rss_mib(self) -> float | None:
+        """The worker's resident memory (engine, runtime and buffers), or None while none runs."""
+        try:
+            return psutil.Process(self._process.pid).memory_info().rss / 2**20 if self._process else None
+        except psutil.Error:
+            return None
+
     def _check_rss(self) -> None:
         now = time.monotonic()
-        if not self.max_rss_mib or now - self._rss_checked < RSS_CHECK_EVERY_S or self._process is None:
+        if not self.max_rss_mib or now - self._rss_checked < RSS_CHECK_EVERY_S:
             return
         self._rss_checked = now
-        try:
-            with open(f"/proc/{self._process.pid}/statm") as fh:
-                rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:
-            return
-        if rss > self.max_rss_mib:  # this batch's logits are good; the next batch gets a fresh worker
+        rss = self.rss_mib()
+        if rss is not None and rss > self.max_rss_mib:  # this batch's logits are good; the next gets a fresh worker
             self._kill(f"engine worker uses {rss:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
 
     def run(self, images: np.ndarray) -> np.ndarray:

@@ -268,3 +268,19 @@ def test_rollback_during_a_canary_reverts_it(device: Operator, bundles) -> None:
     revert = device.wait_event("revert", command_id="cut-1")
     assert revert["rollback_command_id"] == "rb-cut" and revert["restored"] == active
     assert revert["reason"] == "rolled back by command rb-cut" and status(device)["engine"] == active
+
+
+def test_a_deploy_without_memory_headroom_is_refused_and_not_marked_bad(
+    tmp_path: Path, demo_bundle, signing_key, digits_video, bundles
+) -> None:
+    swap = {**SWAP, "min_free_mib": 10**9}  # more than any machine has: no candidate may load beside the engine
+    with device_over_mqtt(tmp_path, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY, swap=swap) as op:
+        before, engine = processed(op), status(op)["engine"]
+        deploy(op, "no-room", path=str(bundles["good"]))
+        event = op.wait_event("deploy", command_id="no-room")
+        assert event["ok"] is False and "not enough memory to load" in event["error"], event
+        assert "swap.min_free_mib" in event["error"]
+        time.sleep(0.5)
+        now = status(op)
+        assert now["engine"] == engine and processed(op) > before
+        assert verify_bundle(bundles["good"], None).bundle_id not in now["lifecycle"]["bad"], "the bundle is fine"

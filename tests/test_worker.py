@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from agent_helpers import read_results, rebundle, run_agent, summary, write_config
 from engine_variants import hang_on_bright_frames
 
 from agent.bundle import Bundle, verify_bundle
+from agent.headroom import MemoryShortage, check_headroom, estimated_need_mib
+from agent.pipeline import Serving
 from agent.runtimes import EngineError, open_engine
 from agent.worker import WorkerEngine, WorkerSpec
 
@@ -149,3 +152,19 @@ def test_a_hung_worker_exits_when_its_agent_is_killed(bundle: Bundle, tmp_path: 
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
     assert not _alive(pid), "the worker noticed its agent was gone, mid-batch"
+
+
+def test_a_candidate_is_loaded_beside_the_serving_engine_only_with_headroom(bundle: Bundle) -> None:
+    worker = WorkerEngine(_spec(bundle))
+    try:
+        serving = Serving.of(bundle, worker)
+        need = estimated_need_mib(bundle, serving)
+        rss = worker.rss_mib()
+        assert rss is not None and need >= rss > bundle.engine_path.stat().st_size / 2**20
+        check_headroom(bundle, serving, 16)  # this machine has room for a second tiny engine
+        available = psutil.virtual_memory().available / 2**20
+        with pytest.raises(MemoryShortage, match=r"swap.min_free_mib \d+ must stay free"):
+            check_headroom(bundle, serving, available)
+        check_headroom(bundle, serving, 0)  # 0 turns the check off
+    finally:
+        worker.close()
