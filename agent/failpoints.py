@@ -1,8 +1,9 @@
 """Named crash points for the kill -9 tests of the engine lifecycle.
 
 ``EDGEVIT_FAILPOINT=<name>`` makes the agent SIGKILL itself when it reaches that step,
-exactly as a power cut or the OOM killer would stop it there; unset, a failpoint is
-one dictionary lookup. The names are listed in :data:`STEPS`.
+exactly as a power cut or the OOM killer would stop it there; ``<name>:raise`` raises
+:class:`FailpointError` there instead, as a bug in that step would. Unset, a failpoint
+is one dictionary lookup. The names are listed in :data:`STEPS`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import signal
 STEPS = ("install-copied", "before-state", "after-state", "after-swap", "before-commit", "after-commit")
 
 
+class FailpointError(RuntimeError):
+    """Raised at a ``<name>:raise`` failpoint: stands for an unexpected error in that step."""
+
+
 def failpoint(name: str) -> None:
     assert name in STEPS, name
-    if os.environ.get("EDGEVIT_FAILPOINT") == name:
+    wanted = os.environ.get("EDGEVIT_FAILPOINT")
+    if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"{name}:raise":
+        raise FailpointError(f"failpoint {name}")

@@ -250,22 +250,24 @@ class Lifecycle:
 
     # -- deploy ------------------------------------------------------------------------------------
     def _deploy(self, ref: BundleRef, force: bool, command_id: str | None, on_done: Done) -> None:
+        """Refusals and unexpected errors alike end in a ``deploy`` event that names the command,
+        so neither an operator, a fleet rollout nor an inbox item waits on a deploy that died."""
         context: dict[str, Any] = {"command_id": command_id, "source": ref.describe()}
         try:
             serving = self._prepare(ref, force, context)
-        except REFUSALS as exc:
-            self.events("deploy", {**context, "ok": False, "error": str(exc)})
-            on_done(False, str(exc))
+            if serving is not None:
+                self._go_live(serving, context)
+        except Exception as exc:
+            error = str(exc)
+            if not isinstance(exc, REFUSALS):  # a bug: logged, and still reported under the command's id
+                log.exception("deploy failed")
+                error = f"internal error: {type(exc).__name__}: {exc}"
+            self.events("deploy", {**context, "ok": False, "error": error})
+            on_done(False, error)
             return
         if serving is None:  # deploying what already runs succeeds and changes nothing
             self.events("deploy", {**context, "ok": True, "already_active": True})
             on_done(True, context["bundle_id"])
-            return
-        try:
-            self._go_live(serving, context)
-        except VerificationError as exc:
-            self.events("deploy", {**context, "ok": False, "error": str(exc)})
-            on_done(False, str(exc))
             return
         on_done(True, serving.bundle.bundle_id)
         self._watch_canary(serving)

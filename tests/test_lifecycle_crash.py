@@ -1,4 +1,4 @@
-"""kill -9 at every step of a swap, a crash loop during a canary, and start-up fallback.
+"""kill -9 at every step of a swap, a crash loop during a canary, start-up fallback, a bug mid-deploy.
 
 Whatever instant the agent dies at, the next start serves a verified engine the state
 file names, and the interrupted deploy completes or is undone. Bundles arrive through
@@ -168,3 +168,24 @@ def test_start_falls_back_when_the_active_engine_is_damaged(
     _, err = stop_agent(agent)
     assert agent.returncode == 0 and f"reinstalled {old} from engine.bundle" in err, err[-3000:]
     assert _state(tmp_path)["active"] == old and read_results(tmp_path / "results.jsonl")[-1]["engine"] == old
+
+
+def test_an_unexpected_error_in_a_deploy_is_reported_and_the_item_set_aside(
+    demo_bundle, v2, signing_key, digits_video, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, demo_bundle, signing_key, digits_video)
+    old = verify_bundle(demo_bundle, None).bundle_id
+    assert run_agent(config, "--check").returncode == 0  # installs the first engine, before the bug is armed
+    agent = start_agent(config, env={"EDGEVIT_FAILPOINT": "install-copied:raise"})
+    _wait_serving(tmp_path, 0)
+    _drop(v2, tmp_path / "inbox")
+    reason = tmp_path / "inbox" / "rejected" / "v2.reason.txt"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not reason.exists():
+        time.sleep(0.2)
+    assert reason.read_text().strip() == "internal error: FailpointError: failpoint install-copied"
+    _wait_serving(tmp_path, len(read_results(tmp_path / "results.jsonl")))
+    _, err = stop_agent(agent)
+    assert agent.returncode == 0, err[-3000:]
+    assert _assert_consistent(tmp_path, signing_key)["active"] == old
+    assert not list((tmp_path / "state" / "engines").glob(".incoming-*")), "the half-installed copy is gone"
