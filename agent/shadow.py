@@ -6,10 +6,8 @@ top-1 classes agree and how long each engine took on that very batch. A sample i
 skipped rather than queued when the shadow is still busy, so the serving path never
 waits for it. The paired latencies make the canary's tail-latency comparison like for
 like: same frames, same batch size, same moment.
-
-The tail compared is p99 once there are enough pairs to estimate it, and before that
-the highest quantile that leaves ``TAIL_PAIRS`` pairs beyond it: the p99 of 25 pairs is
-their maximum, so one scheduler hiccup on a busy device would decide the verdict.
+The tail compared is :func:`agent.profile.tail_quantile` of the pairs: p99 once there
+are enough of them, a lower quantile before.
 """
 
 from __future__ import annotations
@@ -21,16 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from agent.profile import tail_quantile
 from agent.runtimes import Engine
 
 log = logging.getLogger("edgevit.shadow")
 MAX_PAIRS = 4096
-TAIL_PAIRS = 3  # pairs that lie beyond the compared quantile
-
-
-def tail_quantile(pairs: int) -> float:
-    """The latency quantile the canary compares at ``pairs`` pairs: p99, or lower while few."""
-    return min(0.99, 1 - TAIL_PAIRS / pairs)
 
 
 class Shadow:
@@ -90,7 +83,7 @@ class Shadow:
             figures: dict[str, Any] = {"shadow_batches": len(serving), "shadow_frames": self.frames}
             figures["agreement"] = round(self.agreeing / self.frames, 4) if self.frames else None
             figures["shadow_errors"] = self.errors
-        if len(serving) > TAIL_PAIRS:
+        if len(serving):
             q = tail_quantile(len(serving))
             new, old = np.quantile(serving, q) * 1e3, np.quantile(previous, q) * 1e3
             figures["tail_quantile"] = round(q, 3)

@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_helpers import rebundle, start_agent, start_mosquitto, stop_agent, wait_for_port, write_config
+from agent_helpers import (
+    NO_SWAP_LATENCY_GATE,
+    rebundle,
+    start_agent,
+    start_mosquitto,
+    stop_agent,
+    wait_for_port,
+    write_config,
+)
 from engine_variants import slow_down
 
 from agent.bundle import verify_bundle
@@ -31,7 +39,6 @@ CANARY = {
     "window_s": 6, "min_frames": 8, "shadow_every": 1, "min_shadow_frames": 8,
     "max_latency_ratio": 2.0, "latency_slack_ms": 5.0,
 }  # fmt: skip
-SWAP = {"max_passport_ratio": 1000, "max_current_ratio": 1000}  # the slow bundle is for the canary to catch
 
 
 class Fleet:
@@ -99,7 +106,7 @@ def fleet(archives, demo_bundle, signing_key, digits_video, tmp_path_factory) ->
                 mqtt={"host": "127.0.0.1", "port": port, "keepalive_s": 5},
                 metrics={"publish_every_s": 1},
                 canary=CANARY,
-                swap=SWAP,
+                swap=NO_SWAP_LATENCY_GATE,  # the slow bundle is for the canary to catch
                 engine={"bundle": str(demo_bundle), "trusted_keys": [str(signing_key[1])], "threads": 1},
             )
             agents[name] = start_agent(config)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from agent_helpers import (
+    NO_SWAP_LATENCY_GATE,
     Operator,
     blank_image_folder,
     device_over_mqtt,
@@ -44,7 +45,6 @@ CANARY = {
 }
 # The slow bundle keeps the demo's passport, as one built on a faster machine would: the
 # pre-swap limits are loosened here so that it is the canary that catches it.
-SWAP = {"max_passport_ratio": 1000, "max_current_ratio": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,8 @@ def bundles(demo_bundle: Path, demo_exports, signing_key, tmp_path_factory) -> d
 @pytest.fixture(scope="module")
 def device(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator[Operator]:
     folder = tmp_path_factory.mktemp("lifecycle")
-    with device_over_mqtt(folder, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY, swap=SWAP) as op:
+    swap = NO_SWAP_LATENCY_GATE
+    with device_over_mqtt(folder, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY, swap=swap) as op:
         yield op
 
 
@@ -157,7 +158,7 @@ def test_good_bundle_swaps_with_frames_flowing_then_commits(device: Operator, bu
     new = verify_bundle(bundles["good"], None).bundle_id
     deploy(device, "good-1", path=str(bundles["good"]))
     verified = device.wait_event("verify", command_id="good-1")
-    assert verified["golden"]["passed"] and verified["latency"]["p99_ms"] > 0
+    assert verified["golden"]["passed"] and verified["latency"]["tail_ms"] > 0
     swap = device.wait_event("swap", command_id="good-1")
     assert swap["from"] == old and swap["to"] == new and swap["pause_ms"] >= 0
     assert status(device)["lifecycle"]["canary"]["bundle_id"] == new
@@ -273,7 +274,8 @@ def test_rollback_during_a_canary_reverts_it(device: Operator, bundles) -> None:
 def test_a_deploy_without_memory_headroom_is_refused_and_not_marked_bad(
     tmp_path: Path, demo_bundle, signing_key, digits_video, bundles
 ) -> None:
-    swap = {**SWAP, "min_free_mib": 10**9}  # more than any machine has: no candidate may load beside the engine
+    # More than any machine has: no candidate may load beside the engine.
+    swap = {**NO_SWAP_LATENCY_GATE, "min_free_mib": 10**9}
     with device_over_mqtt(tmp_path, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY, swap=swap) as op:
         before, engine = processed(op), status(op)["engine"]
         deploy(op, "no-room", path=str(bundles["good"]))
@@ -284,3 +286,18 @@ def test_a_deploy_without_memory_headroom_is_refused_and_not_marked_bad(
         now = status(op)
         assert now["engine"] == engine and processed(op) > before
         assert verify_bundle(bundles["good"], None).bundle_id not in now["lifecycle"]["bad"], "the bundle is fine"
+
+
+def test_a_slower_bundle_is_refused_before_the_swap_by_the_default_gates(
+    tmp_path: Path, demo_bundle, signing_key, digits_video, bundles
+) -> None:
+    """The slow bundle carries the demo's passport: far slower here than it claims, it never goes live."""
+    with device_over_mqtt(tmp_path, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY) as op:
+        engine = status(op)["engine"]
+        deploy(op, "slow-at-swap", path=str(bundles["slow"]))
+        event = op.wait_event("deploy", command_id="slow-at-swap")
+        assert event["ok"] is False, event
+        refusal = r"vit-slow takes [\d.]+ ms \(p\d+ of 20 runs\) at batch \d+ here, over the limit"
+        assert re.search(refusal, event["error"]), event["error"]
+        assert status(op)["engine"] == engine
+        assert not [e for e in op.events if e["event"] == "swap"], "it never went live"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import read_results, rebundle, run_agent, start_agent, stop_agent, write_config
+from agent_helpers import NO_SWAP_LATENCY_GATE, read_results, rebundle, run_agent, start_agent, stop_agent, write_config
 
 from agent.bundle import verify_bundle
 from agent.failpoints import STEPS
@@ -41,6 +41,7 @@ def _config(folder: Path, demo_bundle: Path, signing_key, video: Path, **canary:
         [{"name": "cam", "source": str(video), "loop": True, "fps": 15}],
         engine={"bundle": str(demo_bundle), "trusted_keys": [str(signing_key[1])], "inbox": str(folder / "inbox")},
         canary={**CANARY, **canary},
+        swap=NO_SWAP_LATENCY_GATE,
     )
 
 
