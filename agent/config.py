@@ -73,7 +73,7 @@ class SwapConfig(Strict):
     """The checks a candidate engine passes beside the serving one before it goes live."""
 
     latency_runs: int = Field(20, ge=3, description="timed runs at the working batch size")
-    max_passport_ratio: float = Field(2.0, ge=1, description="candidate tail latency / its passport's p99 at that batch")
+    max_passport_ratio: float = Field(2.0, ge=1, description="candidate tail latency / its passport's p99")
     max_current_ratio: float = Field(3.0, ge=1, description="candidate tail latency / the serving engine's p99")
     slack_ms: float = Field(2.0, ge=0, description="added to both limits: tiny engines time noisily")
     min_free_mib: float = Field(
