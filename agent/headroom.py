@@ -24,12 +24,12 @@ class MemoryShortage(RuntimeError):
 
 def estimated_need_mib(candidate: Bundle, serving: Serving) -> float:
     """MiB a worker for ``candidate`` is expected to take, judged by the serving worker."""
-    engine_mib = candidate.engine_path.stat().st_size / 2**20
+    size = candidate.engine_path.stat().st_size
     rss = serving.engine.rss_mib() if isinstance(serving.engine, WorkerEngine) else None
     if rss is None:
-        return engine_mib
-    scale = candidate.engine_path.stat().st_size / max(serving.bundle.engine_path.stat().st_size, 1)
-    return max(rss * max(scale, 1.0), engine_mib)
+        return size / 2**20
+    scale = size / max(serving.bundle.engine_path.stat().st_size, 1)
+    return max(rss * max(scale, 1.0), size / 2**20)
 
 
 def check_headroom(candidate: Bundle, serving: Serving, min_free_mib: float) -> None:

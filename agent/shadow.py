@@ -6,6 +6,7 @@ top-1 classes agree and how long each engine took on that very batch. A sample i
 skipped rather than queued when the shadow is still busy, so the serving path never
 waits for it. The paired latencies make the canary's tail-latency comparison like for
 like: same frames, same batch size, same moment.
+
 The tail compared is :func:`agent.profile.tail_quantile` of the pairs: p99 once there
 are enough of them, a lower quantile before.
 """
