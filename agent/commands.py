@@ -21,7 +21,7 @@ With ``mqtt.signed_commands``, every command must carry a valid signature
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -29,12 +29,14 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from agent import bounded_json
 from agent.command_auth import CommandAuthError, CommandVerifier
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
 from agent.fetch import BundleRef
 
-MAX_COMMAND_BYTES = 16 * 1024
+MAX_COMMAND_BYTES = bounded_json.COMMAND_LIMITS.max_bytes
 REMEMBERED_REPLIES = 1000
+log = logging.getLogger("edgevit.commands")
 
 
 class CommandError(ValueError):
@@ -94,6 +96,9 @@ class CommandHandler:
                 reply = {"id": command_id, "ok": True, "result": self._run(command)}
         except CommandError as exc:
             reply = {"id": command_id, "ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must cost one command, never the link that carries them
+            log.exception("command %r failed", command_id)
+            reply = {"id": command_id, "ok": False, "error": f"internal error: {type(exc).__name__}"}
         if command_id is not None:
             with self._lock:
                 self._replies[command_id] = (digest, reply)
@@ -103,12 +108,10 @@ class CommandHandler:
 
     @staticmethod
     def _parse(payload: bytes) -> dict[str, Any]:
-        if len(payload) > MAX_COMMAND_BYTES:
-            raise CommandError(f"command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
         try:
-            command = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CommandError(f"command is not valid JSON: {exc}") from None
+            command = bounded_json.loads(payload)
+        except bounded_json.JSONLimitError as exc:
+            raise CommandError(f"command refused: {exc}") from None
         if not isinstance(command, dict):
             raise CommandError("command must be a JSON object")
         command_id = command.get("id")

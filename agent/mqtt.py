@@ -13,12 +13,13 @@ requests, to the response topic with the request's correlation data.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,6 +29,25 @@ from agent.outbox import Outbox
 
 log = logging.getLogger("edgevit.mqtt")
 MAX_IN_FLIGHT = 500
+Callback = TypeVar("Callback", bound=Callable[..., None])
+
+
+def _guarded(callback: Callback) -> Callback:
+    """Whatever a paho callback raises is logged here and never reaches paho.
+
+    paho re-raises a callback's exception out of its network loop, which ends the loop: the
+    device would go offline through its last will while the process lives on. No input may do that.
+    """
+
+    @functools.wraps(callback)
+    def guarded(self: MqttLink, client: mqtt.Client, userdata: Any, *args: Any) -> None:
+        try:
+            callback(self, client, userdata, *args)
+        except Exception:
+            topic = getattr(args[0], "topic", None) if args else None
+            log.exception("MQTT %s failed%s", callback.__name__.lstrip("_"), f" on {topic!r}" if topic else "")
+
+    return guarded  # type: ignore[return-value]
 
 
 def _json(payload: dict[str, Any]) -> bytes:
@@ -66,6 +86,8 @@ class MqttLink:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="mqtt-outbox", daemon=True)
+        self._network = threading.Thread(target=self._network_loop, name="mqtt-network", daemon=True)
+        self.network_restarts = 0
         self._address = (config.host, config.port, config.keepalive_s)
 
     def start(self, on_command: Callable[[bytes], dict[str, Any]]) -> None:
@@ -73,10 +95,44 @@ class MqttLink:
         self.on_command = on_command
         host, port, keepalive = self._address
         self.client.connect_async(host, port, keepalive=keepalive)
-        self.client.loop_start()
+        self._network.start()
         self._publisher.start()
 
+    def _network_loop(self) -> None:
+        """paho's network loop, rebuilt whenever it dies, until :meth:`close`.
+
+        paho reconnects by itself after a lost link; this covers the loop itself ending on an
+        exception (a paho bug, a callback that escaped ``_guarded``), which would otherwise leave
+        the device offline for good with the process alive.
+        """
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self.client.loop_forever(retry_first_connection=True)
+                if self._stop.is_set():
+                    return
+            except Exception as exc:
+                log.exception("MQTT network loop died; rebuilding it")
+                self.network_restarts += 1
+                with self._lock:
+                    self.connected = False
+                self.event(
+                    {
+                        "event": "mqtt",
+                        "error": f"network loop died: {type(exc).__name__}: {exc}"[:300],
+                        "network_restarts": self.network_restarts,
+                    }
+                )
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+            try:
+                self.client.reconnect()
+            except Exception as exc:  # broker down: loop_forever keeps retrying
+                log.warning("MQTT reconnect failed (%s); retrying", exc)
+
     # -- paho callbacks (network thread) ------------------------------------------------------------
+    @_guarded
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.warning("MQTT connection refused: %s", reason)
@@ -88,6 +144,7 @@ class MqttLink:
         client.subscribe(f"{self.base}/cmd", qos=1)
         self._wake.set()
 
+    @_guarded
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.on_command is None:
             return
@@ -101,11 +158,13 @@ class MqttLink:
                 out.CorrelationData = props.CorrelationData
             client.publish(response_topic, reply, qos=1, properties=out)
 
+    @_guarded
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._lock:
             self.connected = False
         log.warning("MQTT disconnected (%s); reconnecting", reason)
 
+    @_guarded
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         with self._lock:
             outbox_id = self._in_flight.pop(mid, None)
@@ -114,24 +173,32 @@ class MqttLink:
 
     # -- publisher thread ---------------------------------------------------------------------------
     def _publish_loop(self) -> None:
+        """Hands the outbox to paho; an unexpected error is logged and the loop goes on (the outbox keeps all)."""
         while not self._stop.is_set():
-            with self._lock:
-                ready = self.connected and len(self._in_flight) < MAX_IN_FLIGHT
-                cursor, busy = self._cursor, set(self._in_flight.values())
-            batch = self.outbox.next_batch(cursor, 100) if ready else []
-            if not batch:
-                self._wake.wait(0.2)
-                self._wake.clear()
-                continue
-            for message in batch:
-                if message.id not in busy:
-                    info = self.client.publish(message.topic, message.payload, qos=1)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        break  # connection lost: the next connect rescans from the start
-                    with self._lock:
-                        self._in_flight[info.mid] = message.id
+            try:
+                self._publish_some()
+            except Exception:
+                log.exception("MQTT outbox publisher failed; retrying")
+                self._stop.wait(1.0)
+
+    def _publish_some(self) -> None:
+        with self._lock:
+            ready = self.connected and len(self._in_flight) < MAX_IN_FLIGHT
+            cursor, busy = self._cursor, set(self._in_flight.values())
+        batch = self.outbox.next_batch(cursor, 100) if ready else []
+        if not batch:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return
+        for message in batch:
+            if message.id not in busy:
+                info = self.client.publish(message.topic, message.payload, qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break  # connection lost: the next connect rescans from the start
                 with self._lock:
-                    self._cursor = max(self._cursor, message.id)
+                    self._in_flight[info.mid] = message.id
+            with self._lock:
+                self._cursor = max(self._cursor, message.id)
 
     # -- what the agent calls ------------------------------------------------------------------------
     def emit(self, results: list[dict[str, Any]]) -> None:
@@ -166,5 +233,6 @@ class MqttLink:
             info = self.client.publish(f"{self.base}/status", offline, qos=1, retain=True)
             info.wait_for_publish(2)
         self.client.disconnect()
-        self.client.loop_stop()
+        if self._network.is_alive():
+            self._network.join(timeout=5)
         self.outbox.close()

@@ -91,6 +91,20 @@ def test_bad_commands_get_precise_errors(agent: Operator, payload: bytes, messag
     assert reply["ok"] is False and message in reply["error"]
 
 
+def test_hostile_json_never_takes_the_link_down(agent: Operator) -> None:
+    """Each of these once raised inside paho's network thread and took the device offline for good."""
+    hostile = [
+        b'{"id": "deep", "cmd": "ping", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"id": "big", "cmd": "ping", "n": ' + b"9" * 5000 + b"}",
+        b'{"id": "nan", "cmd": "ping", "n": NaN}',
+        b'{"id": "huge", "cmd": "ping", "n": 1e999}',
+        b'{"id": "bytes", "cmd": "\xff"}' + b"\xff",
+    ]
+    replies = agent.send_many(hostile)
+    assert all(not r["ok"] and r["error"].startswith("command refused") for r in replies), replies
+    assert agent.send({"id": "still-alive", "cmd": "ping"})["ok"]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

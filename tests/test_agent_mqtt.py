@@ -183,3 +183,45 @@ def test_restart_with_a_full_outbox_loses_nothing(demo_bundle, signing_key, digi
     assert result_seqs(produced) <= result_seqs(collector.on("/result"))
     with sqlite3.connect(tmp_path / "state" / "outbox.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'result'").fetchone()[0] == 0
+
+
+def test_a_dead_network_loop_is_rebuilt(mosquitto: int, tmp_path: Path) -> None:
+    """A callback that escapes the guard (here: a raw handler that raises) ends paho's network loop;
+    the link's supervisor rebuilds it, reports it, and commands are answered again."""
+    from agent.config import MQTTConfig
+    from agent.mqtt import MqttLink
+    from agent.outbox import Outbox
+
+    link = MqttLink(MQTTConfig(host="127.0.0.1", port=mosquitto), "loop-box", Outbox(tmp_path / "o.db", 100), {})
+    link.start(lambda payload: {"id": "x", "ok": True, "result": {"echo": json.loads(payload)}})
+    replies = Subscriber(mosquitto, "edgevit/loop-box/#")
+    try:
+        deadline = time.monotonic() + 10
+        while not link.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = link.client.on_message
+
+        def broken(client, userdata, message) -> None:  # noqa: ANN001
+            link.client.on_message = answer
+            raise RuntimeError("a bug in a callback")
+
+        link.client.on_message = broken
+        publish = mqtt.Client(CallbackAPIVersion.VERSION2)
+        publish.connect("127.0.0.1", mosquitto)
+        publish.loop_start()
+        publish.publish("edgevit/loop-box/cmd", b'"first"', qos=1)
+        deadline = time.monotonic() + 15
+        while not (link.network_restarts and link.connected) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (link.network_restarts, link.connected) == (1, True)
+        publish.publish("edgevit/loop-box/cmd", b'"second"', qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while not replies.on("/reply") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {"echo": "second"} in [r["result"] for r in replies.on("/reply")]
+        assert any(e["event"] == "mqtt" and "network loop died" in e["error"] for e in replies.on("/events"))
+        publish.loop_stop()
+        publish.disconnect()
+    finally:
+        replies.close()
+        link.close(flush_s=1)

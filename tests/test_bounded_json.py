@@ -1,0 +1,63 @@
+"""JSON from outside, parsed with limits: nothing but JSONLimitError ever escapes, and valid documents round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.bounded_json import JSONLimitError, JSONLimits, loads
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested deeper than 16 levels"),
+        (b'{"a":' * 17 + b"1" + b"}" * 17, "nested deeper than 16 levels"),
+        (b'{"n": ' + b"9" * 5000 + b"}", "number is longer than 40"),
+        (b'{"n": 1e999}', "out of range"),
+        (b'{"n": -1e400}', "out of range"),
+        (b'{"n": NaN}', "NaN is not a JSON value"),
+        (b'{"n": Infinity}', "Infinity is not a JSON value"),
+        (b'{"s": "' + b"x" * 5000 + b'"}', "string is longer than 4096"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b'{"a": 1', "not valid JSON"),
+        (b"x" * 20000, "bytes, the limit is 16384"),
+    ],
+)
+def test_hostile_documents_are_refused_by_name(payload: bytes, message: str) -> None:
+    with pytest.raises(JSONLimitError, match=message):
+        loads(payload)
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    text = json.dumps({"name": "[" * 100 + '\\"{' * 50, "deep": [[[1]]]})
+    assert loads(text)["deep"] == [[[1]]]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_documents_within_the_limits_round_trip(value: object) -> None:
+    assert loads(json.dumps(value).encode(), JSONLimits(max_depth=64)) == value
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300) | st.text(alphabet='[]{}"\\:,0123456789.eE-+ntrufalsNIy ', max_size=300))
+def test_nothing_but_jsonlimiterror_escapes(payload: bytes | str) -> None:
+    try:
+        loads(payload)
+    except JSONLimitError:
+        pass
