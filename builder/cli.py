@@ -69,17 +69,27 @@ def _export_arguments(cmd: argparse.ArgumentParser) -> None:
 def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--target", choices=list(TARGETS), default="cpu")
     cmd.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
-    cmd.add_argument("--eval", required=True, help="labelled folder (<label>/<image>) or 'demo' (held-out split)")
-    cmd.add_argument("--calib", help="folder of images for INT8 calibration, or 'demo' (training split)")
+    cmd.add_argument(
+        "--eval",
+        required=True,
+        help="labelled folder (<label>/<image>), 'demo' (held-out split) or 'demo:NAME' (that demo model's)",
+    )
+    cmd.add_argument("--calib", help="folder of images for INT8 calibration, 'demo' (training split) or 'demo:NAME'")
     cmd.add_argument("--labels", type=Path, help="class names: JSON list or one per line (default: eval folders)")
     cmd.add_argument("--max-batch", type=_positive, default=8)
     cmd.add_argument(
         "--quantization",
         choices=["auto", "static", "dynamic"],
         default="auto",
-        help="INT8 method; auto builds both and the passport picks",
+        help="INT8 method; auto builds both and the passport picks (TensorRT: static only)",
     )
     cmd.add_argument("--calibration", choices=list(CALIBRATION_METHODS), default="minmax")
+    cmd.add_argument(
+        "--smoothing",
+        default="auto",
+        help="SmoothQuant alpha for outlier channels: auto (searched on held-aside calibration images), off, "
+        "or a value in (0, 1]",
+    )
     cmd.add_argument("--calibration-images", type=_positive, default=128)
     cmd.add_argument(
         "--quantize-ops",
@@ -167,33 +177,61 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, console: Consol
     return result
 
 
-def _engine(export_dir: Path, out: Path, key: Path, options: EngineOptions, console: Console) -> BundleResult:
-    with _progress(console) as progress:
-        result = build_engine_bundle(export_dir, out, key, options, progress)
+def _recipe(quantization: dict | None) -> str:
+    """How a candidate was made, in a few words: method, calibration, smoothing, layers left in float."""
+    if not quantization:
+        return "-"
+    parts = [quantization["method"]]
+    if quantization.get("calibration"):
+        parts.append(quantization["calibration"])
+    alpha = quantization.get("smoothing_alpha")
+    parts.append(f"α={alpha:g}" if alpha is not None else "no smoothing")
+    if quantization.get("float_layers"):
+        parts.append(f"{len(quantization['float_layers'])} layers float")
+    return ", ".join(parts)
+
+
+def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
+    """The candidates of a build (their passport summaries), the one that ships marked."""
     table = Table(
         "candidate",
+        "recipe",
         "top-1",
         "drop (pts)",
         "agreement",
         "max |Δlogit|",
         "img/s @max batch",
         "gate",
-        title=f"{options.target} {options.precision}: {result.passport['evaluation_set']['description']}",
+        title=title,
     )
-    for c in result.candidates:
-        a = c.accuracy
-        chosen = " [bold](ships)[/]" if c is result.chosen else ""
+    for c in candidates:
+        a = c["accuracy"]
         table.add_row(
-            c.label + chosen,
-            f"{a.engine_top1:.2%}",
-            f"{a.top1_drop_points:.2f}",
-            f"{a.top1_agreement:.2%}",
-            f"{a.max_abs_logit_error:.3g}",
-            f"{c.throughput():.1f}" if c.profile else "-",
-            "pass" if not c.misses else "; ".join(c.misses),
+            c["label"] + (" [bold](ships)[/]" if c["label"] == chosen else ""),
+            _recipe(c["quantization"]),
+            f"{a['engine_top1']:.2%}",
+            f"{a['top1_drop_points']:.2f}",
+            f"{a['top1_agreement']:.2%}",
+            f"{a['max_abs_logit_error']:.3g}",
+            f"{c['latency'][-1]['images_per_s']:.1f}" if c["latency"] else "-",
+            "pass" if not c["gate_misses"] else "; ".join(c["gate_misses"]),
         )
-    console.print(table)
+    return table
+
+
+def _engine(export_dir: Path, out: Path, key: Path, options: EngineOptions, console: Console) -> BundleResult:
+    with _progress(console) as progress:
+        result = build_engine_bundle(export_dir, out, key, options, progress)
+    title = f"{options.target} {options.precision}: {result.passport['evaluation_set']['description']}"
+    console.print(candidate_table([c.summary() for c in result.candidates], result.chosen.label, title))
     ref = result.passport["accuracy"]["reference_top1"]
+    if not result.bundle:
+        console.print(
+            f"FP32 reference top-1 {ref:.2%}; the TensorRT INT8 recipe passed the gate here in ONNX Runtime "
+            f"(Q/DQ simulated on the CPU). Wrote {result.path} (the gated Q/DQ model and recipe.json); this "
+            "machine has no TensorRT, so the plan itself is built on the device with the same command."
+        )
+        return result
     console.print(f"FP32 reference top-1 {ref:.2%}; wrote bundle {result.path} ({result.passport['bundle_id']})")
     if result.passport["gate"]["accepted_accuracy_loss"]:
         console.print("[yellow]shipped outside the accuracy budget (--accept-accuracy-loss), recorded in the passport")
@@ -235,6 +273,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> None:
         f"top-1 {accuracy['engine_top1']:.2%} (FP32 {accuracy['reference_top1']:.2%}), agreement "
         f"{accuracy['top1_agreement']:.2%}; gate {'passed' if passport['gate']['passed'] else 'MISSED'}"
     )
+    console.print(candidate_table(passport["candidates"], passport["engine"]["chosen"], "candidates"))
     if not golden.passed:
         raise BuildError(f"{bundle.bundle_id} does not reproduce its golden set on this device")
 

@@ -3,6 +3,8 @@
 An evaluation set is a folder of class subfolders of images (``eval/cat/001.jpg``), or
 ``demo``: the held-out split recorded beside a bundled demo checkpoint. A calibration
 set is a folder of images (subfolders allowed), or ``demo``: the demo's training split.
+``demo:NAME`` names the demo model whose splits to use, for checkpoints derived from one
+(the outlier-channel variants of :mod:`builder.demo.outliers`).
 Frames keep their own size; :meth:`Frames.preprocessed` applies the model's input
 spec through the agent's preprocessing, as a device would.
 """
@@ -104,6 +106,15 @@ def demo_card(source_checkpoint: str) -> tuple[dict, Path]:
     return json.loads(path.read_text()), path
 
 
+def _demo_source(spec: str, source_checkpoint: str) -> str:
+    """The checkpoint whose demo card a ``demo`` or ``demo:NAME`` spec refers to."""
+    return f"{spec.removeprefix(DEMO + ':')}.npz" if spec.startswith(DEMO + ":") else source_checkpoint
+
+
+def is_demo(spec: str) -> bool:
+    return spec == DEMO or spec.startswith(DEMO + ":")
+
+
 def demo_split(source_checkpoint: str, held_out: bool) -> Frames:
     from builder.demo.digits import raw_digits
 
@@ -117,11 +128,15 @@ def demo_split(source_checkpoint: str, held_out: bool) -> Frames:
 
 
 def evaluation_set(spec: str, labels: list[str], source_checkpoint: str) -> Frames:
-    return demo_split(source_checkpoint, held_out=True) if spec == DEMO else labelled_folder(Path(spec), labels)
+    if is_demo(spec):
+        return demo_split(_demo_source(spec, source_checkpoint), held_out=True)
+    return labelled_folder(Path(spec), labels)
 
 
 def calibration_set(spec: str, source_checkpoint: str) -> Frames:
-    return demo_split(source_checkpoint, held_out=False) if spec == DEMO else image_folder(Path(spec))
+    if is_demo(spec):
+        return demo_split(_demo_source(spec, source_checkpoint), held_out=False)
+    return image_folder(Path(spec))
 
 
 def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, classes: int) -> list[str]:
@@ -134,8 +149,8 @@ def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, class
             else [line.strip() for line in text.splitlines() if line.strip()]
         )
         origin = str(path)
-    elif eval_spec == DEMO:
-        labels, origin = demo_card(source_checkpoint)[0]["labels"], "the demo card"
+    elif is_demo(eval_spec):
+        labels, origin = demo_card(_demo_source(eval_spec, source_checkpoint))[0]["labels"], "the demo card"
     else:
         labels = sorted(p.name for p in Path(eval_spec).iterdir() if p.is_dir()) if Path(eval_spec).is_dir() else []
         origin = f"the class folders of {eval_spec}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,20 +31,22 @@ from agent.signing import load_private_key
 from builder.bundle_writer import write_bundle
 from builder.datasets import calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError
+from builder.int8_recipe import (
+    Int8Search,
+    MixedPrecisionError,
+    Trial,
+    parse_smoothing,
+    recipes_for,
+)
 from builder.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
 from builder.passport import Accuracy, Gate, GateError, compare, golden_set, logits, profile_engine
-from builder.precision import (
-    ALL_OPS,
-    WEIGHT_OPS,
-    quantize_dynamic_int8,
-    quantize_static_int8,
-    require_quantized,
-    to_fp16,
-)
-from builder.progress import counter, step
-from builder.tensorrt_plan import PlanSettings, build_plan
+from builder.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
+from builder.progress import counter, note, step
+from builder.tensorrt_plan import PlanSettings, build_plan, tensorrt_version
 from builder.verify import REPORT_FILE
 
+TENSORRT_RECIPE_MODEL = "model-int8-qdq.onnx"
+TENSORRT_RECIPE_REPORT = "recipe.json"
 TARGETS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
 # Oldest ONNX Runtime that reads a given ONNX IR version / default-domain opset.
 ORT_FOR_IR = {8: "1.12", 9: "1.15", 10: "1.18", 11: "1.21"}
@@ -60,6 +63,7 @@ class EngineOptions:
     max_batch: int = 8
     quantization: str = "auto"  # static | dynamic | auto (both, passport decides)
     calibration: str = "minmax"
+    smoothing: str = "auto"  # SmoothQuant α: auto (searched on held-aside calibration frames) | off | a value
     quantize_ops: str = "weights"  # weights (Gemm, Conv) | all (deliberately over-quantized)
     calibration_images: int = 128
     gate: Gate = field(default_factory=Gate)
@@ -119,6 +123,7 @@ class Candidate:
     profile: dict[str, Any] | None = None
     logits: np.ndarray | None = None
     measured_with: str = ""
+    trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
 
     def throughput(self) -> float:
         return self.profile["latency"][-1]["images_per_s"] if self.profile else 0.0
@@ -140,7 +145,8 @@ class BundleResult:
     path: Path
     chosen: Candidate
     candidates: list[Candidate]
-    passport: dict[str, Any]
+    passport: dict[str, Any]  # the bundle's passport, or the TensorRT recipe's report
+    bundle: bool = True  # False: a TensorRT INT8 recipe, gated here, whose plan is built on the device
 
 
 def _check(options: EngineOptions) -> None:
@@ -149,66 +155,143 @@ def _check(options: EngineOptions) -> None:
         raise BuildError(f"--precision {options.precision} is not offered for --target {options.target} ({allowed})")
     if options.max_batch < 1:
         raise BuildError("--max-batch must be at least 1")
+    parse_smoothing(options.smoothing)
 
 
-def _candidates(export: Export, options: EngineOptions, work: Path, progress: Progress) -> list[Candidate]:
-    """Build every candidate engine file for the requested target and precision."""
-    model, size = export.model, export.spec.height
-    if options.precision == "fp32" and options.target != "tensorrt":
-        return [Candidate("fp32", "onnxruntime", export.files)]
-    if options.precision == "fp16" and options.target == "cuda":
-        return [Candidate("fp16", "onnxruntime", [to_fp16(model, work / "model-fp16.onnx")])]
+def _int8_search(export: Export, options: EngineOptions, work: Path, progress: Progress) -> Int8Search | None:
+    """The calibration-driven recipe search, or None for dynamic INT8 without calibration frames."""
+    if options.calib is None:
+        if options.quantization == "dynamic" and options.target == "cpu":
+            return None
+        raise BuildError("static INT8 needs --calib (a folder of images, or demo)")
+    frames = calibration_set(options.calib, export.source["checkpoint"]).subset(options.calibration_images)
     op_types = ALL_OPS if options.quantize_ops == "all" else WEIGHT_OPS
+    return Int8Search(export.model, frames.preprocessed(export.spec), work, op_types, lambda text: note(progress, text))
+
+
+def _int8_candidates(export: Export, options: EngineOptions, search: Int8Search | None, work: Path) -> list[Candidate]:
     flavour = "tensorrt" if options.target == "tensorrt" else "cpu"
-    static = None
-    if options.precision == "int8" and options.quantization in ("auto", "static"):
-        if options.calib is None:
-            raise BuildError("static INT8 needs --calib (a folder of images, or demo)")
-        frames = calibration_set(options.calib, export.source["checkpoint"]).subset(options.calibration_images)
-        on_batch = counter(progress, f"calibrating INT8 ({options.calibration}, {len(frames)} images)")
-        static = quantize_static_int8(
-            model,
-            work / "model-int8-static.onnx",
-            frames.preprocessed(export.spec),
-            options.calibration,
-            flavour,
-            op_types,
-            on_batch,
-        )
-        if op_types:
-            require_quantized(static, op_types)
-    if options.target == "tensorrt":
-        source = static or model
-        settings = PlanSettings(
-            options.precision,
-            size,
-            1,
-            options.max_batch,
-            options.max_batch,
-            options.workspace_mib,
-            options.timing_cache,
-        )
-        with step(progress, f"building TensorRT {options.precision} plan"):
-            plan = build_plan(source, work / "model.plan", settings)
-        quant = {"method": "static-qdq-s8s8", "calibration": options.calibration} if static else None
-        return [Candidate(f"tensorrt {options.precision}", "tensorrt", [plan], quant)]
     candidates = []
-    if static:
-        quant = {"method": "static-qdq-u8s8", "calibration": options.calibration, "ops": list(op_types) or "all"}
-        candidates.append(Candidate(f"int8 static ({options.calibration})", "onnxruntime", [static], quant))
-    if options.quantization in ("auto", "dynamic"):
-        with step(progress, "quantizing INT8 (dynamic)"):
-            dynamic = quantize_dynamic_int8(model, work / "model-int8-dynamic.onnx")
-        require_quantized(dynamic, ("Gemm", "MatMul"))
-        candidates.append(Candidate("int8 dynamic", "onnxruntime", [dynamic], {"method": "dynamic-u8s8"}))
+    for recipe in recipes_for(options.quantization, flavour, options.calibration):
+        if search is None:  # dynamic, with nothing to calibrate or score on
+            dynamic = quantize_dynamic_int8(export.model, work / "model-int8-dynamic.onnx")
+            candidates.append(Candidate(recipe.label, "onnxruntime", [dynamic], recipe.describe()))
+        else:
+            candidates.append(_from_trial(search.best_smoothing(recipe, parse_smoothing(options.smoothing)), options))
     return candidates
 
 
-def _measure_target(options: EngineOptions, device: DeviceInfo) -> tuple[str, bool]:
-    """Where candidates run on this machine, and whether their latency means anything here."""
+def _from_trial(trial: Trial, options: EngineOptions) -> Candidate:
+    quantization = {**trial.recipe.describe(), "holdout": asdict(trial.score), "searched": trial.tried}
+    label = f"tensorrt {trial.recipe.label} Q/DQ" if options.target == "tensorrt" else trial.recipe.label
+    return Candidate(label, "onnxruntime", [trial.path], quantization, trial=trial)
+
+
+def _candidates(
+    export: Export, options: EngineOptions, work: Path, progress: Progress
+) -> tuple[list[Candidate], Int8Search | None]:
+    """Every candidate engine file for the requested target and precision, and the INT8 search if any.
+
+    TensorRT INT8 candidates are Q/DQ ONNX graphs: their accuracy is gated in ONNX Runtime (simulated
+    quantization) before any plan is built from the one that ships.
+    """
+    model = export.model
+    if options.precision == "int8":
+        search = _int8_search(export, options, work, progress)
+        return _int8_candidates(export, options, search, work), search
+    if options.target == "tensorrt":
+        with step(progress, f"building TensorRT {options.precision} plan"):
+            plan = build_plan(model, work / "model.plan", _plan_settings(export, options))
+        return [Candidate(f"tensorrt {options.precision}", "tensorrt", [plan])], None
+    if options.precision == "fp16":
+        return [Candidate("fp16", "onnxruntime", [to_fp16(model, work / "model-fp16.onnx")])], None
+    return [Candidate("fp32", "onnxruntime", export.files)], None
+
+
+def _plan_settings(export: Export, options: EngineOptions) -> PlanSettings:
+    batch = options.max_batch
+    return PlanSettings(
+        options.precision, export.spec.height, 1, batch, batch, options.workspace_mib, options.timing_cache
+    )
+
+
+def _measure_target(options: EngineOptions, candidate: Candidate, device: DeviceInfo) -> tuple[str, bool]:
+    """Where a candidate runs on this machine, and whether its latency means anything here."""
     if options.target == "cuda" and PROVIDERS["cuda"] not in device.providers:
         return "cpu", False  # accuracy of the CUDA graph measured with CPU kernels; latency belongs to the device
+    if options.target == "tensorrt" and candidate.backend == "onnxruntime":
+        return "cpu", False  # a Q/DQ graph bound for TensorRT: simulated quantization, accuracy only
     return options.target, True
+
+
+@dataclass
+class _Evaluation:
+    """The evaluation set, the FP32 reference's logits on it, and how candidates are measured against them."""
+
+    export: Export
+    options: EngineOptions
+    device: DeviceInfo
+    images: np.ndarray
+    targets: np.ndarray
+    reference: np.ndarray
+    progress: Progress
+
+    def _logits(self, backend: str, target: str, path: Path, label: str) -> np.ndarray:
+        batch = self.options.max_batch
+        engine = open_engine(backend, target, path, batch, self.options.threads)
+        found = logits(engine, self.images, batch, counter(self.progress, f"evaluating {label}"))
+        engine.close()
+        return found
+
+    def accuracy(self, path: Path) -> Accuracy:
+        """An ONNX Runtime CPU graph's accuracy on the evaluation set (for the mixed-precision search)."""
+        return compare(self.reference, self._logits("onnxruntime", "cpu", path, path.name), self.targets)
+
+    def measure(self, c: Candidate) -> Candidate:
+        options, batch = self.options, self.options.max_batch
+        target, timed = _measure_target(options, c, self.device)
+        c.logits = self._logits(c.backend, target, c.files[0], c.label)
+        c.accuracy = compare(self.reference, c.logits, self.targets)
+        c.misses = options.gate.misses(c.accuracy)
+        c.measured_with = f"{c.backend}-{target}"
+        if timed:
+            batches = list(range(1, batch + 1))  # every size: the agent's batcher may pick any of them
+            with step(self.progress, f"profiling {c.label} at batch sizes 1-{batch}"):
+                c.profile = profile_engine(
+                    c.files[0],
+                    c.backend,
+                    target,
+                    self.export.spec.height,
+                    batches,
+                    options.profile_seconds,
+                    options.threads,
+                )
+        return c
+
+
+def _mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation: _Evaluation) -> str:
+    """When no candidate passes: the best-scoring one with its most sensitive layers in float.
+
+    Appends the new candidate (measured) and returns what was tried, for a refusal message.
+    """
+    start = max((c for c in candidates if c.trial), key=lambda c: c.trial.score.key())  # type: ignore[union-attr]
+    note(evaluation.progress, f"mixed precision: {start.label} misses the gate; keeping layers in float")
+
+    def passes(trial: Trial) -> str | None:
+        if trial is start.trial:
+            return "; ".join(start.misses)
+        misses = evaluation.options.gate.misses(evaluation.accuracy(trial.path))
+        return "; ".join(misses) or None
+
+    try:
+        trial = search.fewest_float_layers(start.trial, passes)  # type: ignore[arg-type]
+    except MixedPrecisionError as exc:
+        return f"; mixed precision: {exc}"
+    mixed = evaluation.measure(_from_trial(trial, evaluation.options))
+    if mixed.profile and start.profile:
+        mixed.quantization = {**mixed.quantization, "speed_vs_all_int8": mixed.throughput() / start.throughput()}
+    candidates.append(mixed)
+    return ""
 
 
 def _requirements(options: EngineOptions, engine: Path, device: DeviceInfo) -> dict[str, Any]:
@@ -230,15 +313,15 @@ def _requirements(options: EngineOptions, engine: Path, device: DeviceInfo) -> d
     return requires
 
 
-def _choose(candidates: list[Candidate], options: EngineOptions) -> Candidate:
+def _choose(candidates: list[Candidate], options: EngineOptions, tried: str = "") -> Candidate:
     passing = [c for c in candidates if not c.misses]
     if passing:
         return max(passing, key=Candidate.throughput)
     if options.accept_accuracy_loss:
         return max(candidates, key=lambda c: c.accuracy.top1_agreement if c.accuracy else 0.0)
-    details = "; ".join(f"{c.label}: {', '.join(c.misses)}" for c in candidates)
+    details = "; ".join(f"{c.trial.recipe.detail if c.trial else c.label}: {', '.join(c.misses)}" for c in candidates)
     raise GateError(
-        f"no bundle: every candidate is outside the accuracy budget ({details}); "
+        f"no bundle: every candidate is outside the accuracy budget ({details}{tried}); "
         "--accept-accuracy-loss ships the best of them anyway and records that it did"
     )
 
@@ -250,7 +333,11 @@ def build_engine_bundle(
     options: EngineOptions = EngineOptions(),
     progress: Progress | None = None,
 ) -> BundleResult:
-    """Build, measure, gate and sign; raises :class:`BuildError` (``GateError`` for the gate)."""
+    """Build, measure, gate and sign; raises :class:`BuildError` (``GateError`` for the gate).
+
+    TensorRT INT8 on a machine without TensorRT gates the Q/DQ recipe in ONNX Runtime and writes it with its
+    report to ``out`` instead of a bundle (``BundleResult.bundle`` is False): the plan is built on the device.
+    """
     progress = progress or Progress(disable=True)
     _check(options)
     key = load_private_key(key_path)
@@ -259,93 +346,134 @@ def build_engine_bundle(
     export = Export.read(export_dir)
     classes = int(export.architecture["num_classes"])
     labels = load_labels(options.labels, export.source["checkpoint"], options.eval, classes)
-    evaluation = evaluation_set(options.eval, labels, export.source["checkpoint"])
-    images, targets = evaluation.preprocessed(export.spec), evaluation.labels
-    device = DeviceInfo.probe()
-    batch = options.max_batch
-    reference = open_engine("onnxruntime", "cpu", export.model, batch, options.threads)
-    reference_logits = logits(reference, images, batch, counter(progress, "evaluating the FP32 reference"))
+    evaluation_frames = evaluation_set(options.eval, labels, export.source["checkpoint"])
+    images = evaluation_frames.preprocessed(export.spec)
+    reference = open_engine("onnxruntime", "cpu", export.model, options.max_batch, options.threads)
+    reference_logits = logits(reference, images, options.max_batch, counter(progress, "evaluating the FP32 reference"))
     reference.close()
-    measure_target, timed = _measure_target(options, device)
-    batches = list(range(1, batch + 1))  # every size: the agent's batcher may pick any of them
+    evaluation = _Evaluation(
+        export, options, DeviceInfo.probe(), images, evaluation_frames.labels, reference_logits, progress
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
-        candidates = _candidates(export, options, Path(tmp), progress)
+        candidates, search = _candidates(export, options, Path(tmp), progress)
         for c in candidates:
-            engine = open_engine(c.backend, measure_target, c.files[0], batch, options.threads)
-            c.logits = logits(engine, images, batch, counter(progress, f"evaluating {c.label}"))
-            engine.close()
-            c.accuracy = compare(reference_logits, c.logits, targets)
-            c.misses = options.gate.misses(c.accuracy)
-            c.measured_with = f"{c.backend}-{measure_target}"
-            if timed:
-                with step(progress, f"profiling {c.label} at batch sizes {batches}"):
-                    c.profile = profile_engine(
-                        c.files[0],
-                        c.backend,
-                        measure_target,
-                        export.spec.height,
-                        batches,
-                        options.profile_seconds,
-                        options.threads,
-                    )
-        chosen = _choose(candidates, options)
-        engine_sha = file_digest(chosen.files[0])["sha256"]
-        name = options.name or Path(export.source["checkpoint"]).stem
-        bundle_id = f"{name}-{options.version}-{options.target}-{options.precision}-{engine_sha[:8]}"
-        golden = golden_set(images, reference_logits, chosen.logits, options.golden)
-        passport = {
-            "schema": SCHEMA_VERSION,
-            "bundle_id": bundle_id,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "engine": {
-                "target": options.target,
-                "precision": options.precision,
-                "chosen": chosen.label,
-                "quantization": chosen.quantization,
-            },
-            "evaluation_set": {"description": evaluation.description, "images": len(evaluation)},
-            "calibration_set": options.calib,
-            "accuracy": asdict(chosen.accuracy),
-            "gate": {
-                **asdict(options.gate),
-                "passed": not chosen.misses,
-                "misses": chosen.misses,
-                "accepted_accuracy_loss": bool(chosen.misses),
-            },
-            "latency": chosen.profile["latency"] if chosen.profile else None,
-            "peak_rss_mib": chosen.profile["peak_rss_mib"] if chosen.profile else None,
-            "measured_on": {
-                **device.describe(),
-                "cpu": platform.processor() or platform.machine(),
-                "latency_measured": timed,
-            },
-            "candidates": [c.summary() for c in candidates],
-            "outputs": output_profile(chosen.logits),  # the agent's drift reference
-            "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},
-        }
-        manifest = {
-            "schema": SCHEMA_VERSION,
-            "bundle_id": bundle_id,
-            "created": passport["built"],
-            "model": {
-                "name": name,
-                "version": options.version,
-                "architecture": export.architecture["name"],
-                "checkpoint": export.source["checkpoint"],
-                "checkpoint_sha256": export.source["sha256"],
-                "onnx_sha256": file_digest(export.model)["sha256"],
-            },
-            "engine": {
-                "backend": chosen.backend,
-                "target": options.target,
-                "precision": options.precision,
-                "quantization": chosen.quantization,
-                "batch": {"min": 1, "opt": batch, "max": batch},
-            },
-            "input": json.loads(export.spec.to_json()),
-            "requires": _requirements(options, chosen.files[0], device),
-            "accepted_accuracy_loss": bool(chosen.misses),
-        }
-        path = write_bundle(out, chosen.files, labels, passport, golden, manifest, key)
+            evaluation.measure(c)
+        tried = ""
+        if search and not any(not c.misses for c in candidates):
+            tried = _mixed_precision(search, candidates, evaluation)
+        chosen = _choose(candidates, options, tried)
+        if options.target == "tensorrt" and options.precision == "int8":
+            if tensorrt_version() is None:
+                return _write_tensorrt_recipe(out, chosen, candidates, evaluation_frames.description, options)
+            with step(progress, "building TensorRT int8 plan from the gated Q/DQ graph"):
+                plan = build_plan(chosen.files[0], Path(tmp) / "model.plan", _plan_settings(export, options))
+            quant = {**chosen.quantization, "qdq_accuracy": asdict(chosen.accuracy)}  # type: ignore[arg-type]
+            chosen = evaluation.measure(Candidate("tensorrt int8", "tensorrt", [plan], quant))
+            candidates.append(chosen)
+            chosen = _choose([chosen], options)
+        path, passport = _write(
+            out, export, options, evaluation, evaluation_frames.description, labels, key, chosen, candidates
+        )
     return BundleResult(path, chosen, candidates, passport)
+
+
+def _write_tensorrt_recipe(
+    out: Path, chosen: Candidate, candidates: list[Candidate], evaluated_on: str, options: EngineOptions
+) -> BundleResult:
+    """The gated Q/DQ graph and its report, for building the plan where TensorRT is."""
+    out.mkdir()
+    shutil.copy2(chosen.files[0], out / TENSORRT_RECIPE_MODEL)
+    report = {
+        "schema": SCHEMA_VERSION,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "engine": {
+            "target": "tensorrt",
+            "precision": "int8",
+            "chosen": chosen.label,
+            "quantization": chosen.quantization,
+        },
+        "evaluation_set": {"description": evaluated_on, "images": len(chosen.logits)},  # type: ignore[arg-type]
+        "calibration_set": options.calib,
+        "accuracy": asdict(chosen.accuracy),  # type: ignore[arg-type]
+        "accuracy_measured_with": "onnxruntime-cpu (Q/DQ as simulated quantization)",
+        "gate": {**asdict(options.gate), "passed": not chosen.misses, "misses": chosen.misses},
+        "candidates": [c.summary() for c in candidates],
+        "plan": "not built: this machine has no TensorRT. It is built on the device (TensorRT 10) with the same "
+        "command, which repeats this recipe search and gate there and then builds the plan from the Q/DQ graph.",
+    }
+    (out / TENSORRT_RECIPE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return BundleResult(out, chosen, candidates, report, bundle=False)
+
+
+def _write(
+    out: Path,
+    export: Export,
+    options: EngineOptions,
+    evaluation: _Evaluation,
+    evaluated_on: str,
+    labels: list[str],
+    key: Any,
+    chosen: Candidate,
+    candidates: list[Candidate],
+) -> tuple[Path, dict[str, Any]]:
+    """The passport, manifest and signed bundle of the chosen candidate."""
+    device, batch = evaluation.device, options.max_batch
+    engine_sha = file_digest(chosen.files[0])["sha256"]
+    name = options.name or Path(export.source["checkpoint"]).stem
+    bundle_id = f"{name}-{options.version}-{options.target}-{options.precision}-{engine_sha[:8]}"
+    golden = golden_set(evaluation.images, evaluation.reference, chosen.logits, options.golden)
+    passport = {
+        "schema": SCHEMA_VERSION,
+        "bundle_id": bundle_id,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "engine": {
+            "target": options.target,
+            "precision": options.precision,
+            "chosen": chosen.label,
+            "quantization": chosen.quantization,
+        },
+        "evaluation_set": {"description": evaluated_on, "images": len(evaluation.images)},
+        "calibration_set": options.calib,
+        "accuracy": asdict(chosen.accuracy),  # type: ignore[arg-type]
+        "gate": {
+            **asdict(options.gate),
+            "passed": not chosen.misses,
+            "misses": chosen.misses,
+            "accepted_accuracy_loss": bool(chosen.misses),
+        },
+        "latency": chosen.profile["latency"] if chosen.profile else None,
+        "peak_rss_mib": chosen.profile["peak_rss_mib"] if chosen.profile else None,
+        "measured_on": {
+            **device.describe(),
+            "cpu": platform.processor() or platform.machine(),
+            "latency_measured": chosen.profile is not None,
+        },
+        "candidates": [c.summary() for c in candidates],
+        "outputs": output_profile(chosen.logits),  # the agent's drift reference
+        "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},
+    }
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "bundle_id": bundle_id,
+        "created": passport["built"],
+        "model": {
+            "name": name,
+            "version": options.version,
+            "architecture": export.architecture["name"],
+            "checkpoint": export.source["checkpoint"],
+            "checkpoint_sha256": export.source["sha256"],
+            "onnx_sha256": file_digest(export.model)["sha256"],
+        },
+        "engine": {
+            "backend": chosen.backend,
+            "target": options.target,
+            "precision": options.precision,
+            "quantization": chosen.quantization,
+            "batch": {"min": 1, "opt": batch, "max": batch},
+        },
+        "input": json.loads(export.spec.to_json()),
+        "requires": _requirements(options, chosen.files[0], device),
+        "accepted_accuracy_loss": bool(chosen.misses),
+    }
+    return write_bundle(out, chosen.files, labels, passport, golden, manifest, key), passport

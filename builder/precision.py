@@ -7,10 +7,15 @@ costs ViTs far more agreement than it buys speed. Two flavours, by where it runs
 
 - ``cpu``: u8 activations x s8 weights (asymmetric activations). On x86 with VNNI
   that is ONNX Runtime's fast path; s8 x s8 measured slower than FP32 there.
-- ``tensorrt``: s8 x s8 with symmetric activations, the only Q/DQ TensorRT accepts.
+- ``tensorrt``: s8 x s8 with symmetric activations and zero points of 0, the only Q/DQ
+  TensorRT accepts; biases stay float (TensorRT's DequantizeLinear takes no INT32 input,
+  so ONNX Runtime's default INT32 bias would make the parser reject the model).
 
 Dynamic INT8 quantizes weights ahead of time and activations per batch, needing no
 calibration; it only touches ``MatMul``, so ``Gemm`` is rewritten first.
+
+Both take ``exclude``: names of Dense/Conv nodes *of the source graph* to leave in float
+(the mixed-precision search of :mod:`builder.int8_recipe` picks them).
 """
 
 from __future__ import annotations
@@ -73,6 +78,20 @@ def _pre_processed(model: ir.Model, tmp: Path) -> Path:
     return prepared
 
 
+def _descendants(prepared: Path, exclude: tuple[str, ...]) -> list[str]:
+    """The nodes of the pre-processed graph that stand for ``exclude``'s nodes of the export.
+
+    Rewrites rename what they touch (``node_Gemm_33`` becomes ``node_Gemm_33_matmul`` and then
+    ``node_Gemm_33_matmul/MatMulAddFusion``), always keeping the original name as a prefix; the
+    dynamic quantizer of recent ONNX Runtime turns each Gemm back into a MatMul named ``<name>_MatMul``.
+    """
+    if not exclude:
+        return []
+    names = [n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node]
+    found = [n for n in names if any(n == e or n.startswith((f"{e}_", f"{e}/")) for e in exclude)]
+    return found + [f"{n}_MatMul" for n in found]
+
+
 def quantize_static_int8(
     src: Path,
     dst: Path,
@@ -82,6 +101,7 @@ def quantize_static_int8(
     op_types: tuple[str, ...] = WEIGHT_OPS,
     on_batch: Callable[[int, int], None] | None = None,
     batch_size: int = 8,
+    exclude: tuple[str, ...] = (),
 ) -> Path:
     """QDQ INT8 model calibrated on ``calibration`` (preprocessed uint8 NHWC)."""
     symmetric = flavour == "tensorrt"
@@ -97,18 +117,30 @@ def quantize_static_int8(
             op_types_to_quantize=list(op_types) or None,
             per_channel=True,
             calibrate_method=CALIBRATION_METHODS[method],
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "CalibPercentile": 99.999},
+            nodes_to_exclude=_descendants(prepared, exclude),
+            extra_options={
+                "ActivationSymmetric": symmetric,
+                "WeightSymmetric": True,
+                "CalibPercentile": 99.999,
+                "QuantizeBias": not symmetric,
+            },
         )
     return dst
 
 
-def quantize_dynamic_int8(src: Path, dst: Path) -> Path:
+def quantize_dynamic_int8(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> Path:
     """Dynamic INT8 (weights s8 ahead of time, activations u8 per batch) of every Dense layer."""
     with tempfile.TemporaryDirectory() as tmp:
         model = ir.load(src)
         gemm_to_matmul(model)
         prepared = _pre_processed(model, Path(tmp))
-        quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(
+            str(prepared),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=_descendants(prepared, exclude),
+        )
     return dst
 
 

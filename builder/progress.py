@@ -20,3 +20,8 @@ def counter(progress: Progress, description: str) -> Callable[[int, int], None]:
     """A step that reports ``(done, total)`` through the returned callback."""
     task = progress.add_task(description, total=None)
     return lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def note(progress: Progress, description: str) -> None:
+    """A step already done when reported: one line in the progress display."""
+    progress.add_task(description, total=1, completed=1)

@@ -70,6 +70,9 @@ def test_demo_main_job(tmp_path: Path) -> None:
     )
     assert inspect.returncode == 0, inspect.stderr
     assert "all files intact, runs on this device" in inspect.stdout and "golden set passed" in inspect.stdout
+    # each candidate's recipe: method, calibration, smoothing (the demo model has no outliers to smooth)
+    assert "int8 static (minmax)" in inspect.stdout and "int8 dynamic" in inspect.stdout
+    assert "static-qdq-u8s8" in inspect.stdout and ("no smoothing" in inspect.stdout or "α=" in inspect.stdout)
 
 
 def test_keygen_never_overwrites(tmp_path: Path) -> None:

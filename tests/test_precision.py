@@ -79,7 +79,15 @@ def test_tensorrt_flavour_is_symmetric_s8(demo_exports, calibration, tmp_path: P
         onnx.numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if t.name.endswith("_zero_point")
     ]
     assert zero_points and not any(z.any() for z in zero_points)  # symmetric: every zero point is 0
-    assert {z.dtype for z in zero_points} <= {np.dtype(np.int8), np.dtype(np.int32)}  # s8 tensors, int32 biases
+    assert {z.dtype for z in zero_points} == {np.dtype(np.int8)}  # s8 only: TensorRT's DQ takes no INT32
+    model = onnx.load(str(dst))
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dq_inputs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    produced = {o for n in model.graph.node if n.op_type == "QuantizeLinear" for o in n.output}
+    assert dq_inputs and all(name in int8 or name in produced for name in dq_inputs), "every DQ reads INT8"
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert all(n.input[2] in floats for n in gemms), "biases stay float"
 
 
 def test_dynamic_int8(demo_exports, tmp_path: Path) -> None:

@@ -1,0 +1,177 @@
+"""INT8 on ViTs/Mixers with the outlier channels of real pretrained models (issue 10).
+
+The test models are the demo checkpoints with a few LayerNorm channels made 32-128x wider by
+an exact FP32 identity (:mod:`builder.demo.outliers`). Naive per-tensor INT8 loses them;
+SmoothQuant folded into the export, and mixed precision where that is not enough, must ship
+within the default gate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from builder.activations import channel_absmax, observe
+from builder.datasets import calibration_set
+from builder.demo.outliers import OUTLIER_CHANNELS, write_outlier_checkpoint
+from builder.demo.train import CHECKPOINT_DIR
+from builder.engine_build import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT, EngineOptions, build_engine_bundle
+from builder.errors import BuildError
+from builder.export import export_checkpoint
+from builder.passport import Gate, GateError
+from builder.precision import float_weight_ops
+from builder.smoothing import find_targets, smooth, smoothing_factors
+
+FAST = {"profile_seconds": 0.05, "calibration_images": 128, "eval": "demo", "calib": "demo"}
+
+
+@pytest.fixture(scope="module")
+def outlier_exports(tmp_path_factory) -> dict[tuple[str, int], Path]:
+    root = tmp_path_factory.mktemp("outliers")
+    found = {}
+    for name, strength in [("vit-digits", 32), ("vit-digits", 64), ("vit-digits", 128), ("mixer-digits", 128)]:
+        checkpoint = write_outlier_checkpoint(CHECKPOINT_DIR / f"{name}.npz", strength, root / f"{name}.npz")
+        # the derived checkpoint keeps the demo's name so that 'demo' finds its splits
+        found[name, strength] = export_checkpoint(checkpoint, root / f"{name}-x{strength}").model_path.parent
+        checkpoint.unlink()
+    return found
+
+
+def options(**changes) -> EngineOptions:
+    return EngineOptions(**{"precision": "int8", **FAST, **changes})
+
+
+def calibration(name: str) -> np.ndarray:
+    from agent.preprocess import InputSpec
+
+    return calibration_set("demo", f"{name}.npz").subset(64).preprocessed(InputSpec(64, 64))
+
+
+@pytest.mark.parametrize("name", ["vit-digits", "mixer-digits"])
+def test_outlier_checkpoints_compute_the_same_logits(demo_exports, outlier_exports, name: str) -> None:
+    images = calibration(name)
+    original = observe(onnx.load(str(demo_exports[name] / "model.onnx")), images, [], lambda *_: None)
+    changed = outlier_exports[name, 128] / "model.onnx"
+    np.testing.assert_allclose(observe(onnx.load(str(changed)), images, [], lambda *_: None), original, atol=1e-5)
+    norms = [t.norm for t in find_targets(onnx.load(str(changed)))]
+    absmax = channel_absmax(onnx.load(str(changed)), images, norms)
+    for peak in absmax.values():  # the chosen channels now dwarf the rest
+        others = np.delete(peak, OUTLIER_CHANNELS)
+        assert peak[list(OUTLIER_CHANNELS)].min() > 10 * np.median(others)
+
+
+def test_smoothing_targets_and_exact_fold(outlier_exports) -> None:
+    vit = onnx.load(str(outlier_exports["vit-digits", 64] / "model.onnx"))
+    targets = find_targets(vit)
+    assert len(targets) == 2 * 4  # pre-attention and pre-MLP norm of each of the 4 blocks, not the final norm
+    mixer = find_targets(onnx.load(str(outlier_exports["mixer-digits", 128] / "model.onnx")))
+    assert len(mixer) == 4  # channel mixing only: token mixing reads the norm transposed
+    images = calibration("vit-digits")
+    absmax = channel_absmax(vit, images, [t.norm for t in targets])
+    factors = smoothing_factors(vit, targets, absmax, 0.8)
+    assert all(np.all(np.log2(f) == np.round(np.log2(f))) for f in factors.values()), "powers of two"
+    smoothed = smooth(vit, targets, factors)
+    before, after = (observe(m, images, [], lambda *_: None) for m in (vit, smoothed))
+    np.testing.assert_array_equal(after, before)  # bit for bit: power-of-two factors are exact
+    assert len(smoothed.graph.node) == len(vit.graph.node)  # nothing added to the run-time graph
+    flattened = channel_absmax(smoothed, images, [t.norm for t in targets])
+    for norm, peak in flattened.items():
+        assert peak.max() / np.median(peak) < absmax[norm].max() / np.median(absmax[norm]) / 4
+
+
+@pytest.mark.parametrize(("name", "strength"), [("vit-digits", 32), ("vit-digits", 128), ("mixer-digits", 128)])
+def test_int8_ships_within_the_default_gate(outlier_exports, signing_key, tmp_path, name, strength) -> None:
+    result = build_engine_bundle(outlier_exports[name, strength], tmp_path / "b", signing_key[0], options())
+    passport = result.passport
+    assert passport["gate"]["passed"] and not passport["gate"]["accepted_accuracy_loss"]
+    assert passport["accuracy"]["top1_agreement"] >= 0.99
+    for candidate in passport["candidates"]:
+        recipe = candidate["quantization"]
+        assert recipe["smoothing_alpha"] is not None, "the outliers are smoothed"
+        naive = next(s for s in recipe["searched"] if s["alpha"] is None)
+        assert recipe["holdout"]["mean_rel_logit_error"] < naive["mean_rel_logit_error"] / 3
+
+
+def test_naive_int8_misses_where_smoothing_ships(outlier_exports, signing_key, tmp_path) -> None:
+    """The same strong-outlier model with smoothing off: today's builder, refused by the gate."""
+    with pytest.raises(GateError, match="agreement with FP32 is [0-9.]+%") as refused:
+        build_engine_bundle(
+            outlier_exports["vit-digits", 128],
+            tmp_path / "b",
+            signing_key[0],
+            options(smoothing="off", gate=Gate(1.0, 0.999)),
+        )
+    assert "mixed precision" in str(refused.value) and "not smoothed" in str(refused.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_model_without_outliers_is_not_made_worse(demo_exports, signing_key, tmp_path) -> None:
+    result = build_engine_bundle(demo_exports["vit-digits"], tmp_path / "b", signing_key[0], options())
+    for candidate in result.passport["candidates"]:
+        recipe = candidate["quantization"]
+        naive = next(s for s in recipe["searched"] if s["alpha"] is None)
+        # the unsmoothed recipe competes; whatever wins scores at least as well held aside
+        assert (recipe["holdout"]["agreement"], -recipe["holdout"]["mean_rel_logit_error"]) >= (
+            naive["agreement"],
+            -naive["mean_rel_logit_error"],
+        )
+    assert result.passport["gate"]["passed"] and result.passport["accuracy"]["top1_agreement"] >= 0.99
+
+
+def test_mixed_precision_keeps_the_fewest_sensitive_layers_in_float(outlier_exports, signing_key, tmp_path) -> None:
+    """Smoothing off, so the outliers stay: INT8 misses, and the layers that read them go back to float."""
+    export = outlier_exports["vit-digits", 64]
+    result = build_engine_bundle(export, tmp_path / "b", signing_key[0], options(smoothing="off"))
+    passport = result.passport
+    recipe = passport["engine"]["quantization"]
+    assert passport["gate"]["passed"] and recipe["float_layers"], passport["engine"]
+    assert [c["gate_misses"] != [] for c in passport["candidates"]][:2] == [True, True]
+    # the layers kept float are ones that read an outlier LayerNorm (directly or through a Reshape)
+    model = onnx.load(str(export / "model.onnx"))
+    readers = {n.name: n.input[0] for n in model.graph.node}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def reads_norm(name: str) -> bool:
+        node = producers[readers[name]]
+        return node.op_type == "LayerNormalization" or producers.get(node.input[0], node).op_type == (
+            "LayerNormalization"
+        )
+
+    assert all(reads_norm(name) for name in recipe["float_layers"])
+    assert len(recipe["float_layers"]) <= 8 and recipe["speed_vs_all_int8"] > 0
+    searched = recipe["searched"]
+    assert searched[0]["float_layers"] == 0 and searched[0]["misses"]
+    assert any(s["float_layers"] == len(recipe["float_layers"]) and s["misses"] is None for s in searched)
+    engine = next((result.path / "engine").iterdir())
+    dense = [name for op, name in float_weight_ops(engine) if op != "Conv"]  # dynamic INT8 leaves the Conv
+    assert len(dense) == len(recipe["float_layers"]), "exactly those layers stayed float"
+
+
+def test_tensorrt_int8_recipe_is_gated_without_tensorrt(outlier_exports, signing_key, tmp_path) -> None:
+    from agent.device import DeviceInfo
+
+    if DeviceInfo.probe().tensorrt:
+        pytest.skip("TensorRT is installed here: the plan itself is built (test_engine_build.test_tensorrt_plans)")
+    out = tmp_path / "recipe"
+    result = build_engine_bundle(outlier_exports["vit-digits", 128], out, signing_key[0], options(target="tensorrt"))
+    assert not result.bundle and sorted(p.name for p in out.iterdir()) == sorted(
+        [TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT]
+    )
+    report = json.loads((out / TENSORRT_RECIPE_REPORT).read_text())
+    assert report["gate"]["passed"] and report["engine"]["quantization"]["method"] == "static-qdq-s8s8"
+    assert report["engine"]["quantization"]["smoothing_alpha"] is not None
+    assert "simulated" in report["accuracy_measured_with"] and "built on the device" in report["plan"]
+    model = onnx.load(str(out / TENSORRT_RECIPE_MODEL))
+    zero_points = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("zero_point")]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    with pytest.raises(BuildError, match="dynamic cannot target TensorRT"):
+        build_engine_bundle(
+            outlier_exports["vit-digits", 128],
+            tmp_path / "d",
+            signing_key[0],
+            options(target="tensorrt", quantization="dynamic"),
+        )
