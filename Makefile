@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 $(BIN)/edgevit-build: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[cpu,builder,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,openvino,builder,dev]'
 	touch $@
 
 .PHONY: install demo test bench
@@ -23,9 +23,11 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python -m pip install --quiet -e '.[cpu,builder,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,openvino,builder,dev,bench]'
 	$(BIN)/python bench/export_bench.py
 	$(BIN)/python bench/engine_bench.py
+	$(BIN)/python bench/int8_outlier_bench.py
+	$(BIN)/python bench/openvino_settings_bench.py
 	$(BIN)/python bench/agent_bench.py
 	$(BIN)/python bench/swap_bench.py
 	$(BIN)/python bench/fleet_bench.py

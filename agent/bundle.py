@@ -34,7 +34,7 @@ from agent.signing import SignatureError, verify
 SCHEMA_VERSION = 1
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 LABELS, PASSPORT, GOLDEN = "labels.json", "passport.json", "golden.npz"
-BACKENDS = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("tensorrt",)}
+BACKENDS = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("tensorrt",), "openvino": ("cpu", "cpu-bf16")}
 PRECISIONS = ("fp32", "fp16", "int8")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -171,8 +171,12 @@ def incompatibilities(requires: dict[str, Any], device: DeviceInfo) -> list[str]
             problems.append(
                 f"needs ONNX Runtime's {provider}, this device offers {', '.join(device.providers) or 'none'}"
             )
+    if spec := requires.get("openvino"):
+        problems += _version_problems("OpenVINO", spec, device.openvino)
     if (features := requires.get("cpu_features_any")) and not set(features) & device.cpu_features:
         problems.append(f"needs a CPU with one of {', '.join(features)} for its INT8 kernels, this CPU has none")
+    if (features := requires.get("bf16_features_any")) and not set(features) & device.cpu_features:
+        problems.append(f"needs a CPU with one of {', '.join(features)} for BF16, this CPU has none")
     if (trt := requires.get("tensorrt")) and trt != device.tensorrt:
         problems.append(f"is a TensorRT {trt} plan, this device has TensorRT {device.tensorrt or 'not installed'}")
     if (cc := requires.get("compute_capability")) and cc != device.compute_capability:

@@ -22,6 +22,7 @@ class DeviceInfo:
     cpu_features: frozenset[str] = field(default_factory=frozenset)
     onnxruntime: str | None = None
     providers: tuple[str, ...] = ()
+    openvino: str | None = None
     tensorrt: str | None = None
     compute_capability: str | None = None
     jetson_model: str | None = None
@@ -34,6 +35,7 @@ class DeviceInfo:
             cpu_features=_cpu_features(),
             onnxruntime=_onnxruntime()[0],
             providers=_onnxruntime()[1],
+            openvino=_openvino(),
             tensorrt=_tensorrt(),
             compute_capability=_compute_capability(),
             jetson_model=_jetson_model(),
@@ -45,10 +47,12 @@ class DeviceInfo:
             "arch": self.arch,
             "onnxruntime": self.onnxruntime,
             "providers": list(self.providers),
+            "openvino": self.openvino,
             "tensorrt": self.tensorrt,
             "compute_capability": self.compute_capability,
             "jetson_model": self.jetson_model,
             "int8_features": sorted(self.cpu_features & INT8_FEATURES),
+            "bf16_features": sorted(self.cpu_features & BF16_FEATURES),
         }
 
 
@@ -56,6 +60,8 @@ class DeviceInfo:
 # without VNNI, AVX2 u8s8 uses VPMADDUBSW, which can saturate (ONNX Runtime's docs).
 X86_INT8_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 INT8_FEATURES = X86_INT8_FEATURES | {"asimddp", "i8mm"}  # Arm dot-product / matrix-multiply extensions
+# What OpenVINO's CPU plugin needs to run BF16 (its default inference precision where present).
+BF16_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def _cpu_features() -> frozenset[str]:
@@ -76,6 +82,16 @@ def _onnxruntime() -> tuple[str | None, tuple[str, ...]]:
     except ImportError:
         return None, ()
     return onnxruntime.__version__, tuple(onnxruntime.get_available_providers())
+
+
+def _openvino() -> str | None:
+    from agent.runtimes import EngineError
+    from agent.runtimes.openvino import load_openvino
+
+    try:
+        return load_openvino().get_version().split("-")[0]
+    except EngineError:
+        return None
 
 
 def _tensorrt() -> str | None:

@@ -101,7 +101,7 @@ class Lifecycle:
         if self.config.engine.onnxruntime_tensorrt and target == "cuda":
             target = "tensorrt-ep"
         worker = WorkerEngine(
-            WorkerSpec.of(bundle, target, self.config.engine.threads),
+            WorkerSpec.of(bundle, target, self.config.engine.threads, cache_dir=self.config.state_dir / "engine-cache"),
             timeout_s=self.config.engine.batch_timeout_s,
             max_rss_mib=self.config.engine.worker_max_rss_mib,
         )

@@ -62,9 +62,17 @@ class WorkerSpec:
     width: int
     classes: int
     threads: int | None
+    cache_dir: Path | None = None  # compiled engines kept across loads (OpenVINO's model cache)
 
     @classmethod
-    def of(cls, bundle: Bundle, target: str, threads: int | None, engine_path: Path | None = None) -> WorkerSpec:
+    def of(
+        cls,
+        bundle: Bundle,
+        target: str,
+        threads: int | None,
+        engine_path: Path | None = None,
+        cache_dir: Path | None = None,
+    ) -> WorkerSpec:
         """The worker for ``bundle``'s engine (``engine_path`` replaces its file: tests' variants)."""
         spec = bundle.input_spec
         return cls(
@@ -76,6 +84,7 @@ class WorkerSpec:
             spec.width,
             len(bundle.labels),
             threads,
+            cache_dir,
         )
 
     def inputs(self, path: Path, mode: str) -> np.memmap:
@@ -107,7 +116,7 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its worker stops
     try:
-        engine = open_engine(spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads)
+        engine = open_engine(spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads, spec.cache_dir)
         inputs, outputs = spec.inputs(inputs_path, "r+"), spec.outputs(outputs_path, "r+")
     except Exception as exc:  # reported to the agent, which refuses the engine with this message
         conn.send(("error", str(exc)))

@@ -48,6 +48,7 @@ def accuracy_rows(name: str, strength: int, key: Path, seconds: float, work: Pat
             calib="demo",
             smoothing=smoothing,
             accept_accuracy_loss=True,
+            runtime="onnxruntime",  # edgevit's own recipes; OpenVINO is engine_bench's
             profile_seconds=seconds / 8,
             max_batch=8,
         )

@@ -23,7 +23,7 @@ from builder.datasets import DEMO
 from builder.demo.evaluate import held_out_indices, held_out_top1
 from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
 from builder.demo.video import write_labelled_video
-from builder.engine_build import TARGETS, BundleResult, EngineOptions, build_engine_bundle
+from builder.engine_build import RUNTIMES, TARGETS, BundleResult, EngineOptions, build_engine_bundle
 from builder.errors import BuildError, VerificationError
 from builder.export import ExportOptions, ExportResult, export_checkpoint
 from builder.keys import keygen
@@ -68,7 +68,13 @@ def _export_arguments(cmd: argparse.ArgumentParser) -> None:
 
 def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--target", choices=list(TARGETS), default="cpu")
-    cmd.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    cmd.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32")
+    cmd.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default="auto",
+        help="CPU runtimes to build candidates for; auto: every one installed (ONNX Runtime, OpenVINO)",
+    )
     cmd.add_argument(
         "--eval",
         required=True,
@@ -185,7 +191,7 @@ def _recipe(quantization: dict | None) -> str:
     if quantization.get("calibration"):
         parts.append(quantization["calibration"])
     alpha = quantization.get("smoothing_alpha")
-    parts.append(f"α={alpha:g}" if alpha is not None else "no smoothing")
+    parts.append(f"α={alpha:g}" if alpha is not None else quantization.get("smoothing", "no smoothing"))
     if quantization.get("float_layers"):
         parts.append(f"{len(quantization['float_layers'])} layers float")
     return ", ".join(parts)

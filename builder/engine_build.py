@@ -14,7 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from agent.drift import output_profile
 from agent.preprocess import METADATA_KEY, InputSpec
 from agent.runtimes import open_engine
 from agent.signing import load_private_key
+from builder import openvino_engines
 from builder.bundle_writer import write_bundle
 from builder.datasets import calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError
@@ -47,7 +48,8 @@ from builder.verify import REPORT_FILE
 
 TENSORRT_RECIPE_MODEL = "model-int8-qdq.onnx"
 TENSORRT_RECIPE_REPORT = "recipe.json"
-TARGETS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
+RUNTIMES = ("auto", "onnxruntime", "openvino")
+TARGETS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
 # Oldest ONNX Runtime that reads a given ONNX IR version / default-domain opset.
 ORT_FOR_IR = {8: "1.12", 9: "1.15", 10: "1.18", 11: "1.21"}
 ORT_FOR_OPSET = {17: "1.14", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.18", 22: "1.20", 23: "1.22"}
@@ -75,6 +77,7 @@ class EngineOptions:
     timing_cache: Path | None = None
     profile_seconds: float = 1.0
     threads: int | None = None
+    runtime: str = "auto"  # CPU runtimes to build candidates for: auto (all installed) | onnxruntime | openvino
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Candidate:
     profile: dict[str, Any] | None = None
     logits: np.ndarray | None = None
     measured_with: str = ""
+    target: str | None = None  # the engine's own target where it differs from the build's (cpu-bf16)
     trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
 
     def throughput(self) -> float:
@@ -131,6 +135,7 @@ class Candidate:
     def summary(self) -> dict[str, Any]:
         return {
             "label": self.label,
+            "runtime": self.backend,
             "quantization": self.quantization,
             "accuracy": asdict(self.accuracy) if self.accuracy else None,
             "gate_misses": self.misses,
@@ -156,6 +161,23 @@ def _check(options: EngineOptions) -> None:
     if options.max_batch < 1:
         raise BuildError("--max-batch must be at least 1")
     parse_smoothing(options.smoothing)
+    if options.runtime not in RUNTIMES:
+        raise BuildError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {options.runtime!r}")
+    if options.runtime != "auto" and options.target != "cpu":
+        raise BuildError(f"--runtime chooses among CPU runtimes; --target {options.target} has only its own")
+    if options.runtime == "openvino" or options.precision == "bf16":
+        openvino_engines.require()
+
+
+def _runtimes(options: EngineOptions) -> tuple[str, ...]:
+    """The runtimes whose candidates a build makes: the target's own, or for the CPU those asked for."""
+    if options.target != "cpu":
+        return ("onnxruntime",)
+    if options.precision == "bf16":
+        return ("openvino",)
+    if options.runtime == "auto":
+        return ("onnxruntime", "openvino") if openvino_engines.available() else ("onnxruntime",)
+    return (options.runtime,)
 
 
 def _int8_search(export: Export, options: EngineOptions, work: Path, progress: Progress) -> Int8Search | None:
@@ -169,8 +191,11 @@ def _int8_search(export: Export, options: EngineOptions, work: Path, progress: P
     return Int8Search(export.model, frames.preprocessed(export.spec), work, op_types, lambda text: note(progress, text))
 
 
-def _int8_candidates(export: Export, options: EngineOptions, search: Int8Search | None, work: Path) -> list[Candidate]:
+def _int8_candidates(
+    export: Export, options: EngineOptions, search: Int8Search | None, work: Path, progress: Progress
+) -> list[Candidate]:
     flavour = "tensorrt" if options.target == "tensorrt" else "cpu"
+    runtimes = _runtimes(options)
     candidates = []
     for recipe in recipes_for(options.quantization, flavour, options.calibration):
         if search is None:  # dynamic, with nothing to calibrate or score on
@@ -178,6 +203,23 @@ def _int8_candidates(export: Export, options: EngineOptions, search: Int8Search 
             candidates.append(Candidate(recipe.label, "onnxruntime", [dynamic], recipe.describe()))
         else:
             candidates.append(_from_trial(search.best_smoothing(recipe, parse_smoothing(options.smoothing)), options))
+    if "openvino" in runtimes and search is not None:
+        target = openvino_engines.float_target(DeviceInfo.probe())
+        for static in [c for c in candidates if c.trial and c.trial.recipe.method == "static"]:
+            # the same searched Q/DQ graph, run by OpenVINO
+            candidates.append(replace(static, label=f"openvino {static.label}", backend="openvino", target=target))
+        with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
+            files = openvino_engines.nncf_int8(export.model, search.ranges, work)
+        nncf_recipe = {
+            "method": "nncf-transformer",
+            "calibration": "nncf",
+            "smoothing_alpha": None,
+            "smoothing": "NNCF's own SmoothQuant",
+            "float_layers": [],
+        }
+        candidates.append(Candidate("openvino int8 (NNCF)", "openvino", files, nncf_recipe, target=target))
+    if "onnxruntime" not in runtimes:
+        candidates = [c for c in candidates if c.backend != "onnxruntime"]
     return candidates
 
 
@@ -198,14 +240,19 @@ def _candidates(
     model = export.model
     if options.precision == "int8":
         search = _int8_search(export, options, work, progress)
-        return _int8_candidates(export, options, search, work), search
+        return _int8_candidates(export, options, search, work, progress), search
     if options.target == "tensorrt":
         with step(progress, f"building TensorRT {options.precision} plan"):
             plan = build_plan(model, work / "model.plan", _plan_settings(export, options))
         return [Candidate(f"tensorrt {options.precision}", "tensorrt", [plan])], None
     if options.precision == "fp16":
         return [Candidate("fp16", "onnxruntime", [to_fp16(model, work / "model-fp16.onnx")])], None
-    return [Candidate("fp32", "onnxruntime", export.files)], None
+    runtimes = _runtimes(options)
+    candidates = [Candidate("fp32", "onnxruntime", export.files)] if "onnxruntime" in runtimes else []
+    if "openvino" in runtimes:
+        label, target = ("openvino bf16", "cpu-bf16") if options.precision == "bf16" else ("openvino fp32", "cpu")
+        candidates.append(Candidate(label, "openvino", export.files, target=target))
+    return candidates, None
 
 
 def _plan_settings(export: Export, options: EngineOptions) -> PlanSettings:
@@ -217,6 +264,8 @@ def _plan_settings(export: Export, options: EngineOptions) -> PlanSettings:
 
 def _measure_target(options: EngineOptions, candidate: Candidate, device: DeviceInfo) -> tuple[str, bool]:
     """Where a candidate runs on this machine, and whether its latency means anything here."""
+    if candidate.target:
+        return candidate.target, True
     if options.target == "cuda" and PROVIDERS["cuda"] not in device.providers:
         return "cpu", False  # accuracy of the CUDA graph measured with CPU kernels; latency belongs to the device
     if options.target == "tensorrt" and candidate.backend == "onnxruntime":
@@ -294,7 +343,12 @@ def _mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation
     return ""
 
 
-def _requirements(options: EngineOptions, engine: Path, device: DeviceInfo) -> dict[str, Any]:
+def _requirements(options: EngineOptions, chosen: Candidate, device: DeviceInfo) -> dict[str, Any]:
+    engine = chosen.files[0]
+    if chosen.backend == "openvino":
+        return openvino_engines.requirements(
+            options.precision, chosen.target or options.target, device, sorted(X86_INT8_FEATURES)
+        )
     if options.target == "tensorrt":
         return {
             "tensorrt": device.tensorrt,
@@ -421,14 +475,15 @@ def _write(
     device, batch = evaluation.device, options.max_batch
     engine_sha = file_digest(chosen.files[0])["sha256"]
     name = options.name or Path(export.source["checkpoint"]).stem
-    bundle_id = f"{name}-{options.version}-{options.target}-{options.precision}-{engine_sha[:8]}"
+    target = chosen.target or options.target
+    bundle_id = f"{name}-{options.version}-{target}-{options.precision}-{engine_sha[:8]}"
     golden = golden_set(evaluation.images, evaluation.reference, chosen.logits, options.golden)
     passport = {
         "schema": SCHEMA_VERSION,
         "bundle_id": bundle_id,
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine": {
-            "target": options.target,
+            "target": target,
             "precision": options.precision,
             "chosen": chosen.label,
             "quantization": chosen.quantization,
@@ -467,13 +522,13 @@ def _write(
         },
         "engine": {
             "backend": chosen.backend,
-            "target": options.target,
+            "target": target,
             "precision": options.precision,
             "quantization": chosen.quantization,
             "batch": {"min": 1, "opt": batch, "max": batch},
         },
         "input": json.loads(export.spec.to_json()),
-        "requires": _requirements(options, chosen.files[0], device),
+        "requires": _requirements(options, chosen, device),
         "accepted_accuracy_loss": bool(chosen.misses),
     }
     return write_bundle(out, chosen.files, labels, passport, golden, manifest, key), passport

@@ -66,7 +66,10 @@ def demo_bundle(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], t
     """The demo ViT as a signed INT8 CPU bundle, as ``edgevit-build demo`` makes it."""
     from builder.engine_build import EngineOptions, build_engine_bundle
 
-    options = EngineOptions(precision="int8", eval="demo", calib="demo", calibration_images=64, profile_seconds=0.2)
+    # ONNX Runtime: the agent tests' engine variants (hanging, slow) rewrite this ONNX file for that runtime
+    options = EngineOptions(
+        precision="int8", eval="demo", calib="demo", calibration_images=64, profile_seconds=0.2, runtime="onnxruntime"
+    )
     return build_engine_bundle(
         demo_exports["vit-digits"], tmp_path_factory.mktemp("bundle") / "vit-int8", signing_key[0], options
     ).path

@@ -26,7 +26,8 @@ from builder.passport import Gate, GateError
 from builder.precision import float_weight_ops
 from builder.smoothing import find_targets, smooth, smoothing_factors
 
-FAST = {"profile_seconds": 0.05, "calibration_images": 128, "eval": "demo", "calib": "demo"}
+# edgevit's own recipes (ONNX Runtime); OpenVINO's candidates are tested in test_openvino.py
+FAST = {"profile_seconds": 0.05, "calibration_images": 128, "eval": "demo", "calib": "demo", "runtime": "onnxruntime"}
 
 
 @pytest.fixture(scope="module")

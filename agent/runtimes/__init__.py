@@ -25,11 +25,23 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def open_engine(backend: str, target: str, path: Path, max_batch: int, threads: int | None = None) -> Engine:
+def open_engine(
+    backend: str,
+    target: str,
+    path: Path,
+    max_batch: int,
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+) -> Engine:
+    """The engine a bundle names. ``cache_dir`` keeps runtimes' compiled forms across loads (OpenVINO)."""
     if backend == "onnxruntime":
         from agent.runtimes.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, target, threads)
+    if backend == "openvino":
+        from agent.runtimes.openvino import OpenVINOEngine
+
+        return OpenVINOEngine(path, target, max_batch, threads, cache_dir)
     if backend == "tensorrt":
         from agent.runtimes.tensorrt import TensorRTEngine
 

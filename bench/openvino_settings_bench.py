@@ -1,0 +1,163 @@
+"""How to run an INT8 ViT in OpenVINO on this CPU: the settings behind agent/runtimes/openvino.py, measured.
+
+One model (ViT-B/16 by default: random weights in the published layout, 224 px), quantized
+by edgevit's static Q/DQ recipe (SmoothQuant α=0.5 folded in, 32 digit images), run by
+OpenVINO under each setting in its own process, at batch 8 unless the row says otherwise:
+
+- static batch (what the engine compiles) against a dynamic and a bounded (1..8) batch;
+- ``PERFORMANCE_HINT`` LATENCY against THROUGHPUT, CPU pinning, 1 against 2 threads
+  (the share of the cores left to camera threads);
+- BF16 against FP32 for the float parts of the INT8 model;
+- the attention matrix products quantized too (ONNX Runtime's Q/DQ of every MatMul);
+- the engine's compile time, first and from OpenVINO's model cache.
+
+    python bench/openvino_settings_bench.py [--model ViT-B_16] [--seconds 3] [--out bench/results]
+
+Writes ``openvino_settings_bench.json`` and ``.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export_bench import config  # noqa: E402
+
+SETTINGS = {
+    "static batch 8, LATENCY, BF16 (the engine's choice)": {"shape": "static"},
+    "dynamic batch": {"shape": "dynamic"},
+    "bounded batch 1..8": {"shape": "bounded"},
+    "THROUGHPUT hint": {"hint": "THROUGHPUT"},
+    "CPU pinning": {"pinning": True},
+    "1 inference thread (a core left to cameras)": {"threads": 1},
+    "FP32 for the float parts": {"precision": "f32"},
+    "attention MatMuls in INT8 too": {"model": "all-matmuls"},
+}
+
+
+def child(model: str, settings: dict, seconds: float) -> None:
+    """Compile ``model`` with ``settings``, time batch 8, print images/s as JSON."""
+    from agent.profile import profile
+    from agent.runtimes.openvino import load_openvino
+
+    ov = load_openvino()
+    core = ov.Core()
+    ov_model = core.read_model(model)
+    shape = {
+        "static": [8, 224, 224, 3],
+        "dynamic": [-1, 224, 224, 3],
+        "bounded": ov.PartialShape([ov.Dimension(1, 8), 224, 224, 3]),
+    }[settings.get("shape", "static")]
+    ov_model.reshape({ov_model.inputs[0].any_name: shape})
+    options = {
+        "PERFORMANCE_HINT": settings.get("hint", "LATENCY"),
+        "INFERENCE_PRECISION_HINT": settings.get("precision", "bf16"),
+        "ENABLE_CPU_PINNING": settings.get("pinning", False),
+    }
+    if "threads" in settings:
+        options["INFERENCE_NUM_THREADS"] = settings["threads"]
+    request = core.compile_model(ov_model, "CPU", options).create_infer_request()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        request.infer({0: images})
+        return request.get_output_tensor(0).data
+
+    print(json.dumps(profile(run, 224, 8, seconds, 5)))
+
+
+def load_times(model: Path, cache: Path) -> dict[str, float]:
+    """Seconds to open the engine as the agent does (every compiled batch size): first, then from the cache."""
+    code = (
+        "import sys, time; from pathlib import Path; t = time.perf_counter(); "
+        "from agent.runtimes.openvino import OpenVINOEngine; "
+        "OpenVINOEngine(Path(sys.argv[1]), 'cpu-bf16', 8, None, Path(sys.argv[2])); print(time.perf_counter() - t)"
+    )
+    times = {}
+    for run in ("first", "cached"):
+        out = subprocess.run([sys.executable, "-c", code, str(model), str(cache)], capture_output=True, text=True)
+        times[run] = float(out.stdout.strip().splitlines()[-1])
+    return times
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--model", default="ViT-B_16")
+    args.add_argument("--seconds", type=float, default=3.0)
+    args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parsed = args.parse_args()
+    if parsed.child:
+        child(parsed.child[0], json.loads(parsed.child[1]), parsed.seconds)
+        return
+    import onnx
+
+    from builder.activations import channel_absmax
+    from builder.checkpoint import save_checkpoint
+    from builder.demo.digits import digit_images
+    from builder.export import export_checkpoint
+    from builder.models import init_params
+    from builder.precision import quantize_static_int8
+    from builder.smoothing import find_targets, smooth, smoothing_factors
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cfg = config(parsed.model)
+        save_checkpoint(work / "model.npz", init_params(cfg))
+        export = export_checkpoint(work / "model.npz", work / "onnx").model_path
+        calibration = digit_images(cfg.image_size)[0][:32]
+        model = onnx.load(str(export))
+        targets = find_targets(model)
+        absmax = channel_absmax(model, calibration, [t.norm for t in targets])
+        onnx.save(smooth(model, targets, smoothing_factors(model, targets, absmax, 0.5)), str(work / "smoothed.onnx"))
+        models = {
+            "default": quantize_static_int8(work / "smoothed.onnx", work / "qdq.onnx", calibration),
+            "all-matmuls": quantize_static_int8(
+                work / "smoothed.onnx", work / "qdq-all.onnx", calibration, op_types=("Gemm", "Conv", "MatMul")
+            ),
+        }
+        for name, settings in SETTINGS.items():
+            path = models[settings.get("model", "default")]
+            print(f"  {name}", file=sys.stderr, flush=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(path),
+                    json.dumps(settings),
+                    "--seconds",
+                    str(parsed.seconds),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append({"setting": name, **json.loads(out.stdout.strip().splitlines()[-1])})
+        loads = load_times(models["default"], work / "cache")
+    base = rows[0]["images_per_s"]
+    lines = [f"| {parsed.model} INT8 (edgevit Q/DQ) in OpenVINO | images/s | × the engine's choice |", "|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} |" for r in rows]
+    lines.append("")
+    lines.append(
+        f"Opening the engine as the agent does (compiled for batch 1, 2, 4 and 8): {loads['first']:.1f} s the first "
+        f"time, {loads['cached']:.1f} s from OpenVINO's model cache."
+    )
+    table = "\n".join(lines) + "\n"
+    parsed.out.mkdir(parents=True, exist_ok=True)
+    (parsed.out / "openvino_settings_bench.json").write_text(json.dumps({"rows": rows, "load_s": loads}, indent=2))
+    (parsed.out / "openvino_settings_bench.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""OpenVINO candidates for x86 CPUs: the export in FP32 or BF16, and INT8 two ways.
+
+INT8 comes either from edgevit's own Q/DQ graph (the smoothed, searched static recipe of
+:mod:`builder.int8_recipe`, which OpenVINO reads as it is) or from NNCF's post-training
+quantization with ``model_type=TRANSFORMER`` (which applies its own SmoothQuant), saved
+as OpenVINO IR. Both are measured and gated beside the ONNX Runtime candidates; the
+float parts of an INT8 model run in BF16 where the CPU has it (target ``cpu-bf16``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from agent.device import BF16_FEATURES, DeviceInfo
+from agent.runtimes import EngineError
+from agent.runtimes.openvino import load_openvino
+from builder.errors import BuildError
+
+NNCF_IR = "model-int8-nncf.xml"
+
+
+def available() -> bool:
+    try:
+        load_openvino()
+    except EngineError:
+        return False
+    return True
+
+
+def require() -> None:
+    if not available():
+        raise BuildError("--runtime openvino needs OpenVINO here: pip install 'edgevit[openvino]'")
+
+
+def float_target(device: DeviceInfo) -> str:
+    """``cpu-bf16`` where this CPU runs BF16 (what OpenVINO itself would pick), else ``cpu``."""
+    return "cpu-bf16" if device.cpu_features & BF16_FEATURES else "cpu"
+
+
+def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path) -> list[Path]:
+    """NNCF's default INT8 for transformers (the reference users would reach for), as IR files.
+
+    OpenVINO is loaded without its telemetry (:func:`agent.runtimes.openvino.load_openvino`), which
+    NNCF's own telemetry then falls back from too.
+    """
+    ov = load_openvino()
+    import nncf
+
+    model = ov.Core().read_model(str(export))
+    name = model.inputs[0].any_name
+    model.reshape({name: [1, *calibration.shape[1:]]})
+    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    quantized.reshape({name: [-1, *calibration.shape[1:]]})
+    xml = out_dir / NNCF_IR
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    return [xml, xml.with_suffix(".bin")]
+
+
+def requirements(precision: str, target: str, device: DeviceInfo, int8_features: list[str]) -> dict[str, object]:
+    """OpenVINO of this release year, and the CPU features the engine's kernels need."""
+    year = int((device.openvino or "0").split(".")[0])
+    requires: dict[str, object] = {"openvino": f">={year}.0,<{year + 1}"}
+    if precision == "int8" and device.arch in ("x86_64", "AMD64"):
+        requires["cpu_features_any"] = int8_features
+    if target == "cpu-bf16":
+        requires["bf16_features_any"] = sorted(BF16_FEATURES)
+    return requires

@@ -1,0 +1,120 @@
+"""OpenVINO as a CPU runtime: built and gated beside ONNX Runtime, served by the worker, swapped in live,
+and refused by a device that lacks what the engine needs (issue 11). Real OpenVINO throughout."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from agent_helpers import NO_SWAP_LATENCY_GATE, device_over_mqtt
+
+from agent.bundle import BundleError, verify_bundle
+from agent.device import BF16_FEATURES, X86_INT8_FEATURES, DeviceInfo
+from agent.golden import check_golden
+from agent.signing import load_public_key
+from agent.worker import WorkerEngine, WorkerSpec
+from builder.engine_build import EngineOptions, build_engine_bundle
+from builder.errors import BuildError
+
+FAST = {"profile_seconds": 0.05, "calibration_images": 64, "eval": "demo", "calib": "demo"}
+CANARY = {"window_s": 3, "min_frames": 30, "shadow_every": 1, "min_shadow_frames": 30, "latency_slack_ms": 5.0}
+
+
+@pytest.fixture(scope="module")
+def openvino_bundle(demo_exports, signing_key, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("openvino") / "vit-ov-int8"
+    options = EngineOptions(precision="int8", runtime="openvino", name="vit-ov", **FAST)
+    return build_engine_bundle(demo_exports["vit-digits"], out, signing_key[0], options).path
+
+
+def test_openvino_int8_candidates_are_built_and_gated(openvino_bundle: Path, signing_key) -> None:
+    bundle = verify_bundle(openvino_bundle, [load_public_key(signing_key[1])], DeviceInfo.probe())
+    passport = bundle.passport
+    labels = {c["label"]: c for c in passport["candidates"]}
+    assert set(labels) == {"openvino int8 static (minmax)", "openvino int8 (NNCF)"}  # --runtime openvino only
+    assert all(c["runtime"] == "openvino" and c["accuracy"]["top1_agreement"] >= 0.99 for c in labels.values())
+    assert labels["openvino int8 (NNCF)"]["quantization"]["method"] == "nncf-transformer"
+    assert bundle.backend == "openvino" and passport["gate"]["passed"]
+    requires = bundle.manifest["requires"]
+    assert requires["openvino"].startswith(">=") and set(requires["cpu_features_any"]) == X86_INT8_FEATURES
+    if DeviceInfo.probe().cpu_features & BF16_FEATURES:  # the float parts run in BF16 where the CPU has it
+        assert bundle.target == "cpu-bf16" and set(requires["bf16_features_any"]) == BF16_FEATURES
+
+
+def test_openvino_engine_in_the_worker_with_its_compile_cache(openvino_bundle: Path, tmp_path: Path) -> None:
+    bundle = verify_bundle(openvino_bundle, None)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the second load finds the compiled models in the cache
+        worker = WorkerEngine(WorkerSpec.of(bundle, bundle.target, 1, cache_dir=cache), timeout_s=60)
+        try:
+            check = check_golden(worker, bundle.golden_path, bundle.batch_range[1])
+            assert check.passed, check.summary()
+            for n in (1, 3, 8):  # sizes between the compiled ones run padded
+                assert worker.run(_frames(bundle, n)).shape == (n, 10)
+        finally:
+            worker.close()
+    assert any(cache.iterdir()), "OpenVINO's model cache is written under the state dir"
+
+
+def _frames(bundle, n: int):
+    import numpy as np
+
+    with np.load(bundle.golden_path) as golden:
+        images = golden["images"]
+    return np.resize(images, (n, *images.shape[1:]))
+
+
+def test_a_device_without_the_cpu_features_refuses_the_bundle(openvino_bundle: Path, signing_key) -> None:
+    """The device's own probe, with the features this engine needs taken away: no mock of OpenVINO."""
+    keys = [load_public_key(signing_key[1])]
+    here = DeviceInfo.probe()
+    older = dataclasses.replace(here, cpu_features=here.cpu_features - X86_INT8_FEATURES - BF16_FEATURES)
+    with pytest.raises(BundleError) as refused:
+        verify_bundle(openvino_bundle, keys, older)
+    assert "for its INT8 kernels, this CPU has none" in str(refused.value)
+    if verify_bundle(openvino_bundle, None).target == "cpu-bf16":
+        assert "amx_bf16, avx512_bf16 for BF16, this CPU has none" in str(refused.value)
+    without = dataclasses.replace(here, openvino=None)
+    with pytest.raises(BundleError, match=r"needs OpenVINO >=\d+\.0,<\d+, which is not installed"):
+        verify_bundle(openvino_bundle, keys, without)
+
+
+def test_openvino_float_candidates(demo_exports, signing_key, tmp_path: Path) -> None:
+    fp32 = build_engine_bundle(
+        demo_exports["mixer-digits"], tmp_path / "fp32", signing_key[0], EngineOptions(precision="fp32", **FAST)
+    )
+    assert {c.label for c in fp32.candidates} == {"fp32", "openvino fp32"}
+    assert all(c.accuracy.top1_agreement == 1.0 for c in fp32.candidates)
+    if DeviceInfo.probe().cpu_features & BF16_FEATURES:
+        bf16 = build_engine_bundle(
+            demo_exports["mixer-digits"], tmp_path / "bf16", signing_key[0], EngineOptions(precision="bf16", **FAST)
+        )
+        assert bf16.chosen.label == "openvino bf16" and bf16.passport["gate"]["passed"]
+        assert 0 < bf16.chosen.accuracy.max_abs_logit_error  # BF16 is not FP32
+    with pytest.raises(BuildError, match="--runtime chooses among CPU runtimes"):
+        build_engine_bundle(
+            demo_exports["mixer-digits"],
+            tmp_path / "x",
+            signing_key[0],
+            EngineOptions(target="cuda", precision="fp16", runtime="openvino", **FAST),
+        )
+
+
+def test_hot_swap_from_onnxruntime_to_openvino_with_the_canary(
+    demo_bundle: Path, openvino_bundle: Path, signing_key, digits_video: Path, tmp_path: Path
+) -> None:
+    new = verify_bundle(openvino_bundle, None).bundle_id
+    with device_over_mqtt(
+        tmp_path, demo_bundle, signing_key[1], digits_video, 15, canary=CANARY, swap=NO_SWAP_LATENCY_GATE
+    ) as device:
+        old = device.send({"id": "s0", "cmd": "status"})["result"]["engine"]
+        reply = device.send({"id": "ov-1", "cmd": "deploy", "bundle": {"path": str(openvino_bundle)}})
+        assert reply["ok"], reply
+        swap = device.wait_event("swap", command_id="ov-1")
+        assert (swap["from"], swap["to"]) == (old, new)
+        commit = device.wait_event("commit", command_id="ov-1")
+        assert commit["figures"]["agreement"] >= 0.95 and commit["figures"]["failed_batches"] == 0
+        status = device.send({"id": "s1", "cmd": "status"})["result"]
+        assert status["engine"] == new and status["lifecycle"]["previous"] == old
+        assert any((tmp_path / "state" / "engine-cache").iterdir())
