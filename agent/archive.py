@@ -4,8 +4,11 @@ A bundle travels as a tar (optionally gzip-compressed) of its folder. Before a b
 is written, every member is checked: only regular files and folders (no symbolic or
 hard links, devices or FIFOs), relative names that stay inside the destination, no
 member over ``max_member_bytes``, no more than ``max_members``, and a total that fits
-``max_total_bytes``. Extraction then uses tarfile's ``data`` filter as a second guard.
-The signature and hashes are checked afterwards by :func:`agent.bundle.verify_bundle`.
+``max_total_bytes``. The checks run as each header is read, so an archive of a million
+empty members is refused at the first member over the limit, in milliseconds and with
+the memory of that many headers, not after all of them were read. Extraction then uses
+tarfile's ``data`` filter as a second guard. The signature and hashes are checked
+afterwards by :func:`agent.bundle.verify_bundle`.
 """
 
 from __future__ import annotations
@@ -38,14 +41,15 @@ def safe_extract(archive: Path, dest: Path, max_total_bytes: int, max_members: i
     """Extract ``archive`` into the empty folder ``dest``; return the folder holding manifest.json."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            if len(members) > max_members:
-                raise BundleError(f"archive has {len(members)} members, over the limit of {max_members}")
-            for member in members:
+            members, total = [], 0
+            for member in tar:  # one header at a time: refuse at the first that breaks a limit
+                if len(members) == max_members:
+                    raise BundleError(f"archive has more than {max_members} members, the limit")
                 _check_member(member, max_total_bytes)
-            total = sum(m.size for m in members)
-            if total > max_total_bytes:
-                raise BundleError(f"archive unpacks to {total} bytes, over the {max_total_bytes} limit")
+                total += member.size
+                if total > max_total_bytes:
+                    raise BundleError(f"archive unpacks to more than {max_total_bytes} bytes, the limit")
+                members.append(member)
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise BundleError(f"{archive.name} is not a readable bundle archive: {exc}") from exc

@@ -4,7 +4,15 @@ A camera that errors, ends or stalls (no frame for ``stall_timeout_s``) is reope
 with exponential backoff and jitter, in its own thread, so the other cameras never
 notice. Files end (state ``ended``) unless ``loop`` is set. FFmpeg-backed sources
 get OpenCV's open/read timeouts so a dead network stream cannot block a read
-forever; the watchdog in :meth:`Camera.stalled` covers the other backends.
+forever. For the other backends (GStreamer, V4L2) a read can block for good: the
+pipeline's supervisor asks :meth:`Camera.failure` and replaces a camera whose read
+is stuck or whose thread ended, abandoning the stuck thread (a capture released
+under a live read would abort the process) with its events silenced.
+
+An unexpected error inside the thread (an odd frame, a bug) is caught, reported as
+the camera's error and answered by reopening with backoff: it never ends the thread.
+A ``region`` that does not fit the stream's frames is reported as the camera's
+error (state ``failed``) and its frames are not used until the region is changed.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class CameraState(str, Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
+    FAILED = "failed"  # frames arrive but cannot be used (a region outside the frame)
     ENDED = "ended"
     PAUSED = "paused"
     STOPPED = "stopped"
@@ -43,19 +52,29 @@ def _is_file(source: str | int) -> bool:
 
 class Camera(threading.Thread):
     def __init__(
-        self, config: CameraConfig, spec: InputSpec, queue: FrameQueue, on_event: Callable[[str, dict], None]
+        self,
+        config: CameraConfig,
+        spec: InputSpec,
+        queue: FrameQueue,
+        on_event: Callable[[str, dict], None],
+        replaces: Camera | None = None,
     ) -> None:
+        """``replaces``: the camera this one takes over from (its counters go on; it starts after a backoff)."""
         super().__init__(name=f"camera-{config.name}", daemon=True)
         self.config = config
         self._spec, self._queue, self._on_event = spec, queue, on_event
         self._scratch = np.empty((spec.height, spec.width, 3), np.uint8)
         self._halt = threading.Event()
         self._settings_lock = threading.Lock()
+        self._abandoned = False
         self.state = CameraState.CONNECTING
-        self.decoded = 0
-        self.reconnects = 0
-        self.last_frame = time.monotonic()
-        self._seq = 0
+        self.error: str | None = None
+        self.decoded = replaces.decoded if replaces else 0
+        self.reconnects = replaces.reconnects if replaces else 0
+        self.restarts = replaces.restarts + 1 if replaces else 0
+        self._start_delay = min(2.0 ** (self.restarts - 1), 60.0) if replaces else 0.0
+        self.last_frame = time.monotonic() + self._start_delay
+        self._seq = replaces._seq if replaces else 0
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -66,14 +85,33 @@ class Camera(threading.Thread):
         with self._settings_lock:
             self.config = config
 
-    def stalled(self, now: float) -> bool:
-        return self.state == CameraState.CONNECTED and now - self.last_frame > self.config.stall_timeout_s
+    def abandon(self) -> None:
+        """Stop, and never speak again: a replacement reports for this camera from now on."""
+        self._abandoned = True
+        self._halt.set()
+
+    def failure(self, now: float) -> str | None:
+        """Why this camera's thread must be replaced, or None: it ended on its own, or a read is stuck."""
+        if self._halt.is_set() or self.ident is None:
+            return None
+        if not self.is_alive():
+            return None if self.state in (CameraState.ENDED, CameraState.STOPPED) else "its thread ended"
+        # a file capped at a low fps waits 1/fps between reads on purpose
+        patience = self.config.stall_timeout_s + (1 / self.config.fps if self.config.fps else 0.0)
+        if self.state in (CameraState.CONNECTED, CameraState.PAUSED, CameraState.FAILED):
+            if now - self.last_frame > patience + 1.0:  # a second beyond the read timeout FFmpeg honours
+                return f"no frame for {now - self.last_frame:.0f} s: a read is stuck"
+        return None
 
     # -- thread --------------------------------------------------------------------------------
-    def _set_state(self, state: CameraState, **detail: object) -> None:
+    def _set_state(self, state: CameraState, error: str | None = None, **detail: object) -> None:
+        if self._abandoned:
+            return
+        self.error = error
         if state != self.state:
             self.state = state
-            self._on_event("camera", {"camera": self.config.name, "state": state.value, **detail})
+            extra = {"error": error} if error else {}
+            self._on_event("camera", {"camera": self.config.name, "state": state.value, **extra, **detail})
 
     def _open(self) -> cv2.VideoCapture:
         source, backend = self.config.source, BACKENDS[self.config.backend]
@@ -86,27 +124,41 @@ class Camera(threading.Thread):
         return capture
 
     def run(self) -> None:
+        self._halt.wait(self._start_delay)
         delay = self.config.reconnect.initial_s
         while not self._halt.is_set():
+            decoded = self.decoded
             try:
-                capture = self._open()
-            except OSError as exc:
-                self._set_state(CameraState.RECONNECTING, error=str(exc))
-                delay = self._backoff(delay)
-                self.reconnects += 1
-                continue
-            self._set_state(CameraState.CONNECTED)
-            self.last_frame = time.monotonic()
-            outcome = self._read(capture)
-            capture.release()
+                outcome = self._session()
+            except Exception as exc:  # an odd frame or a bug: reported, then reopened; the thread goes on
+                log.exception("camera %s failed", self.config.name)
+                outcome = f"{type(exc).__name__}: {exc}"[:300]
             if outcome == "ended":
                 self._set_state(CameraState.ENDED)
                 return
-            if outcome == "error":
-                self.reconnects += 1
-                self._set_state(CameraState.RECONNECTING, error="stream ended or stalled")
-                delay = self._backoff(self.config.reconnect.initial_s)
+            if outcome == "stopped":
+                break
+            if self.decoded > decoded:  # it worked for a while: start the backoff afresh
+                delay = self.config.reconnect.initial_s
+            self.reconnects += 1
+            self._set_state(CameraState.RECONNECTING, error=outcome)
+            delay = self._backoff(delay)
         self._set_state(CameraState.STOPPED)
+
+    def _session(self) -> str:
+        """Open and read until it ends: 'stopped', 'ended', or why it must reopen."""
+        try:
+            capture = self._open()
+        except OSError as exc:
+            return str(exc)
+        try:
+            self._set_state(CameraState.CONNECTED)
+            self.last_frame = time.monotonic()
+            outcome = self._read(capture)
+        finally:
+            if not self._abandoned:  # an abandoned thread leaves its capture to the process's end
+                capture.release()
+        return "stream ended or stalled" if outcome == "error" else outcome
 
     def _backoff(self, delay: float) -> float:
         reconnect = self.config.reconnect
@@ -121,6 +173,8 @@ class Camera(threading.Thread):
         while not self._halt.is_set():
             ok, frame = capture.read()
             now = time.monotonic()
+            if self._halt.is_set():  # stopped or abandoned while the read was blocked
+                break
             if not ok:
                 if is_file and self.config.loop and capture.set(cv2.CAP_PROP_POS_FRAMES, 0):
                     continue
@@ -133,6 +187,9 @@ class Camera(threading.Thread):
             if config.paused:
                 self._set_state(CameraState.PAUSED)
                 continue
+            crop = self._crop(frame, config)
+            if crop is None:
+                continue
             self._set_state(CameraState.CONNECTED)
             if (index - 1) % config.stride:
                 continue
@@ -142,14 +199,25 @@ class Camera(threading.Thread):
                 elif now < next_due:  # a live source: drop what comes faster than the cap
                     continue
                 next_due = max(next_due + 1.0 / config.fps, time.monotonic() - 1.0 / config.fps)
-            self._hand_over(frame, config)
+            self._hand_over(crop)
         return "stopped"
 
-    def _hand_over(self, frame: np.ndarray, config: CameraConfig) -> None:
-        if config.region:
-            x, y, w, h = config.region
-            frame = frame[y : y + h, x : x + w]
+    def _crop(self, frame: np.ndarray, config: CameraConfig) -> np.ndarray | None:
+        """The configured region of ``frame`` (a view), or None, with the camera failed, when it does not fit."""
+        if not config.region:
+            return frame
+        x, y, w, h = config.region
+        height, width = frame.shape[:2]
+        if x + w > width or y + h > height:
+            self._set_state(
+                CameraState.FAILED,
+                error=f"region {x},{y},{w},{h} does not fit the stream's {width}x{height} frames; set a region inside",
+            )
+            return None
+        return frame[y : y + h, x : x + w]
+
+    def _hand_over(self, frame: np.ndarray) -> None:
         preprocess_into(frame, self._spec, self._scratch, "BGR")
         self._seq += 1
-        info = FrameInfo(config.name, self._seq, time.time(), time.monotonic())
+        info = FrameInfo(self.config.name, self._seq, time.time(), time.monotonic())
         self._queue.put(info, self._scratch)

@@ -59,7 +59,7 @@ class CommandVerifier:
         if abs(now - ts) > self.max_age_s:
             raise CommandAuthError(f"'ts' is {now - ts:+.0f} s from this device's clock, over {self.max_age_s:g} s")
         try:
-            signer = verify(canonical(command), json.dumps(sig).encode(), self.keys)
+            signer = verify(canonical(command), json.dumps(sig).encode(), self.keys, "the command")
         except SignatureError as exc:
             raise CommandAuthError(f"signature rejected: {exc}") from None
         with self._lock:

@@ -6,7 +6,9 @@ A command is a JSON object ``{"id": "...", "cmd": "...", ...}`` of at most
 commands are refused with a message naming what is wrong and change nothing.
 Replies are remembered by id with the command's sha256, so a command delivered twice
 (QoS 1 allows it) is applied once and answered the same way twice, while other bytes
-under a used id are refused.
+under a used id are refused. The memory is SQLite under the state directory: it holds
+for :data:`REPLY_WINDOW_S` (7 days) and the newest :data:`REMEMBERED_REPLIES` ids,
+across restarts of the agent.
 
 Commands: ``ping``, ``status``, ``list`` (installed engines), ``set`` (batching, or
 one camera's settings; validated by the same models as the config file), ``pause``
@@ -21,10 +23,12 @@ With ``mqtt.signed_commands``, every command must carry a valid signature
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -35,7 +39,8 @@ from agent.config import AgentConfig, BatchingConfig, CameraConfig
 from agent.fetch import BundleRef
 
 MAX_COMMAND_BYTES = bounded_json.COMMAND_LIMITS.max_bytes
-REMEMBERED_REPLIES = 1000
+REMEMBERED_REPLIES = 100_000
+REPLY_WINDOW_S = 7 * 86400.0
 log = logging.getLogger("edgevit.commands")
 
 
@@ -63,12 +68,47 @@ class Control(Protocol):
     def rollback(self, bundle_id: str | None, force: bool, command_id: str) -> dict[str, Any]: ...
 
 
+class ReplyMemory:
+    """Replies by command id, with the sha256 of the command's bytes, in SQLite (or memory: ``path`` None)."""
+
+    def __init__(self, path: Path | None) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS replies (id TEXT PRIMARY KEY, digest BLOB NOT NULL, reply TEXT NOT NULL, "
+            "at REAL NOT NULL)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS replies_at ON replies (at)")
+        self._puts = 0
+
+    def get(self, command_id: str) -> tuple[bytes, dict[str, Any]] | None:
+        row = self._db.execute(
+            "SELECT digest, reply FROM replies WHERE id = ? AND at >= ?", (command_id, time.time() - REPLY_WINDOW_S)
+        ).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    def put(self, command_id: str, digest: bytes, reply: dict[str, Any]) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (command_id, digest, json.dumps(reply), now)
+        )
+        self._puts += 1
+        if self._puts % 1000 == 0:  # prune now and then: by age, then down to the newest ids
+            self._db.execute("DELETE FROM replies WHERE at < ?", (now - REPLY_WINDOW_S,))
+            self._db.execute(
+                "DELETE FROM replies WHERE id NOT IN (SELECT id FROM replies ORDER BY at DESC LIMIT ?)",
+                (REMEMBERED_REPLIES,),
+            )
+
+
 class CommandHandler:
     """Turns command payloads into replies, acting on valid ones through ``control``."""
 
-    def __init__(self, control: Control, auth: CommandVerifier | None = None) -> None:
+    def __init__(self, control: Control, auth: CommandVerifier | None = None, replies: Path | None = None) -> None:
+        """``replies``: the SQLite file that remembers replies across restarts (None: this run only)."""
         self._control, self._auth = control, auth
-        self._replies: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()  # id -> (sha256, reply)
+        self._replies = ReplyMemory(replies)
         self._lock = threading.Lock()
 
     def handle(self, payload: bytes) -> dict[str, Any]:
@@ -77,6 +117,8 @@ class CommandHandler:
         try:
             command = self._parse(payload)
             command_id = command["id"]
+            if not isinstance(command.get("cmd"), str):
+                raise CommandError("'cmd' must be a string")
             with self._lock:
                 remembered = self._replies.get(command_id)
             if remembered is not None:  # the same bytes again is a redelivery; other bytes reuse the id
@@ -101,9 +143,7 @@ class CommandHandler:
             reply = {"id": command_id, "ok": False, "error": f"internal error: {type(exc).__name__}"}
         if command_id is not None:
             with self._lock:
-                self._replies[command_id] = (digest, reply)
-                while len(self._replies) > REMEMBERED_REPLIES:
-                    self._replies.popitem(last=False)
+                self._replies.put(command_id, digest, reply)
         return reply
 
     @staticmethod
@@ -117,8 +157,6 @@ class CommandHandler:
         command_id = command.get("id")
         if not isinstance(command_id, str) or not 1 <= len(command_id) <= 64:
             raise CommandError("'id' must be a string of 1 to 64 characters")
-        if not isinstance(command.get("cmd"), str):
-            raise CommandError("'cmd' must be a string")
         return command
 
     def _run(self, command: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Every error names the key at fault (``cameras.1.fps: ...``), so a typo fails the
 start, not a camera at 3 a.m. Which settings a reload (SIGHUP or a file change) may
 apply without a restart is decided in :mod:`agent.daemon`.
+
+Every number is bounded by what the code can honour, not only by its sign: the same
+models validate the file and the fleet's ``set`` commands, and a value that passes
+(an fps of 1e-300, a budget of 1e300 ms, a stall timeout of 1e300 s) must not overflow
+a timer, park a thread for ever or end one. The bounds are generous for real use.
 """
 
 from __future__ import annotations
@@ -23,10 +28,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+HOUR, DAY = 3600.0, 86400.0
+MAX_PIXELS = 16384  # width or height of any real camera frame
+
+
 class Reconnect(Strict):
-    initial_s: float = Field(0.5, gt=0)
-    max_s: float = Field(30.0, gt=0)
+    initial_s: float = Field(0.5, ge=0.01, le=HOUR)
+    max_s: float = Field(30.0, ge=0.01, le=HOUR)
     jitter: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> Reconnect:
+        if self.initial_s > self.max_s:
+            raise ValueError(f"initial_s ({self.initial_s:g}) must not exceed max_s ({self.max_s:g})")
+        return self
 
 
 class CameraConfig(Strict):
@@ -34,18 +49,29 @@ class CameraConfig(Strict):
     source: str | int
     backend: Literal["auto", "ffmpeg", "v4l2", "gstreamer"] = "auto"
     loop: bool = False
-    fps: float = Field(0.0, ge=0, description="cap on frames taken per second; 0 = every frame")
-    stride: int = Field(1, ge=1, description="take every n-th decoded frame")
-    region: tuple[int, int, int, int] | None = Field(None, description="x, y, width, height cropped first")
-    stall_timeout_s: float = Field(5.0, gt=0)
+    fps: float = Field(0.0, ge=0, le=1000, description="cap on frames taken per second; 0 = every frame")
+    stride: int = Field(1, ge=1, le=10_000, description="take every n-th decoded frame")
+    region: tuple[int, int, int, int] | None = Field(
+        None, description="x, y, width, height cropped first (checked again against each stream's frame size)"
+    )
+    stall_timeout_s: float = Field(5.0, ge=0.1, le=HOUR)
     reconnect: Reconnect = Reconnect()
     paused: bool = False
+
+    @field_validator("fps")
+    @classmethod
+    def _fps(cls, value: float) -> float:
+        if 0 < value < 0.01:
+            raise ValueError("fps must be 0 (every frame) or at least 0.01 (one frame every 100 s)")
+        return value
 
     @field_validator("region")
     @classmethod
     def _region(cls, value: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
         if value is not None and (value[0] < 0 or value[1] < 0 or value[2] <= 0 or value[3] <= 0):
             raise ValueError("region is x, y, width, height with x, y >= 0 and width, height > 0")
+        if value is not None and (value[0] + value[2] > MAX_PIXELS or value[1] + value[3] > MAX_PIXELS):
+            raise ValueError(f"region must lie within {MAX_PIXELS} x {MAX_PIXELS} pixels")
         return value
 
 
@@ -53,14 +79,16 @@ class EngineConfig(Strict):
     bundle: Path = Field(description="the first engine; installed into state_dir, made active when it changes")
     trusted_keys: list[Path] = Field(default_factory=list)
     require_signature: bool = True
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=256)
     onnxruntime_tensorrt: bool = Field(False, description="run a cuda ONNX bundle through ORT's TensorRT provider")
     inbox: Path | None = Field(None, description="folder watched for bundle archives or folders to deploy")
-    batch_timeout_s: float = Field(10.0, gt=0, description="a batch running longer kills the engine worker")
-    worker_max_rss_mib: float | None = Field(None, gt=0, description="a worker growing past this is restarted")
-    max_bundle_mib: float = Field(2048, gt=0, description="cap on a downloaded or unpacked bundle")
+    batch_timeout_s: float = Field(10.0, ge=0.1, le=HOUR, description="a batch running longer kills the engine worker")
+    worker_max_rss_mib: float | None = Field(
+        None, gt=0, le=2**20, description="a worker growing past this is restarted"
+    )
+    max_bundle_mib: float = Field(2048, gt=0, le=2**20, description="cap on a downloaded or unpacked bundle")
     download_ca: Path | None = Field(None, description="CA of a private HTTPS bundle store (default: system CAs)")
-    keep_installed: int = Field(4, ge=2, description="installed bundles kept (active, previous and newest)")
+    keep_installed: int = Field(4, ge=2, le=100, description="installed bundles kept (active, previous and newest)")
 
     @model_validator(mode="after")
     def _keys(self) -> EngineConfig:
@@ -72,43 +100,52 @@ class EngineConfig(Strict):
 class SwapConfig(Strict):
     """The checks a candidate engine passes beside the serving one before it goes live."""
 
-    latency_runs: int = Field(20, ge=3, description="timed runs at the working batch size")
-    max_passport_ratio: float = Field(2.0, ge=1, description="candidate tail latency / its passport's p99")
-    max_current_ratio: float = Field(3.0, ge=1, description="candidate tail latency / the serving engine's p99")
-    slack_ms: float = Field(2.0, ge=0, description="added to both limits: tiny engines time noisily")
+    latency_runs: int = Field(20, ge=3, le=1000, description="timed runs at the working batch size")
+    max_passport_ratio: float = Field(2.0, ge=1, le=1e6, description="candidate tail latency / its passport's p99")
+    max_current_ratio: float = Field(3.0, ge=1, le=1e6, description="candidate tail latency / the serving engine's p99")
+    slack_ms: float = Field(2.0, ge=0, le=60_000, description="added to both limits: tiny engines time noisily")
     min_free_mib: float = Field(
-        256.0, ge=0, description="memory that must stay available with a candidate loaded beside the serving engine"
+        256.0,
+        ge=0,
+        le=2**20,
+        description="memory that must stay available with a candidate loaded beside the serving engine",
     )
 
 
 class CanaryConfig(Strict):
     """After a swap: watched live, reverted on any violation, committed when the window passes."""
 
-    window_s: float = Field(300.0, gt=0)
-    min_frames: int = Field(200, ge=0, description="the window also lasts until this many frames were served")
-    shadow_every: int = Field(4, ge=1, description="every n-th batch also runs on the previous engine")
-    min_shadow_frames: int = Field(50, ge=1, description="shadow frames needed before agreement is judged")
+    window_s: float = Field(300.0, gt=0, le=7 * DAY)
+    min_frames: int = Field(200, ge=0, le=10**9, description="the window also lasts until this many frames were served")
+    shadow_every: int = Field(4, ge=1, le=10**6, description="every n-th batch also runs on the previous engine")
+    min_shadow_frames: int = Field(50, ge=1, le=10**9, description="shadow frames needed before agreement is judged")
     min_latency_pairs: int = Field(
-        20, ge=4, description="shadow batches before tail latency is judged; the window lasts until then"
+        20, ge=4, le=10**6, description="shadow batches before tail latency is judged; the window lasts until then"
     )
     min_agreement: float = Field(0.97, ge=0, le=1, description="top-1 agreement with the previous engine")
-    max_latency_ratio: float = Field(1.5, ge=1, description="tail (p99) latency vs the previous engine, same batches")
-    latency_slack_ms: float = Field(2.0, ge=0, description="added to that limit: millisecond tails are noise")
-    max_errors: int = Field(0, ge=0, description="failed batches (errors, timeouts, worker crashes) tolerated")
-    max_restarts: int = Field(2, ge=0, description="agent restarts during the window before it reverts")
+    max_latency_ratio: float = Field(
+        1.5, ge=1, le=1e6, description="tail (p99) latency vs the previous engine, same batches"
+    )
+    latency_slack_ms: float = Field(
+        2.0, ge=0, le=60_000, description="added to that limit: millisecond tails are noise"
+    )
+    max_errors: int = Field(
+        0, ge=0, le=10**9, description="failed batches (errors, timeouts, worker crashes) tolerated"
+    )
+    max_restarts: int = Field(2, ge=0, le=1000, description="agent restarts during the window before it reverts")
     golden_recheck: bool = True
 
 
 class BatchingConfig(Strict):
-    latency_budget_ms: float = Field(100.0, gt=0, description="frame-to-result p99 target")
+    latency_budget_ms: float = Field(100.0, ge=1, le=60_000, description="frame-to-result p99 target")
     mode: Literal["adaptive", "fixed"] = "adaptive"
-    fixed_batch: int = Field(1, ge=1)
-    max_batch: int | None = Field(None, ge=1, description="default: the bundle's maximum")
+    fixed_batch: int = Field(1, ge=1, le=1024)
+    max_batch: int | None = Field(None, ge=1, le=1024, description="default: the bundle's maximum")
 
 
 class ResultsConfig(Strict):
     jsonl: Path | None = None
-    top_k: int = Field(3, ge=1)
+    top_k: int = Field(3, ge=1, le=100)
 
 
 class TLSConfig(Strict):
@@ -121,7 +158,7 @@ class CommandAuth(Strict):
     """Ed25519-signed commands: each carries ts, nonce and sig (see agent.command_auth)."""
 
     keys: list[Path] = Field(min_length=1, description="public keys of operators allowed to command")
-    max_age_s: float = Field(300.0, gt=0, description="clock skew and delay allowed for 'ts'")
+    max_age_s: float = Field(300.0, gt=0, le=DAY, description="clock skew and delay allowed for 'ts'")
 
 
 class MQTTConfig(Strict):
@@ -131,15 +168,19 @@ class MQTTConfig(Strict):
     username: str | None = None
     password: str | None = None
     tls: TLSConfig | None = None
-    keepalive_s: int = Field(30, ge=5)
-    outbox_max_results: int = Field(100_000, ge=1, description="results kept on disk while the broker is away")
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    outbox_max_results: int = Field(
+        100_000, ge=1, le=10**8, description="results kept on disk while the broker is away"
+    )
     signed_commands: CommandAuth | None = Field(None, description="require signed commands")
 
 
 class MetricsConfig(Strict):
     prometheus_port: int = Field(0, ge=0, le=65535, description="0 = no Prometheus endpoint")
-    publish_every_s: float = Field(10.0, gt=0)
-    print_every_s: float = Field(0.0, ge=0, description="standalone: print a live line every n seconds; 0 = never")
+    publish_every_s: float = Field(10.0, ge=0.1, le=HOUR)
+    print_every_s: float = Field(
+        0.0, ge=0, le=HOUR, description="standalone: print a live line every n seconds; 0 = never"
+    )
 
 
 class AgentConfig(Strict):

@@ -86,6 +86,7 @@ class Agent:
             verifier = auth and CommandVerifier(
                 [load_public_key(k) for k in auth.keys], auth.max_age_s, config.state_dir / "nonces.sqlite"
             )
+            self._commands = CommandHandler(self, verifier or None, config.state_dir / "commands.sqlite")
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot use state_dir {config.state_dir}: {exc}") from exc
         except (LifecycleError, StoreError, SignatureError) as exc:
@@ -99,7 +100,6 @@ class Agent:
         self.reload = threading.Event()
         self.inbox_changed = threading.Event()
         self._config_lock = threading.Lock()
-        self._commands = CommandHandler(self, verifier or None)
 
     @property
     def bundle(self) -> Bundle:
@@ -132,6 +132,7 @@ class Agent:
             "lifecycle": self.lifecycle.describe(),
             "batching": config.batching.model_dump(mode="json"),
             "cameras": {c.name: {"paused": c.paused, **states[c.name]} for c in config.cameras if c.name in states},
+            "inference": self.pipeline.inference_state(time.monotonic()),
             "latency": self.metrics.percentiles(),
         }
 
@@ -236,31 +237,39 @@ class Agent:
         started = last_pet = last_publish = last_print = last_inbox = time.monotonic()
         try:
             while not self.stop.wait(0.1):
-                now = time.monotonic()
-                if self.reload.is_set():
-                    self.apply_reload()
-                if inbox and (self.inbox_changed.is_set() or now - last_inbox >= INBOX_RESCAN_S):
-                    self.inbox_changed.clear()
-                    self.lifecycle.poll_inbox()
-                    last_inbox = now
-                stall_after = max(1.0, 10 * self.config.batching.latency_budget_ms / 1e3)
-                if period and now - last_pet >= period and self.pipeline.healthy(now, stall_after):
-                    notify("WATCHDOG=1")
-                    last_pet = now
-                metrics_cfg = self.config.metrics
-                if self.link and now - last_publish >= metrics_cfg.publish_every_s:
-                    outbox = {"depth": self.link.outbox.depth(), "dropped_results": self.link.outbox.dropped_results()}
-                    snapshot = self.metrics.snapshot(self.pipeline)
-                    self.link.publish_metrics({**snapshot, "outbox": outbox})
-                    self.publish_status(snapshot)
-                    last_publish = now
-                if metrics_cfg.print_every_s and now - last_print >= metrics_cfg.print_every_s:
-                    print(self.live_line(self.metrics.snapshot(self.pipeline)), flush=True)
-                    last_print = now
-                if self.config.exit_when_sources_end and self.pipeline.sources_ended():
-                    break
-                if duration and now - started >= duration:
-                    break
+                try:
+                    now = time.monotonic()
+                    self.pipeline.supervise(now)
+                    if self.reload.is_set():
+                        self.apply_reload()
+                    if inbox and (self.inbox_changed.is_set() or now - last_inbox >= INBOX_RESCAN_S):
+                        self.inbox_changed.clear()
+                        self.lifecycle.poll_inbox()
+                        last_inbox = now
+                    stall_after = max(1.0, 10 * self.config.batching.latency_budget_ms / 1e3)
+                    if period and now - last_pet >= period and self.pipeline.healthy(now, stall_after):
+                        notify("WATCHDOG=1")
+                        last_pet = now
+                    metrics_cfg = self.config.metrics
+                    if self.link and now - last_publish >= metrics_cfg.publish_every_s:
+                        outbox = {
+                            "depth": self.link.outbox.depth(),
+                            "dropped_results": self.link.outbox.dropped_results(),
+                        }
+                        snapshot = self.metrics.snapshot(self.pipeline)
+                        self.link.publish_metrics({**snapshot, "outbox": outbox})
+                        self.publish_status(snapshot)
+                        last_publish = now
+                    if metrics_cfg.print_every_s and now - last_print >= metrics_cfg.print_every_s:
+                        print(self.live_line(self.metrics.snapshot(self.pipeline)), flush=True)
+                        last_print = now
+                    if self.config.exit_when_sources_end and self.pipeline.sources_ended():
+                        break
+                    if duration and now - started >= duration:
+                        break
+                except Exception:  # a bug in one periodic task must not end the agent; the watchdog decides
+                    log.exception("main loop iteration failed")
+                    self.stop.wait(1.0)
         finally:
             notify("STOPPING=1")
             observer.stop()

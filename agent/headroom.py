@@ -11,11 +11,20 @@ On Jetson, CPU and GPU share one memory, so the kernel's MemAvailable covers bot
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import psutil
 
 from agent.bundle import Bundle
-from agent.pipeline import Serving
+from agent.runtimes import Engine
 from agent.worker import WorkerEngine
+
+
+class Serving(Protocol):
+    """What the check reads of the engine in service (the pipeline's ``Serving``)."""
+
+    bundle: Bundle
+    engine: Engine
 
 
 class MemoryShortage(RuntimeError):

@@ -13,15 +13,25 @@ import collections
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-if TYPE_CHECKING:
-    from agent.pipeline import Pipeline
+
+class Pipeline(Protocol):
+    """What the metrics read of the pipeline, at snapshot and scrape time (the pipeline imports this module)."""
+
+    queue: Any  # FrameQueue: depth()
+    serving: Any  # Serving: bundle, engine, drift
+
+    def camera_states(self) -> dict[str, dict[str, Any]]: ...
+
+    def decision_summary(self) -> dict[str, float]: ...
+
+    def inference_state(self, now: float) -> dict[str, Any]: ...
 
 DRIFT_GAUGES = {
     "mean_confidence": "Mean top-1 confidence over the live window",
@@ -72,7 +82,8 @@ class Metrics:
             counts = state["counts"]
             before = self._previous.get(name, {})
             rates = {f"{k}_fps": round((v - before.get(k, 0)) / elapsed, 2) for k, v in counts.items()}
-            cameras[name] = {"state": state["state"], "reconnects": state["reconnects"], **counts, **rates}
+            health = {k: state[k] for k in ("state", "error", "reconnects", "restarts")}
+            cameras[name] = {**health, **counts, **rates}
             self._previous[name] = counts
         self._previous["at"] = now
         with self._lock:
@@ -86,6 +97,7 @@ class Metrics:
             "engine_ms_by_batch": engine,
             "batch_sizes": batches,
             "engine_errors": errors,
+            "inference": pipeline.inference_state(now),
             "queue_depth": pipeline.queue.depth(),
             "engine": {"bundle_id": pipeline.serving.bundle.bundle_id, "worker_restarts": _restarts(pipeline)},
             "drift": pipeline.serving.drift.snapshot(),
@@ -123,6 +135,9 @@ class _Collector:
     def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
         frames = CounterMetricFamily("edgevit_frames", "Frames per camera by fate", labels=["camera", "kind"])
         reconnects = CounterMetricFamily("edgevit_camera_reconnects", "Camera reconnects", labels=["camera"])
+        restarts = CounterMetricFamily(
+            "edgevit_camera_restarts", "Camera threads replaced (ended, or a read stuck)", labels=["camera"]
+        )
         connected = GaugeMetricFamily(
             "edgevit_camera_connected", "1 when the camera delivers frames", labels=["camera", "state"]
         )
@@ -130,8 +145,16 @@ class _Collector:
             for kind, value in state["counts"].items():
                 frames.add_metric([name, kind], value)
             reconnects.add_metric([name], state["reconnects"])
+            restarts.add_metric([name], state["restarts"])
             connected.add_metric([name, state["state"]], 1.0 if state["state"] == "connected" else 0.0)
-        yield from (frames, reconnects, connected)
+        yield from (frames, reconnects, restarts, connected)
+        inference = self._pipeline.inference_state(time.monotonic())
+        yield GaugeMetricFamily(
+            "edgevit_inference_alive", "1 while the inference thread runs", value=inference["alive"]
+        )
+        yield CounterMetricFamily(
+            "edgevit_inference_failures", "Inference steps that failed unexpectedly", value=inference["failures"]
+        )
         m = self._metrics
         with m._lock:
             cumulative = np.cumsum(m.latency_buckets).tolist()

@@ -148,15 +148,33 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.on_command is None:
             return
-        reply = _json(self.on_command(message.payload))
-        client.publish(f"{self.base}/reply", reply, qos=1)
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props else None
+        refused = response_topic is not None and self._refused_response_topic(response_topic)
+        if refused:  # answered on this device's own reply topic only, and not acted upon
+            client.publish(f"{self.base}/reply", _json({"id": None, "ok": False, "error": refused}), qos=1)
+            return
+        reply = _json(self.on_command(message.payload))
+        client.publish(f"{self.base}/reply", reply, qos=1)
         if response_topic:  # MQTT 5 request/response
             out = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
             if getattr(props, "CorrelationData", None) is not None:
                 out.CorrelationData = props.CorrelationData
             client.publish(response_topic, reply, qos=1, properties=out)
+
+    def _refused_response_topic(self, topic: str) -> str | None:
+        """Why an MQTT 5 response topic is refused, or None.
+
+        The device publishes its reply there with its own credentials: inside the fleet's namespace only
+        its own ``<prefix>/<device>/reply/...`` is allowed (never another device's ``cmd``); outside it, an
+        operator's inbox, any plain topic. The broker's ACL should confine the device the same way.
+        """
+        if not topic or len(topic) > 256 or any(c in topic for c in "+#\x00") or topic.startswith("$"):
+            return f"response topic {topic[:80]!r} is not a plain topic name"
+        prefix = self.base.split("/")[0]
+        if (topic == prefix or topic.startswith(f"{prefix}/")) and not topic.startswith(f"{self.base}/reply/"):
+            return f"response topic {topic[:80]!r} is inside {prefix}/ but not under {self.base}/reply/"
+        return None
 
     @_guarded
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:

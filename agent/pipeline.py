@@ -6,6 +6,13 @@ batch buffer, runs the engine, and hands results to the sinks. The inference thr
 also records when it last finished a batch: with frames waiting and no batch done
 for too long, the pipeline is stalled and the systemd watchdog is no longer fed.
 
+Supervision: an unexpected error in an inference step is reported (``inference`` event,
+``inference_failures`` metric) and the loop goes on after a backoff; the daemon calls
+:meth:`Pipeline.supervise` a few times a second, which restarts an inference thread that
+ended and replaces a camera whose thread ended or whose read is stuck. :meth:`healthy`
+is false while the inference thread is dead or makes no progress with frames waiting,
+so the systemd watchdog is not fed and the status says so.
+
 An engine swap is handed to the inference thread and happens between two batches:
 cameras keep filling the queue, no frame is dropped by the swap itself, and the
 pause (the inference thread busy swapping) and the gap (last result of the old
@@ -15,6 +22,7 @@ engine to first result of the new) are measured and reported.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +43,7 @@ from agent.runtimes import Engine
 from agent.shadow import Shadow
 
 log = logging.getLogger("edgevit.pipeline")
+STOP_WAIT_S = 15.0  # longest a stop waits for one camera's read to return
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -85,6 +94,10 @@ class Pipeline:
         self._decision = Decision(1, 0.0, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.boot = secrets.token_hex(6)  # this run of the agent: results carry it beside their seq
+        self.inference_failures = 0
+        self.inference_restarts = 0
+        self.last_inference_error: str | None = None
         self._swap: _Swap | None = None
         self._swap_lock = threading.Lock()
         self.last_batch_done = time.monotonic()
@@ -187,7 +200,9 @@ class Pipeline:
         for camera in self.cameras.values():
             camera.stop()
         for camera in self.cameras.values():  # a capture released under a live read aborts the process
-            camera.join(timeout=camera.config.stall_timeout_s + 5)
+            camera.join(timeout=min(camera.config.stall_timeout_s + 5, STOP_WAIT_S))
+            if camera.is_alive():  # a read stuck for good: leave it (and its capture) to the process's end
+                camera.abandon()
         self._stop.set()
         self._thread.join(timeout=30)
         if drain and not self._thread.is_alive():  # a hung engine gets no more batches
@@ -197,8 +212,39 @@ class Pipeline:
             sink.close()
 
     def _run(self) -> None:
+        backoff = 0.1
         while not self._stop.is_set():
-            self._step(timeout=0.2)
+            try:
+                self._step(timeout=0.2)
+                backoff = 0.1
+            except Exception as exc:  # a bug or an impossible setting costs a step, never the thread
+                self.inference_failures += 1
+                self.last_inference_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.exception("inference step failed")
+                self.events("inference", {"error": self.last_inference_error, "failures": self.inference_failures})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # -- supervision -----------------------------------------------------------------------------
+    def supervise(self, now: float) -> None:
+        """Restart a dead inference thread; replace cameras whose thread ended or whose read is stuck."""
+        if not self._stop.is_set() and self._thread.ident is not None and not self._thread.is_alive():
+            self.inference_restarts += 1
+            self.events("inference", {"restarted": True, "restarts": self.inference_restarts})
+            self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+            self._thread.start()
+        for name, camera in list(self.cameras.items()):
+            reason = camera.failure(now)
+            if reason is None:
+                continue
+            camera.abandon()
+            replacement = Camera(camera.config, self.spec, self.queue, self.events, replaces=camera)
+            self.cameras[name] = replacement
+            self.events(
+                "camera", {"camera": name, "state": "restarting", "reason": reason, "restarts": replacement.restarts}
+            )
+            log.warning("camera %s: %s; restarting it (restart %d)", name, reason, replacement.restarts)
+            replacement.start()
 
     def _step(self, timeout: float) -> None:
         if self._swap is not None:
@@ -230,7 +276,7 @@ class Pipeline:
         serving.drift.observe(idx[:, 0], scores[:, 0])
         if serving.shadow is not None:
             serving.shadow.offer(self._batch[:n], idx[:, 0], done - started)
-        results = make_results(infos, idx, scores, serving.labels, serving.bundle.bundle_id, done)
+        results = make_results(infos, idx, scores, serving.labels, serving.bundle.bundle_id, done, self.boot)
         for sink in self.sinks:
             sink.emit(results)
         for info in infos:
@@ -240,8 +286,19 @@ class Pipeline:
 
     # -- state -----------------------------------------------------------------------------------
     def healthy(self, now: float, stall_after: float) -> bool:
-        """False when frames are waiting and no batch has completed for ``stall_after`` seconds."""
+        """False while the inference thread is dead, or frames wait and no batch completed for ``stall_after`` s."""
+        if not self._thread.is_alive():
+            return False
         return not self.queue.depth() or now - self.last_batch_done < stall_after
+
+    def inference_state(self, now: float) -> dict[str, Any]:
+        return {
+            "alive": self._thread.is_alive(),
+            "failures": self.inference_failures,
+            "restarts": self.inference_restarts,
+            "last_error": self.last_inference_error,
+            "seconds_since_batch": round(now - self.last_batch_done, 2),
+        }
 
     def sources_ended(self) -> bool:
         return all(c.state in (CameraState.ENDED, CameraState.STOPPED) for c in self.cameras.values()) and not (
@@ -260,7 +317,13 @@ class Pipeline:
                 "shed": c.shed,
                 "failed": c.failed,
             }
-            states[name] = {"state": camera.state.value, "reconnects": camera.reconnects, "counts": counts}
+            states[name] = {
+                "state": camera.state.value,
+                "error": camera.error,
+                "reconnects": camera.reconnects,
+                "restarts": camera.restarts,
+                "counts": counts,
+            }
         return states
 
     def decision_summary(self) -> dict[str, float]:

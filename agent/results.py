@@ -24,12 +24,23 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_results(
-    infos: list[FrameInfo], idx: np.ndarray, scores: np.ndarray, labels: list[str], engine_id: str, done: float
+    infos: list[FrameInfo],
+    idx: np.ndarray,
+    scores: np.ndarray,
+    labels: list[str],
+    engine_id: str,
+    done: float,
+    boot: str,
 ) -> list[dict[str, Any]]:
-    """One result per frame from :func:`top_k`'s (indices, scores)."""
+    """One result per frame from :func:`top_k`'s (indices, scores).
+
+    ``seq`` counts a camera's frames within one run of the agent, ``boot`` names that run: (camera, boot,
+    seq) identifies a result across restarts, which a consumer of the at-least-once outbox dedupes by.
+    """
     return [
         {
             "camera": info.camera,
+            "boot": boot,
             "seq": info.seq,
             "captured": round(info.captured, 6),
             "top": [{"label": labels[c], "score": round(float(s), 6)} for c, s in zip(row, srow, strict=True)],

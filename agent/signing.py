@@ -57,8 +57,10 @@ def sign(data: bytes, private_key: Ed25519PrivateKey) -> bytes:
     return json.dumps(document, indent=2).encode() + b"\n"
 
 
-def verify(data: bytes, signature_document: bytes, trusted: list[Ed25519PublicKey]) -> str:
-    """Check ``data`` against a signature document; return the signer's key id."""
+def verify(
+    data: bytes, signature_document: bytes, trusted: list[Ed25519PublicKey], subject: str = "the manifest"
+) -> str:
+    """Check ``data`` (``subject``, for messages) against a signature document; return the signer's key id."""
     try:
         document = json.loads(signature_document)
         kid, signature = document["key_id"], base64.b64decode(document["signature"], validate=True)
@@ -71,5 +73,5 @@ def verify(data: bytes, signature_document: bytes, trusted: list[Ed25519PublicKe
     try:
         keys[kid].verify(signature, data)
     except InvalidSignature as exc:
-        raise SignatureError(f"signature by key {kid} does not match the manifest: the manifest was altered") from exc
+        raise SignatureError(f"signature by key {kid} does not match {subject}: {subject} was altered") from exc
     return kid

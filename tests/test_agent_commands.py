@@ -28,6 +28,26 @@ def processed(agent: Operator, camera: str) -> int:
     ]
 
 
+def test_a_missing_cmd_is_answered_under_the_command_id(agent: Operator) -> None:
+    for payload in ({"id": "no-cmd"}, {"id": "num-cmd", "cmd": 5}):
+        reply = agent.send(payload)
+        assert reply == {"id": payload["id"], "ok": False, "error": "'cmd' must be a string"}
+
+
+@pytest.mark.parametrize("topic", ["edgevit/other-box/cmd", "edgevit/test-box/cmd", "edgevit/#", "$SYS/x"])
+def test_response_topics_cannot_reach_into_the_fleet(agent: Operator, topic: str) -> None:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    agent.client.publish(f"{BASE}/cmd", json.dumps({"id": f"rt-{topic}", "cmd": "ping"}), qos=1, properties=props)
+    got = agent.replies.get(timeout=10)
+    assert got[0] == f"{BASE}/reply" and not got[1]["ok"] and "response topic" in got[1]["error"]
+    props.ResponseTopic = f"{BASE}/reply/operator-7"  # this device's own reply namespace is fine
+    agent.client.subscribe(f"{BASE}/reply/operator-7", qos=1)
+    agent.client.publish(f"{BASE}/cmd", json.dumps({"id": f"ok-{topic}", "cmd": "ping"}), qos=1, properties=props)
+    replies = [agent.replies.get(timeout=10) for _ in range(2)]
+    assert {r[0] for r in replies} == {f"{BASE}/reply", f"{BASE}/reply/operator-7"} and all(r[1]["ok"] for r in replies)
+
+
 def test_ping_over_mqtt5_request_response(agent: Operator) -> None:
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = "operator/inbox"
@@ -47,7 +67,7 @@ def test_status_and_list(agent: Operator) -> None:
 
 def test_set_batching_is_validated(agent: Operator) -> None:
     bad = agent.send({"id": "b1", "cmd": "set", "batching": {"latency_budget_ms": -5}})
-    assert not bad["ok"] and "batching.latency_budget_ms: Input should be greater than 0" in bad["error"]
+    assert not bad["ok"] and "batching.latency_budget_ms: Input should be greater than or equal to 1" in bad["error"]
     assert agent.send({"id": "s2", "cmd": "status"})["result"]["batching"]["latency_budget_ms"] == 100
     good = agent.send({"id": "b2", "cmd": "set", "batching": {"latency_budget_ms": 80}})
     assert good["ok"] and good["result"]["batching"]["latency_budget_ms"] == 80
