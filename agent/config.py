@@ -155,7 +155,7 @@ class TLSConfig(Strict):
 
 
 class CommandAuth(Strict):
-    """Ed25519-signed commands: each carries ts, nonce and sig (see agent.command_auth)."""
+    """Ed25519-signed commands: each carries ts, nonce and sig (see agent.control.command_auth)."""
 
     keys: list[Path] = Field(min_length=1, description="public keys of operators allowed to command")
     max_age_s: float = Field(300.0, gt=0, le=DAY, description="clock skew and delay allowed for 'ts'")

@@ -25,21 +25,21 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from agent.bundle import Bundle
-from agent.command_auth import CommandVerifier
-from agent.commands import CommandError, CommandHandler
 from agent.config import AgentConfig, ConfigError, load_config
-from agent.fetch import BundleRef
-from agent.lifecycle import Lifecycle, LifecycleError
-from agent.metrics import Metrics
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
-from agent.pipeline import Pipeline
-from agent.results import JsonlSink, ResultSink
-from agent.signing import SignatureError, load_public_key
-from agent.store import StoreError
+from agent.control.command_auth import CommandVerifier
+from agent.control.commands import CommandError, CommandHandler
+from agent.control.mqtt import MqttLink
+from agent.control.outbox import Outbox
+from agent.engine.bundle import Bundle
+from agent.engine.signing import SignatureError, load_public_key
+from agent.engine.worker import remove_stale_buffers
+from agent.lifecycle.fetch import BundleRef
+from agent.lifecycle.lifecycle import Lifecycle, LifecycleError
+from agent.lifecycle.store import StoreError
+from agent.stream.metrics import Metrics
+from agent.stream.pipeline import Pipeline
+from agent.stream.results import JsonlSink, ResultSink
 from agent.systemd import notify, watchdog_period
-from agent.worker import remove_stale_buffers
 
 log = logging.getLogger("edgevit.agent")
 EXIT_BAD_START = 2

@@ -4,7 +4,7 @@ Two engines: the demo ViT INT8 bundle (64 px) and ViT-Ti/16 INT8 at 224 px (rand
 weights, built with ``--accept-accuracy-loss`` since only its speed matters here).
 For each, measured in one run on this machine:
 
-- the raw engine's best images/s over a batch sweep (``agent.profile``, own process);
+- the raw engine's best images/s over a batch sweep (``agent.engine.profile``, own process);
 - the agent's processed frames/s, frame-to-result p99 and skipped/shed frames, with
   adaptive batching and with fixed batch 1 and fixed maximum batch at the same load.
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from export_bench import config  # noqa: E402
 
-from agent.profile import peak_rss_mib, profile  # noqa: E402
+from agent.engine.profile import peak_rss_mib, profile  # noqa: E402
 from builder.architecture import ModelConfig, ViTConfig, param_shapes  # noqa: E402
 from builder.passport import profile_engine  # noqa: E402
 
@@ -117,7 +117,7 @@ def gemm_ceiling(seconds: float) -> dict[str, float]:
 
 
 def jax_child(checkpoint: str, seconds: float) -> None:
-    """Serve the checkpoint with JAX jit (weights as arguments) and report like agent.profile."""
+    """Serve the checkpoint with JAX jit (weights as arguments) and report like agent.engine.profile."""
     from builder.checkpoint import read_checkpoint
     from builder.models import jax_forward, prepared_params
 
@@ -130,7 +130,7 @@ def jax_child(checkpoint: str, seconds: float) -> None:
 
 def openvino_child(model: str, seconds: float) -> None:
     """Serve an OpenVINO model as its documentation shows: static batch, LATENCY hint, default precision."""
-    from agent.runtimes.openvino import load_openvino
+    from agent.engine.runtimes.openvino import load_openvino
 
     core = load_openvino().Core()
     rows = []
@@ -161,7 +161,7 @@ def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[d
     """What ``edgevit-build engine --target cpu --precision int8`` ships for this export, built by the builder."""
     import cv2
 
-    from agent.runtimes import open_engine
+    from agent.engine.runtimes import open_engine
     from builder.demo.digits import digit_images
     from builder.engine_build import EngineOptions, build_engine_bundle
     from builder.keys import keygen

@@ -1,4 +1,4 @@
-"""How to run an INT8 ViT in OpenVINO on this CPU: the settings behind agent/runtimes/openvino.py, measured.
+"""How to run an INT8 ViT in OpenVINO on this CPU: the settings behind agent/engine/runtimes/openvino.py, measured.
 
 One model (ViT-B/16 by default: random weights in the published layout, 224 px), quantized
 by edgevit's static Q/DQ recipe (SmoothQuant α=0.5 folded in, 32 digit images), run by
@@ -46,8 +46,8 @@ SETTINGS = {
 
 def child(model: str, settings: dict, seconds: float) -> None:
     """Compile ``model`` with ``settings``, time batch 8, print images/s as JSON."""
-    from agent.profile import profile
-    from agent.runtimes.openvino import load_openvino
+    from agent.engine.profile import profile
+    from agent.engine.runtimes.openvino import load_openvino
 
     ov = load_openvino()
     core = ov.Core()
@@ -78,7 +78,7 @@ def load_times(model: Path, cache: Path) -> dict[str, float]:
     """Seconds to open the engine as the agent does (every compiled batch size): first, then from the cache."""
     code = (
         "import sys, time; from pathlib import Path; t = time.perf_counter(); "
-        "from agent.runtimes.openvino import OpenVINOEngine; "
+        "from agent.engine.runtimes.openvino import OpenVINOEngine; "
         "OpenVINOEngine(Path(sys.argv[1]), 'cpu-bf16', 8, None, Path(sys.argv[2])); print(time.perf_counter() - t)"
     )
     times = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from agent.runtimes.onnxruntime import OnnxRuntimeEngine
+from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 
 # Above this a copy of the graph is saved with its weights beside it (protobuf stops at 2 GiB).
 _EXTERNAL_ABOVE = 1536 * 2**20

@@ -1,4 +1,4 @@
-"""Writing signed bundles (the format itself lives in agent.bundle).
+"""Writing signed bundles (the format itself lives in agent.engine.bundle).
 
 The bundle is assembled in a hidden sibling folder and renamed into place only when
 complete and signed, so an interrupted build never leaves something that looks like
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundle import GOLDEN, LABELS, MANIFEST, PASSPORT, SIGNATURE, file_digest
-from agent.signing import sign
+from agent.engine.bundle import GOLDEN, LABELS, MANIFEST, PASSPORT, SIGNATURE, file_digest
+from agent.engine.signing import sign
 from builder.errors import BuildError
 
 ENGINE_DIR = "engine"

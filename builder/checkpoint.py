@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import file_digest
+from agent.engine.bundle import file_digest
 from builder.architecture import ModelConfig, Shape, infer_config
 from builder.errors import CheckpointError
 

@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.bundle import BundleError, verify_bundle
-from agent.device import DeviceInfo
-from agent.golden import check_golden
-from agent.runtimes import EngineError, open_engine
-from agent.signing import SignatureError, load_public_key
+from agent.engine.bundle import BundleError, verify_bundle
+from agent.engine.device import DeviceInfo
+from agent.engine.golden import check_golden
+from agent.engine.runtimes import EngineError, open_engine
+from agent.engine.signing import SignatureError, load_public_key
 from builder.architecture import describe
 from builder.datasets import DEMO
 from builder.demo.evaluate import held_out_indices, held_out_top1

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.preprocess import ChannelOrder, InputSpec, preprocess_into
+from agent.engine.preprocess import ChannelOrder, InputSpec, preprocess_into
 from builder.errors import BuildError
 
 DEMO = "demo"

@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 from rich.progress import Progress
 
-from agent.bundle import PROVIDERS, SCHEMA_VERSION, file_digest
-from agent.device import X86_INT8_FEATURES, DeviceInfo
-from agent.drift import output_profile
-from agent.preprocess import METADATA_KEY, InputSpec
-from agent.runtimes import open_engine
-from agent.signing import load_private_key
+from agent.engine.bundle import PROVIDERS, SCHEMA_VERSION, file_digest
+from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
+from agent.engine.preprocess import METADATA_KEY, InputSpec
+from agent.engine.runtimes import open_engine
+from agent.engine.signing import load_private_key
+from agent.stream.drift import output_profile
 from builder import openvino_engines
 from builder.bundle_writer import write_bundle
 from builder.datasets import calibration_set, evaluation_set, load_labels

@@ -1,6 +1,6 @@
 """Top-1 accuracy of an exported model on labelled frames, through the agent's preprocessing.
 
-Frames go through :func:`agent.preprocess.preprocess_into` with the spec stored in
+Frames go through :func:`agent.engine.preprocess.preprocess_into` with the spec stored in
 the model, exactly as on a device, so the figure is the one a camera would see.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.preprocess import METADATA_KEY, ChannelOrder, InputSpec, preprocess_into
+from agent.engine.preprocess import METADATA_KEY, ChannelOrder, InputSpec, preprocess_into
 
 
 def open_model(path: Path) -> tuple[ort.InferenceSession, InputSpec]:

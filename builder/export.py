@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 from rich.progress import Progress
 
-from agent.preprocess import InputSpec
+from agent.engine.preprocess import InputSpec
 from builder.architecture import ModelConfig
 from builder.checkpoint import Checkpoint, read_checkpoint
 from builder.models import inference_fn, jax_forward, prepared_params

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from agent.runtimes.onnxruntime import OnnxRuntimeEngine
+from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from builder.activations import channel_absmax, observe
 from builder.errors import BuildError
 from builder.precision import WEIGHT_OPS, quantize_dynamic_int8, quantize_static_int8, require_quantized

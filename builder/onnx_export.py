@@ -23,8 +23,8 @@ import onnx
 import onnx_ir as ir
 from jax2onnx import to_onnx
 
-from agent.preprocess import METADATA_KEY as INPUT_SPEC_KEY
-from agent.preprocess import InputSpec
+from agent.engine.preprocess import METADATA_KEY as INPUT_SPEC_KEY
+from agent.engine.preprocess import InputSpec
 from builder.architecture import ModelConfig, config_to_dict
 from builder.graph_passes import tidy
 

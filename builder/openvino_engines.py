@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.device import BF16_FEATURES, DeviceInfo
-from agent.runtimes import EngineError
-from agent.runtimes.openvino import load_openvino
+from agent.engine.device import BF16_FEATURES, DeviceInfo
+from agent.engine.runtimes import EngineError
+from agent.engine.runtimes.openvino import load_openvino
 from builder.errors import BuildError
 
 NNCF_IR = "model-int8-nncf.xml"
@@ -42,7 +42,7 @@ def float_target(device: DeviceInfo) -> str:
 def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path) -> list[Path]:
     """NNCF's default INT8 for transformers (the reference users would reach for), as IR files.
 
-    OpenVINO is loaded without its telemetry (:func:`agent.runtimes.openvino.load_openvino`), which
+    OpenVINO is loaded without its telemetry (:func:`agent.engine.runtimes.openvino.load_openvino`), which
     NNCF's own telemetry then falls back from too.
     """
     ov = load_openvino()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.bundle import verify_bundle
+from agent.engine.bundle import verify_bundle
 from builder.errors import BuildError
 
 

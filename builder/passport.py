@@ -3,7 +3,7 @@
 Accuracy is always relative to the FP32 reference export, on the same preprocessed
 frames: top-1 of both, the drop in points, top-1 agreement and logit error. The gate
 turns those figures into a verdict with a budget; latency and memory come from a
-separate process that serves only the engine (``python -m agent.profile``).
+separate process that serves only the engine (``python -m agent.engine.profile``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import Engine
+from agent.engine.runtimes import Engine
 from builder.errors import BuildError
 
 
@@ -90,7 +90,7 @@ def profile_engine(
     command = [
         sys.executable,
         "-m",
-        "agent.profile",
+        "agent.engine.profile",
         str(path),
         "--backend",
         backend,

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from agent.bundle import file_digest
+from agent.engine.bundle import file_digest
 from builder.errors import VerificationError
 
 DEFAULT_TOLERANCE = 1e-3

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from agent.bundle import MANIFEST, file_digest
-from agent.signing import SignatureError, load_private_key
+from agent.engine.bundle import MANIFEST, file_digest
+from agent.engine.signing import SignatureError, load_private_key
 from fleet.link import Broker, Device, FleetLink
 from fleet.rollout import (
     FAILED,

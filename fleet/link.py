@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.command_auth import sign_command
+from agent.control.command_auth import sign_command
 from fleet.protocol import command_topic, device_of, events_topic, reply_topic, status_topic
 
 

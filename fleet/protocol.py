@@ -1,6 +1,6 @@
 """The MQTT contract between agents and fleet tools, and the limits managed brokers impose on it.
 
-Topics, per device (``agent.mqtt`` publishes them)::
+Topics, per device (``agent.control.mqtt`` publishes them)::
 
     <prefix>/<device>/status          retained: state, labels, engine, fps, p99, drift, last event
     <prefix>/<device>/events          lifecycle and camera events (QoS 1, from the agent's outbox)

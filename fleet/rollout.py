@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.store import atomic_write
+from agent.lifecycle.store import atomic_write
 from fleet.link import Device, FleetLink
 
 PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (

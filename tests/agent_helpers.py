@@ -114,8 +114,8 @@ def rebundle(
     """A copy of a bundle signed with ``key``: another id, engine file or requirements, same golden set."""
     import numpy as np
 
-    from agent.bundle import verify_bundle
-    from agent.signing import load_private_key
+    from agent.engine.bundle import verify_bundle
+    from agent.engine.signing import load_private_key
     from builder.bundle_writer import write_bundle
 
     bundle = verify_bundle(original, None)

@@ -189,8 +189,8 @@ def test_a_dead_network_loop_is_rebuilt(mosquitto: int, tmp_path: Path) -> None:
     """A callback that escapes the guard (here: a raw handler that raises) ends paho's network loop;
     the link's supervisor rebuilds it, reports it, and commands are answered again."""
     from agent.config import MQTTConfig
-    from agent.mqtt import MqttLink
-    from agent.outbox import Outbox
+    from agent.control.mqtt import MqttLink
+    from agent.control.outbox import Outbox
 
     link = MqttLink(MQTTConfig(host="127.0.0.1", port=mosquitto), "loop-box", Outbox(tmp_path / "o.db", 100), {})
     link.start(lambda payload: {"id": "x", "ok": True, "result": {"echo": json.loads(payload)}})

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.command_auth import sign_command
-from agent.signing import load_private_key
+from agent.control.command_auth import sign_command
+from agent.engine.signing import load_private_key
 from builder.keys import keygen
 
 from conftest import free_port

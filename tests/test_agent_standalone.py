@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from agent_helpers import read_results, run_agent, start_agent, stop_agent, summary, write_config
 
-from agent.bundle import verify_bundle
-from agent.preprocess import preprocess_into
-from agent.runtimes import open_engine
-from agent.signing import load_public_key
+from agent.engine.bundle import verify_bundle
+from agent.engine.preprocess import preprocess_into
+from agent.engine.runtimes import open_engine
+from agent.engine.signing import load_public_key
 
 
 def offline_predictions(video: Path, bundle_path: Path, public_key: Path) -> list[int]:

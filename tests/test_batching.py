@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.batching import BatchPolicy
-from agent.frames import FrameInfo, FrameQueue
+from agent.stream.batching import BatchPolicy
+from agent.stream.frames import FrameInfo, FrameQueue
 
 # an engine whose batch costs 4 ms + 2 ms per image (p99)
 PROFILE = {b: 0.004 + 0.002 * b for b in range(1, 9)}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bounded_json import JSONLimitError, JSONLimits, loads
+from agent.control.bounded_json import JSONLimitError, JSONLimits, loads
 
 
 @pytest.mark.parametrize(

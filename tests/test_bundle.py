@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle import MANIFEST, SIGNATURE, BundleError, incompatibilities, verify_bundle
-from agent.device import DeviceInfo
-from agent.signing import load_private_key, load_public_key, sign
+from agent.engine.bundle import MANIFEST, SIGNATURE, BundleError, incompatibilities, verify_bundle
+from agent.engine.device import DeviceInfo
+from agent.engine.signing import load_private_key, load_public_key, sign
 from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.keys import keygen
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from agent_helpers import blank_image_folder
 
-from agent.bundle import verify_bundle
-from agent.device import DeviceInfo
-from agent.golden import check_golden
-from agent.preprocess import preprocess_into
-from agent.runtimes import open_engine
-from agent.signing import load_public_key
+from agent.engine.bundle import verify_bundle
+from agent.engine.device import DeviceInfo
+from agent.engine.golden import check_golden
+from agent.engine.preprocess import preprocess_into
+from agent.engine.runtimes import open_engine
+from agent.engine.signing import load_public_key
 from builder.datasets import DatasetError
 from builder.demo.digits import raw_digits
 from builder.demo.evaluate import held_out_indices

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.archive import safe_extract
-from agent.bundle import BundleError, verify_bundle
-from agent.command_auth import CommandAuthError, CommandVerifier, sign_command
-from agent.fetch import BundleRef, fetch
-from agent.signing import load_private_key, load_public_key
-from agent.store import Canary, EngineState, EngineStore
+from agent.control.command_auth import CommandAuthError, CommandVerifier, sign_command
+from agent.engine.bundle import BundleError, verify_bundle
+from agent.engine.signing import load_private_key, load_public_key
+from agent.lifecycle.archive import safe_extract
+from agent.lifecycle.fetch import BundleRef, fetch
+from agent.lifecycle.store import Canary, EngineState, EngineStore
 from builder.keys import keygen
 from builder.pack import pack_bundle
 
@@ -174,7 +174,7 @@ def test_download_over_https_from_a_private_store(demo_bundle: Path, tmp_path: P
     """edgevit-fleet serve with TLS; the device trusts the store's CA through engine.download_ca."""
     from test_agent_security import make_pki
 
-    from agent.fetch import download
+    from agent.lifecycle.fetch import download
     from fleet.serve import BundleServer
 
     pki = make_pki(tmp_path / "pki")

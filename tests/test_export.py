@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from agent.preprocess import METADATA_KEY, InputSpec
+from agent.engine.preprocess import METADATA_KEY, InputSpec
 from builder.architecture import ModelConfig, ViTConfig, config_to_dict
 from builder.checkpoint import save_checkpoint
 from builder.errors import VerificationError

@@ -28,7 +28,7 @@ from agent_helpers import (
 )
 from engine_variants import slow_down
 
-from agent.bundle import verify_bundle
+from agent.engine.bundle import verify_bundle
 from builder.pack import pack_bundle
 
 from conftest import free_port

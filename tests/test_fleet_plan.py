@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.commands import MAX_COMMAND_BYTES
 from agent.config import AgentConfig, CameraConfig, MQTTConfig
+from agent.control.commands import MAX_COMMAND_BYTES
 from builder.pack import pack_bundle
 from fleet.cli import FleetError, bundle_reference, main
 from fleet.link import Device

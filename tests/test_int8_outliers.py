@@ -47,7 +47,7 @@ def options(**changes) -> EngineOptions:
 
 
 def calibration(name: str) -> np.ndarray:
-    from agent.preprocess import InputSpec
+    from agent.engine.preprocess import InputSpec
 
     return calibration_set("demo", f"{name}.npz").subset(64).preprocessed(InputSpec(64, 64))
 
@@ -153,7 +153,7 @@ def test_mixed_precision_keeps_the_fewest_sensitive_layers_in_float(outlier_expo
 
 
 def test_tensorrt_int8_recipe_is_gated_without_tensorrt(outlier_exports, signing_key, tmp_path) -> None:
-    from agent.device import DeviceInfo
+    from agent.engine.device import DeviceInfo
 
     if DeviceInfo.probe().tensorrt:
         pytest.skip("TensorRT is installed here: the plan itself is built (test_engine_build.test_tensorrt_plans)")

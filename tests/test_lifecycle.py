@@ -28,7 +28,7 @@ from agent_helpers import (
 )
 from engine_variants import slow_down
 
-from agent.bundle import verify_bundle
+from agent.engine.bundle import verify_bundle
 from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.keys import keygen
 from builder.pack import pack_bundle

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from agent_helpers import NO_SWAP_LATENCY_GATE, read_results, rebundle, run_agent, start_agent, stop_agent, write_config
 
-from agent.bundle import verify_bundle
-from agent.failpoints import STEPS
+from agent.engine.bundle import verify_bundle
+from agent.lifecycle.failpoints import STEPS
 
 NEW = "vit-digits-v2"
 # Latency is not what these tests judge (the candidate is the same engine): a wide slack keeps
@@ -77,7 +77,7 @@ def _drop(bundle: Path, inbox: Path) -> None:
 
 def _assert_consistent(folder: Path, signing_key) -> dict[str, Any]:
     """The state file parses and names installed, verifiable engines."""
-    from agent.signing import load_public_key
+    from agent.engine.signing import load_public_key
 
     state = _state(folder)
     keys = [load_public_key(signing_key[1])]

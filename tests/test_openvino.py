@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from agent_helpers import NO_SWAP_LATENCY_GATE, device_over_mqtt
 
-from agent.bundle import BundleError, verify_bundle
-from agent.device import BF16_FEATURES, X86_INT8_FEATURES, DeviceInfo
-from agent.golden import check_golden
-from agent.signing import load_public_key
-from agent.worker import WorkerEngine, WorkerSpec
+from agent.engine.bundle import BundleError, verify_bundle
+from agent.engine.device import BF16_FEATURES, X86_INT8_FEATURES, DeviceInfo
+from agent.engine.golden import check_golden
+from agent.engine.signing import load_public_key
+from agent.engine.worker import WorkerEngine, WorkerSpec
 from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.errors import BuildError
 

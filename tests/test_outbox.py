@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.outbox import Outbox
+from agent.control.outbox import Outbox
 
 
 def test_full_outbox_drops_oldest_results_never_events(tmp_path: Path) -> None:

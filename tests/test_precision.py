@@ -9,8 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from agent.preprocess import InputSpec
-from agent.runtimes import open_engine
+from agent.engine.preprocess import InputSpec
+from agent.engine.runtimes import open_engine
 from builder.datasets import calibration_set
 from builder.graph_passes import gemm_to_matmul
 from builder.precision import (

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.preprocess import InputSpec, InputSpecError, crop_box, preprocess, preprocess_into
+from agent.engine.preprocess import InputSpec, InputSpecError, crop_box, preprocess, preprocess_into
 
 
 def frame(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.bundle import verify_bundle
-from agent.profile import TAIL_SAMPLES, tail_quantile
-from agent.runtimes import open_engine
-from agent.shadow import Shadow
+from agent.engine.bundle import verify_bundle
+from agent.engine.profile import TAIL_SAMPLES, tail_quantile
+from agent.engine.runtimes import open_engine
+from agent.engine.shadow import Shadow
 
 
 @given(st.integers(1, 100_000))

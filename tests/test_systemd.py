@@ -15,7 +15,7 @@ import pytest
 from agent_helpers import rebundle, start_agent, write_config
 from engine_variants import hang_on_bright_frames
 
-from agent.bundle import verify_bundle
+from agent.engine.bundle import verify_bundle
 
 UNIT = Path(__file__).parents[1] / "systemd" / "edgevit-agent.service"
 

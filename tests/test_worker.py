@@ -15,11 +15,11 @@ import pytest
 from agent_helpers import read_results, rebundle, run_agent, summary, write_config
 from engine_variants import hang_on_bright_frames
 
-from agent.bundle import Bundle, verify_bundle
-from agent.headroom import MemoryShortage, check_headroom, estimated_need_mib
-from agent.pipeline import Serving
-from agent.runtimes import EngineError, open_engine
-from agent.worker import WorkerEngine, WorkerSpec
+from agent.engine.bundle import Bundle, verify_bundle
+from agent.engine.headroom import MemoryShortage, check_headroom, estimated_need_mib
+from agent.engine.runtimes import EngineError, open_engine
+from agent.engine.worker import WorkerEngine, WorkerSpec
+from agent.stream.pipeline import Serving
 
 
 def _spec(bundle: Bundle, engine_path: Path | None = None) -> WorkerSpec:
@@ -134,7 +134,7 @@ def test_a_hung_worker_exits_when_its_agent_is_killed(bundle: Bundle, tmp_path: 
     script = (
         "import sys, numpy as np\n"
         "from pathlib import Path\n"
-        "from agent.worker import WorkerEngine, WorkerSpec\n"
+        "from agent.engine.worker import WorkerEngine, WorkerSpec\n"
         f"spec = WorkerSpec({spec.backend!r}, {spec.target!r}, Path({str(spec.engine_path)!r}), {spec.max_batch}, "
         f"{spec.height}, {spec.width}, {spec.classes}, 1)\n"
         "worker = WorkerEngine(spec, timeout_s=600)\n"

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from agent.preprocess import InputSpec, preprocess
+from agent.engine.preprocess import InputSpec, preprocess
 
 LABELS = [str(d) for d in range(10)]
 HELD_OUT_FRACTION = 0.25

@@ -120,7 +120,7 @@ def train_demo(name: str, out_dir: Path = CHECKPOINT_DIR, settings: TrainSetting
         "architecture": config_to_dict(cfg),
         "labels": LABELS,
         "dataset": "sklearn.datasets.load_digits, 8x8 scans upscaled to "
-        f"{cfg.image_size}px by agent.preprocess (stretch, linear)",
+        f"{cfg.image_size}px by agent.engine.preprocess (stretch, linear)",
         "split": {
             "held_out_fraction": HELD_OUT_FRACTION,
             "seed": SPLIT_SEED,

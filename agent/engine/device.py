@@ -85,8 +85,8 @@ def _onnxruntime() -> tuple[str | None, tuple[str, ...]]:
 
 
 def _openvino() -> str | None:
-    from agent.runtimes import EngineError
-    from agent.runtimes.openvino import load_openvino
+    from agent.engine.runtimes import EngineError
+    from agent.engine.runtimes.openvino import load_openvino
 
     try:
         return load_openvino().get_version().split("-")[0]

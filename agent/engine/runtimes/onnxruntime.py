@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.runtimes import EngineError
+from agent.engine.runtimes import EngineError
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],

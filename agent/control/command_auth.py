@@ -2,7 +2,7 @@
 
 A signed command carries ``ts`` (Unix seconds), ``nonce`` (8 to 64 characters) and
 ``sig``: the same signature document as a bundle's ``manifest.sig`` (see
-:mod:`agent.signing`), over the command's canonical JSON without ``sig`` (sorted keys,
+:mod:`agent.engine.signing`), over the command's canonical JSON without ``sig`` (sorted keys,
 no spaces). The agent accepts it when a trusted key signed it, ``ts`` is within
 ``max_age_s`` of its clock, and the nonce was not seen in that time. Seen nonces are
 kept in SQLite under the state directory, so a restart does not reopen the window.
@@ -21,7 +21,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.signing import SignatureError, sign, verify
+from agent.engine.signing import SignatureError, sign, verify
 
 
 class CommandAuthError(ValueError):

@@ -33,6 +33,7 @@ class Pipeline(Protocol):
 
     def inference_state(self, now: float) -> dict[str, Any]: ...
 
+
 DRIFT_GAUGES = {
     "mean_confidence": "Mean top-1 confidence over the live window",
     "confidence_drift": "Live mean top-1 confidence minus the passport's",

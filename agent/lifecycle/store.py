@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import Bundle
-from agent.failpoints import failpoint
+from agent.engine.bundle import Bundle
+from agent.lifecycle.failpoints import failpoint
 
 STATE_FILE = "engines.json"
 ENGINES_DIR = "engines"

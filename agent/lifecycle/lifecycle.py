@@ -17,7 +17,7 @@ Deploy (MQTT ``deploy`` or a bundle dropped into ``engine.inbox``), in a job thr
 Canary
     For ``canary.window_s`` (and at least ``min_frames`` served): failed batches,
     top-1 agreement and paired tail (p99) latency against the previous engine on sampled
-    live batches (:class:`~agent.shadow.Shadow`), and a golden recheck at the end. Any
+    live batches (:class:`~agent.engine.shadow.Shadow`), and a golden recheck at the end. Any
     violation swaps the previous engine back, marks the bundle bad (refused later
     unless forced) and publishes a ``revert`` event with the figures; otherwise a
     ``commit`` event, and the passport's output profile is the drift reference.
@@ -37,22 +37,22 @@ from typing import Any
 
 import numpy as np
 
-from agent.archive import is_archive
-from agent.bundle import MANIFEST, Bundle, BundleError, read_passport, verify_bundle
 from agent.config import AgentConfig
-from agent.device import DeviceInfo
-from agent.drift import DriftMonitor
-from agent.failpoints import failpoint
-from agent.fetch import BundleRef, fetch
-from agent.golden import GoldenCheck, check_golden
-from agent.headroom import MemoryShortage, check_headroom
-from agent.pipeline import EventSink, Pipeline, Serving, passport_p99
-from agent.profile import tail_quantile
-from agent.runtimes import EngineError
-from agent.shadow import Shadow
-from agent.signing import SignatureError, load_public_key
-from agent.store import Canary, EngineStore, StoreError
-from agent.worker import WorkerEngine, WorkerSpec
+from agent.engine.bundle import MANIFEST, Bundle, BundleError, read_passport, verify_bundle
+from agent.engine.device import DeviceInfo
+from agent.engine.golden import GoldenCheck, check_golden
+from agent.engine.headroom import MemoryShortage, check_headroom
+from agent.engine.profile import tail_quantile
+from agent.engine.runtimes import EngineError
+from agent.engine.shadow import Shadow
+from agent.engine.signing import SignatureError, load_public_key
+from agent.engine.worker import WorkerEngine, WorkerSpec
+from agent.lifecycle.archive import is_archive
+from agent.lifecycle.failpoints import failpoint
+from agent.lifecycle.fetch import BundleRef, fetch
+from agent.lifecycle.store import Canary, EngineStore, StoreError
+from agent.stream.drift import DriftMonitor
+from agent.stream.pipeline import EventSink, Pipeline, Serving, passport_p99
 
 log = logging.getLogger("edgevit.lifecycle")
 INBOX_SETTLE_S = 2.0  # an inbox item must be this old: a copy in progress is not a bundle yet
@@ -93,7 +93,7 @@ class Lifecycle:
     def open_checked(self, bundle: Bundle) -> tuple[Serving, GoldenCheck]:
         """The bundle's engine in its own worker, after it reproduced its golden set here.
 
-        Beside a serving engine, only when the memory headroom allows it (:mod:`agent.headroom`).
+        Beside a serving engine, only when the memory headroom allows it (:mod:`agent.engine.headroom`).
         """
         if self.pipeline is not None:
             check_headroom(bundle, self.pipeline.serving, self.config.swap.min_free_mib)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import EngineError
+from agent.engine.runtimes import EngineError
 
 
 class TensorRTEngine:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.batching import RateMeter
+from agent.stream.batching import RateMeter
 
 
 @dataclass

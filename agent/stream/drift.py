@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.results import top_k
+from agent.stream.results import top_k
 
 
 def output_profile(logits: np.ndarray) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Latency and memory of one engine, in a process that does nothing else.
 
-``python -m agent.profile ENGINE --backend onnxruntime --target cpu --size 224 --batches 1 8``
+``python -m agent.engine.profile ENGINE --backend onnxruntime --target cpu --size 224 --batches 1 8``
 prints JSON: per batch size p50/p99 milliseconds and images/s, and the process's
 peak RSS. The builder runs it in a subprocess for the passport, so the memory figure
 is that of a process serving the engine, not of the builder with JAX loaded; on a
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import open_engine
+from agent.engine.runtimes import open_engine
 
 TAIL_SAMPLES = 3  # timings that lie beyond the compared quantile
 
@@ -72,7 +72,7 @@ def peak_rss_mib() -> float:
 
 
 def main() -> None:
-    args = argparse.ArgumentParser(prog="python -m agent.profile", description=__doc__)
+    args = argparse.ArgumentParser(prog="python -m agent.engine.profile", description=__doc__)
     args.add_argument("engine")
     args.add_argument("--backend", default="onnxruntime")
     args.add_argument("--target", default="cpu")

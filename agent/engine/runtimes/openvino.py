@@ -21,7 +21,7 @@ from types import ModuleType
 
 import numpy as np
 
-from agent.runtimes import EngineError
+from agent.engine.runtimes import EngineError
 
 PRECISION = {"cpu": "f32", "cpu-bf16": "bf16"}
 

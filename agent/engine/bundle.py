@@ -3,7 +3,7 @@
 A bundle is a folder::
 
     manifest.json      identity, engine, input spec, requirements, sha256 of every file
-    manifest.sig       Ed25519 signature over manifest.json (see agent.signing)
+    manifest.sig       Ed25519 signature over manifest.json (see agent.engine.signing)
     engine/...         the engine file(s): an ONNX model, or a TensorRT plan
     labels.json        class names, index order
     passport.json      accuracy and latency measured at build time, and the gate's verdict
@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from agent.device import DeviceInfo
-from agent.preprocess import InputSpec, InputSpecError
-from agent.signing import SignatureError, verify
+from agent.engine.device import DeviceInfo
+from agent.engine.preprocess import InputSpec, InputSpecError
+from agent.engine.signing import SignatureError, verify
 
 SCHEMA_VERSION = 1
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"

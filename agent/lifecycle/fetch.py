@@ -6,7 +6,7 @@ and resume with an HTTP Range request, after a dropped connection within this fe
 or after a restart in a later one; a server that ignores Range is read again from the
 start. No more than the declared size (itself capped by ``max_bytes``) is accepted,
 and the file is used only when its sha256 matches. Archives are unpacked with
-:func:`agent.archive.safe_extract`; the bundle's own signature and hashes are checked
+:func:`agent.lifecycle.archive.safe_extract`; the bundle's own signature and hashes are checked
 afterwards by the caller.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.archive import is_archive, safe_extract
-from agent.bundle import BundleError, file_digest
+from agent.engine.bundle import BundleError, file_digest
+from agent.lifecycle.archive import is_archive, safe_extract
 
 log = logging.getLogger("edgevit.fetch")
 CHUNK = 1 << 16

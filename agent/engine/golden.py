@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import Engine
+from agent.engine.runtimes import Engine
 
 
 @dataclass(frozen=True)

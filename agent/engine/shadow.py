@@ -7,7 +7,7 @@ skipped rather than queued when the shadow is still busy, so the serving path ne
 waits for it. The paired latencies make the canary's tail-latency comparison like for
 like: same frames, same batch size, same moment.
 
-The tail compared is :func:`agent.profile.tail_quantile` of the pairs: p99 once there
+The tail compared is :func:`agent.engine.profile.tail_quantile` of the pairs: p99 once there
 are enough of them, a lower quantile before.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.profile import tail_quantile
-from agent.runtimes import Engine
+from agent.engine.profile import tail_quantile
+from agent.engine.runtimes import Engine
 
 log = logging.getLogger("edgevit.shadow")
 MAX_PAIRS = 4096

@@ -3,7 +3,7 @@
 ``<prefix>/<device>/status`` is retained: ``state`` (``online``, or ``offline`` after an
 orderly stop or through the broker's last will), the device's ``labels``, and what
 the agent last reported there (engine, figures, last lifecycle event). Results and events go
-through the on-disk :class:`~agent.outbox.Outbox`: a publisher thread sends them
+through the on-disk :class:`~agent.control.outbox.Outbox`: a publisher thread sends them
 (QoS 1) while connected and deletes each one when the broker's PUBACK arrives; after
 a reconnect or a restart everything not acknowledged is sent again (at least once).
 Metrics are periodic snapshots and are published directly. Commands arrive on
@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import MQTTConfig
-from agent.outbox import Outbox
+from agent.control.outbox import Outbox
 
 log = logging.getLogger("edgevit.mqtt")
 MAX_IN_FLIGHT = 500

@@ -8,7 +8,7 @@ member over ``max_member_bytes``, no more than ``max_members``, and a total that
 empty members is refused at the first member over the limit, in milliseconds and with
 the memory of that many headers, not after all of them were read. Extraction then uses
 tarfile's ``data`` filter as a second guard. The signature and hashes are checked
-afterwards by :func:`agent.bundle.verify_bundle`.
+afterwards by :func:`agent.engine.bundle.verify_bundle`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from agent.bundle import MANIFEST, BundleError
+from agent.engine.bundle import MANIFEST, BundleError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

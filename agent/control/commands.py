@@ -17,7 +17,7 @@ and ``resume`` a camera, ``deploy`` (``bundle``: ``{"path"}`` or ``{"url", "sha2
 ``deploy`` and ``rollback`` answer once the job is accepted; its outcome follows as
 events. Settings changed by ``set`` last until the next restart or config reload.
 With ``mqtt.signed_commands``, every command must carry a valid signature
-(:mod:`agent.command_auth`) before anything else is looked at.
+(:mod:`agent.control.command_auth`) before anything else is looked at.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from agent import bounded_json
-from agent.command_auth import CommandAuthError, CommandVerifier
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
-from agent.fetch import BundleRef
+from agent.control import bounded_json
+from agent.control.command_auth import CommandAuthError, CommandVerifier
+from agent.lifecycle.fetch import BundleRef
 
 MAX_COMMAND_BYTES = bounded_json.COMMAND_LIMITS.max_bytes
 REMEMBERED_REPLIES = 100_000

@@ -28,8 +28,8 @@ import cv2
 import numpy as np
 
 from agent.config import CameraConfig
-from agent.frames import FrameInfo, FrameQueue
-from agent.preprocess import InputSpec, preprocess_into
+from agent.engine.preprocess import InputSpec, preprocess_into
+from agent.stream.frames import FrameInfo, FrameQueue
 
 log = logging.getLogger("edgevit.camera")
 

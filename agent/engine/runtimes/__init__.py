@@ -35,15 +35,15 @@ def open_engine(
 ) -> Engine:
     """The engine a bundle names. ``cache_dir`` keeps runtimes' compiled forms across loads (OpenVINO)."""
     if backend == "onnxruntime":
-        from agent.runtimes.onnxruntime import OnnxRuntimeEngine
+        from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, target, threads)
     if backend == "openvino":
-        from agent.runtimes.openvino import OpenVINOEngine
+        from agent.engine.runtimes.openvino import OpenVINOEngine
 
         return OpenVINOEngine(path, target, max_batch, threads, cache_dir)
     if backend == "tensorrt":
-        from agent.runtimes.tensorrt import TensorRTEngine
+        from agent.engine.runtimes.tensorrt import TensorRTEngine
 
         return TensorRTEngine(path, max_batch)
     raise EngineError(f"unknown engine backend {backend!r}")

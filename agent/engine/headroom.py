@@ -15,9 +15,9 @@ from typing import Protocol
 
 import psutil
 
-from agent.bundle import Bundle
-from agent.runtimes import Engine
-from agent.worker import WorkerEngine
+from agent.engine.bundle import Bundle
+from agent.engine.runtimes import Engine
+from agent.engine.worker import WorkerEngine
 
 
 class Serving(Protocol):

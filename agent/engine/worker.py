@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from agent.bundle import Bundle
-from agent.runtimes import EngineError, open_engine
+from agent.engine.bundle import Bundle
+from agent.engine.runtimes import EngineError, open_engine
 
 log = logging.getLogger("edgevit.worker")
 _CONTEXT = mp.get_context("spawn")  # never fork a process that runs camera and MQTT threads
@@ -137,7 +137,7 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
 
 
 class WorkerEngine:
-    """An :class:`~agent.runtimes.Engine` whose runtime lives in a child process."""
+    """An :class:`~agent.engine.runtimes.Engine` whose runtime lives in a child process."""
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.frames import FrameInfo
+from agent.stream.frames import FrameInfo
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

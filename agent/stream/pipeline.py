@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.batching import BatchPolicy, Decision
-from agent.bundle import Bundle
-from agent.camera import Camera, CameraState
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
-from agent.drift import DriftMonitor
-from agent.frames import FrameQueue
-from agent.metrics import Metrics
-from agent.results import ResultSink, make_results, top_k
-from agent.runtimes import Engine
-from agent.shadow import Shadow
+from agent.engine.bundle import Bundle
+from agent.engine.runtimes import Engine
+from agent.engine.shadow import Shadow
+from agent.stream.batching import BatchPolicy, Decision
+from agent.stream.camera import Camera, CameraState
+from agent.stream.drift import DriftMonitor
+from agent.stream.frames import FrameQueue
+from agent.stream.metrics import Metrics
+from agent.stream.results import ResultSink, make_results, top_k
 
 log = logging.getLogger("edgevit.pipeline")
 STOP_WAIT_S = 15.0  # longest a stop waits for one camera's read to return

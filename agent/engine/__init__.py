@@ -1,0 +1,1 @@
+"""One engine, verified and isolated: bundles, signatures, device checks, runtimes, worker process."""

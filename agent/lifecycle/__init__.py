@@ -1,0 +1,1 @@
+"""What is installed and what serves: engine store, deploy, verify, canary, revert, rollback."""

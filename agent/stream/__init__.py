@@ -1,0 +1,1 @@
+"""camera -> preprocess -> batch -> engine -> results: the per-frame data path and its metrics."""
