@@ -12,9 +12,10 @@ a timer, park a thread for ever or end one. The bounds are generous for real use
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,6 +30,21 @@ class Strict(BaseModel):
 
 
 HOUR, DAY = 3600.0, 86400.0
+# user:password@ in any URL, and password-like key=value pairs (query strings, GStreamer properties)
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^/\s]*@")
+_KEY_SECRET = re.compile(r"(?i)\b((?:user-pw|password|passwd|pwd|pass|token|secret|key|auth)=)([^\s&!\"']+)")
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials masked: ``rtsp://admin:***@cam/...``, ``user-pw=***``.
+
+    Every camera source that reaches an event, a reply, the status, a metric label or a log line goes
+    through here: a camera password must never leave the device.
+    """
+    return _KEY_SECRET.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
+
+
 MAX_PIXELS = 16384  # width or height of any real camera frame
 
 
@@ -48,6 +64,9 @@ class CameraConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     source: str | int
     backend: Literal["auto", "ffmpeg", "v4l2", "gstreamer"] = "auto"
+    rtsp_transport: Literal["auto", "tcp", "udp"] = Field(
+        "auto", description="RTSP over TCP (through firewalls, no loss) or UDP (lower latency); FFmpeg backend"
+    )
     loop: bool = False
     fps: float = Field(0.0, ge=0, le=1000, description="cap on frames taken per second; 0 = every frame")
     stride: int = Field(1, ge=1, le=10_000, description="take every n-th decoded frame")
@@ -57,6 +76,12 @@ class CameraConfig(Strict):
     stall_timeout_s: float = Field(5.0, ge=0.1, le=HOUR)
     reconnect: Reconnect = Reconnect()
     paused: bool = False
+
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON with the source's credentials masked (for replies and status)."""
+        data = self.model_dump(mode="json")
+        data["source"] = redact(str(self.source)) if isinstance(self.source, str) else self.source
+        return data
 
     @field_validator("fps")
     @classmethod
@@ -251,7 +276,10 @@ def load_config(path: Path) -> AgentConfig:
         auth = mqtt.signed_commands.model_copy(update={"keys": [base / k for k in mqtt.signed_commands.keys]})
         mqtt = mqtt.model_copy(update={"signed_commands": auth})
     jsonl = config.results.jsonl and base / config.results.jsonl
-    cameras = [c.model_copy(update={"source": _resolve_source(c.source, base)}) for c in config.cameras]
+    cameras = [
+        c.model_copy(update={"source": substitute_secrets(_resolve_source(c.source, base), f"cameras.{i}.source")})
+        for i, c in enumerate(config.cameras)
+    ]
     return config.model_copy(
         update={
             "engine": engine,
@@ -261,6 +289,31 @@ def load_config(path: Path) -> AgentConfig:
             "mqtt": mqtt,
         }
     )
+
+
+def substitute_secrets(source: str | int, key: str) -> str | int:
+    """``${NAME}`` in a camera source from the environment, ``${file:PATH}`` from a file (its first line).
+
+    Credentials then need not sit in the YAML (``rtsp://admin:${DOOR_PASSWORD}@10.0.0.5/stream``, with the
+    variable from a systemd ``EnvironmentFile=`` or a credentials file readable by the agent alone).
+    """
+    if not isinstance(source, str):
+        return source
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name.startswith("file:"):
+            try:
+                return Path(name[5:]).read_text().splitlines()[0].strip()
+            except (OSError, IndexError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{key}: cannot read the secret file {name[5:]}: {exc}") from None
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+            raise ConfigError(f"{key}: ${{{name[:40]}}} is not ${{NAME}} or ${{file:PATH}}")
+        if name not in os.environ:
+            raise ConfigError(f"{key}: the environment variable {name} is not set")
+        return os.environ[name]
+
+    return _REFERENCE.sub(value, source)
 
 
 def _resolve_source(source: str | int, base: Path) -> str | int:

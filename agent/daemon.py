@@ -36,6 +36,7 @@ from agent.engine.worker import remove_stale_buffers
 from agent.lifecycle.fetch import BundleRef
 from agent.lifecycle.lifecycle import Lifecycle, LifecycleError
 from agent.lifecycle.store import StoreError
+from agent.stream.camera import unusable_sources
 from agent.stream.metrics import Metrics
 from agent.stream.pipeline import Pipeline
 from agent.stream.results import JsonlSink, ResultSink
@@ -76,6 +77,8 @@ class Agent:
         self._last_event: dict[str, Any] | None = None
         self._last_canary: dict[str, Any] | None = None
         remove_stale_buffers()
+        if problems := unusable_sources(config.cameras):
+            raise StartupError("; ".join(problems))
         try:
             if config.mqtt:
                 outbox = Outbox(config.state_dir / "outbox.sqlite", config.mqtt.outbox_max_results)

@@ -50,6 +50,7 @@ def test_labelled_video_end_to_end(demo_bundle: Path, signing_key, digits_video:
     stats = summary(proc.stdout)["cameras"]["digits"]
     assert stats["state"] == "ended" and stats["taken"] == len(labels)
     assert stats["processed"] == len(results) == len(labels) - stats["skipped"] - stats["shed"]
+    assert stats["decode_cpu_ms"] > 0 and stats["preprocess_ms"] > 0  # the camera side's cost per frame
     assert len(results) >= 0.9 * len(labels)  # latest-frame-wins may skip a frame if the engine was busy
     expected = offline_predictions(digits_video, demo_bundle, signing_key[1])
     agent = {r["seq"]: int(r["top"][0]["label"]) for r in results}
@@ -136,6 +137,19 @@ def test_not_yaml(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
 
 
+def test_a_gstreamer_source_without_gstreamer_names_the_fix(demo_bundle, signing_key, tmp_path: Path) -> None:
+    from agent.stream.camera import opencv_has_gstreamer
+
+    camera = {"name": "csi", "source": "videotestsrc ! videoconvert ! appsink", "backend": "gstreamer"}
+    path = write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], [camera])
+    proc = run_agent(path, "--check")
+    if opencv_has_gstreamer():  # JetPack's OpenCV: the pipeline is fine
+        assert proc.returncode == 0, proc.stderr
+    else:  # pip's OpenCV: refused at start, naming the fix
+        assert proc.returncode == 2 and "this OpenCV" in proc.stderr and "built without GStreamer" in proc.stderr
+        assert "--system-site-packages" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_check_mode(demo_bundle, signing_key, digits_video: Path, tmp_path: Path) -> None:
     path = write_config(
         tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}]
@@ -144,9 +158,11 @@ def test_check_mode(demo_bundle, signing_key, digits_video: Path, tmp_path: Path
     assert proc.returncode == 0 and "golden set reproduced" in proc.stdout
 
 
-@pytest.mark.parametrize("name", ["agent.yaml", "demo.yaml"])
-def test_shipped_configs_are_valid(name: str) -> None:
+@pytest.mark.parametrize("name", ["agent.yaml", "jetson.yaml", "demo.yaml"])
+def test_shipped_configs_are_valid(name: str, monkeypatch) -> None:
     from agent.config import load_config
 
+    for variable in ("GATE_PASSWORD", "YARD_PASSWORD"):  # the examples keep passwords in the environment
+        monkeypatch.setenv(variable, "example")
     config = load_config(Path(__file__).parents[1] / "configs" / name)
     assert config.canary.max_restarts >= 0 and config.state_dir.name in ("edgevit", "state")

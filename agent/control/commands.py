@@ -41,6 +41,9 @@ from agent.lifecycle.fetch import BundleRef
 MAX_COMMAND_BYTES = bounded_json.COMMAND_LIMITS.max_bytes
 REMEMBERED_REPLIES = 100_000
 REPLY_WINDOW_S = 7 * 86400.0
+# What a fleet command may change on a camera. Never its source or backend: a remote source would let
+# whoever can publish on the cmd topic open any file, device or GStreamer pipeline on the device.
+SETTABLE_CAMERA_FIELDS = frozenset({"fps", "stride", "region", "stall_timeout_s", "reconnect", "paused", "loop"})
 log = logging.getLogger("edgevit.commands")
 
 
@@ -214,13 +217,19 @@ class CommandHandler:
 
     def _set_camera(self, config: AgentConfig, index: int, changes: dict[str, Any]) -> dict[str, Any]:
         current = config.cameras[index]
+        fixed = sorted(set(changes) - SETTABLE_CAMERA_FIELDS)
+        if fixed:
+            raise CommandError(
+                f"cameras.{current.name}: {', '.join(map(str, fixed))[:200]} cannot be set remotely "
+                f"(settable: {', '.join(sorted(SETTABLE_CAMERA_FIELDS))}); sources come from the config file only"
+            )
         try:
             camera = CameraConfig.model_validate({**current.model_dump(), **changes, "name": current.name})
         except ValidationError as exc:
             raise CommandError(_validation_message(exc, f"cameras.{current.name}.")) from None
         cameras = [*config.cameras[:index], camera, *config.cameras[index + 1 :]]
         self._control.apply_config(config.model_copy(update={"cameras": cameras}))
-        return {"camera": camera.model_dump(mode="json")}
+        return {"camera": camera.public()}
 
     def _set(self, command: dict[str, Any]) -> dict[str, Any]:
         if "batching" in command:

@@ -18,6 +18,7 @@ error (state ``failed``) and its frames are not used until the region is changed
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -27,12 +28,15 @@ from enum import Enum
 import cv2
 import numpy as np
 
-from agent.config import CameraConfig
+from agent.config import CameraConfig, redact
 from agent.engine.preprocess import InputSpec, preprocess_into
 from agent.stream.frames import FrameInfo, FrameQueue
 
 log = logging.getLogger("edgevit.camera")
 
+# OpenCV's FFmpeg backend takes per-open options (RTSP transport) only from this variable: set under a lock
+FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
 BACKENDS = {"auto": cv2.CAP_ANY, "ffmpeg": cv2.CAP_FFMPEG, "v4l2": cv2.CAP_V4L2, "gstreamer": cv2.CAP_GSTREAMER}
 
 
@@ -44,6 +48,28 @@ class CameraState(str, Enum):
     ENDED = "ended"
     PAUSED = "paused"
     STOPPED = "stopped"
+
+
+def opencv_has_gstreamer() -> bool:
+    """Whether this OpenCV was built with GStreamer (JetPack's is; pip's opencv-python wheels are not)."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line
+    return False
+
+
+def unusable_sources(cameras: list[CameraConfig]) -> list[str]:
+    """Why cameras cannot be opened with this OpenCV, found before any thread starts."""
+    wants = [c for c in cameras if c.backend == "gstreamer" or (isinstance(c.source, str) and " ! " in c.source)]
+    if not wants or opencv_has_gstreamer():
+        return []
+    return [
+        f"cameras.{c.name}: a GStreamer pipeline, but this OpenCV ({cv2.__version__}) was built without GStreamer "
+        "(pip's opencv-python-headless has none). On Jetson use JetPack's OpenCV: apt install python3-opencv and "
+        "create the venv with --system-site-packages (see the README's Jetson section); elsewhere build OpenCV "
+        "with -DWITH_GSTREAMER=ON, or use an rtsp:// source with the FFmpeg backend"
+        for c in wants
+    ]
 
 
 def _is_file(source: str | int) -> bool:
@@ -70,6 +96,10 @@ class Camera(threading.Thread):
         self.state = CameraState.CONNECTING
         self.error: str | None = None
         self.decoded = replaces.decoded if replaces else 0
+        # the camera side's cost, so an operator sees when it, not the engine, is the bottleneck
+        self.decode_cpu_s = replaces.decode_cpu_s if replaces else 0.0
+        self.preprocess_s = replaces.preprocess_s if replaces else 0.0
+        self.preprocessed = replaces.preprocessed if replaces else 0
         self.reconnects = replaces.reconnects if replaces else 0
         self.restarts = replaces.restarts + 1 if replaces else 0
         self._start_delay = min(2.0 ** (self.restarts - 1), 60.0) if replaces else 0.0
@@ -117,10 +147,15 @@ class Camera(threading.Thread):
         source, backend = self.config.source, BACKENDS[self.config.backend]
         timeout_ms = int(self.config.stall_timeout_s * 1000)
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-        capture = cv2.VideoCapture(source, backend, params)
+        with _FFMPEG_OPTIONS_LOCK:  # OpenCV reads FFmpeg's options from the environment when it opens
+            if self.config.rtsp_transport == "auto":
+                os.environ.pop(FFMPEG_OPTIONS, None)
+            else:
+                os.environ[FFMPEG_OPTIONS] = f"rtsp_transport;{self.config.rtsp_transport}"
+            capture = cv2.VideoCapture(source, backend, params)
         if not capture.isOpened():
             capture.release()
-            raise OSError(f"cannot open {source!r}")
+            raise OSError(f"cannot open {redact(str(source))!r}")
         return capture
 
     def run(self) -> None:
@@ -171,8 +206,10 @@ class Camera(threading.Thread):
         next_due = 0.0
         index = 0
         while not self._halt.is_set():
+            cpu = time.thread_time()  # CPU, not wall: a live stream's read mostly waits for the next frame
             ok, frame = capture.read()
             now = time.monotonic()
+            self.decode_cpu_s += time.thread_time() - cpu
             if self._halt.is_set():  # stopped or abandoned while the read was blocked
                 break
             if not ok:
@@ -217,7 +254,10 @@ class Camera(threading.Thread):
         return frame[y : y + h, x : x + w]
 
     def _hand_over(self, frame: np.ndarray) -> None:
+        started = time.perf_counter()
         preprocess_into(frame, self._spec, self._scratch, "BGR")
+        self.preprocess_s += time.perf_counter() - started
+        self.preprocessed += 1
         self._seq += 1
         info = FrameInfo(self.config.name, self._seq, time.time(), time.monotonic())
         self._queue.put(info, self._scratch)

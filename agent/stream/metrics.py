@@ -84,8 +84,19 @@ class Metrics:
             before = self._previous.get(name, {})
             rates = {f"{k}_fps": round((v - before.get(k, 0)) / elapsed, 2) for k, v in counts.items()}
             health = {k: state[k] for k in ("state", "error", "reconnects", "restarts")}
-            cameras[name] = {**health, **counts, **rates}
-            self._previous[name] = counts
+            cost, cost_before = state["cost"], before.get("cost", {})
+            decoded = counts["decoded"] - before.get("decoded", 0)
+            prepped = cost["preprocessed"] - cost_before.get("preprocessed", 0)
+            side = {  # per frame over the interval: decode CPU (the camera's thread) and preprocessing
+                "decode_cpu_ms": round((cost["decode_cpu_s"] - cost_before.get("decode_cpu_s", 0)) / decoded * 1e3, 3)
+                if decoded
+                else None,
+                "preprocess_ms": round((cost["preprocess_s"] - cost_before.get("preprocess_s", 0)) / prepped * 1e3, 3)
+                if prepped
+                else None,
+            }
+            cameras[name] = {**health, **counts, **rates, **side}
+            self._previous[name] = {**counts, "cost": cost}
         self._previous["at"] = now
         with self._lock:
             engine = {str(b): round(s / n * 1e3, 3) for b, (s, n) in sorted(self.engine_seconds.items()) if n}
@@ -136,6 +147,16 @@ class _Collector:
     def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
         frames = CounterMetricFamily("edgevit_frames", "Frames per camera by fate", labels=["camera", "kind"])
         reconnects = CounterMetricFamily("edgevit_camera_reconnects", "Camera reconnects", labels=["camera"])
+        decode = CounterMetricFamily(
+            "edgevit_camera_decode_cpu_seconds",
+            "CPU time the camera's thread spent reading and decoding",
+            labels=["camera"],
+        )
+        preprocess = CounterMetricFamily(
+            "edgevit_camera_preprocess_seconds",
+            "Time spent cropping, resizing and converting frames",
+            labels=["camera"],
+        )
         restarts = CounterMetricFamily(
             "edgevit_camera_restarts", "Camera threads replaced (ended, or a read stuck)", labels=["camera"]
         )
@@ -147,8 +168,10 @@ class _Collector:
                 frames.add_metric([name, kind], value)
             reconnects.add_metric([name], state["reconnects"])
             restarts.add_metric([name], state["restarts"])
+            decode.add_metric([name], state["cost"]["decode_cpu_s"])
+            preprocess.add_metric([name], state["cost"]["preprocess_s"])
             connected.add_metric([name, state["state"]], 1.0 if state["state"] == "connected" else 0.0)
-        yield from (frames, reconnects, restarts, connected)
+        yield from (frames, reconnects, restarts, decode, preprocess, connected)
         inference = self._pipeline.inference_state(time.monotonic())
         yield GaugeMetricFamily(
             "edgevit_inference_alive", "1 while the inference thread runs", value=inference["alive"]

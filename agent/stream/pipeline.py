@@ -323,6 +323,11 @@ class Pipeline:
                 "reconnects": camera.reconnects,
                 "restarts": camera.restarts,
                 "counts": counts,
+                "cost": {
+                    "decode_cpu_s": camera.decode_cpu_s,
+                    "preprocess_s": camera.preprocess_s,
+                    "preprocessed": camera.preprocessed,
+                },
             }
         return states
 
