@@ -100,8 +100,8 @@ class Int8Search:
         op_types: tuple[str, ...] = WEIGHT_OPS,
         on_step: Callable[[str], None] | None = None,
     ) -> None:
-        if len(calibration) < 4:
-            raise BuildError(f"INT8 needs at least 4 calibration images, got {len(calibration)}")
+        if len(calibration) < 2:  # one to set ranges, one held aside
+            raise BuildError(f"INT8 needs at least 2 calibration images, got {len(calibration)}")
         self.model_path, self.work, self.op_types = model_path, work, op_types
         self._say = on_step or (lambda _: None)
         self.model = onnx.load(str(model_path))

@@ -62,7 +62,7 @@ def test_demo_main_job(tmp_path: Path) -> None:
         assert re.search(rf"{name}: held-out top-1 \d+\.\d\d% on \d+ digits", proc.stdout)
         assert (tmp_path / name / "model.onnx").is_file()
         assert re.search(
-            rf"wrote bundle {tmp_path}/bundles/{name}-cpu-int8 \({name}-1-cpu-int8-[0-9a-f]{{8}}\)",
+            rf"wrote bundle {tmp_path}/bundles/{name}-cpu-int8 \({name}-1-cpu(-bf16)?-int8-[0-9a-f]{{8}}\)",
             proc.stdout.replace("\n", ""),
         )
     inspect = build(

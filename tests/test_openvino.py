@@ -92,7 +92,7 @@ def test_openvino_float_candidates(demo_exports, signing_key, tmp_path: Path) ->
         )
         assert bf16.chosen.label == "openvino bf16" and bf16.passport["gate"]["passed"]
         assert 0 < bf16.chosen.accuracy.max_abs_logit_error  # BF16 is not FP32
-    with pytest.raises(BuildError, match="--runtime chooses among CPU runtimes"):
+    with pytest.raises(BuildError, match="--runtime openvino is a CPU runtime; --target cuda has its own"):
         build_engine_bundle(
             demo_exports["mixer-digits"],
             tmp_path / "x",
