@@ -31,3 +31,4 @@ bench: install
 	$(BIN)/python bench/agent_bench.py
 	$(BIN)/python bench/swap_bench.py
 	$(BIN)/python bench/fleet_bench.py
+	$(BIN)/python bench/hostile_bench.py

@@ -123,6 +123,7 @@ def test_tls_password_and_signed_commands(secure_broker, demo_bundle, signing_ke
         assert replay.get("duplicate"), "a redelivery is answered from memory, not checked or run again"
         again = operator.send(json.dumps({**signed, "id": "ping-2"}).encode())
         assert not again["ok"] and again["error"].startswith("unauthorised: signature rejected")
+        assert "does not match the command: the command was altered" in again["error"]
         replayed = sign_command({"id": "ping-3", "cmd": "ping", "nonce": signed["nonce"]}, key)
         assert "already used: a replayed command" in operator.send(replayed)["error"]
         unsigned = operator.send({"id": "deploy-1", "cmd": "deploy", "bundle": {"path": "/tmp/x"}})

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from agent_helpers import read_results, start_agent, stop_agent, summary, write_config
 
 from conftest import free_port
@@ -112,3 +113,58 @@ def test_dead_camera_at_start_is_retried_without_stopping_the_agent(
     assert stats["dead"]["reconnects"] >= 2 and stats["dead"]["processed"] == 0
     assert "'camera': 'dead', 'state': 'reconnecting', 'error': \"cannot open" in stderr
     assert stats["file"]["processed"] > 50
+
+
+def test_a_camera_stuck_in_a_blocking_call_is_replaced(demo_bundle, signing_key, digits_video, tmp_path) -> None:
+    """A FIFO nobody writes to: opening it blocks inside OpenCV with no timeout, as a GStreamer or V4L2 read
+    can. The supervisor notices, reports it and replaces the camera; the other camera never notices."""
+    import os
+
+    from agent_helpers import Operator, start_mosquitto
+
+    from conftest import free_port
+
+    fifo = tmp_path / "stuck.fifo"
+    os.mkfifo(fifo)
+    port = free_port()
+    broker = start_mosquitto(tmp_path, port)
+    video = {"name": "video", "source": str(digits_video), "loop": True, "fps": 15}
+    config = write_config(
+        tmp_path / "agent.yaml", demo_bundle, signing_key[1], [video], mqtt={"host": "127.0.0.1", "port": port}
+    )
+    agent = start_agent(config)
+    time.sleep(3)  # until the agent has subscribed to its command topic
+    operator = Operator(port)
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            operator.send({"id": f"s{time.monotonic_ns()}", "cmd": "status"})["result"]["cameras"]["video"]["state"]
+            != "connected"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        # added by a reload once the video camera serves: OpenCV's FFmpeg backend serializes opens process-wide,
+        # so a stuck open would also hold back another camera's *open* (never its reads)
+        stuck = {
+            "name": "stuck",
+            "source": str(fifo),
+            "stall_timeout_s": 1,
+            "reconnect": {"initial_s": 0.1, "max_s": 1},
+        }
+        data = yaml.safe_load(config.read_text())
+        data["cameras"].append(stuck)
+        config.write_text(yaml.safe_dump(data))
+        event = operator.wait_event("camera", timeout=30, camera="stuck", state="restarting")
+        assert "stuck" in event["reason"] and event["restarts"] == 1
+        status = operator.send({"id": "st", "cmd": "status"})["result"]
+        assert status["cameras"]["stuck"]["restarts"] >= 1 and status["cameras"]["video"]["state"] == "connected"
+        before = status["cameras"]["video"]["counts"]["processed"]
+        time.sleep(1.5)
+        after = operator.send({"id": "st2", "cmd": "status"})["result"]["cameras"]["video"]["counts"]["processed"]
+        assert after > before and status["inference"]["alive"]
+    finally:  # the stuck threads are abandoned: the stop does not wait for them
+        _, err = stop_agent(agent)
+        operator.close()
+        broker.terminate()
+        broker.wait()
+    assert agent.returncode == 0, err[-2000:]

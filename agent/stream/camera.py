@@ -34,7 +34,8 @@ from agent.stream.frames import FrameInfo, FrameQueue
 
 log = logging.getLogger("edgevit.camera")
 
-# OpenCV's FFmpeg backend takes per-open options (RTSP transport) only from this variable: set under a lock
+# OpenCV's FFmpeg backend takes per-open options (RTSP transport) only from this process-wide variable: it is
+# set, under a lock, only around the open of an RTSP camera with an explicit rtsp_transport
 FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 _FFMPEG_OPTIONS_LOCK = threading.Lock()
 BACKENDS = {"auto": cv2.CAP_ANY, "ffmpeg": cv2.CAP_FFMPEG, "v4l2": cv2.CAP_V4L2, "gstreamer": cv2.CAP_GSTREAMER}
@@ -93,6 +94,7 @@ class Camera(threading.Thread):
         self._halt = threading.Event()
         self._settings_lock = threading.Lock()
         self._abandoned = False
+        self._opening_since: float | None = None
         self.state = CameraState.CONNECTING
         self.error: str | None = None
         self.decoded = replaces.decoded if replaces else 0
@@ -128,6 +130,9 @@ class Camera(threading.Thread):
             return None if self.state in (CameraState.ENDED, CameraState.STOPPED) else "its thread ended"
         # a file capped at a low fps waits 1/fps between reads on purpose
         patience = self.config.stall_timeout_s + (1 / self.config.fps if self.config.fps else 0.0)
+        opening = self._opening_since
+        if opening is not None and now - opening > self.config.stall_timeout_s + 1.0:
+            return f"opening the source for {now - opening:.0f} s: the open is stuck"
         if self.state in (CameraState.CONNECTED, CameraState.PAUSED, CameraState.FAILED):
             if now - self.last_frame > patience + 1.0:  # a second beyond the read timeout FFmpeg honours
                 return f"no frame for {now - self.last_frame:.0f} s: a read is stuck"
@@ -147,12 +152,18 @@ class Camera(threading.Thread):
         source, backend = self.config.source, BACKENDS[self.config.backend]
         timeout_ms = int(self.config.stall_timeout_s * 1000)
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-        with _FFMPEG_OPTIONS_LOCK:  # OpenCV reads FFmpeg's options from the environment when it opens
-            if self.config.rtsp_transport == "auto":
+        transport = self.config.rtsp_transport
+        if transport == "auto" or not str(source).lower().startswith("rtsp"):
+            capture = cv2.VideoCapture(source, backend, params)  # no lock: a stuck open blocks no other camera
+        else:  # OpenCV reads FFmpeg's options from the environment while it opens: one such open at a time
+            if not _FFMPEG_OPTIONS_LOCK.acquire(timeout=self.config.stall_timeout_s):
+                raise OSError(f"cannot open {redact(str(source))!r}: another camera's RTSP open is still running")
+            try:
+                os.environ[FFMPEG_OPTIONS] = f"rtsp_transport;{transport}"
+                capture = cv2.VideoCapture(source, backend, params)
+            finally:
                 os.environ.pop(FFMPEG_OPTIONS, None)
-            else:
-                os.environ[FFMPEG_OPTIONS] = f"rtsp_transport;{self.config.rtsp_transport}"
-            capture = cv2.VideoCapture(source, backend, params)
+                _FFMPEG_OPTIONS_LOCK.release()
         if not capture.isOpened():
             capture.release()
             raise OSError(f"cannot open {redact(str(source))!r}")
@@ -182,10 +193,13 @@ class Camera(threading.Thread):
 
     def _session(self) -> str:
         """Open and read until it ends: 'stopped', 'ended', or why it must reopen."""
+        self._opening_since = time.monotonic()  # an open can block too (a FIFO, a GStreamer source)
         try:
             capture = self._open()
         except OSError as exc:
             return str(exc)
+        finally:
+            self._opening_since = None
         try:
             self._set_state(CameraState.CONNECTED)
             self.last_frame = time.monotonic()
