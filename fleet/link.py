@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.control import bounded_json
 from agent.control.command_auth import sign_command
 from fleet.protocol import command_topic, device_of, events_topic, reply_topic, status_topic
 
@@ -57,6 +58,10 @@ class Broker:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+
+
+# Status documents and events are larger than commands; still bounded.
+DEVICE_LIMITS = bounded_json.JSONLimits(max_bytes=256 * 1024, max_depth=32)
 
 
 class FleetLink:
@@ -99,9 +104,10 @@ class FleetLink:
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """What devices publish, read with limits: a hostile or broken device must not end this loop."""
         try:
-            payload = json.loads(message.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            payload = bounded_json.loads(message.payload, DEVICE_LIMITS)
+        except bounded_json.JSONLimitError:
             return  # not ours to judge: a fleet tool only reads what agents write
         if not isinstance(payload, dict):
             return
@@ -109,9 +115,9 @@ class FleetLink:
         with self._lock:
             if kind == "status":
                 self.devices[name] = Device(name, payload, time.time())
-            elif kind == "events" and payload.get("command_id"):
+            elif kind == "events" and isinstance(payload.get("command_id"), str):
                 self.events[payload["command_id"]].append({**payload, "device": name})
-            elif kind == "reply" and payload.get("id"):
+            elif kind == "reply" and isinstance(payload.get("id"), str):
                 self.replies[payload["id"]] = payload
 
     def snapshot(self) -> dict[str, Device]:

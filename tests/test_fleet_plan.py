@@ -74,3 +74,40 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "is not a bundle archive" in capsys.readouterr().err
     assert main(["resume", "--state-dir", str(tmp_path)]) == 2
     assert "no running rollout" in capsys.readouterr().err
+
+
+def test_a_hostile_device_cannot_end_the_fleet_link(mosquitto: int) -> None:
+    """What devices publish is read with limits and type checks: deep JSON, huge numbers, an unhashable
+    command id. The link keeps reading, and a real status after them is seen."""
+    import json
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fleet.link import Broker, FleetLink
+
+    link = FleetLink(Broker("127.0.0.1", mosquitto)).connect(settle_s=0.2)
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="evil-box")
+    device.connect("127.0.0.1", mosquitto)
+    device.loop_start()
+    try:
+        hostile = [
+            ("edgevit/evil-box/status", b"[" * 50_000 + b"]" * 50_000),
+            ("edgevit/evil-box/status", b'{"n": ' + b"9" * 20_000 + b"}"),
+            ("edgevit/evil-box/events", json.dumps({"event": "deploy", "command_id": [1, 2]}).encode()),
+            ("edgevit/evil-box/reply", json.dumps({"id": {"a": 1}, "ok": True}).encode()),
+            ("edgevit/evil-box/status", b"\xff\xfe"),
+        ]
+        for topic, payload in hostile:
+            device.publish(topic, payload, qos=1).wait_for_publish(5)
+        device.publish("edgevit/good-box/status", json.dumps({"state": "online"}).encode(), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while "good-box" not in link.snapshot() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert link.snapshot()["good-box"].status["state"] == "online"
+        assert "evil-box" not in link.snapshot()
+    finally:
+        device.loop_stop()
+        device.disconnect()
+        link.close()
