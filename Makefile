@@ -19,7 +19,9 @@ demo: install
 	$(BIN)/edgevit-agent --config configs/demo.yaml
 	$(BIN)/python -m builder.demo score out/demo/results.jsonl out/demo/digits.json
 
-test: install
+test:
+	@scripts/system-deps
+	@$(MAKE) --no-print-directory install
 	$(BIN)/python -m pytest
 
 bench: install

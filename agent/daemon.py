@@ -25,6 +25,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from agent.command_line import new_parser
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.command_auth import CommandVerifier
 from agent.control.commands import CommandError, CommandHandler
@@ -285,13 +286,17 @@ class Agent:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
-        prog="edgevit-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    root.add_argument("--config", type=Path, required=True)
+    root = new_parser("edgevit-agent", __doc__)
+    root.add_argument("--config", type=Path, required=True, help="the agent's YAML (see configs/agent.yaml)")
     root.add_argument("--check", action="store_true", help="validate config, bundle and engine, then exit")
     root.add_argument("--duration", type=float, help="stop after this many seconds (benchmarks, tests)")
-    root.add_argument("--log-level", default="INFO")
+    root.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log verbosity",
+    )
     return root
 
 

@@ -30,8 +30,9 @@ from agent.engine.signing import load_private_key
 from agent.stream.drift import output_profile
 from builder import openvino_engines
 from builder.bundle_writer import write_bundle
+from builder.choices import RUNTIMES, TARGETS
 from builder.datasets import calibration_set, evaluation_set, load_labels
-from builder.errors import BuildError
+from builder.errors import BuildError, GateError
 from builder.int8_recipe import (
     Int8Search,
     MixedPrecisionError,
@@ -40,7 +41,7 @@ from builder.int8_recipe import (
     recipes_for,
 )
 from builder.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
-from builder.passport import Accuracy, Gate, GateError, compare, golden_set, logits, profile_engine
+from builder.passport import Accuracy, Gate, compare, golden_set, logits, profile_engine
 from builder.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
 from builder.progress import counter, note, step
 from builder.tensorrt_plan import PlanSettings, build_plan, tensorrt_version
@@ -48,8 +49,6 @@ from builder.verify import REPORT_FILE
 
 TENSORRT_RECIPE_MODEL = "model-int8-qdq.onnx"
 TENSORRT_RECIPE_REPORT = "recipe.json"
-RUNTIMES = ("auto", "onnxruntime", "openvino")
-TARGETS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
 # Oldest ONNX Runtime that reads a given ONNX IR version / default-domain opset.
 ORT_FOR_IR = {8: "1.12", 9: "1.15", 10: "1.18", 11: "1.21"}
 ORT_FOR_OPSET = {17: "1.14", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.18", 22: "1.20", 23: "1.22"}

@@ -13,5 +13,9 @@ class ResolutionError(BuildError):
     """The requested export resolution is impossible for this model."""
 
 
+class GateError(BuildError):
+    """No candidate engine stayed within the accuracy budget."""
+
+
 class VerificationError(BuildError):
     """The exported model disagrees with the JAX reference beyond tolerance."""

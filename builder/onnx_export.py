@@ -26,9 +26,9 @@ from jax2onnx import to_onnx
 from agent.engine.preprocess import METADATA_KEY as INPUT_SPEC_KEY
 from agent.engine.preprocess import InputSpec
 from builder.architecture import ModelConfig, config_to_dict
+from builder.choices import DEFAULT_OPSET
 from builder.graph_passes import tidy
 
-DEFAULT_OPSET = 20  # TensorRT 10 reads opsets <= 20; native Gelu needs 20.
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MODEL_FILE, EXTERNAL_DATA_FILE = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1536 << 20  # bytes of weights beyond which they go external

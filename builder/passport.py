@@ -21,10 +21,6 @@ from agent.engine.runtimes import Engine
 from builder.errors import BuildError
 
 
-class GateError(BuildError):
-    """No candidate engine stayed within the accuracy budget."""
-
-
 @dataclass(frozen=True)
 class Accuracy:
     images: int

@@ -38,14 +38,13 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from builder.choices import CALIBRATIONS
 from builder.errors import BuildError
 from builder.graph_passes import gemm_to_matmul
 
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
+CALIBRATION_METHODS = dict(
+    zip(CALIBRATIONS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile), strict=True)
+)
 WEIGHT_OPS = ("Gemm", "Conv")
 ALL_OPS: tuple[str, ...] = ()  # quantize every op the quantizer knows: the over-quantized build
 FP16_BLOCKED_OPS = ("LayerNormalization", "Softmax")  # reductions that lose most in half precision

@@ -19,9 +19,9 @@ import onnx
 import onnxruntime as ort
 
 from agent.engine.bundle import file_digest
+from builder.choices import DEFAULT_TOLERANCE
 from builder.errors import VerificationError
 
-DEFAULT_TOLERANCE = 1e-3
 REPORT_FILE = "verification.json"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 import time
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from agent.command_line import new_parser, subcommands
 from agent.engine.bundle import MANIFEST, file_digest
 from agent.engine.signing import SignatureError, load_private_key
 from fleet.link import Broker, Device, FleetLink
@@ -40,10 +42,12 @@ class FleetError(ValueError):
 
 def _connection(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--host", default="127.0.0.1", help="MQTT broker (a cluster's load balancer works the same)")
-    cmd.add_argument("--port", type=int, default=1883)
+    cmd.add_argument("--port", type=int, default=1883, help="MQTT broker port (8883 is the usual TLS port)")
     cmd.add_argument("--prefix", default="edgevit", help="the agents' mqtt.prefix")
-    cmd.add_argument("--username")
-    cmd.add_argument("--password")
+    cmd.add_argument("--username", help="MQTT user name")
+    cmd.add_argument(
+        "--password", help="MQTT password (or the EDGEVIT_FLEET_PASSWORD environment variable, kept out of ps)"
+    )
     cmd.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
     cmd.add_argument("--cert", type=Path, help="client certificate (with --ca)")
     cmd.add_argument("--key", type=Path, help="client certificate's key (with --ca)")
@@ -52,8 +56,8 @@ def _connection(cmd: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="edgevit-fleet", description=__doc__)
-    commands = root.add_subparsers(dest="command", required=True)
+    root = new_parser("edgevit-fleet", __doc__)
+    commands = subcommands(root)
     status = commands.add_parser("status", help="every device on the broker: state, labels, engine, figures")
     status.add_argument("--select", default="", help="labels, e.g. site=lab,hardware=orin (device=NAME works too)")
     status.add_argument("--json", action="store_true", help="machine-readable")
@@ -77,20 +81,21 @@ def parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="an installed bundle id instead of each device's previous")
     rollback.add_argument("--timeout", type=float, default=300)
     history = commands.add_parser("history", help="rollouts this controller ran, with their outcome")
-    history.add_argument("--json", action="store_true")
+    history.add_argument("--json", action="store_true", help="machine-readable")
     serve = commands.add_parser("serve", help="serve bundle archives over HTTP(S) with Range (resumable)")
     serve.add_argument("folder", type=Path)
-    serve.add_argument("--bind", default="0.0.0.0")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--tls-cert", type=Path)
-    serve.add_argument("--tls-key", type=Path)
+    serve.add_argument("--bind", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--http-port", type=int, default=8000, help="HTTP(S) port")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (with --tls-key)")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
     for cmd in (status, deploy, resume, rollback, history):
         _connection(cmd)
     return root
 
 
 def _link(args: argparse.Namespace) -> FleetLink:
-    broker = Broker(args.host, args.port, args.prefix, args.username, args.password, args.ca, args.cert, args.key)
+    password = args.password or os.environ.get("EDGEVIT_FLEET_PASSWORD")
+    broker = Broker(args.host, args.port, args.prefix, args.username, password, args.ca, args.cert, args.key)
     try:
         key = load_private_key(args.sign) if args.sign else None
     except SignatureError as exc:

@@ -71,7 +71,8 @@ class FleetLink:
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # command id -> events
         self.replies: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # answered: connected, or refused (``_refusal``)
+        self._refusal = ""
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edgevit-fleet-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
         )
@@ -89,15 +90,25 @@ class FleetLink:
 
     def connect(self, settle_s: float = 1.0, timeout_s: float = 10.0) -> FleetLink:
         """Connect, subscribe, and give the broker ``settle_s`` to deliver the retained statuses."""
-        self.client.connect(self.broker.host, self.broker.port)
+        where = f"MQTT broker {self.broker.host}:{self.broker.port}"
+        try:
+            self.client.connect(self.broker.host, self.broker.port)
+        except OSError as exc:  # refused, unreachable, name not found, TLS handshake
+            raise ConnectionError(f"cannot reach the {where}: {exc.strerror or exc}") from exc
         self.client.loop_start()
         if not self._connected.wait(timeout_s):
-            raise ConnectionError(f"no MQTT connection to {self.broker.host}:{self.broker.port} in {timeout_s:g} s")
+            self.close()
+            raise ConnectionError(f"no answer from the {where} in {timeout_s:g} s")
+        if self._refusal:
+            self.close()
+            raise ConnectionError(f"the {where} refused this client: {self._refusal}")
         time.sleep(settle_s)
         return self
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
+        if reason.is_failure:  # bad credentials or not authorised: said at once, not after a timeout
+            self._refusal = str(reason)
+            self._connected.set()
             return
         prefix = self.broker.prefix
         client.subscribe([(status_topic(prefix), 1), (events_topic(prefix), 1), (reply_topic(prefix), 1)])

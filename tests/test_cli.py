@@ -73,6 +73,22 @@ def test_demo_main_job(tmp_path: Path) -> None:
     # each candidate's recipe: method, calibration, smoothing (the demo model has no outliers to smooth)
     assert "int8 static (minmax)" in inspect.stdout and "int8 dynamic" in inspect.stdout
     assert "static-qdq-u8s8" in inspect.stdout and ("no smoothing" in inspect.stdout or "α=" in inspect.stdout)
+    # the whole passport: the gate, latency per batch size, the recipe of what ships
+    assert re.search(r"gate: top-1 drop ≤ 1 pts, agreement ≥ 99%; passed", inspect.stdout)
+    assert "latency per batch size" in inspect.stdout and "engine: " in inspect.stdout
+    # piped output is a log: every step a timestamped line with its count or elapsed time
+    assert re.search(r"^\d\d:\d\d:\d\d converting ViT-\S+ to ONNX \(opset 20\): done \(\d+\.\d s\)$", proc.stdout, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d evaluating the FP32 reference: \d+/\d+ done", proc.stdout, re.M)
+    as_json = build(
+        "inspect", tmp_path / "bundles" / "mixer-digits-cpu-int8", "--trust", tmp_path / "keys" / "edgevit.pub",
+        "--json", "--profile", "--profile-seconds", "0.05",
+    )  # fmt: skip
+    assert as_json.returncode == 0, as_json.stderr
+    shown = json.loads(as_json.stdout)
+    passport = json.loads((tmp_path / "bundles" / "mixer-digits-cpu-int8" / "passport.json").read_text())
+    assert shown["passport"] == passport and shown["golden"]["passed"]
+    assert [r["batch"] for r in shown["profile_here"]["latency"]] == [r["batch"] for r in passport["latency"]]
+    assert all(r["images_per_s"] > 0 for r in shown["profile_here"]["latency"])
 
 
 def test_keygen_never_overwrites(tmp_path: Path) -> None:

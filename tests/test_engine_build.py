@@ -22,8 +22,7 @@ from builder.demo.digits import raw_digits
 from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR
 from builder.engine_build import EngineOptions, build_engine_bundle
-from builder.errors import BuildError
-from builder.passport import GateError
+from builder.errors import BuildError, GateError
 
 FAST = {"profile_seconds": 0.05, "calibration_images": 64}
 

@@ -20,9 +20,9 @@ from builder.datasets import calibration_set
 from builder.demo.outliers import OUTLIER_CHANNELS, write_outlier_checkpoint
 from builder.demo.train import CHECKPOINT_DIR
 from builder.engine_build import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT, EngineOptions, build_engine_bundle
-from builder.errors import BuildError
+from builder.errors import BuildError, GateError
 from builder.export import export_checkpoint
-from builder.passport import Gate, GateError
+from builder.passport import Gate
 from builder.precision import float_weight_ops
 from builder.smoothing import find_targets, smooth, smoothing_factors
 

@@ -1,0 +1,110 @@
+"""A bundle's passport for people: every candidate, the gate, latency per batch size, the recipe.
+
+Everything here fits 80 columns: what does not fit a column (a candidate's recipe, the
+gate's misses) goes on lines under the candidate's label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+
+def recipe(quantization: dict | None) -> str:
+    """How a candidate was made, in a few words: method, calibration, smoothing, layers left in float."""
+    if not quantization:
+        return "-"
+    parts = [quantization["method"]]
+    if quantization.get("calibration"):
+        parts.append(quantization["calibration"])
+    alpha = quantization.get("smoothing_alpha")
+    parts.append(f"α={alpha:g}" if alpha is not None else quantization.get("smoothing", "no smoothing"))
+    if quantization.get("float_layers"):
+        parts.append(f"{len(quantization['float_layers'])} layers float")
+    return ", ".join(parts)
+
+
+def _rate(images_per_s: float) -> str:
+    return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.1f}"
+
+
+def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
+    """The candidates of a build (their passport summaries), the one that ships marked."""
+    table = Table(
+        "", "candidate", "top-1", "agree", "Δlogit", "img/s", "gate", title=title, box=box.SIMPLE_HEAD, caption=(
+            "top-1 on the evaluation set; agree: top-1 agreement with FP32; Δlogit: max |logit error|; "
+            "img/s at the largest batch; ▶ ships"
+        ),
+    )  # fmt: skip
+    for c in candidates:
+        a = c["accuracy"] or {}
+        lines = [c["label"], f"[dim]{recipe(c['quantization'])}[/]" if c["quantization"] else ""]
+        lines += [f"[red]✗ {miss}[/]" for miss in c["gate_misses"]]
+        table.add_row(
+            "▶" if c["label"] == chosen else "",
+            "\n".join(line for line in lines if line),
+            f"{a['engine_top1']:.1%}" if a else "-",
+            f"{a['top1_agreement']:.1%}" if a else "-",
+            f"{a['max_abs_logit_error']:.2g}" if a else "-",
+            _rate(c["latency"][-1]["images_per_s"]) if c["latency"] else "-",
+            "pass" if not c["gate_misses"] else "[red]miss[/]",
+        )
+    return table
+
+
+def latency_table(built: list[dict], here: list[dict] | None) -> Table:
+    """Latency per batch size as built; beside it, what this machine measured now (``--profile``)."""
+    columns = ["batch", "img/s", "p50 ms", "p99 ms"]
+    if here is not None:
+        columns += ["here img/s", "here p99", "here/built"]
+    table = Table(*columns, title="latency per batch size", box=box.SIMPLE_HEAD)
+    now = {row["batch"]: row for row in here or []}
+    for row in built:
+        cells = [str(row["batch"]), _rate(row["images_per_s"]), f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
+        if here is not None:
+            mine = now.get(row["batch"])
+            cells += (
+                [
+                    f"{mine['images_per_s']:.1f}",
+                    f"{mine['p99_ms']:.2f}",
+                    f"{mine['images_per_s'] / row['images_per_s']:.2f}×",
+                ]
+                if mine
+                else ["-", "-", "-"]
+            )
+        table.add_row(*cells)
+    return table
+
+
+def show_passport(console: Console, passport: dict[str, Any], here: dict | None = None) -> None:
+    """The whole passport; ``here`` is a fresh profile of the engine on this machine, shown beside it."""
+    engine, gate, accuracy = passport["engine"], passport["gate"], passport["accuracy"]
+    measured = passport["measured_on"]
+    versions = ", ".join(f"{k} {measured[k]}" for k in ("onnxruntime", "openvino", "tensorrt") if measured.get(k))
+    console.print(
+        f"engine: {engine['chosen']} ({engine['precision']} on {engine['target']}); "
+        f"recipe: {recipe(engine.get('quantization'))}"
+    )
+    console.print(
+        f"accuracy on {passport['evaluation_set']['description']}: top-1 {accuracy['engine_top1']:.2%} "
+        f"(FP32 {accuracy['reference_top1']:.2%}, drop {accuracy['top1_drop_points']:.2f} pts), agreement "
+        f"{accuracy['top1_agreement']:.2%}, max |Δlogit| {accuracy['max_abs_logit_error']:.3g}"
+    )
+    verdict = "passed" if gate["passed"] else "MISSED: " + "; ".join(gate["misses"])
+    accepted = " (shipped anyway: --accept-accuracy-loss)" if gate["accepted_accuracy_loss"] else ""
+    console.print(
+        f"gate: top-1 drop ≤ {gate['max_top1_drop_points']:g} pts, agreement ≥ {gate['min_top1_agreement']:.0%}; "
+        f"{verdict}{accepted}"
+    )
+    console.print(
+        f"built {passport['built']} on {measured['cpu']} ({versions}); calibration: "
+        f"{passport.get('calibration_set') or '-'}; peak RSS {passport['peak_rss_mib']:.0f} MiB"
+    )
+    if passport.get("latency"):
+        console.print(latency_table(passport["latency"], here and here["latency"]))
+        if here:
+            console.print(f"peak RSS here {here['peak_rss_mib']:.0f} MiB (built: {passport['peak_rss_mib']:.0f} MiB)")
+    console.print(candidate_table(passport["candidates"], engine["chosen"], "candidates"))
