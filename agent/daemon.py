@@ -281,7 +281,7 @@ class Agent:
             self.lifecycle.stop()
             self.pipeline.stop(drain=True)
             self.close_engines()
-            summary = self.metrics.snapshot(self.pipeline)
+            summary = self.metrics.snapshot(self.pipeline, whole_run=True)
             print(json.dumps({"summary": summary}), flush=True)
 
 

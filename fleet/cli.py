@@ -8,16 +8,19 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from agent.command_line import new_parser, subcommands
 from agent.engine.bundle import MANIFEST, file_digest
 from agent.engine.signing import SignatureError, load_private_key
+from fleet.dashboard import Dashboard, MetricsHistory
 from fleet.link import Broker, Device, FleetLink
 from fleet.rollout import (
     FAILED,
@@ -88,19 +91,22 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP(S) port")
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (with --tls-key)")
     serve.add_argument("--tls-key", type=Path, help="the certificate's private key")
-    for cmd in (status, deploy, resume, rollback, history):
+    dashboard = commands.add_parser("dashboard", help="a read-only web page of the live fleet and its rollout")
+    dashboard.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    dashboard.add_argument("--http-port", type=int, default=8080, help="HTTP port (0: any free one)")
+    for cmd in (status, deploy, resume, rollback, history, dashboard):
         _connection(cmd)
     return root
 
 
-def _link(args: argparse.Namespace) -> FleetLink:
+def _link(args: argparse.Namespace, on_metrics: Callable[[str, dict[str, Any]], None] | None = None) -> FleetLink:
     password = args.password or os.environ.get("EDGEVIT_FLEET_PASSWORD")
     broker = Broker(args.host, args.port, args.prefix, args.username, password, args.ca, args.cert, args.key)
     try:
         key = load_private_key(args.sign) if args.sign else None
     except SignatureError as exc:
         raise FleetError(str(exc)) from exc
-    return FleetLink(broker, key).connect()
+    return FleetLink(broker, key, on_metrics).connect()
 
 
 def _row(device: Device) -> dict[str, Any]:
@@ -125,17 +131,32 @@ def _row(device: Device) -> dict[str, Any]:
     }
 
 
+def narrow_table(*headers: str, **options: Any) -> Table:
+    """A table that stays readable at 80 columns: headers whole, long values folded onto more lines."""
+    columns = [Column(h, min_width=len(h), overflow="fold") for h in headers]
+    return Table(*columns, box=box.SIMPLE_HEAD, pad_edge=False, **options)
+
+
+def _figure(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
+
+
 def _table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(
-        "device", "state", "labels", "active", "canary", "fps", "p99 ms", "agreement", "drift (mix/conf)", "last event"
-    )
+    """One device per row; its labels and last event on lines under its name, a canary under its engine."""
+    table = narrow_table("device", "state", "engine", "fps", "p99 ms", "agree", "drift")
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
-        drift = f"{r['class_mix_distance']}/{r['confidence_drift']}" if r["class_mix_distance"] is not None else "-"
+        who = "\n".join(
+            filter(
+                None,
+                [r["device"], f"[dim]{labels}[/]" if labels else "", r["last_event"] and f"[dim]{r['last_event']}[/]"],
+            )
+        )
+        engine = (r["active"] or "-") + (f"\n[yellow]canary {r['canary']}[/]" if r["canary"] else "")
         state = "[green]online[/]" if r["state"] == "online" else "[red]offline[/]"
         table.add_row(
-            r["device"], state, labels, r["active"] or "-", r["canary"] or "-", str(r["fps"] or "-"),
-            str(r["p99_ms"] or "-"), str(r["agreement"] or "-"), drift, r["last_event"] or "-",
+            who, state, engine, _figure(r["fps"], 1), _figure(r["p99_ms"], 1), _figure(r["agreement"], 3),
+            _figure(r["class_mix_distance"], 3),
         )  # fmt: skip
     return table
 
@@ -247,14 +268,30 @@ def run_history(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps([{"id": r.id, "bundle_id": r.bundle_id, "state": r.state, **r.counts()} for r in rollouts]))
         return 0
-    table = Table("rollout", "bundle", "state", "succeeded", "failed", "rolled back", "skipped", "untouched")
+    table = narrow_table("rollout", "bundle", "state", "outcomes")
     for r in rollouts:
         c = r.counts()
-        table.add_row(
-            r.id, r.bundle_id, r.state, str(c[SUCCEEDED]), str(c[FAILED]), str(c["rolled-back"]),
-            str(c["skipped"]), str(c["pending"]),
-        )  # fmt: skip
+        outcomes = (
+            f"{c[SUCCEEDED]} succeeded, {c[FAILED]} failed, {c['rolled-back']} rolled back, {c['skipped']} skipped, "
+            f"{c['pending']} untouched"
+        )
+        table.add_row(r.id, r.bundle_id, r.state, outcomes)
     console.print(table)
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace, console: Console) -> int:
+    history = MetricsHistory()
+    link = _link(args, history.record)
+    page = Dashboard(link, history, args.state_dir, args.bind, args.http_port)
+    console.print(f"fleet dashboard at {page.url} (read-only); Ctrl-C stops")
+    try:
+        page.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.close()
+        link.close()
     return 0
 
 
@@ -276,6 +313,7 @@ COMMANDS = {
     "rollback": run_rollback,
     "history": run_history,
     "serve": run_serve,
+    "dashboard": run_dashboard,
 }
 
 

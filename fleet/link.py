@@ -9,11 +9,13 @@ matches outcomes to the commands it sent.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import ssl
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.control import bounded_json
 from agent.control.command_auth import sign_command
-from fleet.protocol import command_topic, device_of, events_topic, reply_topic, status_topic
+from fleet.protocol import command_topic, device_of, events_topic, metrics_topic, reply_topic, status_topic
 
 
 @dataclass
@@ -41,11 +43,16 @@ class Device:
 
     @property
     def labels(self) -> dict[str, str]:
-        return self.status.get("labels") or {}
+        labels = self.status.get("labels")
+        return {k: v for k, v in labels.items() if isinstance(v, str)} if isinstance(labels, dict) else {}
 
     @property
     def engine(self) -> dict[str, Any]:
-        return self.status.get("engine") or {}
+        engine = self.status.get("engine")
+        return engine if isinstance(engine, dict) else {}
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,14 @@ DEVICE_LIMITS = bounded_json.JSONLimits(max_bytes=256 * 1024, max_depth=32)
 
 
 class FleetLink:
-    def __init__(self, broker: Broker, signing_key: Ed25519PrivateKey | None = None) -> None:
-        self.broker, self.signing_key = broker, signing_key
+    def __init__(
+        self,
+        broker: Broker,
+        signing_key: Ed25519PrivateKey | None = None,
+        on_metrics: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``on_metrics(device, payload)`` gets each device's periodic metrics (the dashboard's charts)."""
+        self.broker, self.signing_key, self.on_metrics = broker, signing_key, on_metrics
         self.devices: dict[str, Device] = {}
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # command id -> events
         self.replies: dict[str, dict[str, Any]] = {}
@@ -111,7 +124,10 @@ class FleetLink:
             self._connected.set()
             return
         prefix = self.broker.prefix
-        client.subscribe([(status_topic(prefix), 1), (events_topic(prefix), 1), (reply_topic(prefix), 1)])
+        topics = [(status_topic(prefix), 1), (events_topic(prefix), 1), (reply_topic(prefix), 1)]
+        if self.on_metrics is not None:
+            topics.append((metrics_topic(prefix), 0))
+        client.subscribe(topics)
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -123,6 +139,12 @@ class FleetLink:
         if not isinstance(payload, dict):
             return
         name, kind = device_of(message.topic), message.topic.rsplit("/", 1)[-1]
+        if kind == "metrics" and self.on_metrics is not None:
+            try:
+                self.on_metrics(name, payload)
+            except Exception:  # a listener's bug, or a payload it cannot read: never the end of this loop
+                log.exception("metrics from %s could not be recorded", name)
+            return
         with self._lock:
             if kind == "status":
                 self.devices[name] = Device(name, payload, time.time())

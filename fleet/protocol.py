@@ -40,6 +40,10 @@ def reply_topic(prefix: str, device: str = "+") -> str:
     return f"{prefix}/{device}/reply"
 
 
+def metrics_topic(prefix: str, device: str = "+") -> str:
+    return f"{prefix}/{device}/metrics"
+
+
 def device_of(topic: str) -> str:
     """The device id in ``<prefix>/<device>/...``."""
     return topic.split("/")[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from agent_helpers import read_results, run_agent, start_agent, start_mosquitto, stop_agent, write_config
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
 
@@ -88,6 +90,29 @@ def test_results_metrics_status_over_mqtt(
     assert 'edgevit_frames_total{camera="door",kind="processed"}' in scrape
     assert "edgevit_frame_latency_seconds_bucket" in scrape and "process_resident_memory_bytes" in scrape
     assert "edgevit_class_mix_distance" in scrape and 'edgevit_engine_info{bundle_id="vit-digits' in scrape
+    check_grafana_dashboard(scrape)
+
+
+def check_grafana_dashboard(scrape: str) -> None:
+    """configs/grafana-dashboard.json asks only for series this agent exposes, with labels and values it has."""
+    samples = [s for family in text_string_to_metric_families(scrape) for s in family.samples]
+    names = {s.name for s in samples}
+    labels = {(s.name, k) for s in samples for k in s.labels}
+    values = {(s.name, k, v) for s in samples for k, v in s.labels.items()}
+    dashboard = json.loads((Path(__file__).parents[1] / "configs" / "grafana-dashboard.json").read_text())
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "instance"}
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name, selector in re.findall(r"\b((?:edgevit|process)_[a-z_]+)(?:\{([^}]*)\})?", target["expr"]):
+                assert name in names, f"{panel['title']}: {name} is not in a real scrape"
+                for key, op, value in re.findall(r'(\w+)\s*(=~|=)\s*"([^"]*)"', selector):
+                    if key == "instance":  # added by Prometheus at scrape time
+                        continue
+                    assert (name, key) in labels, f"{panel['title']}: {name} has no label {key}"
+                    wanted = value.split("|") if op == "=~" else [value]
+                    assert all((name, key, v) in values for v in wanted), f"{panel['title']}: {name}{{{key}={value}}}"
 
 
 def test_last_will_marks_a_killed_agent_offline(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -51,6 +52,10 @@ def test_labelled_video_end_to_end(demo_bundle: Path, signing_key, digits_video:
     assert stats["state"] == "ended" and stats["taken"] == len(labels)
     assert stats["processed"] == len(results) == len(labels) - stats["skipped"] - stats["shed"]
     assert stats["decode_cpu_ms"] > 0 and stats["preprocess_ms"] > 0  # the camera side's cost per frame
+    # the summary's rates cover the run (first frame to last result) and agree with the live lines
+    assert stats["processed_fps"] <= stats["decoded_fps"] and 24 <= stats["decoded_fps"] <= 32  # played at 30 fps
+    live = [float(m) for m in re.findall(r"^\s*([\d.]+) frames/s", proc.stdout, re.M)][1:-1]  # whole intervals
+    assert live and abs(float(np.median(live)) - stats["processed_fps"]) <= 0.25 * stats["processed_fps"]
     assert len(results) >= 0.9 * len(labels)  # latest-frame-wins may skip a frame if the engine was busy
     expected = offline_predictions(digits_video, demo_bundle, signing_key[1])
     agent = {r["seq"]: int(r["top"][0]["label"]) for r in results}

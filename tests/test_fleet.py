@@ -8,6 +8,7 @@ The tests run in order, each from the state the previous one left.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -26,7 +27,10 @@ from agent_helpers import (
     wait_for_port,
     write_config,
 )
+from browser import headless_chromium
 from engine_variants import slow_down
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from agent.engine.bundle import verify_bundle
 from builder.pack import pack_bundle
@@ -178,6 +182,51 @@ def test_a_killed_controller_resumes(fleet: Fleet) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming" in done.stdout and "completed: 4 devices run vit-digits-v3" in done.stdout
     assert all(fleet.status()[f"b-{i}"]["active"] == "vit-digits-v3" for i in range(1, 5))
+
+
+def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path: Path) -> None:
+    """A real headless Chromium on ``edgevit-fleet dashboard``: every device, the last rollout, the charts."""
+    http_port = free_port()
+    page = subprocess.Popen(
+        fleet.command("dashboard", "--bind", "127.0.0.1", "--http-port", str(http_port)), stdout=subprocess.DEVNULL
+    )
+    wait_for_port(http_port, page)  # type: ignore[arg-type]
+    status = fleet.status()
+    browser = headless_chromium()
+    try:
+        browser.get(f"http://127.0.0.1:{http_port}/")
+        rows_shown = (By.CSS_SELECTOR, "#devices tbody tr")
+        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(*rows_shown)) == len(fleet.agents))
+        # a chart needs two samples of the metrics topic (one per device per 5 s)
+        WebDriverWait(browser, 40).until(
+            lambda b: all(
+                int(s.get_attribute("data-points")) >= 2 for s in b.find_elements(By.CSS_SELECTOR, "svg.spark")
+            )
+        )
+        rows = {
+            tr.get_attribute("data-device"): [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in browser.find_elements(*rows_shown)
+        }
+        assert sorted(rows) == sorted(fleet.agents)
+        for name, cells in rows.items():
+            device, state, labels, active = cells[:4]
+            assert device == name and state == "online" and active == status[name]["active"]
+            assert labels == f"site={name[0]}, hardware=x86" or labels == f"hardware=x86, site={name[0]}"
+            assert float(cells[6]) > 0  # fps
+        assert all(rows[f"b-{i}"][9].startswith("commit (100.0%)") for i in range(1, 5)), "the last canary verdict"
+        assert browser.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
+        # the latest rollout (site b to v3, one device a wave), wave by wave with each device's outcome
+        head = browser.find_element(By.CSS_SELECTOR, ".rollout-head").text
+        assert "vit-digits-v3" in head and "completed" in head
+        waves = [w.text for w in browser.find_elements(By.CSS_SELECTOR, "#waves tr")]
+        assert waves == [f"wave {i} b-{i + 1}: succeeded" for i in range(4)]
+        cards = browser.find_element(By.ID, "summary").text
+        assert "10\ndevices" in cards and "10\nonline" in cards
+        browser.save_screenshot(str(os.environ.get("EDGEVIT_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png"))
+    finally:
+        browser.quit()
+        page.terminate()
+        page.wait()
 
 
 def test_a_device_that_goes_offline_is_reported_not_waited_on(fleet: Fleet) -> None:

@@ -98,6 +98,8 @@ class Camera(threading.Thread):
         self.state = CameraState.CONNECTING
         self.error: str | None = None
         self.decoded = replaces.decoded if replaces else 0
+        # when this camera's first frame arrived (monotonic): the run's rates are counted from it
+        self.first_frame: float | None = replaces.first_frame if replaces else None
         # the camera side's cost, so an operator sees when it, not the engine, is the bottleneck
         self.decode_cpu_s = replaces.decode_cpu_s if replaces else 0.0
         self.preprocess_s = replaces.preprocess_s if replaces else 0.0
@@ -232,6 +234,8 @@ class Camera(threading.Thread):
                 return "ended" if is_file else "error"
             self.decoded += 1
             self.last_frame = now
+            if self.first_frame is None:
+                self.first_frame = now
             with self._settings_lock:
                 config = self.config
             index += 1

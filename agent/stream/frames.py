@@ -35,6 +35,7 @@ class CameraCounters:
     shed: int = 0  # dropped by the batcher: too old to meet the budget
     processed: int = 0
     failed: int = 0  # in a batch the engine failed on
+    last_processed: float = 0.0  # monotonic time of the latest result
 
 
 class FrameQueue:

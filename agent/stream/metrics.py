@@ -74,16 +74,22 @@ class Metrics:
         p50, p95, p99 = np.percentile(window, [50, 95, 99]) * 1e3
         return {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2)}
 
-    def snapshot(self, pipeline: Pipeline) -> dict[str, Any]:
-        """Per-camera rates since the previous snapshot, latency percentiles, batching, process."""
+    def snapshot(self, pipeline: Pipeline, whole_run: bool = False) -> dict[str, Any]:
+        """Per-camera rates, latency percentiles, batching, process.
+
+        Rates are over the interval since the previous snapshot (the live lines), or with
+        ``whole_run`` over each camera's active span, first frame to latest result (the closing
+        summary): a last interval cut short by the end of a file would say neither.
+        """
         now = time.monotonic()
-        elapsed = max(now - self._previous.get("at", self._started), 1e-6)
+        interval = max(now - self._previous.get("at", self._started), 1e-6)
         cameras = {}
         for name, state in pipeline.camera_states().items():
             counts = state["counts"]
-            before = self._previous.get(name, {})
+            before = {} if whole_run else self._previous.get(name, {})
+            elapsed = max(state["active_s"], 1e-6) if whole_run else interval
             rates = {f"{k}_fps": round((v - before.get(k, 0)) / elapsed, 2) for k, v in counts.items()}
-            health = {k: state[k] for k in ("state", "error", "reconnects", "restarts")}
+            health = {k: state[k] for k in ("state", "error", "reconnects", "restarts", "active_s")}
             cost, cost_before = state["cost"], before.get("cost", {})
             decoded = counts["decoded"] - before.get("decoded", 0)
             prepped = cost["preprocessed"] - cost_before.get("preprocessed", 0)

@@ -280,7 +280,9 @@ class Pipeline:
         for sink in self.sinks:
             sink.emit(results)
         for info in infos:
-            self.queue.counters[info.camera].processed += 1
+            counters = self.queue.counters[info.camera]
+            counters.processed += 1
+            counters.last_processed = done
         self.metrics.record_batch(n, done - started, np.asarray([done - i.arrived for i in infos]))
         self.last_batch_done = done
 
@@ -317,8 +319,11 @@ class Pipeline:
                 "shed": c.shed,
                 "failed": c.failed,
             }
+            # from the first frame to the latest frame or result, whichever is later: the span the run's rates cover
+            active = max(camera.last_frame, c.last_processed) - camera.first_frame if camera.first_frame else 0.0
             states[name] = {
                 "state": camera.state.value,
+                "active_s": round(max(active, 0.0), 3),
                 "error": camera.error,
                 "reconnects": camera.reconnects,
                 "restarts": camera.restarts,
