@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from agent.command_line import new_parser, subcommands
-from builder.choices import CALIBRATIONS, DEFAULT_OPSET, DEFAULT_TOLERANCE, RUNTIMES, TARGETS
+from builder.choices import CALIBRATIONS, DEFAULT_OPSET, DEFAULT_TENSORRT, DEFAULT_TOLERANCE, RUNTIMES, TARGETS
 from builder.errors import BuildError, GateError, VerificationError
 
 EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_GATE = 2, 3, 4
@@ -110,6 +110,12 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--golden", type=_positive, default=8, help="frames in the golden set")
     cmd.add_argument("--workspace-mib", type=_positive, default=1024, help="TensorRT workspace memory-pool limit")
     cmd.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, reused and updated")
+    cmd.add_argument(
+        "--tensorrt-version",
+        default=DEFAULT_TENSORRT,
+        help="TensorRT release whose ONNX parser rules a TensorRT-bound graph is checked against on a machine "
+        "without TensorRT (JetPack 6.1/6.2: 10.3; 6.0: 8.6)",
+    )
     cmd.add_argument("--profile-seconds", type=float, default=1.0, help="time spent per batch size when profiling")
     cmd.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: all cores)")
 

@@ -30,7 +30,7 @@ from agent.engine.signing import load_private_key
 from agent.stream.drift import output_profile
 from builder import openvino_engines
 from builder.bundle_writer import write_bundle
-from builder.choices import RUNTIMES, TARGETS
+from builder.choices import DEFAULT_TENSORRT, RUNTIMES, TARGETS
 from builder.datasets import calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError, GateError
 from builder.int8_recipe import (
@@ -44,6 +44,7 @@ from builder.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
 from builder.passport import Accuracy, Gate, compare, golden_set, logits, profile_engine
 from builder.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
 from builder.progress import counter, note, step
+from builder.tensorrt_check import require_parsable
 from builder.tensorrt_plan import PlanSettings, build_plan, tensorrt_version
 from builder.verify import REPORT_FILE
 
@@ -77,6 +78,12 @@ class EngineOptions:
     profile_seconds: float = 1.0
     threads: int | None = None
     runtime: str = "auto"  # CPU runtimes to build candidates for: auto (all installed) | onnxruntime | openvino
+    tensorrt_version: str = DEFAULT_TENSORRT  # the parser rules a TensorRT-bound graph is checked against here
+
+
+def checked_tensorrt(options: EngineOptions) -> str:
+    """The TensorRT whose parser rules apply: the one installed here, else the one the options name."""
+    return tensorrt_version() or options.tensorrt_version
 
 
 @dataclass
@@ -241,6 +248,7 @@ def _candidates(
         search = _int8_search(export, options, work, progress)
         return _int8_candidates(export, options, search, work, progress), search
     if options.target == "tensorrt":
+        require_parsable(model, checked_tensorrt(options))
         with step(progress, f"building TensorRT {options.precision} plan"):
             plan = build_plan(model, work / "model.plan", _plan_settings(export, options))
         return [Candidate(f"tensorrt {options.precision}", "tensorrt", [plan])], None
@@ -417,6 +425,7 @@ def build_engine_bundle(
             tried = _mixed_precision(search, candidates, evaluation)
         chosen = _choose(candidates, options, tried)
         if options.target == "tensorrt" and options.precision == "int8":
+            require_parsable(chosen.files[0], checked_tensorrt(options))  # the gated Q/DQ graph, before any device
             if tensorrt_version() is None:
                 return _write_tensorrt_recipe(out, chosen, candidates, evaluation_frames.description, options)
             with step(progress, "building TensorRT int8 plan from the gated Q/DQ graph"):
@@ -452,6 +461,7 @@ def _write_tensorrt_recipe(
         "accuracy_measured_with": "onnxruntime-cpu (Q/DQ as simulated quantization)",
         "gate": {**asdict(options.gate), "passed": not chosen.misses, "misses": chosen.misses},
         "candidates": [c.summary() for c in candidates],
+        "parser_checked_for_tensorrt": options.tensorrt_version,
         "plan": "not built: this machine has no TensorRT. It is built on the device (TensorRT 10) with the same "
         "command, which repeats this recipe search and gate there and then builds the plan from the Q/DQ graph.",
     }
