@@ -108,6 +108,14 @@ class EngineConfig(Strict):
     onnxruntime_tensorrt: bool = Field(False, description="run a cuda ONNX bundle through ORT's TensorRT provider")
     inbox: Path | None = Field(None, description="folder watched for bundle archives or folders to deploy")
     batch_timeout_s: float = Field(10.0, ge=0.1, le=HOUR, description="a batch running longer kills the engine worker")
+    load_timeout_s: float = Field(300.0, ge=1, le=4 * HOUR, description="an engine loading longer is refused")
+    tensorrt_build_timeout_s: float = Field(
+        1800.0,
+        ge=1,
+        le=4 * HOUR,
+        description="the same for ONNX Runtime's TensorRT provider, whose first start "
+        "builds TensorRT engines (minutes on a Jetson; cached afterwards)",
+    )
     worker_max_rss_mib: float | None = Field(
         None, gt=0, le=2**20, description="a worker growing past this is restarted"
     )

@@ -17,8 +17,11 @@ def notify(message: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+        try:
+            sock.connect(address)
+            sock.send(message.encode(), socket.MSG_DONTWAIT)  # a busy or gone manager must never stall the agent
+        except OSError:
+            return False
     return True
 
 

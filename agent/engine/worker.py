@@ -30,11 +30,13 @@ import psutil
 
 from agent.engine.bundle import Bundle
 from agent.engine.runtimes import EngineError, open_engine
+from agent.systemd import notify
 
 log = logging.getLogger("edgevit.worker")
 _CONTEXT = mp.get_context("spawn")  # never fork a process that runs camera and MQTT threads
 PARENT_CHECK_S = 0.5
 RSS_CHECK_EVERY_S = 1.0
+LOAD_NOTIFY_S = 10.0  # while an engine loads, systemd's start (or stop) timeout is extended this often
 # Buffers live in RAM where the system has /dev/shm: never write batches to a Jetson's eMMC.
 BUFFER_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 BUFFER_PREFIX = "edgevit-worker-"
@@ -62,7 +64,8 @@ class WorkerSpec:
     width: int
     classes: int
     threads: int | None
-    cache_dir: Path | None = None  # compiled engines kept across loads (OpenVINO's model cache)
+    cache_dir: Path | None = None  # compiled engines kept across loads (OpenVINO, the TensorRT provider)
+    precision: str = "fp32"
 
     @classmethod
     def of(
@@ -85,6 +88,7 @@ class WorkerSpec:
             len(bundle.labels),
             threads,
             cache_dir,
+            bundle.manifest["engine"].get("precision", "fp32"),
         )
 
     def inputs(self, path: Path, mode: str) -> np.memmap:
@@ -116,7 +120,9 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its worker stops
     try:
-        engine = open_engine(spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads, spec.cache_dir)
+        engine = open_engine(
+            spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads, spec.cache_dir, spec.precision
+        )
         inputs, outputs = spec.inputs(inputs_path, "r+"), spec.outputs(outputs_path, "r+")
     except Exception as exc:  # reported to the agent, which refuses the engine with this message
         conn.send(("error", str(exc)))
@@ -173,9 +179,15 @@ class WorkerEngine:
         )
         process.start()
         child.close()
-        if not parent.poll(self.start_timeout_s):
-            process.kill()
-            raise EngineError(f"engine worker did not load {self.spec.engine_path} within {self.start_timeout_s:g} s")
+        deadline = time.monotonic() + self.start_timeout_s
+        while not parent.poll(min(LOAD_NOTIFY_S, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                process.kill()
+                raise EngineError(
+                    f"engine worker did not load {self.spec.engine_path} within {self.start_timeout_s:g} s"
+                )
+            # still loading (a first TensorRT build takes minutes): systemd's start timeout waits with us
+            notify(f"EXTEND_TIMEOUT_USEC={int(2 * LOAD_NOTIFY_S * 1e6)}")
         try:
             status, detail = parent.recv()
         except EOFError:

@@ -103,6 +103,11 @@ class Lifecycle:
         worker = WorkerEngine(
             WorkerSpec.of(bundle, target, self.config.engine.threads, cache_dir=self.config.state_dir / "engine-cache"),
             timeout_s=self.config.engine.batch_timeout_s,
+            start_timeout_s=(
+                self.config.engine.tensorrt_build_timeout_s
+                if target == "tensorrt-ep"
+                else self.config.engine.load_timeout_s
+            ),
             max_rss_mib=self.config.engine.worker_max_rss_mib,
         )
         try:

@@ -32,12 +32,14 @@ def open_engine(
     max_batch: int,
     threads: int | None = None,
     cache_dir: Path | None = None,
+    precision: str = "fp32",
 ) -> Engine:
-    """The engine a bundle names. ``cache_dir`` keeps runtimes' compiled forms across loads (OpenVINO)."""
+    """The engine a bundle names. ``cache_dir`` keeps runtimes' compiled forms across loads (OpenVINO,
+    ONNX Runtime's TensorRT provider); ``precision`` is the bundle's (the TensorRT provider's FP16)."""
     if backend == "onnxruntime":
         from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path, target, threads)
+        return OnnxRuntimeEngine(path, target, threads, max_batch, precision, cache_dir)
     if backend == "openvino":
         from agent.engine.runtimes.openvino import OpenVINOEngine
 
