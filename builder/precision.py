@@ -161,7 +161,42 @@ def require_quantized(path: Path, op_types: tuple[str, ...]) -> None:
 
 
 def to_fp16(src: Path, dst: Path, blocked: tuple[str, ...] = FP16_BLOCKED_OPS) -> Path:
-    """FP16 weights and activations; uint8 input and float32 logits kept; ``blocked`` ops stay FP32."""
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=list(blocked))
+    """FP16 weights and activations; uint8 input and float32 logits kept; ``blocked`` ops stay FP32.
+
+    The converter turns every initializer to FP16 and casts back in front of a blocked op, so a
+    LayerNorm's scale and bias would still be rounded through FP16; they are given back their
+    original FP32 values here (:func:`_restore_fp32_parameters`).
+    """
+    original = onnx.load(str(src))
+    model = convert_float_to_float16(original, keep_io_types=True, op_block_list=list(blocked))
+    _restore_fp32_parameters(model, original, blocked)
     onnx.save(model, str(dst))
     return dst
+
+
+def _restore_fp32_parameters(model: onnx.ModelProto, original: onnx.ModelProto, blocked: tuple[str, ...]) -> None:
+    """Blocked ops read their constant inputs from the FP32 originals, not through an FP16 round trip."""
+    fp32 = {t.name: t for t in original.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    graph = model.graph
+    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast"}
+    restored: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in blocked:
+            continue
+        for i, name in enumerate(node.input):
+            cast = casts.get(name)
+            source = cast.input[0] if cast is not None else None
+            if source in fp32:
+                if source not in restored:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(fp32[source])
+                    tensor.name = restored[source] = f"{source}_fp32"
+                    graph.initializer.append(tensor)
+                node.input[i] = restored[source]
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in used]
+    for node in dead:
+        graph.node.remove(node)
+    used = {name for n in graph.node for name in n.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)

@@ -10,12 +10,14 @@ flags FP16/INT8 used here were removed in TensorRT 11, hence ``tensorrt<11``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuildError
 
 INPUT_NAME = "images"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,11 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: PlanSettings) -> Path
     cache_bytes = (
         settings.timing_cache.read_bytes() if settings.timing_cache and settings.timing_cache.exists() else b""
     )
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
+        # a cache from another GPU or TensorRT: start afresh (this build rewrites it) rather than build without one
+        log.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", settings.timing_cache)
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise BuildError("TensorRT refused an empty timing cache")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"TensorRT failed to build a {settings.precision} plan from {onnx_path} (see its log above)")

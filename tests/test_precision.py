@@ -111,3 +111,17 @@ def test_fp16_keeps_uint8_in_and_float_out(demo_exports, tmp_path: Path) -> None
     reference = run(demo_exports["vit-digits"] / "model.onnx", images)
     half = run(dst, images)
     assert 0 < np.abs(half - reference).max() < 0.05 * np.abs(reference).max()
+    # LayerNorm (kept FP32) reads its scale and bias as they were, not rounded through FP16
+    original = {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in onnx.load(demo_exports["vit-digits"] / "model.onnx").graph.initializer
+    }
+    constants = {t.name: t for t in model.graph.initializer}
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert norms
+    for node in norms:
+        for name in node.input[1:]:
+            assert constants[name].data_type == onnx.TensorProto.FLOAT, name
+            np.testing.assert_array_equal(
+                onnx.numpy_helper.to_array(constants[name]), original[name.removesuffix("_fp32")]
+            )
