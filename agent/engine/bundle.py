@@ -178,7 +178,10 @@ def incompatibilities(requires: dict[str, Any], device: DeviceInfo) -> list[str]
     if (features := requires.get("bf16_features_any")) and not set(features) & device.cpu_features:
         problems.append(f"needs a CPU with one of {', '.join(features)} for BF16, this CPU has none")
     if (trt := requires.get("tensorrt")) and trt != device.tensorrt:
-        problems.append(f"is a TensorRT {trt} plan, this device has TensorRT {device.tensorrt or 'not installed'}")
+        problems.append(
+            f"is a TensorRT {trt} plan, this device has TensorRT {device.tensorrt or 'not installed'}"
+            + tensorrt_hint(trt, device)
+        )
     if (cc := requires.get("compute_capability")) and cc != device.compute_capability:
         problems.append(
             f"was built for GPU compute capability {cc}, this device has {device.compute_capability or 'no GPU'}"
@@ -186,6 +189,23 @@ def incompatibilities(requires: dict[str, Any], device: DeviceInfo) -> list[str]
     if (model := requires.get("jetson_model")) and model != device.jetson_model:
         problems.append(f"was built on a {model}, this device is {device.jetson_model or 'not a Jetson'}")
     return problems
+
+
+def tensorrt_hint(wanted: str, device: DeviceInfo) -> str:
+    """What to do about a TensorRT mismatch on a Jetson, where TensorRT comes with JetPack."""
+    if not device.jetson_model:
+        return ""
+    if device.tensorrt is None:
+        return (
+            " (on JetPack, TensorRT's Python module is the system package python3-libnvinfer: the venv needs "
+            "--system-site-packages; scripts/jetson-install sets it up)"
+        )
+    if wanted.split(".")[0] != device.tensorrt.split(".")[0]:
+        return (
+            " (TensorRT comes with JetPack: 6.0 ships 8.6, 6.1 and 6.2 ship 10.3; build the plan on a device "
+            "with this JetPack, or upgrade it)"
+        )
+    return " (plans run only on the TensorRT release they were built with: rebuild it on this device)"
 
 
 def _version_problems(name: str, spec: str, version: str | None) -> list[str]:

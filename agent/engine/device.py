@@ -113,8 +113,48 @@ def _compute_capability() -> str | None:
     return f"{major}.{minor}"
 
 
+def gpu_problems(device: DeviceInfo) -> list[str]:
+    """What a GPU device (a Jetson above all) still lacks for TensorRT and CUDA bundles, each with its fix."""
+    problems = []
+    if device.tensorrt is None:
+        problems.append(
+            "TensorRT's Python module is not importable: on JetPack it is python3-libnvinfer, seen only by a venv made "
+            "with --system-site-packages (scripts/jetson-install)"
+        )
+    elif int(device.tensorrt.split(".")[0]) < 10:
+        problems.append(f"TensorRT {device.tensorrt}: edgevit's TensorRT bundles need 10.x (JetPack 6.1 or 6.2)")
+    for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        if provider not in device.providers:
+            problems.append(f"ONNX Runtime has no {provider}: install NVIDIA's onnxruntime-gpu wheel for JetPack")
+    if device.compute_capability is None:
+        problems.append(
+            "pycuda sees no CUDA device: pip install pycuda with CUDA_ROOT=/usr/local/cuda; user in 'video'"
+        )
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.engine.device [--require-gpu]``: this device as the agent sees it, and what is missing."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m agent.engine.device", description=main.__doc__)
+    parser.add_argument("--require-gpu", action="store_true", help="exit 1 naming what TensorRT/CUDA still lack")
+    args = parser.parse_args(argv)
+    device = DeviceInfo.probe()
+    print(json.dumps(device.describe(), indent=2))
+    problems = gpu_problems(device) if args.require_gpu else []
+    for problem in problems:
+        print(f"missing: {problem}")
+    return 1 if problems else 0
+
+
 def _jetson_model() -> str | None:
     try:
         return JETSON_MODEL_FILE.read_text().rstrip("\x00\n") or None
     except OSError:
         return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

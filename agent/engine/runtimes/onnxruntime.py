@@ -73,7 +73,12 @@ class OnnxRuntimeEngine:
             raise EngineError(f"ONNX Runtime has no target {target!r} (choose {', '.join(PROVIDERS)})")
         wanted = PROVIDERS[target][0]
         if wanted not in ort.get_available_providers():
-            raise EngineError(f"{wanted} is not available in this ONNX Runtime ({ort.__version__})")
+            hint = (
+                " (on Jetson: NVIDIA's onnxruntime-gpu wheel for JetPack; scripts/jetson-install)"
+                if target != "cpu"
+                else ""
+            )
+            raise EngineError(f"{wanted} is not available in this ONNX Runtime ({ort.__version__}){hint}")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: quantized graphs trigger benign initializer warnings
         # Camera threads share the cores: idle ORT workers must sleep, not spin.
