@@ -117,7 +117,7 @@ class EngineConfig(Strict):
         "builds TensorRT engines (minutes on a Jetson; cached afterwards)",
     )
     worker_max_rss_mib: float | None = Field(
-        None, gt=0, le=2**20, description="a worker growing past this is restarted"
+        None, gt=0, le=2**20, description="a worker growing past this is restarted (on Jetson its GPU memory counts)"
     )
     max_bundle_mib: float = Field(2048, gt=0, le=2**20, description="cap on a downloaded or unpacked bundle")
     download_ca: Path | None = Field(None, description="CA of a private HTTPS bundle store (default: system CAs)")

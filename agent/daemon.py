@@ -26,12 +26,13 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from agent.command_line import new_parser
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig
 from agent.control.command_auth import CommandVerifier
 from agent.control.commands import CommandError, CommandHandler
 from agent.control.mqtt import MqttLink
 from agent.control.outbox import Outbox
 from agent.engine.bundle import Bundle
+from agent.engine.jetson import ConfigError, TegraStats, jetson_summary, load_config, power_mode
 from agent.engine.signing import SignatureError, load_public_key
 from agent.engine.worker import remove_stale_buffers
 from agent.lifecycle.fetch import BundleRef
@@ -169,6 +170,7 @@ class Agent:
                 "fps": round(sum(c["processed_fps"] for c in cameras), 2),
                 "p99_ms": snapshot["latency"]["p99_ms"],
                 "drift": snapshot["drift"],
+                **({"jetson": jetson_summary(snapshot["jetson"])} if "jetson" in snapshot else {}),
             }
         state = self.lifecycle.state
         engine = {
@@ -224,6 +226,8 @@ class Agent:
         port = self.config.metrics.prometheus_port
         if port:
             self.metrics.serve(self.pipeline, port)
+        if TegraStats.available():  # a Jetson: GPU load, memory, temperatures, power in the metrics and status
+            self.metrics.jetson, self.metrics.power_mode = TegraStats().start(), power_mode()
         self.pipeline.start()
         self.lifecycle.attach(self.pipeline)
         if self.link:
@@ -278,6 +282,8 @@ class Agent:
             notify("STOPPING=1")
             observer.stop()
             observer.join()
+            if self.metrics.jetson:
+                self.metrics.jetson.stop()
             self.lifecycle.stop()
             self.pipeline.stop(drain=True)
             self.close_engines()

@@ -34,7 +34,7 @@ class MemoryShortage(RuntimeError):
 def estimated_need_mib(candidate: Bundle, serving: Serving) -> float:
     """MiB a worker for ``candidate`` is expected to take, judged by the serving worker."""
     size = candidate.engine_path.stat().st_size
-    rss = serving.engine.rss_mib() if isinstance(serving.engine, WorkerEngine) else None
+    rss = serving.engine.memory_mib() if isinstance(serving.engine, WorkerEngine) else None  # GPU's share on Jetson
     if rss is None:
         return size / 2**20
     scale = size / max(serving.bundle.engine_path.stat().st_size, 1)

@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 
 from agent.engine.bundle import Bundle
+from agent.engine.jetson import nvmap_mib, unified_memory
 from agent.engine.runtimes import EngineError, open_engine
 from agent.systemd import notify
 
@@ -163,6 +164,8 @@ class WorkerEngine:
         self._process: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._rss_checked = 0.0
+        self._unified = unified_memory()
+        self._gpu_at_load_mib = 0.0
         self._start()
 
     @property
@@ -177,6 +180,7 @@ class WorkerEngine:
             name=f"engine-{self.spec.engine_path.parent.parent.name}",
             daemon=True,
         )
+        available_before = psutil.virtual_memory().available
         process.start()
         child.close()
         deadline = time.monotonic() + self.start_timeout_s
@@ -197,6 +201,9 @@ class WorkerEngine:
             process.join(5)
             raise EngineError(str(detail))
         self._process, self._conn = process, parent
+        if self._unified:  # what the load took from shared DRAM beyond its RSS: the GPU's share (nvmap)
+            taken = (available_before - psutil.virtual_memory().available) / 2**20
+            self._gpu_at_load_mib = max(taken - (self.rss_mib() or 0.0), 0.0)
 
     def _kill(self, why: str) -> EngineError:
         if self._process is not None:
@@ -213,14 +220,27 @@ class WorkerEngine:
         except psutil.Error:
             return None
 
+    def memory_mib(self) -> float | None:
+        """The worker's memory where it is spent: RSS, plus on a Jetson its GPU (nvmap) allocations.
+
+        nvmap's own table when this process may read it (root), else what the load took out of
+        MemAvailable beyond its RSS.
+        """
+        rss = self.rss_mib()
+        if rss is None or not self._unified:
+            return rss
+        assert self._process is not None
+        gpu = nvmap_mib(self._process.pid)
+        return rss + (gpu if gpu is not None else self._gpu_at_load_mib)
+
     def _check_rss(self) -> None:
         now = time.monotonic()
         if not self.max_rss_mib or now - self._rss_checked < RSS_CHECK_EVERY_S:
             return
         self._rss_checked = now
-        rss = self.rss_mib()
-        if rss is not None and rss > self.max_rss_mib:  # this batch's logits are good; the next gets a fresh worker
-            self._kill(f"engine worker uses {rss:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
+        used = self.memory_mib()
+        if used is not None and used > self.max_rss_mib:  # this batch's logits are good; the next gets a fresh worker
+            self._kill(f"engine worker uses {used:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Copy the batch in, wait at most ``timeout_s``, return a copy of the logits."""

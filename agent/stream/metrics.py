@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+from agent.engine.jetson import TegraStats
+
 
 class Pipeline(Protocol):
     """What the metrics read of the pipeline, at snapshot and scrape time (the pipeline imports this module)."""
@@ -53,6 +55,8 @@ class Metrics:
         self.engine_errors = 0
         self._previous: dict[str, Any] = {}
         self._started = time.monotonic()
+        self.jetson: TegraStats | None = None  # set by the daemon on a Jetson
+        self.power_mode: str | None = None
 
     def record_batch(self, batch: int, engine_s: float, frame_latencies: np.ndarray) -> None:
         with self._lock:
@@ -121,6 +125,7 @@ class Metrics:
             "drift": pipeline.serving.drift.snapshot(),
             "decision": pipeline.decision_summary(),
             "process": {"cpu_s": round(times.user + times.system, 2), "rss_mib": round(_rss_mib(), 1)},
+            **({"jetson": {**self.jetson.snapshot(), "power_mode": self.power_mode}} if self.jetson else {}),
         }
 
     def collector(self, pipeline: Pipeline) -> _Collector:
@@ -132,6 +137,31 @@ class Metrics:
         ProcessCollector(registry=registry)
         start_http_server(port, addr="127.0.0.1", registry=registry)
         return registry
+
+
+def jetson_families(stats: dict[str, Any], mode: str | None) -> list[Any]:
+    """tegrastats' latest figures (and the nvpmodel mode) as Prometheus metrics."""
+    families: list[Any] = []
+    for key, name, help_text in (
+        ("gpu_load_pct", "edgevit_jetson_gpu_load_percent", "GPU (GR3D) load"),
+        ("emc_load_pct", "edgevit_jetson_emc_load_percent", "Memory controller load"),
+        ("ram_used_mib", "edgevit_jetson_ram_used_mib", "RAM in use, CPU and GPU (unified memory)"),
+        ("ram_total_mib", "edgevit_jetson_ram_total_mib", "RAM available to applications"),
+    ):
+        if key in stats:
+            families.append(GaugeMetricFamily(name, help_text, value=stats[key]))
+    temperature = GaugeMetricFamily("edgevit_jetson_temperature_celsius", "Thermal sensors", labels=["sensor"])
+    for sensor, value in stats.get("temperature_c", {}).items():
+        temperature.add_metric([sensor], value)
+    power = GaugeMetricFamily("edgevit_jetson_power_milliwatts", "Power rails, instantaneous", labels=["rail"])
+    for rail, value in stats.get("power_mw", {}).items():
+        power.add_metric([rail], value)
+    families += [temperature, power]
+    if mode:
+        info = GaugeMetricFamily("edgevit_jetson_power_mode", "nvpmodel power mode", labels=["mode"])
+        info.add_metric([mode], 1.0)
+        families.append(info)
+    return families
 
 
 def _restarts(pipeline: Pipeline) -> int:
@@ -215,3 +245,5 @@ class _Collector:
         for key, help_text in DRIFT_GAUGES.items():
             if key in drift:
                 yield GaugeMetricFamily(f"edgevit_{key}", help_text, value=drift[key])
+        if self._metrics.jetson is not None:
+            yield from jetson_families(self._metrics.jetson.latest, self._metrics.power_mode)
