@@ -26,13 +26,13 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from agent.command_line import new_parser
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, load_config
 from agent.control.command_auth import CommandVerifier
 from agent.control.commands import CommandError, CommandHandler
 from agent.control.mqtt import MqttLink
 from agent.control.outbox import Outbox
 from agent.engine.bundle import Bundle
-from agent.engine.jetson import ConfigError, TegraStats, jetson_summary, load_config, power_mode
+from agent.engine.jetson import TegraStats, jetson_summary, power_mode
 from agent.engine.signing import SignatureError, load_public_key
 from agent.engine.worker import remove_stale_buffers
 from agent.lifecycle.fetch import BundleRef
