@@ -84,6 +84,8 @@ class FleetLink:
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)  # command id -> events
         self.replies: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._changes = threading.Condition(self._lock)
+        self._changed: set[str] = set()  # devices whose status, events or replies arrived since the last wait
         self._connected = threading.Event()  # answered: connected, or refused (``_refusal``)
         self._refusal = ""
         self.client = mqtt.Client(
@@ -152,10 +154,30 @@ class FleetLink:
                 self.events[payload["command_id"]].append({**payload, "device": name})
             elif kind == "reply" and isinstance(payload.get("id"), str):
                 self.replies[payload["id"]] = payload
+            else:
+                return
+            self._changed.add(name)
+            self._changes.notify_all()
 
     def snapshot(self) -> dict[str, Device]:
+        """Every device (a copy of the view: O(fleet), for planning and status, not for polling)."""
         with self._lock:
             return dict(self.devices)
+
+    def device(self, name: str) -> Device | None:
+        with self._lock:
+            return self.devices.get(name)
+
+    def wait_changes(self, timeout_s: float) -> set[str]:
+        """The devices heard from since the previous call, waiting up to ``timeout_s`` for the first.
+
+        What a rollout needs to look at: its cost follows the messages that arrive, not the fleet's size.
+        """
+        with self._changes:
+            if not self._changed:
+                self._changes.wait(timeout_s)
+            changed, self._changed = self._changed, set()
+            return changed
 
     def events_for(self, command_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -167,10 +189,18 @@ class FleetLink:
 
     def send(self, device: str, command: dict[str, Any]) -> None:
         """Publish a command (signed when the controller holds a key), QoS 1."""
-        if self.signing_key is not None:
-            command = sign_command(command, self.signing_key)
-        info = self.client.publish(command_topic(self.broker.prefix, device), json.dumps(command), qos=1)
-        info.wait_for_publish(10)
+        self.send_all([(device, command)])
+
+    def send_all(self, commands: list[tuple[str, dict[str, Any]]], timeout_s: float = 30.0) -> None:
+        """Publish every command, then wait for the broker's acknowledgements together (not one round trip each)."""
+        sent = []
+        for device, command in commands:
+            if self.signing_key is not None:
+                command = sign_command(command, self.signing_key)
+            sent.append(self.client.publish(command_topic(self.broker.prefix, device), json.dumps(command), qos=1))
+        deadline = time.monotonic() + timeout_s
+        for info in sent:
+            info.wait_for_publish(max(deadline - time.monotonic(), 0.1))
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -7,15 +7,22 @@ window); it fails when it refuses the bundle, reverts it, goes offline or times 
 The next wave starts only when every device of the current one has an outcome; once
 failures exceed ``max_failures`` percent of the devices attempted, the rollout halts
 and, unless told otherwise, rolls this rollout's updated devices back to the engine
-each had before. Every change is written to ``<state_dir>/rollouts/<id>.json``
-(atomically), so a controller killed mid-rollout resumes from the file, and the
-devices' retained statuses tell it what happened while it was away.
+each had before. The rollout is written to ``<state_dir>/rollouts/<id>.json``
+(atomically) when it is planned and when it ends; every change in between is appended to
+``<id>.journal`` (one JSON line per target change, wave or note, flushed to disk before
+the action it records), so a controller killed mid-rollout resumes from the file plus its
+journal, and the devices' retained statuses tell it what happened while it was away.
+
+The controller's cost is linear in the fleet: it looks only at the devices it heard
+from (:meth:`FleetLink.wait_changes <fleet.link.FleetLink.wait_changes>`) and at targets
+whose timeout has passed, and writes only what changed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -103,15 +110,42 @@ class Rollout:
         )
 
     def save(self, folder: Path) -> Path:
+        """The whole rollout, atomically; its journal, now folded in, is removed (compaction)."""
         path = folder / "rollouts" / f"{self.id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(asdict(self), indent=2).encode() + b"\n")
+        atomic_write(path, json.dumps(asdict(self)).encode() + b"\n")
+        path.with_suffix(".journal").unlink(missing_ok=True)
         return path
+
+    def append(self, folder: Path, entries: list[dict[str, Any]]) -> None:
+        """Changes since the last save, appended and flushed to disk: O(changes), not O(fleet)."""
+        if not entries:
+            return
+        with open(folder / "rollouts" / f"{self.id}.journal", "a", encoding="utf-8") as journal:
+            journal.write("".join(json.dumps(e) + "\n" for e in entries))
+            journal.flush()
+            os.fsync(journal.fileno())
 
     @classmethod
     def load(cls, path: Path) -> Rollout:
+        """The saved rollout with its journal replayed (a torn last line, from a crash mid-write, is skipped)."""
         data = json.loads(path.read_text())
-        return cls(**{**data, "targets": [Target(**t) for t in data["targets"]]})
+        rollout = cls(**{**data, "targets": [Target(**t) for t in data["targets"]]})
+        journal = path.with_suffix(".journal")
+        if journal.exists():
+            targets = {t.device: t for t in rollout.targets}
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if "target" in entry:
+                    vars(targets[entry.pop("target")]).update(entry)
+                elif "note" in entry:
+                    rollout.log.append(entry["note"])
+                else:
+                    rollout.wave, rollout.state = entry.get("wave", rollout.wave), entry.get("state", rollout.state)
+        return rollout
 
     def counts(self) -> dict[str, int]:
         counts = {s: 0 for s in (PENDING, SENT, *TERMINAL)}
@@ -127,18 +161,29 @@ def list_rollouts(folder: Path) -> list[Rollout]:
 class Runner:
     """Drives one rollout to an end; ``report`` gets one line per change.
 
-    The file is saved once per step (a wave's sends, a poll's outcomes), never after
-    the action it records: a restart may re-check an outcome, but never sends blind.
+    Every change is journaled before the action it records is taken: a restart may
+    re-check an outcome, but never sends blind.
     """
 
     def __init__(self, rollout: Rollout, link: FleetLink, folder: Path, report: Callable[[str], None]) -> None:
         self.rollout, self.link, self.folder, self.report = rollout, link, folder, report
+        self._pending: list[dict[str, Any]] = []  # journal entries not yet on disk
 
     def _note(self, line: str) -> None:
-        self.rollout.log.append(f"{time.strftime('%H:%M:%S')} {line}")
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        self.rollout.log.append(stamped)
+        self._pending.append({"note": stamped})
         self.report(line)
 
+    def _changed(self, target: Target) -> None:
+        self._pending.append({"target": target.device, **{k: v for k, v in asdict(target).items() if k != "device"}})
+
+    def _flush(self) -> None:
+        self.rollout.append(self.folder, self._pending)
+        self._pending = []
+
     def _save(self) -> None:
+        self._pending = []
         self.rollout.save(self.folder)
 
     def plan(self, canary: str, step: str) -> None:
@@ -157,8 +202,15 @@ class Runner:
 
     def run(self) -> Rollout:
         rollout = self.rollout
+        by_wave: dict[int, list[Target]] = {}
+        for t in rollout.targets:
+            by_wave.setdefault(t.wave, []).append(t)
+        attempted = failed = 0
+        for w in range(rollout.wave):  # a resumed rollout: the waves already done
+            attempted += len(by_wave.get(w, []))
+            failed += sum(t.state == FAILED for t in by_wave.get(w, []))
         while rollout.state == "running":
-            wave = [t for t in rollout.targets if t.wave == rollout.wave]
+            wave = by_wave.get(rollout.wave, [])
             if not wave:
                 rollout.state = "completed"
                 self._note(f"completed: {rollout.counts()[SUCCEEDED]} devices run {rollout.bundle_id}")
@@ -166,40 +218,45 @@ class Runner:
                 break
             self._send([t for t in wave if t.state == PENDING])
             self._await(wave)
-            attempted = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave]
-            failed = [t for t in attempted if t.state == FAILED]
-            if 100 * len(failed) / len(attempted) > rollout.max_failures_pct:
+            attempted += len(wave)
+            failed += sum(t.state == FAILED for t in wave)
+            if 100 * failed / attempted > rollout.max_failures_pct:
                 rollout.state = "halted"
                 self._note(
-                    f"halted after wave {rollout.wave}: {len(failed)} of {len(attempted)} devices failed, "
+                    f"halted after wave {rollout.wave}: {failed} of {attempted} devices failed, "
                     f"over --max-failures {rollout.max_failures_pct:g}%"
                 )
-                updated = [t for t in attempted if t.state == SUCCEEDED]
+                updated = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == SUCCEEDED]
                 if rollout.rollback_on_halt and updated:
                     self._roll_back(updated)
                     rollout.state = "rolled-back"
                 self._save()
                 break
             rollout.wave += 1
-            self._save()
+            self._pending.append({"wave": rollout.wave})
+            self._flush()
         return rollout
 
     def _send(self, targets: list[Target]) -> None:
-        devices = self.link.snapshot()
         for target in targets:
-            device = devices.get(target.device)
+            device = self.link.device(target.device)
             target.before = device.engine.get("active") if device else None
             target.command_id = f"{self.rollout.id}-{secrets.token_hex(3)}"
             target.state, target.sent_at = SENT, time.time()
-        self._save()  # before sending: a restarted controller knows what it may have sent, and under which id
+            self._changed(target)
+        self._flush()  # before sending: a restarted controller knows what it may have sent, and under which id
+        commands = []
         for target in targets:
             command = {"id": target.command_id, "cmd": "deploy", "bundle": self.rollout.reference}
             if self.rollout.force:
                 command["force"] = True
-            self.link.send(target.device, command)
+            commands.append((target.device, command))
+        self.link.send_all(commands)
+        for target in targets:
             self._note(f"wave {target.wave}: deploy sent to {target.device}")
+        self._flush()
 
-    def outcome(self, target: Target, devices: dict[str, Device]) -> tuple[str, str] | None:
+    def outcome(self, target: Target) -> tuple[str, str] | None:
         """(state, detail) once ``target`` has an outcome, from its events, reply and retained status."""
         bundle = self.rollout.bundle_id
         assert target.command_id is not None and target.sent_at is not None
@@ -213,7 +270,7 @@ class Runner:
         reply = self.link.reply_for(target.command_id)
         if reply and not reply.get("ok"):
             return FAILED, f"refused: {reply.get('error')}"
-        device = devices.get(target.device)
+        device = self.link.device(target.device)
         if device is not None:
             engine = device.engine
             if engine.get("active") == bundle and not engine.get("canary"):
@@ -227,21 +284,25 @@ class Runner:
         return None
 
     def _await(self, wave: list[Target]) -> None:
-        while True:
-            waiting = [t for t in wave if t.state == SENT]
+        """Until every target of the wave has an outcome, looking only at devices heard from, and at timeouts."""
+        waiting = {t.device: t for t in wave if t.state == SENT}
+        check = list(waiting)  # all once: a resumed rollout's devices may have answered while it was away
+        while waiting:
+            for name in check:
+                target = waiting.get(name)
+                result = self.outcome(target) if target else None
+                if target and result:
+                    target.state, target.detail = result
+                    self._changed(target)
+                    self._note(f"wave {target.wave}: {target.device} {target.state}: {target.detail}")
+                    del waiting[name]
+            self._flush()
             if not waiting:
                 return
-            devices = self.link.snapshot()
-            changed = False
-            for target in waiting:
-                result = self.outcome(target, devices)
-                if result:
-                    target.state, target.detail = result
-                    self._note(f"wave {target.wave}: {target.device} {target.state}: {target.detail}")
-                    changed = True
-            if changed:
-                self._save()
-            time.sleep(POLL_S)
+            check = list(self.link.wait_changes(POLL_S))
+            oldest = min(t.sent_at or 0.0 for t in waiting.values())
+            if time.time() - oldest > self.rollout.timeout_s:  # a timeout is due: look at whoever has one
+                check += [n for n, t in waiting.items() if time.time() - (t.sent_at or 0.0) > self.rollout.timeout_s]
 
     def _roll_back(self, targets: list[Target]) -> None:
         wanted = {t.device: t.before for t in targets if t.before and t.before != self.rollout.bundle_id}
@@ -261,20 +322,25 @@ def roll_back(
     no canary pending: the named bundle, or the ``previous`` its status named when the
     command left (a canary in progress is reverted to that same engine).
     """
-    devices = link.snapshot()
     pending: dict[str, tuple[str | None, str]] = {}
+    commands = []
     for name, bundle in wanted.items():
-        device = devices.get(name)
+        device = link.device(name)
         expected = bundle or (device.engine.get("previous") if device else None)
         command_id = f"rollback-{secrets.token_hex(4)}"
-        link.send(name, {"id": command_id, "cmd": "rollback", **({"bundle": bundle} if bundle else {})})
+        commands.append((name, {"id": command_id, "cmd": "rollback", **({"bundle": bundle} if bundle else {})}))
         pending[name] = (expected, command_id)
+    link.send_all(commands)
     outcomes: dict[str, tuple[bool, str]] = {}
     deadline = time.time() + timeout_s
+    check = list(pending)
     while pending and time.time() < deadline:
-        devices = link.snapshot()
-        for name, (expected, command_id) in list(pending.items()):
-            engine = devices[name].engine if name in devices else {}
+        for name in check:
+            if name not in pending:
+                continue
+            expected, command_id = pending[name]
+            device = link.device(name)
+            engine = device.engine if device else {}
             reply = link.reply_for(command_id)
             failed = [e for e in link.events_for(command_id) if e["event"] == "rollback" and e.get("ok") is False]
             if reply and not reply.get("ok"):
@@ -287,7 +353,7 @@ def roll_back(
                 continue
             del pending[name]
             report(f"{name}: {outcomes[name][1]}")
-        time.sleep(POLL_S)
+        check = list(link.wait_changes(POLL_S))
     for name in pending:
         outcomes[name] = (False, f"rollback sent, no outcome within {timeout_s:g} s")
         report(f"{name}: {outcomes[name][1]}")

@@ -55,6 +55,29 @@ def test_rollout_state_round_trips(tmp_path: Path) -> None:
     assert Rollout.load(rollout.save(tmp_path)) == rollout
 
 
+def test_rollout_journal_replays_changes_and_survives_a_torn_line(tmp_path: Path) -> None:
+    """Between full saves only changes are appended; a crash mid-write loses at most the line being written."""
+    rollout = Rollout.new("b2", {"url": "u"}, {}, max_failures_pct=0, timeout_s=60, rollback_on_halt=True)
+    rollout.targets = [Target(f"d{i}", i // 2) for i in range(4)]
+    path = rollout.save(tmp_path)
+    size = path.stat().st_size
+    rollout.append(tmp_path, [
+        {"target": "d0", "wave": 0, "state": "sent", "before": "b1", "command_id": "c0", "sent_at": 1.0, "detail": ""},
+        {"note": "12:00:00 wave 0: deploy sent to d0"},
+        {"target": "d0", "wave": 0, "state": "succeeded", "before": "b1", "command_id": "c0", "sent_at": 1.0,
+         "detail": "committed after its canary window"},
+        {"wave": 1},
+    ])  # fmt: skip
+    with open(path.with_suffix(".journal"), "a") as journal:
+        journal.write('{"target": "d2", "state": "fai')  # the controller died here
+    assert path.stat().st_size == size, "the full file is not rewritten for a change"
+    loaded = Rollout.load(path)
+    assert loaded.wave == 1 and loaded.targets[0].state == "succeeded" and loaded.targets[0].before == "b1"
+    assert loaded.targets[2].state == "pending" and loaded.log == ["12:00:00 wave 0: deploy sent to d0"]
+    loaded.save(tmp_path)  # compaction: the journal is folded in and removed
+    assert not path.with_suffix(".journal").exists() and Rollout.load(path).targets[0].state == "succeeded"
+
+
 def test_bundle_reference(demo_bundle: Path, tmp_path: Path) -> None:
     packed = pack_bundle(demo_bundle, tmp_path / "b.tar.gz", None)
     bundle_id, reference = bundle_reference(tmp_path / "b.tar.gz", "http://store/b.tar.gz")
