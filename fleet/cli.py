@@ -14,13 +14,12 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.live import Live
 from rich.table import Column, Table
 
 from agent.command_line import new_parser, subcommands
 from agent.engine.bundle import MANIFEST, file_digest
 from agent.engine.signing import SignatureError, load_private_key
-from fleet.dashboard import Dashboard, MetricsHistory
+from fleet.dashboard import Dashboard, MetricsHistory, summary
 from fleet.link import Broker, Device, FleetLink
 from fleet.rollout import (
     FAILED,
@@ -64,7 +63,12 @@ def parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="every device on the broker: state, labels, engine, figures")
     status.add_argument("--select", default="", help="labels, e.g. site=lab,hardware=orin (device=NAME works too)")
     status.add_argument("--json", action="store_true", help="machine-readable")
-    status.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds until interrupted")
+    status.add_argument(
+        "--watch", type=float, metavar="S", help="then every S seconds, one line per device whose state changed"
+    )
+    status.add_argument("--summary", action="store_true", help="counts only: online, by engine, by label")
+    status.add_argument("--page", type=int, default=1, help="page of the device table")
+    status.add_argument("--per-page", type=int, default=100, help="devices per page of the table")
     deploy = commands.add_parser("deploy", help="roll a bundle archive out in waves")
     deploy.add_argument("bundle", type=Path, help="bundle archive (edgevit-build pack)")
     where = deploy.add_mutually_exclusive_group(required=True)
@@ -161,23 +165,68 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+WATCHED = ("state", "active", "canary", "last_event", "agreement")  # what --watch reports; fps/p99 move always
+
+
+def summary_table(devices: list[Device]) -> tuple[str, Table]:
+    """A headline (devices, online) and the counts by engine and by label."""
+    counts = summary(devices)
+    table = narrow_table("", "devices")
+    for engine, n in counts["by_engine"].items():
+        table.add_row(f"engine {engine}", str(n))
+    for label, n in counts["by_label"].items():
+        table.add_row(label, str(n))
+    return f"{counts['devices']} devices, {counts['online']} online", table
+
+
+def changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per device whose watched fields changed (new and vanished devices too)."""
+    lines = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None:
+            lines.append(f"{name}: {'appeared' if old is None else 'gone'}")
+            continue
+        moved = [f"{k} {old[k]} -> {new[k]}" for k in WATCHED if old[k] != new[k]]
+        if moved:
+            lines.append(f"{name}: {'; '.join(moved)}")
+    return lines
+
+
 def run_status(args: argparse.Namespace, console: Console) -> int:
     selector = parse_selector(args.select)
+    if args.page < 1 or args.per_page < 1:
+        raise FleetError("--page and --per-page start at 1")
     link = _link(args)
 
-    def rows() -> list[dict[str, Any]]:
-        return [_row(d) for n, d in sorted(link.snapshot().items()) if selects(selector, d)]
+    def selected() -> list[Device]:
+        return [d for _, d in sorted(link.snapshot().items()) if selects(selector, d)]
 
     try:
+        devices = selected()
         if args.json:
-            print(json.dumps(rows(), indent=2))
-        elif args.watch:
-            with Live(_table(rows()), console=console, refresh_per_second=2) as live:
-                while True:
-                    time.sleep(args.watch)
-                    live.update(_table(rows()))
+            print(json.dumps([_row(d) for d in devices], indent=2))
+            return 0
+        if args.summary:
+            headline, table = summary_table(devices)
+            console.print(headline)
+            console.print(table)
         else:
-            console.print(_table(rows()))
+            pages = max(1, -(-len(devices) // args.per_page))
+            shown = devices[(args.page - 1) * args.per_page : args.page * args.per_page]
+            console.print(_table([_row(d) for d in shown]))
+            if pages > 1:
+                console.print(
+                    f"page {args.page} of {pages} ({len(devices)} devices); --page N for another, --summary for counts"
+                )
+        if args.watch:
+            last = {d.name: _row(d) for d in devices}
+            while True:
+                time.sleep(args.watch)
+                now = {d.name: _row(d) for d in selected()}
+                for line in changes(last, now):
+                    console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False)
+                last = now
     except KeyboardInterrupt:
         pass
     finally:
@@ -320,6 +369,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console()
+    console.soft_wrap = not console.is_terminal  # a log keeps each line whole
     try:
         return COMMANDS[args.command](args, console)
     except (FleetError, ValueError, ConnectionError, OSError) as exc:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -128,3 +132,31 @@ def test_status_table_reads_at_80_columns() -> None:
     header = next(line for line in lines if "device" in line)
     assert all(h in header for h in ("device", "state", "engine", "fps", "p99 ms", "agree", "drift"))
     assert "site-a-device-0001" in console.export_text() or "site-a-device-000" in lines[3]
+
+
+def test_status_at_scale_summaries_pages_and_watched_changes(mosquitto: int, tmp_path: Path) -> None:
+    statuses = [
+        (f"edgevit/d{i:04d}/status", {"state": "online", "labels": {"site": "a" if i % 2 else "b"},
+                                       "engine": {"active": "v1"}, "fps": 5.0})
+        for i in range(1200)
+    ]  # fmt: skip
+    _publish(mosquitto, statuses)
+    base = [sys.executable, "-m", "fleet.cli", "status", "--port", str(mosquitto), "--state-dir", str(tmp_path)]
+    env = {**os.environ, "COLUMNS": "80"}
+    counts = subprocess.run([*base, "--summary"], capture_output=True, text=True, timeout=60, env=env)
+    assert counts.returncode == 0 and "1200 devices, 1200 online" in counts.stdout
+    assert re.search(r"engine v1\s+1200", counts.stdout) and re.search(r"site=a\s+600", counts.stdout)
+    page = subprocess.run([*base, "--page", "12"], capture_output=True, text=True, timeout=60, env=env)
+    assert "page 12 of 12 (1200 devices)" in page.stdout and "d1199" in page.stdout and "d0000" not in page.stdout
+    watch = subprocess.Popen([*base, "--per-page", "1", "--watch", "0.5"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            if line.startswith("page 1 of 1200"):
+                break
+        _publish(mosquitto, [("edgevit/d0042/status", {"state": "online", "engine": {"active": "v2"}, "fps": 5.0})])
+        line = watch.stdout.readline()
+        assert re.fullmatch(r"\d\d:\d\d:\d\d d0042: active v1 -> v2\n", line), line  # that device, nothing else
+    finally:
+        watch.kill()
+        watch.wait()
