@@ -1,4 +1,4 @@
-"""edgevit-fleet against 1,000 SIMULATED devices on one Mosquitto: rollout time, messages, broker load.
+"""edgevit-fleet against 1,000 to 10,000 SIMULATED devices on one Mosquitto: rollout time, messages, CPU.
 
 The devices are protocol-level simulators, not agents: each is its own MQTT
 connection with its own retained status and last will, answers ``deploy`` like an
@@ -8,10 +8,14 @@ controller is the real ``edgevit-fleet deploy`` process. Measured in one run:
 
 - wall time of a staged rollout (canary 1 %, then steps), against the sum of the
   simulated canary windows on its critical path (the waves' lower bound);
-- MQTT messages through the broker per device (from Mosquitto's ``$SYS`` counters);
-- CPU seconds of the broker and of the controller per device.
+- MQTT messages and bytes through the broker per device (from Mosquitto's ``$SYS`` counters);
+- CPU of the broker(s) per device, of the controller per 1,000 devices, and of the simulators
+  apart (they share this machine's cores with the broker and the controller);
+- past one broker (``--bridged``): the same rollout with the devices on an edge Mosquitto
+  bridged (MQTT 5, ``edgevit/#`` both ways) into the central one the controller uses.
+  Messages are counted on the central broker.
 
-    python bench/fleet_bench.py [--devices 1000] [--canary-s 2] [--step 10%] [--out bench/results]
+    python bench/fleet_bench.py [--devices 1000 5000 10000] [--canary-s 2] [--step 10%] [--out bench/results]
 
 Needs the ``mosquitto`` binary.
 """
@@ -131,8 +135,7 @@ def simulate(port: int, first: int, count: int, canary_s: float, ready: Any, sto
     ready.release()
     stop.wait()
     updated.put(sum(d.status["engine"]["active"] == "sim-v2" for d in devices))
-    for device in devices:
-        device.client.loop_stop()
+    # paho's loop threads are daemons: the process ends with them (stopping 250 loops one by one takes minutes)
 
 
 def _sys_counters(port: int) -> dict[str, float]:
@@ -152,28 +155,39 @@ def _sys_counters(port: int) -> dict[str, float]:
     return values
 
 
-def main() -> None:
-    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args.add_argument("--devices", type=int, default=1000)
-    args.add_argument("--canary-s", type=float, default=2.0, help="simulated canary window per device")
-    args.add_argument("--canary", default="1%")
-    args.add_argument("--step", default="10%")
-    args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parsed = args.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * parsed.devices + 256)), hard))
+BRIDGE = """connection central
+address 127.0.0.1:{port}
+topic {prefix}/# both 1
+bridge_protocol_version mqttv50
+cleansession true
+try_private true
+"""
+
+
+def run_size(devices: int, canary_s: float, canary: str, step: str, bridged: bool = False) -> dict[str, Any]:
+    """One rollout over ``devices`` simulated devices on fresh brokers; the figures of one table row.
+
+    ``bridged``: the devices connect to an edge broker that bridges ``edgevit/#`` both ways into a
+    central broker, where the controller connects (one site's broker in a fleet of sites).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        broker, port = start_broker(work, "sys_interval 1\nmax_queued_messages 100000\n")
+        settings = "sys_interval 1\nmax_queued_messages 100000\n"
+        (work / "central").mkdir()
+        broker, port = start_broker(work / "central", settings)
+        edge, device_port = broker, port
+        if bridged:
+            (work / "edge").mkdir()
+            edge, device_port = start_broker(work / "edge", settings + BRIDGE.format(port=port, prefix=PREFIX))
         context = multiprocessing.get_context("spawn")
         ready, stop, updated = context.Semaphore(0), context.Event(), context.Queue()
         started = time.monotonic()
         simulators = [
             context.Process(
                 target=simulate,
-                args=(port, first, min(PER_PROCESS, parsed.devices - first), parsed.canary_s, ready, stop, updated),
+                args=(device_port, first, min(PER_PROCESS, devices - first), canary_s, ready, stop, updated),
             )
-            for first in range(0, parsed.devices, PER_PROCESS)
+            for first in range(0, devices, PER_PROCESS)
         ]
         for process in simulators:
             process.start()
@@ -188,53 +202,90 @@ def main() -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
         before = _sys_counters(port)
-        broker_cpu = _cpu_s(broker.pid)
+        brokers = {broker.pid, edge.pid}
+        broker_cpu = sum(map(_cpu_s, brokers))
+        sims_cpu = sum(_cpu_s(p.pid) for p in simulators)
         command = [sys.executable, "-m", "fleet.cli", "deploy", str(archive), "--url-base", "http://store.invalid",
-                   "--port", str(port), "--state-dir", str(work / "controller"), "--canary", parsed.canary,
-                   "--step", parsed.step, "--timeout", "120"]  # fmt: skip
+                   "--port", str(port), "--state-dir", str(work / "controller"), "--canary", canary,
+                   "--step", step, "--timeout", "300"]  # fmt: skip
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         rolled = time.monotonic()
         controller = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        out, _ = controller.communicate()  # reaped: its CPU time is in RUSAGE_CHILDREN
+        out, _ = controller.communicate()  # reaped: its CPU time is in RUSAGE_CHILDREN (simulators are not yet)
         rollout_s = time.monotonic() - rolled
-        controller_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-        broker_cpu = _cpu_s(broker.pid) - broker_cpu
+        after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        controller_cpu = (after_children.ru_utime + after_children.ru_stime) - (children.ru_utime + children.ru_stime)
+        broker_cpu = sum(map(_cpu_s, brokers)) - broker_cpu
+        sims_cpu = sum(_cpu_s(p.pid) for p in simulators) - sims_cpu
         after = _sys_counters(port)
         waves = len({line.split(":")[0] for line in out.splitlines() if "deploy sent" in line})
         stop.set()
-        done = sum(updated.get(timeout=60) for _ in simulators)
+        done = sum(updated.get(timeout=120) for _ in simulators)
         for process in simulators:
-            process.join(30)
-        broker.terminate()
+            process.join(60)
+        for process in (edge, broker) if bridged else (broker,):
+            process.terminate()
+            process.wait()
     messages = (
         after["messages/received"] + after["messages/sent"] - before["messages/received"] - before["messages/sent"]
     )
-    row = {
-        "devices": parsed.devices,
+    return {
+        "devices": devices,
+        "brokers": "edge bridged to central" if bridged else "one",
+        "canary": canary,
+        "step": step,
         "connect_s": round(connect_s, 1),
         "waves": waves,
         "rollout_s": round(rollout_s, 1),
-        "lower_bound_s": round(waves * parsed.canary_s, 1),
+        "lower_bound_s": round(waves * canary_s, 1),
         "updated": done,
-        "messages_per_device": round(messages / parsed.devices, 1),
+        "messages_per_device": round(messages / devices, 1),
         "bytes_per_device": round(
-            (after["bytes/received"] + after["bytes/sent"] - before["bytes/received"] - before["bytes/sent"])
-            / parsed.devices
+            (after["bytes/received"] + after["bytes/sent"] - before["bytes/received"] - before["bytes/sent"]) / devices
         ),
-        "broker_cpu_ms_per_device": round(1e3 * broker_cpu / parsed.devices, 2),
-        "controller_cpu_s": round(controller_cpu.ru_utime + controller_cpu.ru_stime, 1),
+        "broker_cpu_ms_per_device": round(1e3 * broker_cpu / devices, 2),
+        "controller_cpu_s": round(controller_cpu, 1),
+        "controller_cpu_s_per_1000": round(1e3 * controller_cpu / devices, 2),
+        "simulators_cpu_s": round(sims_cpu, 1),
+        "log_tail": out[-400:],
     }
-    table = (
-        "| simulated devices | waves (canary, step) | rollout s | lower bound s (waves × canary) | updated "
-        "| broker messages / device | broker bytes / device | broker CPU ms / device | controller CPU s |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
-        f"| {row['devices']} | {waves} ({parsed.canary}, {parsed.step}) | {row['rollout_s']} | {row['lower_bound_s']} "
-        f"| {row['updated']} | {row['messages_per_device']} | {row['bytes_per_device']} "
-        f"| {row['broker_cpu_ms_per_device']} | {row['controller_cpu_s']} |\n"
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--devices", type=int, nargs="*", default=[1000, 5000, 10000])
+    args.add_argument("--canary-s", type=float, default=2.0, help="simulated canary window per device")
+    args.add_argument("--canary", default="1%")
+    args.add_argument("--step", default="10%")
+    args.add_argument("--bridged", type=int, nargs="*", default=[2000], help="sizes also run through a bridge")
+    args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parsed = args.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * max(parsed.devices + parsed.bridged + [0]) + 256)), hard)
     )
+    rows = []
+    for devices, bridged in [(n, False) for n in parsed.devices] + [(n, True) for n in parsed.bridged]:
+        print(f"{devices} simulated devices{' (bridged)' if bridged else ''} ...", file=sys.stderr, flush=True)
+        rows.append(run_size(devices, parsed.canary_s, parsed.canary, parsed.step, bridged))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "log_tail"}), file=sys.stderr, flush=True)
+    table = (
+        "| simulated devices | brokers | waves (canary, step) | rollout s | lower bound s | rollout / bound | updated "
+        "| controller CPU s per 1,000 devices | broker CPU ms / device | broker messages / device "
+        "| broker bytes / device | simulators' CPU s (apart) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        table += (
+            f"| {r['devices']} | {r['brokers']} | {r['waves']} ({r['canary']}, {r['step']}) | {r['rollout_s']} "
+            f"| {r['lower_bound_s']} "
+            f"| {r['rollout_s'] / r['lower_bound_s']:.1f}× | {r['updated']} | {r['controller_cpu_s_per_1000']} "
+            f"| {r['broker_cpu_ms_per_device']} | {r['messages_per_device']} | {r['bytes_per_device']} "
+            f"| {r['simulators_cpu_s']} |\n"
+        )
     parsed.out.mkdir(parents=True, exist_ok=True)
-    (parsed.out / "fleet_bench.json").write_text(json.dumps(row, indent=2) + "\n")
+    (parsed.out / "fleet_bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     (parsed.out / "fleet_bench.md").write_text(table)
-    print(out[-2000:], file=sys.stderr)
     print(table)
 
 
