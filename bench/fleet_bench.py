@@ -138,6 +138,25 @@ def simulate(port: int, first: int, count: int, canary_s: float, ready: Any, sto
     # paho's loop threads are daemons: the process ends with them (stopping 250 loops one by one takes minutes)
 
 
+def _await_devices(port: int, devices: int, timeout_s: float = 300.0) -> None:
+    """Until the broker holds a retained status from every simulated device (connections are asynchronous)."""
+    seen: set[str] = set()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"count-{time.monotonic_ns()}")
+    client.on_message = lambda c, u, m: seen.add(m.topic)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < devices and time.monotonic() < deadline:
+        client.unsubscribe(f"{PREFIX}/+/status")  # subscribing again replays every retained status
+        seen.clear()
+        client.subscribe(f"{PREFIX}/+/status", qos=0)
+        time.sleep(2)
+    client.loop_stop()
+    client.disconnect()
+    if len(seen) < devices:
+        sys.exit(f"only {len(seen)} of {devices} simulated devices connected within {timeout_s:g} s")
+
+
 def _sys_counters(port: int) -> dict[str, float]:
     """Mosquitto's $SYS totals (messages and bytes, received and sent)."""
     values: dict[str, float] = {}
@@ -193,7 +212,7 @@ def run_size(devices: int, canary_s: float, canary: str, step: str, bridged: boo
             process.start()
         for _ in simulators:
             ready.acquire()
-        time.sleep(3)  # the last connections and retained statuses settle
+        _await_devices(port, devices)  # every simulator connected, its retained status where the controller reads
         connect_s = time.monotonic() - started
         archive = work / "sim-v2.tar.gz"  # the controller reads the id from the manifest; simulators download nothing
         with tarfile.open(archive, "w:gz") as tar:
@@ -251,6 +270,23 @@ def run_size(devices: int, canary_s: float, canary: str, step: str, bridged: boo
     }
 
 
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORTS_PER_DEVICE = 3  # its broker connection, and paho's loopback socket pair (a listener and a connection)
+
+
+def _enough_ports(devices: int) -> None:
+    """Simulated devices each take ephemeral ports; Linux's default range (28k) ends near 9,000 devices."""
+    low, high = map(int, PORT_RANGE.read_text().split())
+    if high - low >= PORTS_PER_DEVICE * devices + 1000:
+        return
+    try:
+        PORT_RANGE.write_text("1024 65535\n")  # root only; a bench-machine setting, said aloud
+        print(f"widened net.ipv4.ip_local_port_range from {low}-{high} to 1024-65535", file=sys.stderr)
+    except OSError:
+        sys.exit(f"{devices} simulated devices need ~{PORTS_PER_DEVICE * devices} ephemeral ports; "
+                 "run: sysctl -w net.ipv4.ip_local_port_range='1024 65535'")  # fmt: skip
+
+
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args.add_argument("--devices", type=int, nargs="*", default=[1000, 5000, 10000])
@@ -264,6 +300,7 @@ def main() -> None:
     resource.setrlimit(
         resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * max(parsed.devices + parsed.bridged + [0]) + 256)), hard)
     )
+    _enough_ports(max(parsed.devices + parsed.bridged + [0]))
     rows = []
     for devices, bridged in [(n, False) for n in parsed.devices] + [(n, True) for n in parsed.bridged]:
         print(f"{devices} simulated devices{' (bridged)' if bridged else ''} ...", file=sys.stderr, flush=True)

@@ -88,6 +88,9 @@ class FleetLink:
         self._changed: set[str] = set()  # devices whose status, events or replies arrived since the last wait
         self._connected = threading.Event()  # answered: connected, or refused (``_refusal``)
         self._refusal = ""
+        self._last_retained = (
+            0.0  # when the latest retained message came: the flood after subscribing is over when it ages
+        )
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edgevit-fleet-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
         )
@@ -103,8 +106,10 @@ class FleetLink:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
-    def connect(self, settle_s: float = 1.0, timeout_s: float = 10.0) -> FleetLink:
-        """Connect, subscribe, and give the broker ``settle_s`` to deliver the retained statuses."""
+    def connect(self, settle_s: float = 1.0, timeout_s: float = 10.0, max_settle_s: float = 60.0) -> FleetLink:
+        """Connect, subscribe, and wait for the retained statuses: at least ``settle_s``, then until no retained
+        message has arrived for ``settle_s / 2`` (10,000 retained statuses take the broker seconds to deliver; a
+        plan made before they are all in would leave devices out), at most ``max_settle_s``."""
         where = f"MQTT broker {self.broker.host}:{self.broker.port}"
         try:
             self.client.connect(self.broker.host, self.broker.port)
@@ -118,6 +123,9 @@ class FleetLink:
             self.close()
             raise ConnectionError(f"the {where} refused this client: {self._refusal}")
         time.sleep(settle_s)
+        deadline = time.monotonic() + max_settle_s
+        while time.monotonic() - self._last_retained < settle_s / 2 and time.monotonic() < deadline:
+            time.sleep(settle_s / 10)
         return self
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -134,6 +142,8 @@ class FleetLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         """What devices publish, read with limits: a hostile or broken device must not end this loop."""
+        if message.retain:  # only what the broker replays on subscribing; live messages arrive unflagged
+            self._last_retained = time.monotonic()
         try:
             payload = bounded_json.loads(message.payload, DEVICE_LIMITS)
         except bounded_json.JSONLimitError:
