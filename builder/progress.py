@@ -50,7 +50,7 @@ class LogProgress(Progress):
 
     def update(self, task_id: TaskID, **kw: Any) -> None:  # type: ignore[override]
         super().update(task_id, **kw)
-        task = self._tasks[task_id]
+        task = next(t for t in self.tasks if t.id == task_id)
         now = time.monotonic()
         finished = task.total is not None and task.completed >= task.total
         if not finished and now - self._reported[task_id] < REPORT_EVERY_S:

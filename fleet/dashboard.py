@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fleet.link import Device, FleetLink
-from fleet.rollout import FAILED, ROLLED_BACK, SENT, list_rollouts, parse_selector, selects
+from fleet.rollout import FAILED, ROLLED_BACK, SENT, latest_rollout, parse_selector, selects
 
 HISTORY_S = 3600.0
 SAMPLE_EVERY_S = 5.0  # at most one point per device per this: 720 points an hour
@@ -121,10 +121,9 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
     A wave lists at most :data:`WAVE_DEVICES` devices (a 25 % wave of a large fleet is thousands);
     devices the rollout did not select are only counted.
     """
-    rollouts = list_rollouts(state_dir)
-    if not rollouts:
+    r = latest_rollout(state_dir)
+    if r is None:
         return None
-    r = rollouts[-1]
     waves: dict[int, list[Any]] = collections.defaultdict(list)
     for t in r.targets:
         if t.wave >= 0:

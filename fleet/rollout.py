@@ -158,6 +158,12 @@ def list_rollouts(folder: Path) -> list[Rollout]:
     return sorted((Rollout.load(p) for p in (folder / "rollouts").glob("*.json")), key=lambda r: r.created)
 
 
+def latest_rollout(folder: Path) -> Rollout | None:
+    """The newest rollout, reading only its file (ids start with their creation time, to the second)."""
+    newest = max((folder / "rollouts").glob("*.json"), default=None)
+    return Rollout.load(newest) if newest else None
+
+
 class Runner:
     """Drives one rollout to an end; ``report`` gets one line per change.
 
