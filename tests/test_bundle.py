@@ -152,7 +152,8 @@ def test_tensorrt_plan_requirements_name_the_mismatch() -> None:
         arch="aarch64", tensorrt="10.7.0", compute_capability="8.7", jetson_model="NVIDIA Jetson Orin Nano"
     )
     assert incompatibilities(requires, device) == [
-        "is a TensorRT 10.3.0 plan, this device has TensorRT 10.7.0",
+        "is a TensorRT 10.3.0 plan, this device has TensorRT 10.7.0 (plans run only on the TensorRT release they "
+        "were built with: rebuild it on this device)",
         "was built on a NVIDIA Jetson AGX Orin, this device is NVIDIA Jetson Orin Nano",
     ]
     desktop = DeviceInfo(arch="x86_64", tensorrt="10.3.0", compute_capability="8.9")
