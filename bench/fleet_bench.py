@@ -11,6 +11,8 @@ controller is the real ``edgevit-fleet deploy`` process. Measured in one run:
 - MQTT messages and bytes through the broker per device (from Mosquitto's ``$SYS`` counters);
 - CPU of the broker(s) per device, of the controller per 1,000 devices, and of the simulators
   apart (they share this machine's cores with the broker and the controller);
+- what an operator waits for at that size: ``status --summary``, a page of ``status``, and a
+  page of the dashboard's API;
 - past one broker (``--bridged``): the same rollout with the devices on an edge Mosquitto
   bridged (MQTT 5, ``edgevit/#`` both ways) into the central one the controller uses.
   Messages are counted on the central broker.
@@ -29,12 +31,14 @@ import json
 import multiprocessing
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +161,42 @@ def _await_devices(port: int, devices: int, timeout_s: float = 300.0) -> None:
         sys.exit(f"only {len(seen)} of {devices} simulated devices connected within {timeout_s:g} s")
 
 
+def _operator_views(port: int, state_dir: Path) -> dict[str, float]:
+    """Seconds an operator waits at this fleet size: ``status --summary`` and a page of the table (whole
+    commands: start, connect, the retained replay), and one dashboard API page once its server runs."""
+    base = [sys.executable, "-m", "fleet.cli", "status", "--port", str(port), "--state-dir", str(state_dir)]
+    views = {}
+    for key, extra in (("status_summary_s", ["--summary"]), ("status_page_s", ["--per-page", "50"])):
+        started = time.monotonic()
+        subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, check=True, timeout=300)
+        views[key] = round(time.monotonic() - started, 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        http_port = sock.getsockname()[1]
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "dashboard", "--port", str(port), "--state-dir", str(state_dir),
+         "--http-port", str(http_port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{http_port}/api/fleet?per_page=50"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=30).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        started = time.monotonic()
+        urllib.request.urlopen(url, timeout=30).read()
+        views["dashboard_page_s"] = round(time.monotonic() - started, 3)
+    finally:
+        dashboard.terminate()
+        dashboard.wait()
+    return views
+
+
 def _sys_counters(port: int) -> dict[str, float]:
     """Mosquitto's $SYS totals (messages and bytes, received and sent)."""
     values: dict[str, float] = {}
@@ -238,6 +278,7 @@ def run_size(devices: int, canary_s: float, canary: str, step: str, bridged: boo
         sims_cpu = sum(_cpu_s(p.pid) for p in simulators) - sims_cpu
         after = _sys_counters(port)
         waves = len({line.split(":")[0] for line in out.splitlines() if "deploy sent" in line})
+        views = _operator_views(port, work / "controller")
         stop.set()
         done = sum(updated.get(timeout=120) for _ in simulators)
         for process in simulators:
@@ -266,6 +307,7 @@ def run_size(devices: int, canary_s: float, canary: str, step: str, bridged: boo
         "controller_cpu_s": round(controller_cpu, 1),
         "controller_cpu_s_per_1000": round(1e3 * controller_cpu / devices, 2),
         "simulators_cpu_s": round(sims_cpu, 1),
+        **views,
         "log_tail": out[-400:],
     }
 
@@ -309,8 +351,9 @@ def main() -> None:
     table = (
         "| simulated devices | brokers | waves (canary, step) | rollout s | lower bound s | rollout / bound | updated "
         "| controller CPU s per 1,000 devices | broker CPU ms / device | broker messages / device "
-        "| broker bytes / device | simulators' CPU s (apart) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| broker bytes / device | simulators' CPU s (apart) | status --summary s | status page s "
+        "| dashboard page s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
         table += (
@@ -318,7 +361,7 @@ def main() -> None:
             f"| {r['lower_bound_s']} "
             f"| {r['rollout_s'] / r['lower_bound_s']:.1f}× | {r['updated']} | {r['controller_cpu_s_per_1000']} "
             f"| {r['broker_cpu_ms_per_device']} | {r['messages_per_device']} | {r['bytes_per_device']} "
-            f"| {r['simulators_cpu_s']} |\n"
+            f"| {r['simulators_cpu_s']} | {r['status_summary_s']} | {r['status_page_s']} | {r['dashboard_page_s']} |\n"
         )
     parsed.out.mkdir(parents=True, exist_ok=True)
     (parsed.out / "fleet_bench.json").write_text(json.dumps(rows, indent=2) + "\n")

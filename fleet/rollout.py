@@ -43,6 +43,7 @@ PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (
 )
 TERMINAL = (SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED)
 POLL_S = 0.25
+REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -174,6 +175,7 @@ class Runner:
     def __init__(self, rollout: Rollout, link: FleetLink, folder: Path, report: Callable[[str], None]) -> None:
         self.rollout, self.link, self.folder, self.report = rollout, link, folder, report
         self._pending: list[dict[str, Any]] = []  # journal entries not yet on disk
+        self._bad_since: dict[str, float] = {}  # devices whose status marked the bundle bad before their event came
 
     def _note(self, line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
@@ -284,7 +286,11 @@ class Runner:
             if not device.online:
                 return FAILED, "went offline"
             if bundle in engine.get("bad", ()) and engine.get("active") != bundle:
-                return FAILED, "the device marked it bad"
+                # its status can overtake the revert event that says why (events go through the agent's outbox):
+                # give the event a moment before settling for the bare fact
+                first = self._bad_since.setdefault(target.device, time.monotonic())
+                if time.monotonic() - first >= REASON_GRACE_S:
+                    return FAILED, "the device marked it bad"
         if time.time() - target.sent_at > self.rollout.timeout_s:
             return FAILED, f"no outcome within --timeout {self.rollout.timeout_s:g} s"
         return None
@@ -305,7 +311,7 @@ class Runner:
             self._flush()
             if not waiting:
                 return
-            check = list(self.link.wait_changes(POLL_S))
+            check = list(self.link.wait_changes(POLL_S)) + [n for n in self._bad_since if n in waiting]
             oldest = min(t.sent_at or 0.0 for t in waiting.values())
             if time.time() - oldest > self.rollout.timeout_s:  # a timeout is due: look at whoever has one
                 check += [n for n, t in waiting.items() if time.time() - (t.sent_at or 0.0) > self.rollout.timeout_s]
