@@ -234,6 +234,12 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def say(line: str) -> None:
+    """A rollout's progress line: plain and flushed at once (rich costs 140 µs a line; a 10,000-device
+    rollout prints 20,000 of them, and whoever follows the output must see each as it happens)."""
+    print(line, flush=True)
+
+
 def bundle_reference(archive: Path, url: str) -> tuple[str, dict[str, Any]]:
     """(bundle id, the deploy command's ``bundle``) for an archive made by ``edgevit-build pack``."""
     try:
@@ -274,7 +280,7 @@ def run_deploy(args: argparse.Namespace, console: Console) -> int:
         rollback_on_halt=not args.no_rollback,
         force=args.force,
     )
-    runner = Runner(rollout, link, args.state_dir, console.print)
+    runner = Runner(rollout, link, args.state_dir, say)
     try:
         runner.plan(args.canary, args.step)
         if not [t for t in rollout.targets if t.wave >= 0]:
@@ -294,7 +300,7 @@ def run_resume(args: argparse.Namespace, console: Console) -> int:
     console.print(f"resuming {rollout.id} at wave {rollout.wave}; awaiting {', '.join(sent) or 'nothing'}")
     link = _link(args)
     try:
-        return _drive(Runner(rollout, link, args.state_dir, console.print), console)
+        return _drive(Runner(rollout, link, args.state_dir, say), console)
     finally:
         link.close()
 
@@ -306,7 +312,7 @@ def run_rollback(args: argparse.Namespace, console: Console) -> int:
         chosen = {n: d for n, d in link.snapshot().items() if selects(selector, d) and d.online}
         if not chosen:
             raise FleetError(f"no online device matches --select {args.select!r}")
-        outcomes = roll_back(link, dict.fromkeys(sorted(chosen), args.to), args.timeout, console.print)
+        outcomes = roll_back(link, dict.fromkeys(sorted(chosen), args.to), args.timeout, say)
         return 0 if all(ok for ok, _ in outcomes.values()) else EXIT_HALTED
     finally:
         link.close()
