@@ -113,28 +113,6 @@ def _link(args: argparse.Namespace, on_metrics: Callable[[str, dict[str, Any]], 
     return FleetLink(broker, key, on_metrics).connect()
 
 
-def _row(device: Device) -> dict[str, Any]:
-    status, engine = device.status, device.engine
-    last = status.get("last_event") or {}
-    drift = status.get("drift") or {}
-    canary = status.get("last_canary") or {}
-    return {
-        "device": device.name,
-        "state": status.get("state"),
-        "labels": device.labels,
-        "active": engine.get("active"),
-        "previous": engine.get("previous"),
-        "canary": engine.get("canary"),
-        "bad": engine.get("bad", []),
-        "fps": status.get("fps"),
-        "p99_ms": status.get("p99_ms"),
-        "agreement": canary.get("agreement"),
-        "class_mix_distance": drift.get("class_mix_distance"),
-        "confidence_drift": drift.get("confidence_drift"),
-        "last_event": last.get("event") and f"{last['event']} {last.get('bundle_id') or ''}".strip(),
-    }
-
-
 def narrow_table(*headers: str, **options: Any) -> Table:
     """A table that stays readable at 80 columns: headers whole, long values folded onto more lines."""
     columns = [Column(h, min_width=len(h), overflow="fold") for h in headers]
@@ -205,7 +183,7 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
     try:
         devices = selected()
         if args.json:
-            print(json.dumps([_row(d) for d in devices], indent=2))
+            print(json.dumps([d.row() for d in devices], indent=2))
             return 0
         if args.summary:
             headline, table = summary_table(devices)
@@ -214,16 +192,16 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
         else:
             pages = max(1, -(-len(devices) // args.per_page))
             shown = devices[(args.page - 1) * args.per_page : args.page * args.per_page]
-            console.print(_table([_row(d) for d in shown]))
+            console.print(_table([d.row() for d in shown]))
             if pages > 1:
                 console.print(
                     f"page {args.page} of {pages} ({len(devices)} devices); --page N for another, --summary for counts"
                 )
         if args.watch:
-            last = {d.name: _row(d) for d in devices}
+            last = {d.name: d.row() for d in devices}
             while True:
                 time.sleep(args.watch)
-                now = {d.name: _row(d) for d in selected()}
+                now = {d.name: d.row() for d in selected()}
                 for line in changes(last, now):
                     console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False)
                 last = now

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fleet.link import Device, FleetLink
+from fleet.link import Device, FleetLink, number
 from fleet.rollout import FAILED, ROLLED_BACK, SENT, latest_rollout, parse_selector, selects
 
 HISTORY_S = 3600.0
@@ -50,11 +50,11 @@ class MetricsHistory:
         latency = payload.get("latency")
         if not isinstance(cameras, dict):
             return
-        rates = [_number(c.get("processed_fps")) for c in cameras.values() if isinstance(c, dict)]
+        rates = [number(c.get("processed_fps")) for c in cameras.values() if isinstance(c, dict)]
         if not any(r is not None for r in rates):
             return
         fps = sum(r for r in rates if r is not None)
-        p99 = _number(latency.get("p99_ms")) if isinstance(latency, dict) else None
+        p99 = number(latency.get("p99_ms")) if isinstance(latency, dict) else None
         with self._lock:
             series = self._series.setdefault(device, collections.deque(maxlen=int(self.horizon_s / self.every_s) + 1))
             if series and now - series[-1][0] < self.every_s:
@@ -67,34 +67,6 @@ class MetricsHistory:
         with self._lock:
             points = list(self._series.get(device, ()))
         return {"t": [round(p[0], 1) for p in points], "fps": [p[1] for p in points], "p99": [p[2] for p in points]}
-
-
-def _number(value: Any) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )
-
-
-def device_row(device: Device) -> dict[str, Any]:
-    """What the page shows of one device, from its retained status."""
-    status, engine = device.status, device.engine
-    drift = status.get("drift") if isinstance(status.get("drift"), dict) else {}
-    canary = status.get("last_canary") if isinstance(status.get("last_canary"), dict) else {}
-    return {
-        "device": device.name,
-        "online": device.online,
-        "labels": device.labels,
-        "active": engine.get("active"),
-        "previous": engine.get("previous"),
-        "canary": engine.get("canary"),
-        "fps": _number(status.get("fps")),
-        "p99_ms": _number(status.get("p99_ms")),
-        "drift": _number(drift.get("class_mix_distance")),
-        "canary_verdict": canary.get("verdict"),
-        "canary_agreement": _number(canary.get("agreement")),
-    }
 
 
 def summary(devices: list[Device]) -> dict[str, Any]:
@@ -193,7 +165,7 @@ class Dashboard:
             raise ValueError("page and per_page start at 1")
         devices = [d for _, d in sorted(self.link.snapshot().items()) if selects(selector, d)]
         shown = devices[(page - 1) * per_page : page * per_page]
-        rows = [{**device_row(d), "history": self.history.series(d.name)} for d in shown]
+        rows = [{**d.row(), "history": self.history.series(d.name)} for d in shown]
         return {
             "generated": time.time(),
             "summary": summary(devices),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import ssl
 import threading
@@ -50,6 +51,43 @@ class Device:
     def engine(self) -> dict[str, Any]:
         engine = self.status.get("engine")
         return engine if isinstance(engine, dict) else {}
+
+    def row(self) -> dict[str, Any]:
+        """What the fleet tools show of this device (status table, ``--json``, ``--watch``, dashboard).
+
+        A device's status is its own to write: what is not of the expected type is shown as absent.
+        """
+        status, engine = self.status, self.engine
+        last = _mapping(status.get("last_event"))
+        drift = _mapping(status.get("drift"))
+        canary = _mapping(status.get("last_canary"))
+        return {
+            "device": self.name,
+            "state": status.get("state"),
+            "online": self.online,
+            "labels": self.labels,
+            "active": engine.get("active"),
+            "previous": engine.get("previous"),
+            "canary": engine.get("canary"),
+            "bad": engine.get("bad", []),
+            "fps": number(status.get("fps")),
+            "p99_ms": number(status.get("p99_ms")),
+            "canary_verdict": canary.get("verdict"),
+            "agreement": number(canary.get("agreement")),
+            "class_mix_distance": number(drift.get("class_mix_distance")),
+            "confidence_drift": number(drift.get("confidence_drift")),
+            "last_event": last.get("event") and f"{last['event']} {last.get('bundle_id') or ''}".strip(),
+        }
+
+
+def number(value: Any) -> float | None:
+    """A finite number from a device's message, or None."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 log = logging.getLogger(__name__)
