@@ -61,3 +61,25 @@ def test_nothing_but_jsonlimiterror_escapes(payload: bytes | str) -> None:
         loads(payload)
     except JSONLimitError:
         pass
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b'{"n": 1E+309}', "out of range"),
+        (b'{"n": 1e0309}', "out of range"),
+        (b'{"n": -' + b"1" * 41 + b"}", "number is longer than 40"),
+        (b'{"n": 1.' + b"0" * 39 + b"}", "number is longer than 40"),
+        (b'{"a": {"b": [' * 6 + b"1" + b"]}}" * 6, "nested deeper than 16 levels"),
+    ],
+)
+def test_the_quick_screens_send_every_suspect_to_the_exact_checks(payload: bytes, message: str) -> None:
+    """A short document with a long number, a big exponent or deep nesting is not waved through."""
+    with pytest.raises(JSONLimitError, match=message):
+        loads(payload)
+
+
+def test_what_only_looks_suspect_still_parses() -> None:
+    """Brackets and digit runs inside strings, and small exponents, are screened but not refused."""
+    text = json.dumps({"s": "[" * 40 + "1" * 60, "e": 1.5e-300, "f": 2.5e99, "g": [1e10, -3]})
+    assert loads(text) == json.loads(text)
