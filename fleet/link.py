@@ -107,6 +107,12 @@ class Broker:
 
 # Status documents and events are larger than commands; still bounded.
 DEVICE_LIMITS = bounded_json.JSONLimits(max_bytes=256 * 1024, max_depth=32)
+# What the controller reads comes at QoS 0. Its session is not persistent (a fresh client id per run), so
+# QoS 1 would add no delivery guarantee over the TCP connection, only a PUBACK per message (six per device
+# in a wave) and the broker's per-client in-flight window and queue limit: Mosquitto drops QoS 1 messages
+# past ``max_queued_messages`` (1,000 by default) to a client that is behind, which a 1,000-device wave
+# exceeds. Whatever a lost connection misses, the retained statuses replayed on reconnecting tell.
+SUBSCRIBE_QOS = 0
 
 
 class FleetLink:
@@ -172,10 +178,10 @@ class FleetLink:
             self._connected.set()
             return
         prefix = self.broker.prefix
-        topics = [(status_topic(prefix), 1), (events_topic(prefix), 1), (reply_topic(prefix), 1)]
+        topics = [status_topic(prefix), events_topic(prefix), reply_topic(prefix)]
         if self.on_metrics is not None:
-            topics.append((metrics_topic(prefix), 0))
-        client.subscribe(topics)
+            topics.append(metrics_topic(prefix))
+        client.subscribe([(topic, SUBSCRIBE_QOS) for topic in topics])
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

@@ -43,6 +43,7 @@ PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (
 )
 TERMINAL = (SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED)
 POLL_S = 0.25
+OUTCOMES_FLUSH_S = 1.0  # how often observed outcomes reach the journal while a wave is awaited
 REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
 
 
@@ -184,7 +185,9 @@ class Runner:
         self.report(line)
 
     def _changed(self, target: Target) -> None:
-        self._pending.append({"target": target.device, **{k: v for k, v in asdict(target).items() if k != "device"}})
+        entry = dict(vars(target))  # its fields are flat: no deep copy (asdict cost ~0.1 ms a target at 10,000)
+        entry["target"] = entry.pop("device")
+        self._pending.append(entry)
 
     def _flush(self) -> None:
         self.rollout.append(self.folder, self._pending)
@@ -296,9 +299,17 @@ class Runner:
         return None
 
     def _await(self, wave: list[Target]) -> None:
-        """Until every target of the wave has an outcome, looking only at devices heard from, and at timeouts."""
+        """Until every target of the wave has an outcome, looking only at devices heard from, and at timeouts.
+
+        Outcomes are observations, not actions: they reach the journal in batches (every
+        :data:`OUTCOMES_FLUSH_S`, and when the wave ends, before the next wave is sent). A controller that
+        dies in between re-reads them from the devices' retained statuses and events when it resumes.
+        """
         waiting = {t.device: t for t in wave if t.state == SENT}
         check = list(waiting)  # all once: a resumed rollout's devices may have answered while it was away
+        timeout = self.rollout.timeout_s
+        due = min((t.sent_at or 0.0 for t in waiting.values()), default=0.0) + timeout  # the first timeout
+        flushed = time.monotonic()
         while waiting:
             for name in check:
                 target = waiting.get(name)
@@ -308,13 +319,16 @@ class Runner:
                     self._changed(target)
                     self._note(f"wave {target.wave}: {target.device} {target.state}: {target.detail}")
                     del waiting[name]
-            self._flush()
             if not waiting:
-                return
+                break
+            if time.monotonic() - flushed >= OUTCOMES_FLUSH_S:
+                self._flush()
+                flushed = time.monotonic()
             check = list(self.link.wait_changes(POLL_S)) + [n for n in self._bad_since if n in waiting]
-            oldest = min(t.sent_at or 0.0 for t in waiting.values())
-            if time.time() - oldest > self.rollout.timeout_s:  # a timeout is due: look at whoever has one
-                check += [n for n, t in waiting.items() if time.time() - (t.sent_at or 0.0) > self.rollout.timeout_s]
+            if time.time() > due:  # a timeout is due: look at whoever has one, then find the next one
+                check += [n for n, t in waiting.items() if time.time() - (t.sent_at or 0.0) > timeout]
+                due = min((t.sent_at or 0.0 for t in waiting.values()), default=0.0) + timeout
+        self._flush()
 
     def _roll_back(self, targets: list[Target]) -> None:
         wanted = {t.device: t.before for t in targets if t.before and t.before != self.rollout.bundle_id}
