@@ -101,7 +101,7 @@ def profile_engine(
     ]
     if threads:
         command += ["--threads", str(threads)]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(command, capture_output=True, text=True, errors="replace")
     if proc.returncode != 0:
         raise BuildError(f"profiling {path.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

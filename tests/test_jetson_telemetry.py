@@ -69,6 +69,23 @@ def test_tegrastats_process_is_read_and_restarted_when_it_exits() -> None:
         stats.stop()
 
 
+def test_a_line_that_is_not_utf8_does_not_stop_the_reader() -> None:
+    """tegrastats is outside input: a corrupt byte spoils one line, not the thread that reads the rest."""
+    corrupt = b"RAM 1766/3956MB \xff\xfe garbage\n"
+    replay = (
+        f"import sys, time; sys.stdout.buffer.write({corrupt!r}); "
+        f"sys.stdout.write(open({str(RECORDED)!r}).readlines()[3]); sys.stdout.flush(); time.sleep(30)"
+    )
+    stats = TegraStats(command=[sys.executable, "-c", replay]).start()
+    try:
+        deadline = time.monotonic() + 10
+        while stats.snapshot().get("gpu_load_pct") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats.snapshot()["ram_used_mib"] == 1766 and stats.restarts == 0
+    finally:
+        stats.stop()
+
+
 NVMAP = """CLIENT                        PROCESS      PID        SIZE
 user                   gnome-shell     1811     120000K
 user                       python3     4242     169376K

@@ -71,7 +71,7 @@ def power_mode() -> str | None:
     if not shutil.which("nvpmodel"):
         return None
     try:
-        out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, errors="replace", timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"NV Power Mode:\s*(\S+)", out)
@@ -136,7 +136,7 @@ class TegraStats:
         pause = 1.0
         while not self._stop.is_set():
             try:
-                self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True)
+                self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, errors="replace")
                 assert self._process.stdout is not None
                 for line in self._process.stdout:
                     parsed = parse_tegrastats(line)
