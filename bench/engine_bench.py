@@ -384,6 +384,10 @@ def main() -> None:
     if parsed.head_to_head_child:
         head_to_head_child(parsed.head_to_head_child, parsed.seconds)
         return
+    try:
+        import matplotlib  # noqa: F401  (the plot is drawn last: known before twenty minutes of measuring)
+    except ImportError:
+        sys.exit("the plot needs matplotlib: pip install -e '.[bench]' (make bench does)")
     if parsed.jax_child:
         jax_child(parsed.jax_child, parsed.seconds)
         return
