@@ -303,7 +303,7 @@ class Runner:
 
         Outcomes are observations, not actions: they reach the journal in batches (every
         :data:`OUTCOMES_FLUSH_S`, and when the wave ends, before the next wave is sent). A controller that
-        dies in between re-reads them from the devices' retained statuses and events when it resumes.
+        dies in between reads them again from the devices' retained statuses when it resumes.
         """
         waiting = {t.device: t for t in wave if t.state == SENT}
         check = list(waiting)  # all once: a resumed rollout's devices may have answered while it was away
