@@ -4,16 +4,20 @@ and refused by a device that lacks what the engine needs (issue 11). Real OpenVI
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from agent_helpers import NO_SWAP_LATENCY_GATE, device_over_mqtt
 
 from agent.engine.bundle import BundleError, verify_bundle
 from agent.engine.device import BF16_FEATURES, X86_INT8_FEATURES, DeviceInfo
 from agent.engine.golden import check_golden
+from agent.engine.runtimes.openvino import OpenVINOEngine
 from agent.engine.signing import load_public_key
 from agent.engine.worker import WorkerEngine, WorkerSpec
+from builder.demo.digits import digit_images
 from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.errors import BuildError
 
@@ -35,6 +39,8 @@ def test_openvino_int8_candidates_are_built_and_gated(openvino_bundle: Path, sig
     assert set(labels) == {"openvino int8 static (minmax)", "openvino int8 (NNCF)"}  # --runtime openvino only
     assert all(c["runtime"] == "openvino" and c["accuracy"]["top1_agreement"] >= 0.99 for c in labels.values())
     assert labels["openvino int8 (NNCF)"]["quantization"]["method"] == "nncf-transformer"
+    assert labels["openvino int8 static (minmax)"]["quantization"]["dense_outputs"] == "float"
+    assert passport["engine"]["rewrites"] == ["class-token-only last block"]  # every candidate was built from it
     assert bundle.backend == "openvino" and passport["gate"]["passed"]
     requires = bundle.manifest["requires"]
     assert requires["openvino"].startswith(">=") and set(requires["cpu_features_any"]) == X86_INT8_FEATURES
@@ -58,8 +64,6 @@ def test_openvino_engine_in_the_worker_with_its_compile_cache(openvino_bundle: P
 
 
 def _frames(bundle, n: int):
-    import numpy as np
-
     with np.load(bundle.golden_path) as golden:
         images = golden["images"]
     return np.resize(images, (n, *images.shape[1:]))
@@ -118,3 +122,20 @@ def test_hot_swap_from_onnxruntime_to_openvino_with_the_canary(
         status = device.send({"id": "s1", "cmd": "status"})["result"]
         assert status["engine"] == new and status["lifecycle"]["previous"] == old
         assert any((tmp_path / "state" / "engine-cache").iterdir())
+
+
+def test_a_batch_splits_across_openvino_streams_with_the_same_logits(demo_exports) -> None:
+    """Each compiled size over 1 runs as one part per stream at once; one thread means one stream, unsplit."""
+    model = demo_exports["vit-digits"] / "model.onnx"
+    images = digit_images(64)[0][:8]
+    split, whole = OpenVINOEngine(model, "cpu", 8), OpenVINOEngine(model, "cpu", 8, threads=1)
+    try:
+        assert whole.streams == 1
+        if (os.cpu_count() or 1) >= 2:
+            assert split.streams >= 2
+        for n in range(1, 9):
+            expected = whole.run(images[:n])
+            np.testing.assert_allclose(split.run(images[:n]), expected, atol=1e-4 * np.abs(expected).max())
+    finally:
+        split.close()
+        whole.close()

@@ -1,11 +1,19 @@
 """OpenVINO engines for x86 CPUs: an ONNX (Q/DQ INT8 included) or OpenVINO IR model, compiled per batch size.
 
 OpenVINO's CPU plugin runs a model compiled for one static shape far faster than one
-compiled for a dynamic batch (on ViT-B/16 INT8 here: 60 against 40 images/s), so the
-model is compiled for the batch sizes :func:`compiled_sizes` names (powers of two up to
-the bundle's maximum, and the maximum) and a batch runs on the smallest compiled size
-that holds it, padded. The passport's latency per batch size is measured this way too,
-so the agent's batcher sees what padding costs and prefers the compiled sizes.
+compiled for a dynamic batch (on ViT-B/16 INT8: 60 against 40 images/s on one machine),
+so the model is compiled for the batch sizes :func:`compiled_sizes` names (powers of two
+up to the bundle's maximum, and the maximum) and a batch runs on the smallest compiled
+size that holds it, padded. The passport's latency per batch size is measured this way
+too, so the agent's batcher sees what padding costs and prefers the compiled sizes.
+
+A batch of more than one image is split across OpenVINO's CPU *streams* (its THROUGHPUT
+mode: each stream runs one infer request on its own share of the cores), and the parts
+run at once. On a 2-core AVX-512 CPU this served ViT-B/16 INT8 13–20 % faster at batch 2
+and 4 and 5–8 % faster at batch 8 than one request over both cores (LATENCY mode), which
+spends part of every layer waiting for its threads to meet; ``bench/openvino_settings_bench.py``
+measures it. A single image keeps one request over every core, where splitting would
+leave cores idle.
 
 Targets: ``cpu`` runs the float parts of the model in FP32; ``cpu-bf16`` in BF16 (what
 OpenVINO picks by default on CPUs with AVX-512 BF16 or AMX; a bundle built for it
@@ -16,8 +24,10 @@ cache), so an agent restart or a hot swap back to a known engine does not recomp
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +62,28 @@ def compiled_sizes(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
+@dataclass
+class _Compiled:
+    """One compiled batch size: its infer requests (one per stream), each fed ``part`` images of ``padded``."""
+
+    requests: list[Any]
+    part: int
+    padded: np.ndarray  # allocated once: the per-batch path only copies into it
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        batch = images
+        if n != len(self.padded):
+            batch = self.padded
+            batch[:n] = images
+        for i, request in enumerate(self.requests):
+            request.start_async({0: batch[i * self.part : (i + 1) * self.part]})
+        for request in self.requests:
+            request.wait()
+        parts = [request.get_output_tensor(0).data for request in self.requests]
+        return np.concatenate(parts)[:n] if len(parts) > 1 else parts[0][:n].copy()
+
+
 class OpenVINOEngine:
     def __init__(
         self,
@@ -67,34 +99,44 @@ class OpenVINOEngine:
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": PRECISION[target]}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION[target]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
             model = core.read_model(str(path))
             name = model.inputs[0].any_name
             shape = list(model.inputs[0].get_partial_shape().get_min_shape())[1:]
-            self._requests = {}
+            # OpenVINO's THROUGHPUT mode picks the stream count for this model, CPU and thread count; its
+            # model compiled for one image per stream serves the batches that split into single images
+            model.reshape({name: [1, *shape]})
+            per_stream = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **config})
+            streams = max(1, int(per_stream.get_property("NUM_STREAMS")))
+            self.streams = streams  # how many parts a full batch runs in at once
+            self._compiled: dict[int, _Compiled] = {}
             for size in compiled_sizes(max_batch):
-                model.reshape({name: [size, *shape]})
-                self._requests[size] = core.compile_model(model, "CPU", config).create_infer_request()
+                count = min(streams, size)
+                part = -(-size // count)
+                count = -(-size // part)  # no stream left without images: 8 over 3 streams is 3 + 3 + 2 (padded)
+                if count == 1:
+                    model.reshape({name: [size, *shape]})
+                    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **config})
+                elif part == 1 and count == streams:
+                    compiled = per_stream
+                else:
+                    model.reshape({name: [part, *shape]})
+                    hint = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": count}
+                    compiled = core.compile_model(model, "CPU", {**config, **hint})
+                requests = [compiled.create_infer_request() for _ in range(count)]
+                self._compiled[size] = _Compiled(requests, part, np.zeros((part * count, *shape), np.uint8))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for bad models
             raise EngineError(f"OpenVINO cannot load {path}: {exc}") from exc
-        # one padded input per compiled size, allocated once: the per-batch path only copies
-        self._padded = {size: np.zeros((size, *shape), np.uint8) for size in self._requests}
 
     def run(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        size = next((s for s in self._requests if s >= n), None)
+        size = next((s for s in self._compiled if s >= n), None)
         if size is None:
-            raise EngineError(f"batch of {n} is over this engine's maximum of {max(self._requests)}")
-        batch = images
-        if size != n:
-            batch = self._padded[size]
-            batch[:n] = images
-        request = self._requests[size]
-        request.infer({0: batch})
-        return request.get_output_tensor(0).data[:n].copy()
+            raise EngineError(f"batch of {n} is over this engine's maximum of {max(self._compiled)}")
+        return self._compiled[size].run(images)
 
     def close(self) -> None:
-        self._requests.clear()
+        self._compiled.clear()
