@@ -31,6 +31,7 @@ from agent.stream.drift import output_profile
 from builder import openvino_engines
 from builder.bundle_writer import write_bundle
 from builder.choices import DEFAULT_TENSORRT, RUNTIMES, TARGETS
+from builder.class_token import class_token_only
 from builder.datasets import calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError, GateError
 from builder.int8_recipe import (
@@ -94,6 +95,7 @@ class Export:
     spec: InputSpec
     architecture: dict[str, Any]
     source: dict[str, str]
+    rewrites: tuple[str, ...] = ()  # exact engine-build rewrites applied to the export's graph
 
     @property
     def model(self) -> Path:
@@ -186,6 +188,19 @@ def _runtimes(options: EngineOptions) -> tuple[str, ...]:
     return (options.runtime,)
 
 
+def _rewritten(export: Export, options: EngineOptions, frames: np.ndarray, work: Path, progress: Progress) -> Export:
+    """The export with the exact rewrites a CPU engine build applies (:mod:`builder.class_token`).
+
+    Not yet for TensorRT and CUDA: the rewrite is exact there too, but their graph rules and plans
+    have not been checked with it on a GPU.
+    """
+    if options.target != "cpu":
+        return export
+    with step(progress, "checking the class-token rewrite of the last block"):
+        path = class_token_only(export.model, work / "model-class-token.onnx", export.architecture, frames)
+    return export if path is None else replace(export, files=[path], rewrites=("class-token-only last block",))
+
+
 def _int8_search(export: Export, options: EngineOptions, work: Path, progress: Progress) -> Int8Search | None:
     """The calibration-driven recipe search, or None for dynamic INT8 without calibration frames."""
     if options.calib is None:
@@ -213,7 +228,12 @@ def _int8_candidates(
         target = openvino_engines.float_target(DeviceInfo.probe())
         for static in [c for c in candidates if c.trial and c.trial.recipe.method == "static"]:
             # the same searched Q/DQ graph, run by OpenVINO
-            candidates.append(replace(static, label=f"openvino {static.label}", backend="openvino", target=target))
+            files = [openvino_engines.qdq_for_openvino(static.files[0])]
+            label = f"openvino {static.label}"
+            quantization = {**(static.quantization or {}), "dense_outputs": "float"}
+            candidates.append(
+                replace(static, label=label, backend="openvino", files=files, quantization=quantization, target=target)
+            )
         with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
             files = openvino_engines.nncf_int8(export.model, search.ranges, work)
         nncf_recipe = {
@@ -417,7 +437,8 @@ def build_engine_bundle(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
-        candidates, search = _candidates(export, options, Path(tmp), progress)
+        source = _rewritten(export, options, images[: options.max_batch], Path(tmp), progress)
+        candidates, search = _candidates(source, options, Path(tmp), progress)
         for c in candidates:
             evaluation.measure(c)
         tried = ""
@@ -435,7 +456,16 @@ def build_engine_bundle(
             candidates.append(chosen)
             chosen = _choose([chosen], options)
         path, passport = _write(
-            out, export, options, evaluation, evaluation_frames.description, labels, key, chosen, candidates
+            out,
+            export,
+            source.rewrites,
+            options,
+            evaluation,
+            evaluation_frames.description,
+            labels,
+            key,
+            chosen,
+            candidates,
         )
     return BundleResult(path, chosen, candidates, passport)
 
@@ -472,6 +502,7 @@ def _write_tensorrt_recipe(
 def _write(
     out: Path,
     export: Export,
+    rewrites: tuple[str, ...],
     options: EngineOptions,
     evaluation: _Evaluation,
     evaluated_on: str,
@@ -496,6 +527,7 @@ def _write(
             "precision": options.precision,
             "chosen": chosen.label,
             "quantization": chosen.quantization,
+            "rewrites": list(rewrites),
         },
         "evaluation_set": {"description": evaluated_on, "images": len(evaluation.images)},
         "calibration_set": options.calib,

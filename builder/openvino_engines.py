@@ -12,11 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from agent.engine.device import BF16_FEATURES, DeviceInfo
 from agent.engine.runtimes import EngineError
 from agent.engine.runtimes.openvino import load_openvino
 from builder.errors import BuildError
+from builder.graph_passes import float_dense_outputs
 
 NNCF_IR = "model-int8-nncf.xml"
 
@@ -37,6 +39,19 @@ def require() -> None:
 def float_target(device: DeviceInfo) -> str:
     """``cpu-bf16`` where this CPU runs BF16 (what OpenVINO itself would pick), else ``cpu``."""
     return "cpu-bf16" if device.cpu_features & BF16_FEATURES else "cpu"
+
+
+def qdq_for_openvino(qdq: Path) -> Path:
+    """edgevit's searched Q/DQ graph as OpenVINO runs it best: Dense outputs left float (``-openvino.onnx``).
+
+    The same quantized weights and the same quantized Dense inputs; see
+    :func:`builder.graph_passes.float_dense_outputs` for why and what it costs OpenVINO otherwise.
+    """
+    model = ir.load(qdq)
+    float_dense_outputs(model)
+    out = qdq.with_name(f"{qdq.stem}-openvino.onnx")
+    ir.save(model, out)
+    return out
 
 
 def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path) -> list[Path]:

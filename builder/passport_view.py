@@ -24,6 +24,8 @@ def recipe(quantization: dict | None) -> str:
     parts.append(f"α={alpha:g}" if alpha is not None else quantization.get("smoothing", "no smoothing"))
     if quantization.get("float_layers"):
         parts.append(f"{len(quantization['float_layers'])} layers float")
+    if quantization.get("dense_outputs") == "float":
+        parts.append("Dense outputs float")
     return ", ".join(parts)
 
 
@@ -87,6 +89,7 @@ def show_passport(console: Console, passport: dict[str, Any], here: dict | None 
     console.print(
         f"engine: {engine['chosen']} ({engine['precision']} on {engine['target']}); "
         f"recipe: {recipe(engine.get('quantization'))}"
+        + (f"; exact rewrites: {', '.join(engine['rewrites'])}" if engine.get("rewrites") else "")
     )
     console.print(
         f"accuracy on {passport['evaluation_set']['description']}: top-1 {accuracy['engine_top1']:.2%} "

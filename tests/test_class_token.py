@@ -1,0 +1,119 @@
+"""The engine build's exact rewrites (issue 11): the class-token-only last block, and Dense outputs left
+float for OpenVINO. Real exports of the demo checkpoints, real digit images, ONNX Runtime and OpenVINO."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from agent.engine.preprocess import InputSpec
+from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
+from agent.engine.runtimes.openvino import OpenVINOEngine
+from builder.class_token import _verify, class_token_only
+from builder.demo.digits import digit_images
+from builder.errors import BuildError
+from builder.graph_passes import float_dense_outputs
+from builder.onnx_export import read_metadata
+from builder.precision import quantize_static_int8
+
+
+def _export(folder: Path) -> tuple[Path, dict, np.ndarray]:
+    model = folder / "model.onnx"
+    meta = read_metadata(model)
+    spec = InputSpec.from_json(meta["edgevit.input_spec"])
+    images = digit_images(spec.height)[0][:16]
+    return model, json.loads(meta["edgevit.architecture"]), images
+
+
+def _logits(path: Path, images: np.ndarray) -> np.ndarray:
+    engine = OnnxRuntimeEngine(path)
+    try:
+        return engine.run(images)
+    finally:
+        engine.close()
+
+
+def test_the_last_block_runs_for_the_class_token_only(demo_exports, tmp_path: Path) -> None:
+    model, architecture, images = _export(demo_exports["vit-digits"])
+    rewritten = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
+    assert rewritten is not None
+    expected, found = _logits(model, images), _logits(rewritten, images)
+    np.testing.assert_allclose(found, expected, atol=1e-4 * np.abs(expected).max())
+    assert (found.argmax(-1) == expected.argmax(-1)).all()
+    # the last block's Dense layers now read one row per image, and the all-token ones are gone
+    graph = onnx.load(str(rewritten)).graph
+    for name in ("q", "out", "fc1", "fc2"):
+        weight = next(n for n in graph.node if n.name == f"class_token/{name}").input[1]
+        assert [n.name for n in graph.node if weight in n.input] == [f"class_token/{name}"]
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu-bf16"])
+def test_openvino_compiles_and_runs_the_rewritten_graph_at_every_batch_size(
+    demo_exports, tmp_path: Path, target: str
+) -> None:
+    """OpenVINO 2026.4 crashed compiling the first form of the rewrite in FP32 at batch 4; every size runs now."""
+    model, architecture, images = _export(demo_exports["vit-digits"])
+    rewritten = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
+    engine = OpenVINOEngine(rewritten, target, 8)
+    expected = _logits(model, images[:8])
+    try:
+        for n in range(1, 9):
+            found = engine.run(images[:n])
+            assert (found.argmax(-1) == expected[:n].argmax(-1)).all()
+            np.testing.assert_allclose(found, expected[:n], atol=0.05 * np.abs(expected).max())
+    finally:
+        engine.close()
+
+
+def test_what_the_rewrite_does_not_apply_to_is_left_alone(demo_exports, tmp_path: Path) -> None:
+    model, architecture, images = _export(demo_exports["mixer-digits"])
+    assert class_token_only(model, tmp_path / "mixer.onnx", architecture, images[:4]) is None
+    vit, vit_architecture, _ = _export(demo_exports["vit-digits"])
+    gap = {**vit_architecture, "classifier": "gap"}  # mean-pooled ViTs read every token
+    assert class_token_only(vit, tmp_path / "gap.onnx", gap, images[:4]) is None
+    assert not (tmp_path / "mixer.onnx").exists() and not (tmp_path / "gap.onnx").exists()
+
+
+def test_a_rewrite_that_changed_the_logits_fails_the_build(demo_exports) -> None:
+    """The check compares logits; two different models (both 10 classes) stand in for a wrong rewrite."""
+    vit, _, images = _export(demo_exports["vit-digits"])
+    with pytest.raises(BuildError, match="class-token rewrite changed the logits"):
+        _verify(vit, demo_exports["mixer-digits"] / "model.onnx", images[:4])
+
+
+def test_dense_outputs_left_float_for_openvino(demo_exports, tmp_path: Path) -> None:
+    model, _, images = _export(demo_exports["vit-digits"])
+    qdq = quantize_static_int8(model, tmp_path / "qdq.onnx", images)
+    model_ir = ir.load(qdq)
+    graph = model_ir.graph
+    before = _quantized_dense_outputs(graph)
+    assert before, "ONNX Runtime's quantizer quantizes Dense outputs"
+    dropped = float_dense_outputs(model_ir)
+    ir.save(model_ir, tmp_path / "float-outputs.onnx")
+    left = _quantized_dense_outputs(graph)
+    assert dropped == len(before) - len(left) > 0
+    for kept in left:  # only a pair whose output is the logits stays
+        assert any(use.node.outputs[0] in graph.outputs for use in kept.outputs[0].uses())
+    reference = _logits(model, images)
+    for path in (qdq, tmp_path / "float-outputs.onnx"):
+        assert (_logits(path, images).argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+    engine = OpenVINOEngine(tmp_path / "float-outputs.onnx", "cpu", 8)
+    try:
+        assert (engine.run(images[:8]).argmax(-1) == reference[:8].argmax(-1)).mean() >= 0.85
+    finally:
+        engine.close()
+
+
+def _quantized_dense_outputs(graph: ir.Graph) -> list[ir.Node]:
+    return [
+        node
+        for node in graph
+        if node.op_type == "QuantizeLinear"
+        and node.inputs[0].producer() is not None
+        and node.inputs[0].producer().op_type == "Gemm"
+    ]
