@@ -29,6 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from builder.errors import BuildError
+from builder.onnx_export import EXTERNAL_DATA_THRESHOLD
 
 TOLERANCE = 1e-3  # max |Δlogit| against the export, relative to the largest logit
 
@@ -93,8 +94,9 @@ class _NoMatch(Exception):
     """The graph is not a class-token ViT as builder/models/vit.py exports it."""
 
 
-def class_token_only(src: Path, dst: Path, architecture: dict[str, Any], check: np.ndarray) -> Path | None:
-    """Write ``src`` with its last block for the class token only to ``dst``; None where it does not apply.
+def class_token_only(src: Path, dst: Path, architecture: dict[str, Any], check: np.ndarray) -> list[Path] | None:
+    """Write ``src`` with its last block for the class token only to ``dst``; the files, or None where it does
+    not apply (weights past :data:`~builder.onnx_export.EXTERNAL_DATA_THRESHOLD` go to ``<dst>.data``, as exports do).
 
     ``check`` (a few preprocessed frames) is run through both graphs in ONNX Runtime; a rewrite whose
     logits differ by more than :data:`TOLERANCE` is a bug and fails the build rather than ship.
@@ -103,13 +105,14 @@ def class_token_only(src: Path, dst: Path, architecture: dict[str, Any], check: 
         return None
     model = onnx.load(str(src))
     try:
-        tokens = (int(architecture["image_size"]) // int(architecture["patch_size"])) ** 2 + 1
-        _rewrite(model, int(architecture["hidden_size"]), int(architecture["num_heads"]), tokens)
+        _rewrite(model, int(architecture["hidden_size"]), int(architecture["num_heads"]))
     except _NoMatch:
         return None
-    onnx.save(model, str(dst))
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data = dst.with_name(f"{dst.name}.data")
+    onnx.save(model, str(dst), save_as_external_data=external, location=data.name, size_threshold=1024)
     _verify(src, dst, check)
-    return dst
+    return [dst, data] if external else [dst]
 
 
 def _verify(src: Path, dst: Path, frames: np.ndarray) -> None:
@@ -125,7 +128,7 @@ def _verify(src: Path, dst: Path, frames: np.ndarray) -> None:
         raise BuildError(f"the class-token rewrite changed the logits by {error:.2e} of their range: not shipped")
 
 
-def _rewrite(model: onnx.ModelProto, hidden: int, heads: int, tokens: int) -> None:
+def _rewrite(model: onnx.ModelProto, hidden: int, heads: int) -> None:
     g = _Graph(model)
     graph = model.graph
     if len(graph.output) != 1:
@@ -181,7 +184,11 @@ def _rewrite(model: onnx.ModelProto, hidden: int, heads: int, tokens: int) -> No
     index1 = const("index1", np.array(1, np.int64))
     # keys and values of every token: the fused layer's last two thirds
     kv = node("Gemm", [tokens_reshape.output[0], const("kv_w", w_qkv[:, hidden:]), const("kv_b", b_qkv[hidden:])], "kv")
-    kv = node("Reshape", [kv, const("kv_shape", np.array([-1, tokens, 2, heads, depth], np.int64))], "kv5")
+    batch_tokens = node("Shape", [norm1.output[0]], "batch_tokens", start=0, end=2)  # the export's resolution
+    kv_shape = node(
+        "Concat", [batch_tokens, const("kv_heads_shape", np.array([2, heads, depth], np.int64))], "kv_shape", axis=0
+    )
+    kv = node("Reshape", [kv, kv_shape], "kv5")
     kv = node("Transpose", [kv], "kv_heads", perm=[2, 0, 3, 1, 4])  # [2, batch, heads, tokens, depth]
     keys = node("Gather", [kv, index0], "k", axis=0)  # [batch, heads, tokens, depth]
     values = node("Gather", [kv, index1], "v", axis=0)

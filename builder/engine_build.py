@@ -197,8 +197,8 @@ def _rewritten(export: Export, options: EngineOptions, frames: np.ndarray, work:
     if options.target != "cpu":
         return export
     with step(progress, "checking the class-token rewrite of the last block"):
-        path = class_token_only(export.model, work / "model-class-token.onnx", export.architecture, frames)
-    return export if path is None else replace(export, files=[path], rewrites=("class-token-only last block",))
+        files = class_token_only(export.model, work / "model-class-token.onnx", export.architecture, frames)
+    return export if files is None else replace(export, files=files, rewrites=("class-token-only last block",))
 
 
 def _int8_search(export: Export, options: EngineOptions, work: Path, progress: Progress) -> Int8Search | None:

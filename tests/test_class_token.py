@@ -16,7 +16,9 @@ from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from builder.class_token import _verify, class_token_only
 from builder.demo.digits import digit_images
+from builder.demo.train import CHECKPOINT_DIR
 from builder.errors import BuildError
+from builder.export import ExportOptions, export_checkpoint
 from builder.graph_passes import float_dense_outputs
 from builder.onnx_export import read_metadata
 from builder.precision import quantize_static_int8
@@ -40,8 +42,9 @@ def _logits(path: Path, images: np.ndarray) -> np.ndarray:
 
 def test_the_last_block_runs_for_the_class_token_only(demo_exports, tmp_path: Path) -> None:
     model, architecture, images = _export(demo_exports["vit-digits"])
-    rewritten = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
-    assert rewritten is not None
+    files = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
+    assert files == [tmp_path / "ct.onnx"]  # small weights stay in the one file
+    rewritten = files[0]
     expected, found = _logits(model, images), _logits(rewritten, images)
     np.testing.assert_allclose(found, expected, atol=1e-4 * np.abs(expected).max())
     assert (found.argmax(-1) == expected.argmax(-1)).all()
@@ -58,7 +61,7 @@ def test_openvino_compiles_and_runs_the_rewritten_graph_at_every_batch_size(
 ) -> None:
     """OpenVINO 2026.4 crashed compiling the first form of the rewrite in FP32 at batch 4; every size runs now."""
     model, architecture, images = _export(demo_exports["vit-digits"])
-    rewritten = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
+    rewritten = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])[0]
     engine = OpenVINOEngine(rewritten, target, 8)
     expected = _logits(model, images[:8])
     try:
@@ -117,3 +120,13 @@ def _quantized_dense_outputs(graph: ir.Graph) -> list[ir.Node]:
         and node.inputs[0].producer() is not None
         and node.inputs[0].producer().op_type == "Gemm"
     ]
+
+
+def test_the_rewrite_follows_an_export_at_another_resolution(tmp_path: Path) -> None:
+    """The token count comes from the graph, not the checkpoint: 96 px is 37 tokens, not the trained 17."""
+    folder = export_checkpoint(CHECKPOINT_DIR / "vit-digits.npz", tmp_path / "96", ExportOptions(resolution=96))
+    model, architecture, images = _export(folder.model_path.parent)
+    assert images.shape[1] == 96
+    files = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
+    assert files is not None
+    np.testing.assert_allclose(_logits(files[0], images), _logits(model, images), atol=1e-3)
