@@ -11,7 +11,8 @@ exactly the nodes of the original and costs nothing at run time. Each ``s_c`` is
 power of two: multiplying and dividing by a power of two is exact in floating point, so the FP32
 graph computes bit for bit what the original computed (rounding the factor costs at most a
 factor √2 of the ideal balance). A LayerNorm qualifies when everything that reads its output
-is a ``Gemm`` on a constant weight, directly or through ``Reshape``/``Flatten``, or ``Shape``:
+is a ``Gemm`` on a constant weight, directly or through ``Reshape``/``Flatten`` or a ``Gather``
+of tokens (the class-token rewrite's query), or ``Shape``:
 ViT's pre-attention and pre-MLP norms, Mixer's pre-channel-mixing norm. Mixer's token-mixing
 Dense reads the norm's output transposed (its input features are tokens, not channels), so no
 per-channel factor can be folded there.
@@ -52,6 +53,18 @@ def _plain_gemm(node: onnx.NodeProto) -> bool:
     return node.op_type == "Gemm" and not attrs.get("transA", 0) and not attrs.get("transB", 0)
 
 
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
+
+
+def _token_gather(reader: onnx.NodeProto, tensor: str, norm: onnx.NodeProto, norm_axis: int) -> bool:
+    """A Gather that picks tokens straight out of the norm's output (channels untouched): the class token
+    of :mod:`builder.class_token`'s last block. Its axis must lie before the normalized (channel) axis."""
+    if reader.op_type != "Gather" or reader.input[0] != tensor or tensor != norm.output[0]:
+        return False
+    return 0 <= _attribute(reader, "axis", 0) < norm_axis
+
+
 def find_targets(model: onnx.ModelProto) -> list[SmoothTarget]:
     """Every LayerNorm whose smoothing factors can be folded exactly (see the module docstring)."""
     graph = model.graph
@@ -65,6 +78,7 @@ def find_targets(model: onnx.ModelProto) -> list[SmoothTarget]:
         if scale not in initializers or bias not in initializers:
             continue
         channels = initializers[scale].dims[-1]
+        norm_axis = _attribute(norm, "axis", -1)
         weights, frontier, foldable = [], [norm.output[0]], True
         while frontier and foldable:
             tensor = frontier.pop()
@@ -72,6 +86,8 @@ def find_targets(model: onnx.ModelProto) -> list[SmoothTarget]:
                 if reader.op_type == "Shape":
                     continue
                 if reader.op_type in _PASS_THROUGH and reader.input[0] == tensor:
+                    frontier.append(reader.output[0])
+                elif _token_gather(reader, tensor, norm, norm_axis):
                     frontier.append(reader.output[0])
                 elif _plain_gemm(reader) and reader.input[0] == tensor and reader.input[1] in initializers:
                     weights.append(reader.input[1])

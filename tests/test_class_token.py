@@ -22,6 +22,7 @@ from builder.export import ExportOptions, export_checkpoint
 from builder.graph_passes import float_dense_outputs
 from builder.onnx_export import read_metadata
 from builder.precision import quantize_static_int8
+from builder.smoothing import find_targets
 
 
 def _export(folder: Path) -> tuple[Path, dict, np.ndarray]:
@@ -53,6 +54,10 @@ def test_the_last_block_runs_for_the_class_token_only(demo_exports, tmp_path: Pa
     for name in ("q", "out", "fc1", "fc2"):
         weight = next(n for n in graph.node if n.name == f"class_token/{name}").input[1]
         assert [n.name for n in graph.node if weight in n.input] == [f"class_token/{name}"]
+    # SmoothQuant still folds into the last block's first norm: it feeds k/v, and q through the token Gather
+    targets = {t.norm: t for t in find_targets(onnx.load(str(rewritten)))}
+    assert len(targets) == 2 * architecture["num_layers"] + 1  # and the final norm, which now feeds the head
+    assert sorted(len(t.weights) for t in targets.values())[-1] == 2
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu-bf16"])

@@ -16,12 +16,14 @@ import onnx
 import pytest
 
 from builder.activations import channel_absmax, observe
+from builder.class_token import class_token_only
 from builder.datasets import calibration_set
 from builder.demo.outliers import OUTLIER_CHANNELS, write_outlier_checkpoint
 from builder.demo.train import CHECKPOINT_DIR
 from builder.engine_build import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT, EngineOptions, build_engine_bundle
 from builder.errors import BuildError, GateError
 from builder.export import export_checkpoint
+from builder.onnx_export import read_metadata
 from builder.passport import Gate
 from builder.precision import float_weight_ops
 from builder.smoothing import find_targets, smooth, smoothing_factors
@@ -131,8 +133,13 @@ def test_mixed_precision_keeps_the_fewest_sensitive_layers_in_float(outlier_expo
     recipe = passport["engine"]["quantization"]
     assert passport["gate"]["passed"] and recipe["float_layers"], passport["engine"]
     assert [c["gate_misses"] != [] for c in passport["candidates"]][:2] == [True, True]
-    # the layers kept float are ones that read an outlier LayerNorm (directly or through a Reshape)
-    model = onnx.load(str(export / "model.onnx"))
+    # the layers kept float are ones that read an outlier LayerNorm (directly, or through a Reshape or the
+    # class-token Gather), in the graph the build quantized: the export with its last block rewritten
+    assert passport["engine"]["rewrites"] == ["class-token-only last block"]
+    architecture = json.loads(read_metadata(export / "model.onnx")["edgevit.architecture"])
+    frames = calibration("vit-digits")[:4]
+    rewritten = class_token_only(export / "model.onnx", tmp_path / "rewritten.onnx", architecture, frames)
+    model = onnx.load(str(rewritten[0]))
     readers = {n.name: n.input[0] for n in model.graph.node}
     producers = {o: n for n in model.graph.node for o in n.output}
 
