@@ -5,7 +5,9 @@ by edgevit's static Q/DQ recipe (SmoothQuant α=0.5 folded in, 32 digit images),
 OpenVINO under each setting in its own process, at batch 8 unless the row says otherwise:
 
 - the engine as the agent opens it (each batch split across OpenVINO's CPU streams, the parts
-  run at once) against one request over every core (the ``LATENCY`` hint), at batch 8, 4 and 2;
+  run at once) against one request over every core (the ``LATENCY`` hint), head to head: one
+  batch each in turn in one process, at batch 8, 4 and 2 (a few percent; separate processes
+  of a few seconds would measure this machine's drift instead);
 - static batch (what the engine compiles) against a dynamic and a bounded (1..8) batch;
 - the THROUGHPUT hint with one request at a time, CPU pinning, 1 against 2 threads
   (the share of the cores left to camera threads);
@@ -25,6 +27,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +39,6 @@ from export_bench import config  # noqa: E402
 
 SETTINGS = {
     "the engine: static batch 8 split across CPU streams, BF16": {"engine": True},
-    "one request over every core (LATENCY hint), batch 8": {"shape": "static"},
-    "the engine at batch 4 (split)": {"engine": True, "batch": 4},
-    "one request at batch 4": {"batch": 4},
-    "the engine at batch 2 (split)": {"engine": True, "batch": 2},
-    "one request at batch 2": {"batch": 2},
     "dynamic batch": {"shape": "dynamic"},
     "bounded batch 1..8": {"shape": "bounded"},
     "THROUGHPUT hint, one request": {"hint": "THROUGHPUT"},
@@ -86,6 +84,47 @@ def child(model: str, settings: dict, seconds: float) -> None:
     print(json.dumps(profile(run, 224, batch, seconds, 5)))
 
 
+SPLIT_S = 20.0  # per batch size: the engine's split against one request, alternating batches
+
+
+def split_child(model: str, seconds: float) -> None:
+    """The engine (batch split across streams) and one request over every core, one batch each in turn.
+
+    Separate processes a few seconds long put this machine's drift into a few-percent comparison;
+    alternating batches put it on both alike. Prints, per batch size, both rates and the median ratio.
+    """
+    from agent.engine.runtimes.openvino import OpenVINOEngine, load_openvino
+
+    engine = OpenVINOEngine(Path(model), "cpu-bf16", 8)
+    core = load_openvino().Core()
+    rows = []
+    for batch in (8, 4, 2):
+        ov_model = core.read_model(model)
+        ov_model.reshape({ov_model.inputs[0].any_name: [batch, 224, 224, 3]})
+        options = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16"}
+        request = core.compile_model(ov_model, "CPU", options).create_infer_request()
+        images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+        runs = {"split": lambda images=images: engine.run(images), "one": lambda r=request, i=images: r.infer({0: i})}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for run in runs.values():
+            run(), run()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times["split"]) < 10:
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+        split, one = np.asarray(times["split"]), np.asarray(times["one"])
+        rows.append({
+            "batch": batch,
+            "pairs": len(split),
+            "split_images_per_s": float(batch / np.median(split)),
+            "one_request_images_per_s": float(batch / np.median(one)),
+            "ratio_median": float(np.median(one / split)),
+        })  # fmt: skip
+    print(json.dumps(rows))
+
+
 def load_times(model: Path, cache: Path) -> dict[str, float]:
     """Seconds to open the engine as the agent does (every compiled batch size): first, then from the cache."""
     code = (
@@ -106,9 +145,13 @@ def main() -> None:
     args.add_argument("--seconds", type=float, default=3.0)
     args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args.add_argument("--split-child", help=argparse.SUPPRESS)
     parsed = args.parse_args()
     if parsed.child:
         child(parsed.child[0], json.loads(parsed.child[1]), parsed.seconds)
+        return
+    if parsed.split_child:
+        split_child(parsed.split_child, SPLIT_S)
         return
     import onnx
 
@@ -155,6 +198,14 @@ def main() -> None:
                 check=True,
             )
             rows.append({"setting": name, **json.loads(out.stdout.strip().splitlines()[-1])})
+        print("  the engine's split against one request, alternating batches", file=sys.stderr, flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--split-child", str(models["default"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        split = json.loads(out.stdout.strip().splitlines()[-1])
         loads = load_times(models["default"], work / "cache")
     base = rows[0]["images_per_s"]
     lines = [
@@ -162,6 +213,19 @@ def main() -> None:
         "|---|---|---|",
     ]
     lines += [f"| {r['setting']} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} |" for r in rows]
+    lines += [
+        "",
+        f"The engine's split across CPU streams against one request over every core, one batch each in turn for "
+        f"{SPLIT_S:.0f} s per batch size in one process (median of the pair ratios):",
+        "",
+        "| batch | split img/s | one request img/s | split / one request | pairs |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['batch']} | {r['split_images_per_s']:.1f} | {r['one_request_images_per_s']:.1f} | "
+        f"{r['ratio_median']:.2f} | {r['pairs']} |"
+        for r in split
+    ]
     lines.append("")
     lines.append(
         f"Opening the engine as the agent does (compiled for batch 1, 2, 4 and 8): {loads['first']:.1f} s the first "
@@ -169,7 +233,9 @@ def main() -> None:
     )
     table = "\n".join(lines) + "\n"
     parsed.out.mkdir(parents=True, exist_ok=True)
-    (parsed.out / "openvino_settings_bench.json").write_text(json.dumps({"rows": rows, "load_s": loads}, indent=2))
+    (parsed.out / "openvino_settings_bench.json").write_text(
+        json.dumps({"rows": rows, "split": split, "load_s": loads}, indent=2)
+    )
     (parsed.out / "openvino_settings_bench.md").write_text(table)
     print(table)
 

@@ -9,11 +9,10 @@ too, so the agent's batcher sees what padding costs and prefers the compiled siz
 
 A batch of more than one image is split across OpenVINO's CPU *streams* (its THROUGHPUT
 mode: each stream runs one infer request on its own share of the cores), and the parts
-run at once. On a 2-core AVX-512 CPU this served ViT-B/16 INT8 13–20 % faster at batch 2
-and 4 and 5–8 % faster at batch 8 than one request over both cores (LATENCY mode), which
-spends part of every layer waiting for its threads to meet; ``bench/openvino_settings_bench.py``
-measures it. A single image keeps one request over every core, where splitting would
-leave cores idle.
+run at once. On a 2-core AVX-512 CPU (Zen 4) this served ViT-B/16 INT8 1.07–1.14× as fast at
+batch 2, 4 and 8 as one request over both cores (LATENCY mode), which spends part of every
+layer waiting for its threads to meet (``bench/openvino_settings_bench.py`` measures it). A
+single image keeps one request over every core, where splitting would leave cores idle.
 
 Targets: ``cpu`` runs the float parts of the model in FP32; ``cpu-bf16`` in BF16 (what
 OpenVINO picks by default on CPUs with AVX-512 BF16 or AMX; a bundle built for it
