@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,12 +153,28 @@ def openvino_child(model: str, seconds: float) -> None:
     print(json.dumps({"latency": rows, "peak_rss_mib": peak_rss_mib()}))
 
 
-def head_to_head_child(spec: str, seconds: float) -> None:
-    """The shipped bundle and the OpenVINO + NNCF reference in one process, one batch of 8 each in turn.
+def alternating(runs: dict[str, Callable[[], object]], seconds: float, min_pairs: int = 10) -> dict[str, np.ndarray]:
+    """Seconds per call of each of ``runs``, called one after another in turn for ``seconds`` (after two warm-ups).
 
-    Both engines see the same moments of the machine, so a slow spell (on a shared 2-core machine
-    the same engine's throughput has been seen to vary 2x within a minute) lands on both; the ratio
-    is the median over pairs of consecutive batches. The bundle runs as the agent opens it.
+    Every engine sees the same moments of the machine, so a slow spell lands on all of them: on a shared
+    2-core machine the same engine's throughput has been seen to vary 2x within a minute.
+    """
+    for run in runs.values():
+        run(), run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or min(map(len, times.values())) < min_pairs:
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: np.asarray(found) for name, found in times.items()}
+
+
+def head_to_head_child(spec: str, seconds: float) -> None:
+    """The shipped bundle and the OpenVINO + NNCF reference in one process, one batch of 8 each in turn
+    (:func:`alternating`); the ratio is the median over pairs of consecutive batches. The bundle runs as
+    the agent opens it.
     """
     from agent.engine.runtimes import open_engine
     from agent.engine.runtimes.openvino import load_openvino
@@ -169,17 +186,10 @@ def head_to_head_child(spec: str, seconds: float) -> None:
     model.reshape({model.inputs[0].any_name: [8, 224, 224, 3]})
     request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
     images = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
-    runs = {"bundle": lambda: shipped.run(images), "reference": lambda: request.infer({0: images})}
-    for run in runs.values():
-        run(), run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times["bundle"]) < 10:
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    bundle, reference_s = np.asarray(times["bundle"]), np.asarray(times["reference"])
+    times = alternating(
+        {"bundle": lambda: shipped.run(images), "reference": lambda: request.infer({0: images})}, seconds
+    )
+    bundle, reference_s = times["bundle"], times["reference"]
     print(json.dumps({
         "pairs": len(bundle),
         "bundle_images_per_s": float(8 / np.median(bundle)),

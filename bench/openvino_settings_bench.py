@@ -27,7 +27,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine_bench import alternating  # noqa: E402
 from export_bench import config  # noqa: E402
 
 SETTINGS = {
@@ -105,16 +105,8 @@ def split_child(model: str, seconds: float) -> None:
         request = core.compile_model(ov_model, "CPU", options).create_infer_request()
         images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
         runs = {"split": lambda images=images: engine.run(images), "one": lambda r=request, i=images: r.infer({0: i})}
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for run in runs.values():
-            run(), run()
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds or len(times["split"]) < 10:
-            for name, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t0)
-        split, one = np.asarray(times["split"]), np.asarray(times["one"])
+        times = alternating(runs, seconds)
+        split, one = times["split"], times["one"]
         rows.append({
             "batch": batch,
             "pairs": len(split),
