@@ -26,10 +26,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from builder.errors import BuildError
-from builder.onnx_export import EXTERNAL_DATA_THRESHOLD
+from builder.onnx_export import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
 TOLERANCE = 1e-3  # max |Δlogit| against the export, relative to the largest logit
 
@@ -55,8 +57,8 @@ class _Graph:
             raise _NoMatch(f"{value} is not made by {op}")
         return node
 
-    def read_by(self, value: str, op: str, besides: onnx.NodeProto | None = None) -> onnx.NodeProto:
-        found = [n for n in self.readers.get(value, []) if n.op_type == op and n is not besides]
+    def read_by(self, value: str, op: str) -> onnx.NodeProto:
+        found = [n for n in self.readers.get(value, []) if n.op_type == op]
         if len(found) != 1:
             raise _NoMatch(f"{value} is read by {len(found)} {op} nodes")
         return found[0]
@@ -108,9 +110,11 @@ def class_token_only(src: Path, dst: Path, architecture: dict[str, Any], check: 
         _rewrite(model, int(architecture["hidden_size"]), int(architecture["num_heads"]))
     except _NoMatch:
         return None
-    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    rewritten = ir.serde.deserialize_model(model)
+    RemoveUnusedNodesPass()(rewritten)  # the other tokens' work, and the constants only it read
+    external = weight_bytes(rewritten) > EXTERNAL_DATA_THRESHOLD
     data = dst.with_name(f"{dst.name}.data")
-    onnx.save(model, str(dst), save_as_external_data=external, location=data.name, size_threshold=1024)
+    ir.save(rewritten, dst, external_data=data.name if external else None, size_threshold_bytes=1024)
     _verify(src, dst, check)
     return [dst, data] if external else [dst]
 
@@ -151,8 +155,8 @@ def _rewrite(model: onnx.ModelProto, hidden: int, heads: int) -> None:
     out = g.made_by(g.through_reshape(attention_add.input[1]), "Gemm")
     x = attention_add.input[0]
     norm1 = g.read_by(x, "LayerNormalization")
-    qkv = g.read_by(norm1.output[0], "Reshape")
-    qkv = g.read_by(qkv.output[0], "Gemm")
+    tokens_reshape = g.read_by(norm1.output[0], "Reshape")  # [batch * tokens, hidden]
+    qkv = g.read_by(tokens_reshape.output[0], "Gemm")
     inner = list(g.between(qkv.output[0], out))
     if [n.op_type for n in inner].count("Softmax") != 1 or [n.op_type for n in inner].count("MatMul") != 2:
         raise _NoMatch("the attention is not one softmax between two matrix products")
@@ -162,7 +166,6 @@ def _rewrite(model: onnx.ModelProto, hidden: int, heads: int) -> None:
     w_qkv, b_qkv = g.dense(qkv)
     if w_qkv.shape != (hidden, 3 * hidden) or hidden % heads:
         raise _NoMatch("the fused q/k/v layer has an unexpected shape")
-    tokens_reshape = g.made_by(qkv.input[0], "Reshape")  # [batch * tokens, hidden]
     depth = hidden // heads
 
     nodes: list[onnx.NodeProto] = []
@@ -218,19 +221,3 @@ def _rewrite(model: onnx.ModelProto, hidden: int, heads: int) -> None:
     for i, new in enumerate(nodes):
         graph.node.insert(position + i, new)
     graph.initializer.extend(constants)
-    _drop_unused(model)
-
-
-def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nothing reads (the other tokens' work), then unread constants."""
-    graph = model.graph
-    while True:
-        read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(out in read for out in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    read = {name for n in graph.node for name in n.input}
-    for tensor in [t for t in graph.initializer if t.name not in read]:
-        graph.initializer.remove(tensor)
