@@ -109,8 +109,8 @@ def float_dense_outputs(model: ir.Model) -> int:
     ONNX Runtime's static quantizer quantizes a Dense layer's output too, which lets ONNX Runtime
     run the layer with an 8-bit output. OpenVINO instead fuses what follows a Dense layer (GELU,
     the residual add, the next layer's quantization) into the layer itself, which the Q/DQ pair in
-    between prevents: on ViT-B/16 at batch 8 the pair costs OpenVINO a separate GELU-and-quantize
-    pass per block (about 7 % of the model's time on a 2-core AVX-512 CPU). Without it the
+    between prevents: with it, OpenVINO runs a separate GELU-and-quantize pass over every MLP's
+    hidden activations (seen in its per-node profile of ViT-B/16 and Mixer-B/16). Without it the
     output stays float until the next quantized layer, so the model only gets more precise.
     A pair whose output is the graph's output (the logits) is kept, as is its name.
     """
