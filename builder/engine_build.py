@@ -228,11 +228,11 @@ def _int8_candidates(
         target = openvino_engines.float_target(DeviceInfo.probe())
         for static in [c for c in candidates if c.trial and c.trial.recipe.method == "static"]:
             # the same searched Q/DQ graph, run by OpenVINO
-            files = [openvino_engines.qdq_for_openvino(static.files[0])]
+            path, changes = openvino_engines.qdq_for_openvino(static.files[0])
             label = f"openvino {static.label}"
-            quantization = {**(static.quantization or {}), "dense_outputs": "float"}
+            quantization = {**(static.quantization or {}), **changes}
             candidates.append(
-                replace(static, label=label, backend="openvino", files=files, quantization=quantization, target=target)
+                replace(static, label=label, backend="openvino", files=[path], quantization=quantization, target=target)
             )
         with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
             files = openvino_engines.nncf_int8(export.model, search.ranges, work)

@@ -19,6 +19,7 @@ from agent.engine.runtimes import EngineError
 from agent.engine.runtimes.openvino import load_openvino
 from builder.errors import BuildError
 from builder.graph_passes import float_dense_outputs
+from builder.token_mixing import left_weight_token_mixing
 
 NNCF_IR = "model-int8-nncf.xml"
 
@@ -41,17 +42,21 @@ def float_target(device: DeviceInfo) -> str:
     return "cpu-bf16" if device.cpu_features & BF16_FEATURES else "cpu"
 
 
-def qdq_for_openvino(qdq: Path) -> Path:
-    """edgevit's searched Q/DQ graph as OpenVINO runs it best: Dense outputs left float (``-openvino.onnx``).
+def qdq_for_openvino(qdq: Path) -> tuple[Path, dict[str, str]]:
+    """edgevit's searched Q/DQ graph as OpenVINO runs it best (``-openvino.onnx``), and what changed, for the passport.
 
-    The same quantized weights and the same quantized Dense inputs; see
-    :func:`builder.graph_passes.float_dense_outputs` for why and what it costs OpenVINO otherwise.
+    Dense outputs are left float (:func:`builder.graph_passes.float_dense_outputs`), with the same
+    quantized weights and Dense inputs. A Mixer's token mixing gets its weights on the left
+    (:mod:`builder.token_mixing`), which requantizes that MLP's two inputs.
     """
     model = ir.load(qdq)
     float_dense_outputs(model)
+    changes = {"dense_outputs": "float"}
+    if left_weight_token_mixing(model):
+        changes["token_mixing"] = "weights on the left, s8 inputs"
     out = qdq.with_name(f"{qdq.stem}-openvino.onnx")
     ir.save(model, out)
-    return out
+    return out, changes
 
 
 def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path) -> list[Path]:

@@ -26,6 +26,8 @@ def recipe(quantization: dict | None) -> str:
         parts.append(f"{len(quantization['float_layers'])} layers float")
     if quantization.get("dense_outputs") == "float":
         parts.append("Dense outputs float")
+    if quantization.get("token_mixing"):
+        parts.append(f"token mixing: {quantization['token_mixing']}")
     return ", ".join(parts)
 
 
