@@ -18,7 +18,7 @@ from agent.engine.device import BF16_FEATURES, DeviceInfo
 from agent.engine.runtimes import EngineError
 from agent.engine.runtimes.openvino import load_openvino
 from builder.errors import BuildError
-from builder.graph_passes import float_dense_outputs
+from builder.graph_passes import exact_gelu_before_quantization, float_dense_outputs
 from builder.token_mixing import left_weight_token_mixing
 
 NNCF_IR = "model-int8-nncf.xml"
@@ -47,13 +47,17 @@ def qdq_for_openvino(qdq: Path) -> tuple[Path, dict[str, str]]:
 
     Dense outputs are left float (:func:`builder.graph_passes.float_dense_outputs`), with the same
     quantized weights and Dense inputs. A Mixer's token mixing gets its weights on the left
-    (:mod:`builder.token_mixing`), which requantizes that MLP's two inputs.
+    (:mod:`builder.token_mixing`), which requantizes that MLP's two inputs. GELUs whose output is
+    quantized at once run in their exact form (:func:`builder.graph_passes.exact_gelu_before_quantization`).
     """
     model = ir.load(qdq)
     float_dense_outputs(model)
     changes = {"dense_outputs": "float"}
     if left_weight_token_mixing(model):
         changes["token_mixing"] = "weights on the left, s8 inputs"
+    gap = exact_gelu_before_quantization(model)
+    if gap is not None:
+        changes["gelu"] = f"erf form, at most {gap:.1%} of a quantization step from the tanh form"
     out = qdq.with_name(f"{qdq.stem}-openvino.onnx")
     ir.save(model, out)
     return out, changes

@@ -28,6 +28,8 @@ def recipe(quantization: dict | None) -> str:
         parts.append("Dense outputs float")
     if quantization.get("token_mixing"):
         parts.append(f"token mixing: {quantization['token_mixing']}")
+    if quantization.get("gelu"):
+        parts.append("GELU: erf form")
     return ", ".join(parts)
 
 

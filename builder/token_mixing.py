@@ -79,10 +79,10 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     if any(p is None for p in parts):
         return None
     values, scale, *zero = parts
-    if scale.size > 1 and values.ndim != 1:  # type: ignore[union-attr]
+    if scale.size > 1 and values.ndim != 1:
         return None  # per-axis scales of a matrix: no bias has them
     offset = zero[0] if zero else 0
-    return ((values.astype(np.float64) - offset) * scale).astype(np.float32)  # type: ignore[operator, union-attr]
+    return ((values.astype(np.float64) - offset) * scale).astype(np.float32)
 
 
 def _dense(gemm: ir.Node) -> _Dense | None:
@@ -97,24 +97,16 @@ def _dense(gemm: ir.Node) -> _Dense | None:
     values, scales = (v.const_value for v in weight.inputs[:2])
     zero = _constant(weight.inputs[2]) if len(weight.inputs) > 2 else None
     bias = _constant(gemm.inputs[2])
-    if values is None or scales is None or bias is None or values.dtype != ir.DataType.INT8:
+    if values is None or scales is None or bias is None or values.dtype != ir.DataType.INT8 or len(values.shape) != 2:
         return None
-    if zero is not None and np.any(zero):
-        return None
+    if (zero is not None and np.any(zero)) or (scales.size > 1 and weight.attributes.get_int("axis", 1) != 1):
+        return None  # a zero point, or per-row scales, would not move past the MatMul
     columns = values.shape[1]
     scale = np.broadcast_to(scales.numpy().astype(np.float32), (columns,))
-    if scales.size > 1 and weight.attributes.get_int("axis", 1) != 1:
-        return None  # per-row scales would not move past the MatMul
     return _Dense(values.numpy(), scale, np.broadcast_to(bias, (columns,)).astype(np.float32))
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array))
-    graph.register_initializer(value)
-    return value
-
-
-def _symmetric_s8(graph: ir.Graph, quantize: ir.Node, name: str) -> tuple[ir.Value, ir.Value] | None:
+def _symmetric_s8(quantize: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """Scale and zero point 0 of an s8 grid covering ``quantize``'s per-tensor 8-bit grid."""
     if len(quantize.inputs) < 3:
         return None
@@ -122,13 +114,10 @@ def _symmetric_s8(graph: ir.Graph, quantize: ir.Node, name: str) -> tuple[ir.Val
     if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
         return None
     if zero.dtype == np.int8 and not zero:
-        return quantize.inputs[1], quantize.inputs[2]  # already what OpenVINO needs
+        return np.float32(scale.item()), np.int8(0)  # already what OpenVINO needs
     low, high = (np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max)
     bound = max(int(zero) - low, high - int(zero)) * float(scale)
-    return (
-        _initializer(graph, f"{name}_scale", np.float32(bound / S8_MAX)),
-        _initializer(graph, f"{name}_zero_point", np.int8(0)),
-    )
+    return np.float32(bound / S8_MAX), np.int8(0)
 
 
 class _Builder:
@@ -138,16 +127,19 @@ class _Builder:
         self.graph, self.prefix, self.nodes = graph, prefix, list[ir.Node]()
 
     def add(self, op_type: str, inputs: list[ir.Value], name: str, **attributes: object) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes, name=f"{self.prefix}/{name}")  # type: ignore[arg-type]
+        node = ir.node(op_type, inputs, attributes=attributes, name=f"{self.prefix}/{name}")
         self.nodes.append(node)
         return node.outputs[0]
 
     def constant(self, name: str, array: np.ndarray) -> ir.Value:
-        return _initializer(self.graph, f"{self.prefix}/{name}", array)
+        value = ir.Value(name=f"{self.prefix}/{name}", const_value=ir.tensor(array))
+        self.graph.register_initializer(value)
+        return value
 
-    def quantized(self, x: ir.Value, grid: tuple[ir.Value, ir.Value], name: str) -> ir.Value:
-        q = self.add("QuantizeLinear", [x, *grid], f"{name}_quantize")
-        return self.add("DequantizeLinear", [q, *grid], f"{name}_dequantize")
+    def quantized(self, x: ir.Value, grid: tuple[np.ndarray, np.ndarray], name: str) -> ir.Value:
+        scale, zero = self.constant(f"{name}_scale", grid[0]), self.constant(f"{name}_zero_point", grid[1])
+        q = self.add("QuantizeLinear", [x, scale, zero], f"{name}_quantize")
+        return self.add("DequantizeLinear", [q, scale, zero], f"{name}_dequantize")
 
     def left_dense(self, dense: _Dense, x: ir.Value, name: str) -> ir.Value:
         """``diag(scales) · (Wᵀ · x) + bias``, with Wᵀ dequantized at scale 1 (its INT8 values as they are)."""
@@ -163,14 +155,11 @@ class _Builder:
 def _rewrite(graph: ir.Graph, chain: list[ir.Node]) -> bool:
     transpose_in, _, x_quantize, _, fc1, gelu, h_quantize, _, fc2, _, transpose_out = chain
     first, second = _dense(fc1), _dense(fc2)
-    if first is None or second is None or transpose_out.outputs[0] in graph.outputs:
+    x_grid, h_grid = _symmetric_s8(x_quantize), _symmetric_s8(h_quantize)
+    if first is None or second is None or x_grid is None or h_grid is None or transpose_out.outputs[0] in graph.outputs:
         return False
     build = _Builder(graph, f"{fc1.name}/left")
-    x_grid = _symmetric_s8(graph, x_quantize, f"{build.prefix}/x")
-    h_grid = _symmetric_s8(graph, h_quantize, f"{build.prefix}/h")
-    if x_grid is None or h_grid is None:
-        return False
-    x = build.quantized(transpose_in.inputs[0], x_grid, "x")  # type: ignore[arg-type]
+    x = build.quantized(transpose_in.inputs[0], x_grid, "x")
     hidden = build.add("Gelu", [build.left_dense(first, x, "fc1")], "gelu", **dict(gelu.attributes))
     out = build.left_dense(second, build.quantized(hidden, h_grid, "h"), "fc2")
     graph.insert_before(transpose_out, build.nodes)

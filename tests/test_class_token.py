@@ -1,9 +1,11 @@
-"""The engine build's exact rewrites (issue 11): the class-token-only last block, and Dense outputs left
-float for OpenVINO. Real exports of the demo checkpoints, real digit images, ONNX Runtime and OpenVINO."""
+"""The engine build's exact rewrites (issue 11): the class-token-only last block; and in OpenVINO's copy of the
+Q/DQ graph, Dense outputs left float and GELU in its erf form where quantized. Real exports of the demo
+checkpoints, real digit images, ONNX Runtime and OpenVINO."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from builder.demo.digits import digit_images
 from builder.demo.train import CHECKPOINT_DIR
 from builder.errors import BuildError
 from builder.export import ExportOptions, export_checkpoint
-from builder.graph_passes import float_dense_outputs
+from builder.graph_passes import GELU_FORMS_GAP, exact_gelu_before_quantization, float_dense_outputs
 from builder.onnx_export import read_metadata
 from builder.precision import quantize_static_int8
 from builder.smoothing import find_targets
@@ -135,3 +137,27 @@ def test_the_rewrite_follows_an_export_at_another_resolution(tmp_path: Path) -> 
     files = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
     assert files is not None
     np.testing.assert_allclose(_logits(files[0], images), _logits(model, images), atol=1e-3)
+
+
+def test_the_gelu_forms_differ_by_at_most_the_stated_gap() -> None:
+    x = np.linspace(-12.0, 12.0, 480_001)
+    tanh_form = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    exact = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    assert 0.99 * GELU_FORMS_GAP < np.abs(tanh_form - exact).max() <= GELU_FORMS_GAP
+
+
+def test_gelu_runs_in_its_erf_form_only_where_quantized(demo_exports, tmp_path: Path) -> None:
+    model, architecture, images = _export(demo_exports["vit-digits"])
+    export = ir.load(model)
+    assert exact_gelu_before_quantization(export) is None  # the float export's GELUs feed a float Dense
+    qdq = ir.load(quantize_static_int8(model, tmp_path / "qdq.onnx", images))
+    float_dense_outputs(qdq)
+    ir.save(qdq, tmp_path / "tanh.onnx")
+    gap = exact_gelu_before_quantization(qdq)
+    assert gap is not None and gap < 0.1  # of the step of the grid GELU's output is quantized to
+    forms = [node.attributes.get_string("approximate", "none") for node in qdq.graph if node.op_type == "Gelu"]
+    assert forms == ["none"] * architecture["num_layers"]
+    ir.save(qdq, tmp_path / "erf.onnx")
+    before, after = _logits(tmp_path / "tanh.onnx", images), _logits(tmp_path / "erf.onnx", images)
+    assert (after.argmax(-1) == before.argmax(-1)).all()
+    assert np.abs(after - before).max() < 0.05 * np.abs(before).max()

@@ -52,8 +52,10 @@ def test_int8_bundle_passes_gate_with_measured_drop(int8_bundles: dict[str, Path
         "openvino int8 (NNCF)",
     }
     openvino = next(c for c in passport["candidates"] if c["label"] == "openvino int8 static (minmax)")
-    # OpenVINO's copy runs a Mixer's token mixing with the weights on the left; a ViT has none
+    # OpenVINO's copy runs a Mixer's token mixing with the weights on the left (a ViT has none), and GELU
+    # in its erf form in both
     assert ("token_mixing" in openvino["quantization"]) == (name == "mixer-digits")
+    assert openvino["quantization"]["gelu"].startswith("erf form")
     assert [row["batch"] for row in passport["latency"]] == list(range(1, 9))
     assert all(row["p99_ms"] >= row["p50_ms"] > 0 and row["images_per_s"] > 0 for row in passport["latency"])
     assert passport["peak_rss_mib"] > 0
