@@ -80,10 +80,12 @@ def bundles(work: Path, key: Path) -> dict[str, Path]:
 
 
 def raw_best(bundle: Path) -> float:
+    """The bundle's engine alone, in whichever runtime it ships for (the builder may pick OpenVINO)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
-    engine = bundle / manifest["engine"]["files"][0]
-    batches = list(range(1, manifest["engine"]["batch"]["max"] + 1))
-    profile = profile_engine(engine, "onnxruntime", "cpu", manifest["input"]["height"], batches, 1.0, None)
+    engine = manifest["engine"]
+    batches = list(range(1, engine["batch"]["max"] + 1))
+    path, height = bundle / engine["files"][0], manifest["input"]["height"]
+    profile = profile_engine(path, engine["backend"], engine["target"], height, batches, 1.0, None)
     return max(row["images_per_s"] for row in profile["latency"])
 
 
@@ -145,7 +147,8 @@ def main() -> None:
             if parsed.only and parsed.only not in name:
                 continue
             best = raw_best(bundle)
-            max_batch = json.loads((bundle / "manifest.json").read_text())["engine"]["batch"]["max"]
+            engine = json.loads((bundle / "manifest.json").read_text())["engine"]
+            label, max_batch = f"{name} ({engine['backend']} {engine['target']})", engine["batch"]["max"]
             modes = {
                 "adaptive": {"mode": "adaptive"},
                 "fixed 1": {"mode": "fixed", "fixed_batch": 1},
@@ -165,7 +168,7 @@ def main() -> None:
                     )
                     rows.append(
                         {
-                            "engine": name,
+                            "engine": label,
                             "cameras": cameras,
                             "offered_fps": 30 * cameras,
                             "mode": mode,

@@ -1,10 +1,10 @@
 """Hot swap under load: how long the pipeline pauses when the agent changes engines.
 
 The real agent serves the demo ViT (INT8) from N looping 30 fps cameras; a real
-Mosquitto carries ``deploy`` commands that alternate between the INT8 and the FP32
-bundle of the same model, each verified, swapped, watched through a short canary and
-committed. Measured in one run on this machine, from the agent's ``swap`` events and
-its results:
+Mosquitto carries ``deploy`` commands, each for whichever of the INT8 and FP32 bundles
+of the same model is not live, each verified, swapped, watched through a short canary and
+committed or reverted (a revert keeps the old engine live). Measured in one run on this
+machine, from the agent's ``swap`` events and its results:
 
 - pause: the inference thread busy swapping (the frames wait, none is dropped);
 - gap: the last result of the old engine to the first of the new, against the
@@ -97,8 +97,9 @@ def main() -> None:
         client.loop_start()
         time.sleep(4)
         swaps = []
+        active = 0  # the bundle the agent serves: a canary that reverts keeps the old one live
         for i in range(parsed.swaps):
-            bundle = bundles[(i + 1) % 2]
+            bundle = bundles[1 - active]
             command = {"id": f"swap-{i}", "cmd": "deploy", "bundle": {"path": str(bundle)}}
             client.publish("edgevit/bench/cmd", json.dumps(command), qos=1)
             deadline = time.monotonic() + 120
@@ -110,10 +111,14 @@ def main() -> None:
                     break
                 time.sleep(0.2)
             swap = next(e for e in events if e.get("command_id") == command["id"] and e["event"] == "swap")
-            swaps.append({**swap, "outcome": done[0]["event"], "canary": done[0].get("figures", {})})
+            outcome = done[0]["event"]
+            active = 1 - active if outcome == "commit" else active
+            swaps.append(
+                {**swap, "outcome": outcome, "reason": done[0].get("reason"), "canary": done[0].get("figures", {})}
+            )
             print(
                 f"  swap {i + 1}: {swap['from']} -> {swap['to']}: {swap['pause_ms']} ms pause, "
-                f"{swap['gap_ms']} ms gap, {done[0]['event']}",
+                f"{swap['gap_ms']} ms gap, {outcome} {done[0].get('reason') or ''}",
                 file=sys.stderr,
                 flush=True,
             )
