@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from graph_helpers import onnxruntime_logits
 
 from agent.engine.preprocess import InputSpec
-from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from builder.class_token import _verify, class_token_only
 from builder.demo.digits import digit_images
@@ -35,20 +35,12 @@ def _export(folder: Path) -> tuple[Path, dict, np.ndarray]:
     return model, json.loads(meta["edgevit.architecture"]), images
 
 
-def _logits(path: Path, images: np.ndarray) -> np.ndarray:
-    engine = OnnxRuntimeEngine(path)
-    try:
-        return engine.run(images)
-    finally:
-        engine.close()
-
-
 def test_the_last_block_runs_for_the_class_token_only(demo_exports, tmp_path: Path) -> None:
     model, architecture, images = _export(demo_exports["vit-digits"])
     files = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
     assert files == [tmp_path / "ct.onnx"]  # small weights stay in the one file
     rewritten = files[0]
-    expected, found = _logits(model, images), _logits(rewritten, images)
+    expected, found = onnxruntime_logits(model, images), onnxruntime_logits(rewritten, images)
     np.testing.assert_allclose(found, expected, atol=1e-4 * np.abs(expected).max())
     assert (found.argmax(-1) == expected.argmax(-1)).all()
     # the last block's Dense layers now read one row per image, and the all-token ones are gone
@@ -70,7 +62,7 @@ def test_openvino_compiles_and_runs_the_rewritten_graph_at_every_batch_size(
     model, architecture, images = _export(demo_exports["vit-digits"])
     rewritten = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])[0]
     engine = OpenVINOEngine(rewritten, target, 8)
-    expected = _logits(model, images[:8])
+    expected = onnxruntime_logits(model, images[:8])
     try:
         for n in range(1, 9):
             found = engine.run(images[:n])
@@ -109,9 +101,9 @@ def test_dense_outputs_left_float_for_openvino(demo_exports, tmp_path: Path) -> 
     assert dropped == len(before) - len(left) > 0
     for kept in left:  # only a pair whose output is the logits stays
         assert any(use.node.outputs[0] in graph.outputs for use in kept.outputs[0].uses())
-    reference = _logits(model, images)
+    reference = onnxruntime_logits(model, images)
     for path in (qdq, tmp_path / "float-outputs.onnx"):
-        assert (_logits(path, images).argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+        assert (onnxruntime_logits(path, images).argmax(-1) == reference.argmax(-1)).mean() >= 0.9
     engine = OpenVINOEngine(tmp_path / "float-outputs.onnx", "cpu", 8)
     try:
         assert (engine.run(images[:8]).argmax(-1) == reference[:8].argmax(-1)).mean() >= 0.85
@@ -136,7 +128,7 @@ def test_the_rewrite_follows_an_export_at_another_resolution(tmp_path: Path) -> 
     assert images.shape[1] == 96
     files = class_token_only(model, tmp_path / "ct.onnx", architecture, images[:4])
     assert files is not None
-    np.testing.assert_allclose(_logits(files[0], images), _logits(model, images), atol=1e-3)
+    np.testing.assert_allclose(onnxruntime_logits(files[0], images), onnxruntime_logits(model, images), atol=1e-3)
 
 
 def test_the_gelu_forms_differ_by_at_most_the_stated_gap() -> None:
@@ -158,6 +150,7 @@ def test_gelu_runs_in_its_erf_form_only_where_quantized(demo_exports, tmp_path: 
     forms = [node.attributes.get_string("approximate", "none") for node in qdq.graph if node.op_type == "Gelu"]
     assert forms == ["none"] * architecture["num_layers"]
     ir.save(qdq, tmp_path / "erf.onnx")
-    before, after = _logits(tmp_path / "tanh.onnx", images), _logits(tmp_path / "erf.onnx", images)
+    before = onnxruntime_logits(tmp_path / "tanh.onnx", images)
+    after = onnxruntime_logits(tmp_path / "erf.onnx", images)
     assert (after.argmax(-1) == before.argmax(-1)).all()
     assert np.abs(after - before).max() < 0.05 * np.abs(before).max()

@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from graph_helpers import onnxruntime_logits
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from builder.demo.digits import digit_images
 from builder.demo.train import DEMO_MODELS
@@ -22,14 +22,6 @@ from builder.token_mixing import left_weight_token_mixing
 
 MIXER = DEMO_MODELS["mixer-digits"]
 BLOCKS = MIXER.num_blocks
-
-
-def _logits(path: Path, images: np.ndarray) -> np.ndarray:
-    engine = OnnxRuntimeEngine(path)
-    try:
-        return engine.run(images)
-    finally:
-        engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +82,7 @@ def test_only_the_requantized_inputs_change_the_logits(openvino_qdq: Path, image
     np.testing.assert_allclose(found, expected, atol=1e-4 * np.abs(expected).max())
 
     rewritten, _ = _rewritten(openvino_qdq, tmp_path / "left.onnx")
-    reference, found = _logits(openvino_qdq, images), _logits(rewritten, images)
+    reference, found = onnxruntime_logits(openvino_qdq, images), onnxruntime_logits(rewritten, images)
     assert (found.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
     assert np.abs(found - reference).mean() < 0.05 * np.abs(reference).mean()
 
@@ -135,7 +127,7 @@ def test_openvino_runs_the_rewritten_graph_at_every_batch_size(
     openvino_qdq: Path, images, tmp_path: Path, target: str
 ) -> None:
     rewritten, _ = _rewritten(openvino_qdq, tmp_path / "left.onnx")
-    expected = _logits(rewritten, images[:8])
+    expected = onnxruntime_logits(rewritten, images[:8])
     engine = OpenVINOEngine(rewritten, target, 8)
     try:
         for n in (1, 3, 8):
