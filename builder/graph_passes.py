@@ -134,6 +134,8 @@ def float_dense_outputs(model: ir.Model) -> int:
 
 # The largest |GELU_tanh(x) - GELU(x)| over all x: 4.733e-4, near |x| = 2.7 (a test recomputes it).
 GELU_FORMS_GAP = 4.74e-4
+# The forms are swapped only where that is under this share of the step of the grid GELU's output is quantized to.
+GELU_GAP_MAX_STEP_SHARE = 0.1
 
 
 def exact_gelu_before_quantization(model: ir.Model) -> float | None:
@@ -144,8 +146,9 @@ def exact_gelu_before_quantization(model: ir.Model) -> float | None:
     the erf form faster, fused into the Dense layer before it or alone, and GELU is a large part of
     a Mixer's or a ViT's time outside matrix products. The two forms differ by at most
     ``GELU_FORMS_GAP``, while the QuantizeLinear that follows already rounds by up to half a step of
-    a grid that is tens of times wider: a quantized value moves, by one step, only where it lies that
-    close to a rounding boundary. The build's gate measures the candidate as a whole.
+    its grid; a Gelu is changed only where the gap is under ``GELU_GAP_MAX_STEP_SHARE`` of that step,
+    so a quantized value moves, by one step, only where it lies that close to a rounding boundary.
+    The build's gate measures the candidate as a whole.
     """
     largest: float | None = None
     for gelu in model.graph:
@@ -155,7 +158,7 @@ def exact_gelu_before_quantization(model: ir.Model) -> float | None:
         if not readers or gelu.outputs[0] in model.graph.outputs:
             continue
         steps = [step for r in readers if r.op_type == "QuantizeLinear" and (step := _step(r)) is not None]
-        if len(steps) != len(readers):
+        if len(steps) != len(readers) or GELU_FORMS_GAP > GELU_GAP_MAX_STEP_SHARE * min(steps):
             continue
         gelu.attributes["approximate"] = ir.AttrString("approximate", "none")
         largest = max(largest or 0.0, GELU_FORMS_GAP / min(steps))

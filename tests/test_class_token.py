@@ -150,6 +150,14 @@ def test_gelu_runs_in_its_erf_form_only_where_quantized(demo_exports, tmp_path: 
     forms = [node.attributes.get_string("approximate", "none") for node in qdq.graph if node.op_type == "Gelu"]
     assert forms == ["none"] * architecture["num_layers"]
     ir.save(qdq, tmp_path / "erf.onnx")
+    fine = ir.load(tmp_path / "tanh.onnx")  # a grid so fine that the forms' gap is a large share of its step
+    quantize = next(use.node for n in fine.graph if n.op_type == "Gelu" for use in n.outputs[0].uses())
+    finest = ir.Value(name="fine_scale", const_value=ir.tensor(np.float32(GELU_FORMS_GAP)))
+    fine.graph.register_initializer(finest)
+    quantize.replace_input_with(1, finest)
+    exact_gelu_before_quantization(fine)
+    forms = [node.attributes.get_string("approximate", "none") for node in fine.graph if node.op_type == "Gelu"]
+    assert forms == ["tanh"] + ["none"] * (architecture["num_layers"] - 1)
     before = onnxruntime_logits(tmp_path / "tanh.onnx", images)
     after = onnxruntime_logits(tmp_path / "erf.onnx", images)
     assert (after.argmax(-1) == before.argmax(-1)).all()
