@@ -70,62 +70,67 @@ def main() -> None:
         video = work / "digits.mp4"
         write_labelled_video(video, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz"))
         broker, port = start_broker(work)
-        config = {
-            "device": "bench",
-            "state_dir": str(work / "state"),
-            "engine": {"bundle": str(bundles[0]), "trusted_keys": [str(public)]},
-            "cameras": [
-                {"name": f"cam{i}", "source": str(video), "loop": True, "fps": 30} for i in range(parsed.cameras)
-            ],
-            "results": {"jsonl": str(work / "results.jsonl")},
-            "mqtt": {"host": "127.0.0.1", "port": port},
-            "canary": CANARY,
-        }
-        (work / "agent.yaml").write_text(yaml.safe_dump(config))
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.daemon", "--config", str(work / "agent.yaml"), "--log-level", "WARNING"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        events: list[dict] = []
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench", protocol=mqtt.MQTTv5)
-        client.on_message = lambda c, u, m: events.append(json.loads(m.payload))
-        client.connect("127.0.0.1", port)
-        client.subscribe("edgevit/bench/events", qos=1)
-        client.loop_start()
-        time.sleep(4)
-        swaps = []
-        active = 0  # the bundle the agent serves: a canary that reverts keeps the old one live
-        for i in range(parsed.swaps):
-            bundle = bundles[1 - active]
-            command = {"id": f"swap-{i}", "cmd": "deploy", "bundle": {"path": str(bundle)}}
-            client.publish("edgevit/bench/cmd", json.dumps(command), qos=1)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                done = [
-                    e for e in events if e.get("command_id") == command["id"] and e["event"] in ("commit", "revert")
-                ]
-                if done:
-                    break
-                time.sleep(0.2)
-            swap = next(e for e in events if e.get("command_id") == command["id"] and e["event"] == "swap")
-            outcome = done[0]["event"]
-            active = 1 - active if outcome == "commit" else active
-            swaps.append(
-                {**swap, "outcome": outcome, "reason": done[0].get("reason"), "canary": done[0].get("figures", {})}
+        agent = None
+        try:
+            config = {
+                "device": "bench",
+                "state_dir": str(work / "state"),
+                "engine": {"bundle": str(bundles[0]), "trusted_keys": [str(public)]},
+                "cameras": [
+                    {"name": f"cam{i}", "source": str(video), "loop": True, "fps": 30} for i in range(parsed.cameras)
+                ],
+                "results": {"jsonl": str(work / "results.jsonl")},
+                "mqtt": {"host": "127.0.0.1", "port": port},
+                "canary": CANARY,
+            }
+            (work / "agent.yaml").write_text(yaml.safe_dump(config))
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "agent.daemon", "--config", str(work / "agent.yaml"), "--log-level", "WARNING"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
-            print(
-                f"  swap {i + 1}: {swap['from']} -> {swap['to']}: {swap['pause_ms']} ms pause, "
-                f"{swap['gap_ms']} ms gap, {outcome} {done[0].get('reason') or ''}",
-                file=sys.stderr,
-                flush=True,
-            )
-        client.loop_stop()
-        agent.terminate()
-        out, _ = agent.communicate(timeout=60)
-        broker.terminate()
+            events: list[dict] = []
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench", protocol=mqtt.MQTTv5)
+            client.on_message = lambda c, u, m: events.append(json.loads(m.payload))
+            client.connect("127.0.0.1", port)
+            client.subscribe("edgevit/bench/events", qos=1)
+            client.loop_start()
+            time.sleep(4)
+            swaps = []
+            active = 0  # the bundle the agent serves: a canary that reverts keeps the old one live
+            for i in range(parsed.swaps):
+                bundle = bundles[1 - active]
+                command = {"id": f"swap-{i}", "cmd": "deploy", "bundle": {"path": str(bundle)}}
+                client.publish("edgevit/bench/cmd", json.dumps(command), qos=1)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    done = [
+                        e for e in events if e.get("command_id") == command["id"] and e["event"] in ("commit", "revert")
+                    ]
+                    if done:
+                        break
+                    time.sleep(0.2)
+                swap = next(e for e in events if e.get("command_id") == command["id"] and e["event"] == "swap")
+                outcome = done[0]["event"]
+                active = 1 - active if outcome == "commit" else active
+                swaps.append(
+                    {**swap, "outcome": outcome, "reason": done[0].get("reason"), "canary": done[0].get("figures", {})}
+                )
+                print(
+                    f"  swap {i + 1}: {swap['from']} -> {swap['to']}: {swap['pause_ms']} ms pause, "
+                    f"{swap['gap_ms']} ms gap, {outcome} {done[0].get('reason') or ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            client.loop_stop()
+            agent.terminate()
+            out, _ = agent.communicate(timeout=60)
+        finally:  # a failed run leaves no agent or broker behind
+            if agent is not None and agent.poll() is None:
+                agent.kill()
+            broker.terminate()
         summary = next(json.loads(line)["summary"] for line in out.splitlines() if line.startswith('{"summary"'))
         results = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
     gaps = _batch_gaps(results) * 1e3
