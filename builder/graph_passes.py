@@ -157,7 +157,7 @@ def exact_gelu_before_quantization(model: ir.Model) -> float | None:
         readers = [use.node for use in gelu.outputs[0].uses()]
         if not readers or gelu.outputs[0] in model.graph.outputs:
             continue
-        steps = [step for r in readers if r.op_type == "QuantizeLinear" and (step := _step(r)) is not None]
+        steps = [grid[0] for r in readers if r.op_type == "QuantizeLinear" and (grid := per_tensor_grid(r))]
         if len(steps) != len(readers) or GELU_FORMS_GAP > GELU_GAP_MAX_STEP_SHARE * min(steps):
             continue
         gelu.attributes["approximate"] = ir.AttrString("approximate", "none")
@@ -165,7 +165,9 @@ def exact_gelu_before_quantization(model: ir.Model) -> float | None:
     return largest
 
 
-def _step(quantize: ir.Node) -> float | None:
-    """The step of a per-tensor QuantizeLinear's grid (its scale), or None for any other."""
-    scale = quantize.inputs[1].const_value if len(quantize.inputs) > 1 and quantize.inputs[1] is not None else None
-    return float(scale.numpy()) if scale is not None and scale.size == 1 else None
+def per_tensor_grid(quantize: ir.Node) -> tuple[float, np.ndarray] | None:
+    """The scale and zero point of a QuantizeLinear with one constant grid for the whole tensor, else None."""
+    if len(quantize.inputs) < 3 or any(v is None or v.const_value is None for v in quantize.inputs[1:3]):
+        return None
+    scale, zero = (v.const_value.numpy() for v in quantize.inputs[1:3])
+    return (float(scale.item()), zero) if scale.size == 1 and zero.size == 1 else None

@@ -28,6 +28,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from builder.graph_passes import per_tensor_grid
+
 # the nodes of one exported token-mixing MLP, in order, in edgevit's static Q/DQ graph
 # once its Dense outputs are left float (graph_passes.float_dense_outputs)
 _CHAIN = (
@@ -102,22 +104,20 @@ def _dense(gemm: ir.Node) -> _Dense | None:
     if (zero is not None and np.any(zero)) or (scales.size > 1 and weight.attributes.get_int("axis", 1) != 1):
         return None  # a zero point, or per-row scales, would not move past the MatMul
     columns = values.shape[1]
-    scale = np.broadcast_to(scales.numpy().astype(np.float32), (columns,))
+    scale = np.broadcast_to(scales.numpy(), (columns,)).astype(np.float32)  # astype copies: no zero strides
     return _Dense(values.numpy(), scale, np.broadcast_to(bias, (columns,)).astype(np.float32))
 
 
 def _symmetric_s8(quantize: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """Scale and zero point 0 of an s8 grid covering ``quantize``'s per-tensor 8-bit grid."""
-    if len(quantize.inputs) < 3:
+    grid = per_tensor_grid(quantize)
+    if grid is None or grid[1].dtype not in (np.uint8, np.int8):
         return None
-    scale, zero = (_constant(v) for v in quantize.inputs[1:3])
-    if scale is None or zero is None or scale.size != 1 or zero.dtype not in (np.uint8, np.int8):
-        return None
-    if zero.dtype == np.int8 and not zero:
-        return np.float32(scale.item()), np.int8(0)  # already what OpenVINO needs
-    low, high = (np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max)
-    bound = max(int(zero) - low, high - int(zero)) * float(scale)
-    return np.float32(bound / S8_MAX), np.int8(0)
+    scale, zero = grid[0], int(grid[1].item())
+    if grid[1].dtype == np.int8 and zero == 0:
+        return np.float32(scale), np.int8(0)  # already what OpenVINO needs
+    low, high = np.iinfo(grid[1].dtype).min, np.iinfo(grid[1].dtype).max
+    return np.float32(max(zero - low, high - zero) * scale / S8_MAX), np.int8(0)
 
 
 class _Builder:
