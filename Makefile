@@ -32,5 +32,6 @@ bench: install
 	$(BIN)/python bench/openvino_settings_bench.py
 	$(BIN)/python bench/agent_bench.py
 	$(BIN)/python bench/swap_bench.py
+	$(BIN)/python bench/canary_bench.py
 	$(BIN)/python bench/fleet_bench.py
 	$(BIN)/python bench/hostile_bench.py

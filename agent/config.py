@@ -130,13 +130,25 @@ class EngineConfig(Strict):
         return self
 
 
+def _removed(data: Any, section: str, removed: dict[str, str]) -> Any:
+    """Refuse settings an earlier release had, saying what replaced them (a bare 'extra input' would not)."""
+    if isinstance(data, dict):
+        for key, instead in removed.items():
+            if key in data:
+                raise ValueError(f"{key} was removed from {section}: {instead}")
+    return data
+
+
 class SwapConfig(Strict):
     """The checks a candidate engine passes beside the serving one before it goes live."""
 
-    latency_runs: int = Field(20, ge=3, le=1000, description="timed runs at the working batch size")
-    max_passport_ratio: float = Field(2.0, ge=1, le=1e6, description="candidate tail latency / its passport's p99")
-    max_current_ratio: float = Field(3.0, ge=1, le=1e6, description="candidate tail latency / the serving engine's p99")
-    slack_ms: float = Field(2.0, ge=0, le=60_000, description="added to both limits: tiny engines time noisily")
+    latency_runs: int = Field(
+        30, ge=3, le=1000, description="at most this many back-to-back pairs of timed runs (fewer once decided)"
+    )
+    max_latency_ratio: float = Field(
+        2.0, ge=1, le=1e6, description="candidate median latency / the serving engine's, timed here, together"
+    )
+    slack_ms: float = Field(2.0, ge=0, le=60_000, description="added to that limit: tiny engines time noisily")
     min_free_mib: float = Field(
         256.0,
         ge=0,
@@ -144,20 +156,41 @@ class SwapConfig(Strict):
         description="memory that must stay available with a candidate loaded beside the serving engine",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        instead = "the candidate is compared with the serving engine timed here (swap.max_latency_ratio)"
+        return _removed(data, "swap", {"max_passport_ratio": instead, "max_current_ratio": instead})
+
 
 class CanaryConfig(Strict):
-    """After a swap: watched live, reverted on any violation, committed when the window passes."""
+    """After a swap: judged by sequential tests (agent.lifecycle.canary), committed when the window passes."""
 
     window_s: float = Field(300.0, gt=0, le=7 * DAY)
     min_frames: int = Field(200, ge=0, le=10**9, description="the window also lasts until this many frames were served")
-    shadow_every: int = Field(4, ge=1, le=10**6, description="every n-th batch also runs on the previous engine")
-    min_shadow_frames: int = Field(50, ge=1, le=10**9, description="shadow frames needed before agreement is judged")
-    min_latency_pairs: int = Field(
-        20, ge=4, le=10**6, description="shadow batches before tail latency is judged; the window lasts until then"
+    alpha: float = Field(
+        0.01, gt=0, le=0.5, description="probability that a good bundle is reverted by chance, per canary"
     )
-    min_agreement: float = Field(0.97, ge=0, le=1, description="top-1 agreement with the previous engine")
+    shadow_every: int = Field(4, ge=1, le=10**6, description="every n-th batch also runs on the previous engine")
+    latency_every: int = Field(
+        4, ge=1, le=10**6, description="every n-th batch is served by the previous engine, timed beside the new one"
+    )
+    block_s: float = Field(
+        2.0, gt=0, le=HOUR, description="shortest unit of agreement evidence; longer when disagreements come in runs"
+    )
+    max_block_s: float = Field(60.0, gt=0, le=DAY, description="longest unit of agreement evidence")
+    agreement_tolerance: float = Field(
+        0.02, ge=0, le=1, description="agreement below the builds' expectation for the pair that is still accepted"
+    )
+    confidence_tolerance: float = Field(
+        0.05, ge=0, le=1, description="without an expectation: shift in mean top-1 confidence accepted"
+    )
+    class_mix_tolerance: float = Field(
+        0.1, ge=0, le=1, description="without an expectation: extra class-mix distance accepted"
+    )
+    latency_quantile: float = Field(0.9, ge=0.5, le=0.99, description="the tail latency compared")
     max_latency_ratio: float = Field(
-        1.5, ge=1, le=1e6, description="tail (p99) latency vs the previous engine, same batches"
+        1.2, ge=1, le=1e6, description="that tail vs the previous engine's, timed together on live batches"
     )
     latency_slack_ms: float = Field(
         2.0, ge=0, le=60_000, description="added to that limit: millisecond tails are noise"
@@ -167,6 +200,26 @@ class CanaryConfig(Strict):
     )
     max_restarts: int = Field(2, ge=0, le=1000, description="agent restarts during the window before it reverts")
     golden_recheck: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return _removed(
+            data,
+            "canary",
+            {
+                "min_agreement": "agreement is tested against what the builds expect of the pair, less "
+                "canary.agreement_tolerance",
+                "min_shadow_frames": "the sequential tests need no minimum; canary.alpha sets their error rate",
+                "min_latency_pairs": "the sequential tests need no minimum; canary.alpha sets their error rate",
+            },
+        )
+
+    @model_validator(mode="after")
+    def _blocks(self) -> CanaryConfig:
+        if self.block_s > self.max_block_s:
+            raise ValueError(f"block_s ({self.block_s:g}) must not exceed max_block_s ({self.max_block_s:g})")
+        return self
 
 
 class BatchingConfig(Strict):

@@ -153,10 +153,16 @@ class Agent:
                 self._last_event = {k: payload.get(k) for k in ("event", "at", "bundle_id", "command_id", "ok")}
                 if "figures" in detail:  # a canary's verdict: what the fleet compares devices by
                     figures = detail["figures"]
+                    agreement = (detail.get("verdict") or {}).get("rules", {}).get("agreement", {})
                     self._last_canary = {
                         "bundle_id": detail.get("bundle_id"),
                         "verdict": kind,
-                        **{k: figures.get(k) for k in ("agreement", "latency_ratio", "shadow_frames")},
+                        "rule": detail.get("rule"),
+                        "agreement": figures.get("agreement"),
+                        "agreement_bound": agreement.get("bound"),
+                        "agreement_limit": agreement.get("limit"),
+                        "alpha": (detail.get("verdict") or {}).get("alpha"),
+                        "shadow_frames": figures.get("shadow_frames"),
                     }
                 self.publish_status()
 

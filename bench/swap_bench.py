@@ -43,7 +43,7 @@ from builder.engine_build import EngineOptions, build_engine_bundle  # noqa: E40
 from builder.export import export_checkpoint  # noqa: E402
 from builder.keys import keygen  # noqa: E402
 
-CANARY = {"window_s": 3, "min_frames": 60, "shadow_every": 4, "min_shadow_frames": 15}
+CANARY = {"window_s": 3, "min_frames": 60, "shadow_every": 4}
 
 
 def _batch_gaps(results: list[dict]) -> np.ndarray:

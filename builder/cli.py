@@ -104,6 +104,12 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--max-drop", type=float, default=1.0, help="allowed top-1 drop, in points")
     cmd.add_argument("--min-agreement", type=float, default=0.99, help="required top-1 agreement with FP32")
     cmd.add_argument("--accept-accuracy-loss", action="store_true", help="ship even if outside the budget (recorded)")
+    cmd.add_argument(
+        "--baseline",
+        type=Path,
+        help="the bundle or export this engine replaces: their agreement (what a device's canary expects) and "
+        "accuracies go in the passport; a top-1 drop beyond --max-drop refuses the build",
+    )
     cmd.add_argument("--key", type=Path, required=True, help="Ed25519 signing key (edgevit-build keygen)")
     cmd.add_argument("--name", help="model name in the manifest (default: the checkpoint's)")
     cmd.add_argument("--version", default="1", help="model version in the manifest")

@@ -4,7 +4,10 @@ For INT8 on the CPU there are two candidates, static QDQ (calibrated) and dynami
 both are measured and the passport decides: of those inside the accuracy budget, the
 one with the highest throughput at the maximum batch ships, and the passport keeps
 the figures of all of them. A build with no candidate inside the budget produces no
-bundle unless ``accept_accuracy_loss`` is set, which the passport then records.
+bundle unless ``accept_accuracy_loss`` is set, which the passport then records. With a
+``baseline`` (the bundle or export the new engine replaces), the passport also records what a
+device's canary should expect of the pair, and a new model less accurate than its baseline
+beyond the top-1 budget is refused the same way (:mod:`builder.baseline`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_private_key
 from agent.stream.drift import output_profile
 from builder import openvino_engines
+from builder.baseline import Baseline, baseline_misses, bundle_baseline, compare_with_baseline, is_bundle
 from builder.bundle_writer import write_bundle
 from builder.choices import DEFAULT_TENSORRT, RUNTIMES, TARGETS
 from builder.class_token import class_token_only
-from builder.datasets import calibration_set, evaluation_set, load_labels
+from builder.datasets import Frames, calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError, GateError
 from builder.int8_recipe import (
     Int8Search,
@@ -80,6 +84,7 @@ class EngineOptions:
     threads: int | None = None
     runtime: str = "auto"  # CPU runtimes to build candidates for: auto (all installed) | onnxruntime | openvino
     tensorrt_version: str = DEFAULT_TENSORRT  # the parser rules a TensorRT-bound graph is checked against here
+    baseline: Path | None = None  # the bundle or export this engine replaces (builder.baseline)
 
 
 def checked_tensorrt(options: EngineOptions) -> str:
@@ -307,6 +312,7 @@ class _Evaluation:
     export: Export
     options: EngineOptions
     device: DeviceInfo
+    frames: Frames
     images: np.ndarray
     targets: np.ndarray
     reference: np.ndarray
@@ -433,8 +439,16 @@ def build_engine_bundle(
     reference_logits = logits(reference, images, options.max_batch, counter(progress, "evaluating the FP32 reference"))
     reference.close()
     evaluation = _Evaluation(
-        export, options, DeviceInfo.probe(), images, evaluation_frames.labels, reference_logits, progress
+        export,
+        options,
+        DeviceInfo.probe(),
+        evaluation_frames,
+        images,
+        evaluation_frames.labels,
+        reference_logits,
+        progress,
     )
+    baseline = _baseline(options.baseline) if options.baseline else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         source = _rewritten(export, options, images[: options.max_batch], Path(tmp), progress)
@@ -445,10 +459,11 @@ def build_engine_bundle(
         if search and not any(not c.misses for c in candidates):
             tried = _mixed_precision(search, candidates, evaluation)
         chosen = _choose(candidates, options, tried)
+        against = _against(baseline, chosen, evaluation, labels) if baseline else None
         if options.target == "tensorrt" and options.precision == "int8":
             require_parsable(chosen.files[0], checked_tensorrt(options))  # the gated Q/DQ graph, before any device
             if tensorrt_version() is None:
-                return _write_tensorrt_recipe(out, chosen, candidates, evaluation_frames.description, options)
+                return _write_tensorrt_recipe(out, chosen, candidates, evaluation_frames.description, options, against)
             with step(progress, "building TensorRT int8 plan from the gated Q/DQ graph"):
                 plan = build_plan(chosen.files[0], Path(tmp) / "model.plan", _plan_settings(export, options))
             quant = {**chosen.quantization, "qdq_accuracy": asdict(chosen.accuracy)}  # type: ignore[arg-type]
@@ -466,12 +481,46 @@ def build_engine_bundle(
             key,
             chosen,
             candidates,
+            against,
         )
     return BundleResult(path, chosen, candidates, passport)
 
 
+def _baseline(path: Path) -> Baseline:
+    if is_bundle(path):
+        return bundle_baseline(path)
+    export = Export.read(path)
+    return Baseline(
+        path.name, None, export.source.get("sha256"), 1.0, "onnxruntime", "cpu", export.model, export.spec, None
+    )
+
+
+def _against(baseline: Baseline, chosen: Candidate, evaluation: _Evaluation, labels: list[str]) -> dict[str, Any]:
+    """The chosen engine against the baseline; a GateError when it is less accurate beyond the budget."""
+    options = evaluation.options
+    with step(evaluation.progress, f"comparing with the baseline {baseline.name}"):
+        section = compare_with_baseline(
+            baseline,
+            evaluation.frames,
+            chosen.logits,
+            labels,
+            options.max_batch,
+            options.threads,  # type: ignore[arg-type]
+        )
+    misses = baseline_misses(section, options.gate)
+    if misses and not options.accept_accuracy_loss:
+        raise GateError(f"no bundle: {misses[0]}; --accept-accuracy-loss ships it anyway and records that it did")
+    section["accepted_accuracy_loss"] = bool(misses)
+    return section
+
+
 def _write_tensorrt_recipe(
-    out: Path, chosen: Candidate, candidates: list[Candidate], evaluated_on: str, options: EngineOptions
+    out: Path,
+    chosen: Candidate,
+    candidates: list[Candidate],
+    evaluated_on: str,
+    options: EngineOptions,
+    baseline: dict[str, Any] | None,
 ) -> BundleResult:
     """The gated Q/DQ graph and its report, for building the plan where TensorRT is."""
     out.mkdir()
@@ -491,6 +540,7 @@ def _write_tensorrt_recipe(
         "accuracy_measured_with": "onnxruntime-cpu (Q/DQ as simulated quantization)",
         "gate": {**asdict(options.gate), "passed": not chosen.misses, "misses": chosen.misses},
         "candidates": [c.summary() for c in candidates],
+        "baseline": baseline,
         "parser_checked_for_tensorrt": options.tensorrt_version,
         "plan": "not built: this machine has no TensorRT. It is built on the device (TensorRT 10) with the same "
         "command, which repeats this recipe search and gate there and then builds the plan from the Q/DQ graph.",
@@ -510,6 +560,7 @@ def _write(
     key: Any,
     chosen: Candidate,
     candidates: list[Candidate],
+    baseline: dict[str, Any] | None,
 ) -> tuple[Path, dict[str, Any]]:
     """The passport, manifest and signed bundle of the chosen candidate."""
     device, batch = evaluation.device, options.max_batch
@@ -547,6 +598,7 @@ def _write(
         },
         "candidates": [c.summary() for c in candidates],
         "outputs": output_profile(chosen.logits),  # the agent's drift reference
+        "baseline": baseline,  # what a canary against that engine should expect (builder.baseline)
         "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},
     }
     manifest = {

@@ -110,6 +110,15 @@ def show_passport(console: Console, passport: dict[str, Any], here: dict | None 
         f"built {passport['built']} on {measured['cpu']} ({versions}); calibration: "
         f"{passport.get('calibration_set') or '-'}; peak RSS {passport['peak_rss_mib']:.0f} MiB"
     )
+    if baseline := passport.get("baseline"):
+        low, high = baseline["interval"]
+        accepted = " (shipped anyway: --accept-accuracy-loss)" if baseline.get("accepted_accuracy_loss") else ""
+        console.print(
+            f"against the baseline {baseline['name']}: top-1 agreement {baseline['top1_agreement']:.2%} "
+            f"(95 % interval {low:.2%}-{high:.2%}, what a device's canary expects); top-1 "
+            f"{baseline['engine_top1']:.2%} against {baseline['baseline_top1']:.2%} "
+            f"({baseline['top1_change_points']:+.2f} pts){accepted}"
+        )
     if passport.get("latency"):
         console.print(latency_table(passport["latency"], here and here["latency"]))
         if here:

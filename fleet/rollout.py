@@ -13,6 +13,11 @@ each had before. The rollout is written to ``<state_dir>/rollouts/<id>.json``
 the action it records), so a controller killed mid-rollout resumes from the file plus its
 journal, and the devices' retained statuses tell it what happened while it was away.
 
+After each wave the controller also weighs the wave as a whole (:mod:`fleet.gates`): whether
+its failures exceed what the devices' ``canary.alpha`` explains, and one pooled agreement
+test over every device's canary evidence, which halts the rollout when it finds a regression
+that no single device's canary was sure of.
+
 The controller's cost is linear in the fleet: it looks only at the devices it heard
 from (:meth:`FleetLink.wait_changes <fleet.link.FleetLink.wait_changes>`) and at targets
 whose timeout has passed, and writes only what changed.
@@ -30,7 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.lifecycle.canary import REGRESSION
 from agent.lifecycle.store import atomic_write
+from fleet.gates import failures_note, pooled_verdict, wave_alpha
 from fleet.link import Device, FleetLink
 
 PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (
@@ -231,11 +238,17 @@ class Runner:
             self._await(wave)
             attempted += len(wave)
             failed += sum(t.state == FAILED for t in wave)
-            if 100 * failed / attempted > rollout.max_failures_pct:
+            pooled = self._weigh(wave)
+            over = 100 * failed / attempted > rollout.max_failures_pct
+            if over or pooled:
                 rollout.state = "halted"
                 self._note(
-                    f"halted after wave {rollout.wave}: {failed} of {attempted} devices failed, "
-                    f"over --max-failures {rollout.max_failures_pct:g}%"
+                    f"halted after wave {rollout.wave}: "
+                    + (
+                        f"{failed} of {attempted} devices failed, over --max-failures {rollout.max_failures_pct:g}%"
+                        if over
+                        else pooled
+                    )
                 )
                 updated = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == SUCCEEDED]
                 if rollout.rollback_on_halt and updated:
@@ -247,6 +260,34 @@ class Runner:
             self._pending.append({"wave": rollout.wave})
             self._flush()
         return rollout
+
+    def _weigh(self, wave: list[Target]) -> str | None:
+        """The wave's failures against chance, and its pooled agreement test; why to halt, if it must.
+
+        Only each device's own events count: a device cannot speak for another.
+        """
+        events = [
+            e
+            for t in wave
+            if t.command_id
+            for e in self.link.events_for(t.command_id)
+            if e.get("device") == t.device and e.get("event") in ("commit", "revert")
+        ]
+        alpha = wave_alpha(events)
+        if alpha is None:
+            return None
+        self._note(f"wave {wave[0].wave}: " + failures_note(sum(t.state == FAILED for t in wave), len(wave), alpha))
+        pooled = pooled_verdict(events, alpha)
+        if pooled is None:
+            return None
+        found = "a regression" if pooled.verdict == REGRESSION else "no regression"
+        self._note(
+            f"wave {wave[0].wave}: pooled canary evidence, {pooled.units} blocks and {pooled.frames} frames: "
+            f"agreement {pooled.estimate:.2%}, {found} at alpha {alpha:g} ({pooled.detail})"
+        )
+        if pooled.verdict != REGRESSION:
+            return None
+        return f"the devices' pooled canary evidence shows a regression no single device was sure of ({pooled.detail})"
 
     def _send(self, targets: list[Target]) -> None:
         for target in targets:

@@ -21,7 +21,7 @@ import yaml
 # The swap-time latency gates, opened wide: for tests that judge something else (the canary,
 # a crash), where the demo engine's sub-millisecond passport figures on a busy test machine
 # would only add noise. Their own behaviour is tested with the defaults.
-NO_SWAP_LATENCY_GATE = {"max_passport_ratio": 1000, "max_current_ratio": 1000}
+NO_SWAP_LATENCY_GATE = {"max_latency_ratio": 1000}
 
 
 def write_config(path: Path, bundle: Path, public_key: Path, cameras: list[dict[str, Any]], **sections: Any) -> Path:

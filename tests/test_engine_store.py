@@ -16,7 +16,7 @@ from agent.engine.bundle import BundleError, verify_bundle
 from agent.engine.signing import load_private_key, load_public_key
 from agent.lifecycle.archive import safe_extract
 from agent.lifecycle.fetch import BundleRef, fetch
-from agent.lifecycle.store import Canary, EngineState, EngineStore
+from agent.lifecycle.store import Canary, EngineState, EngineStore, Mark
 from builder.keys import keygen
 from builder.pack import pack_bundle
 
@@ -112,9 +112,12 @@ def test_store_installs_once_and_state_is_atomic(demo_bundle: Path, signing_key,
     bundle = store.install(demo_bundle, lambda p: verify_bundle(p, keys))
     assert bundle.root == store.path(bundle.bundle_id) and store.installed() == [bundle.bundle_id]
     assert store.install(demo_bundle, lambda p: verify_bundle(p, keys)).root == bundle.root
-    state = EngineState(active=bundle.bundle_id, canary=Canary("b", "a", None, time.time()), bad={"c": "slow"})
+    marks = {"c": Mark("p90 latency", False, "latency", {"estimate": 2.0}, 1.0), "d": Mark("golden set FAILED")}
+    state = EngineState(active=bundle.bundle_id, canary=Canary("b", "a", None, time.time()), bad=marks)
     store.save(state)
     assert store.load() == state
+    old = EngineState.from_json({"active": "a", "bad": {"e": "an earlier release's reason"}})
+    assert old.bad["e"] == Mark("an earlier release's reason") and old.bad["e"].refuse, "older state files still load"
     assert [p.name for p in (tmp_path / "state").iterdir() if p.name.startswith(".")] == []
     (tmp_path / "state" / "engines" / ".incoming-x-1").mkdir()
     EngineStore(tmp_path / "state")  # a restart clears an interrupted copy

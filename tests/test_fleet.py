@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import (
-    NO_SWAP_LATENCY_GATE,
     rebundle,
     start_agent,
     start_mosquitto,
@@ -38,11 +37,8 @@ from builder.pack import pack_bundle
 from conftest import free_port
 
 SITES = {"a": 6, "b": 4}
-# Ten agents share two cores here: 5 ms of slack for scheduling; the slow bundle adds far more.
-CANARY = {
-    "window_s": 6, "min_frames": 8, "shadow_every": 1, "min_shadow_frames": 8,
-    "max_latency_ratio": 2.0, "latency_slack_ms": 5.0,
-}  # fmt: skip
+# Ten agents share two cores here: 5 ms of slack for scheduling.
+CANARY = {"window_s": 6, "min_frames": 8, "shadow_every": 1, "max_latency_ratio": 2.0, "latency_slack_ms": 5.0}
 
 
 class Fleet:
@@ -110,7 +106,6 @@ def fleet(archives, demo_bundle, signing_key, digits_video, tmp_path_factory) ->
                 mqtt={"host": "127.0.0.1", "port": port, "keepalive_s": 5},
                 metrics={"publish_every_s": 1},
                 canary=CANARY,
-                swap=NO_SWAP_LATENCY_GATE,  # the slow bundle is for the canary to catch
                 engine={"bundle": str(demo_bundle), "trusted_keys": [str(signing_key[1])], "threads": 1},
             )
             agents[name] = start_agent(config)
@@ -145,6 +140,10 @@ def test_a_good_rollout_reaches_every_selected_device(fleet: Fleet) -> None:
     after = fleet.status()
     assert all(after[f"a-{i}"]["active"] == "vit-digits-v2" for i in range(1, 7))
     assert all(after[f"a-{i}"]["agreement"] == 1.0 for i in range(1, 7)), "each device's canary verdict is reported"
+    assert "wave 1: 0 of 3 failed; with canary.alpha 0.01, chance alone gives up to 1" in done.stdout
+    assert re.search(
+        r"wave 1: pooled canary evidence, \d+ blocks and \d+ frames: agreement 100.00%, no regr", done.stdout
+    )
     assert all(after[f"b-{i}"]["active"] == before[f"b-{i}"]["active"] for i in range(1, 5)), "site b untouched"
     waves = [line for line in done.stdout.splitlines() if "deploy sent" in line]
     assert [w.split(":")[0] for w in waves] == ["wave 0"] + ["wave 1"] * 3 + ["wave 2"] * 2
@@ -154,11 +153,11 @@ def test_a_bad_bundle_halts_after_the_canary_wave(fleet: Fleet) -> None:
     before = fleet.status()
     done = fleet.cli(*fleet.deploy("slow.tar.gz", "--canary", "1", "--step", "50%", "--max-failures", "0%"))
     assert done.returncode == 5, done.stdout + done.stderr
-    assert re.search(r"reverted: p\d+ latency is", done.stdout), done.stdout
+    assert "a-1 failed: refused: vit-slow is slower than the serving engine" in done.stdout, done.stdout
     assert "halted after wave 0: 1 of 1 devices failed" in done.stdout
     after = fleet.status()
     assert all(after[n]["active"] == before[n]["active"] for n in after)
-    assert [n for n in after if "vit-slow" in after[n]["bad"]] == ["a-1"], "only the canary device tried it"
+    assert not [n for n in after if "vit-slow" in after[n]["bad"]], "slow here and now is no verdict on the bundle"
     history = json.loads(fleet.cli("history", "--json").stdout)
     assert history[-1]["state"] == "halted" and history[-1]["pending"] == 9 and history[-1]["failed"] == 1
 
@@ -184,6 +183,20 @@ def test_a_killed_controller_resumes(fleet: Fleet) -> None:
     assert all(fleet.status()[f"b-{i}"]["active"] == "vit-digits-v3" for i in range(1, 5))
 
 
+ROWS = """return Array.from(document.querySelectorAll('#devices tbody tr'))
+    .map(tr => [tr.dataset.device, Array.from(tr.querySelectorAll('td')).map(td => td.innerText.trim())]);"""
+SPARK_POINTS = "return Array.from(document.querySelectorAll('svg.spark')).map(s => Number(s.dataset.points));"
+ROLLOUT_TEXT = """return [(document.querySelector('.rollout-head') || {innerText: ''}).innerText,
+    Array.from(document.querySelectorAll('#waves tr'))
+        .map(tr => Array.from(tr.children).map(td => td.innerText.trim()).join(' ')),
+    document.getElementById('summary').innerText];"""
+
+
+def page_rows(browser) -> dict[str, list[str]]:
+    """Each device's row of cells, read in one script."""
+    return dict(browser.execute_script(ROWS))
+
+
 def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path: Path) -> None:
     """A real headless Chromium on ``edgevit-fleet dashboard``: every device, the last rollout, the charts."""
     http_port = free_port()
@@ -195,32 +208,23 @@ def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path:
     browser = headless_chromium()
     try:
         browser.get(f"http://127.0.0.1:{http_port}/")
-        rows_shown = (By.CSS_SELECTOR, "#devices tbody tr")
-        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(*rows_shown)) == len(fleet.agents))
+        # the page redraws every 2 s: each look at it is one script, so no element it reads can go stale
+        WebDriverWait(browser, 30).until(lambda b: len(page_rows(b)) == len(fleet.agents))
         # a chart needs two samples of the metrics topic (one per device per 5 s)
-        WebDriverWait(browser, 40).until(
-            lambda b: all(
-                int(s.get_attribute("data-points")) >= 2 for s in b.find_elements(By.CSS_SELECTOR, "svg.spark")
-            )
-        )
-        rows = {
-            tr.get_attribute("data-device"): [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in browser.find_elements(*rows_shown)
-        }
+        WebDriverWait(browser, 40).until(lambda b: all(points >= 2 for points in b.execute_script(SPARK_POINTS)))
+        rows = page_rows(browser)
         assert sorted(rows) == sorted(fleet.agents)
         for name, cells in rows.items():
             device, state, labels, active = cells[:4]
             assert device == name and state == "online" and active == status[name]["active"]
             assert labels == f"site={name[0]}, hardware=x86" or labels == f"hardware=x86, site={name[0]}"
             assert float(cells[6]) > 0  # fps
-        assert all(rows[f"b-{i}"][9].startswith("commit (100.0%)") for i in range(1, 5)), "the last canary verdict"
+        assert all(rows[f"b-{i}"][9].startswith("commit") for i in range(1, 5)), "the last canary verdict"
         assert browser.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
         # the latest rollout (site b to v3, one device a wave), wave by wave with each device's outcome
-        head = browser.find_element(By.CSS_SELECTOR, ".rollout-head").text
+        head, waves, cards = browser.execute_script(ROLLOUT_TEXT)
         assert "vit-digits-v3" in head and "completed" in head
-        waves = [w.text for w in browser.find_elements(By.CSS_SELECTOR, "#waves tr")]
         assert waves == [f"wave {i} b-{i + 1}: succeeded" for i in range(4)]
-        cards = browser.find_element(By.ID, "summary").text
         assert "10\ndevices" in cards and "10\nonline" in cards
         browser.save_screenshot(str(os.environ.get("EDGEVIT_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png"))
     finally:

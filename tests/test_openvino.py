@@ -22,7 +22,7 @@ from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.errors import BuildError
 
 FAST = {"profile_seconds": 0.05, "calibration_images": 64, "eval": "demo", "calib": "demo"}
-CANARY = {"window_s": 3, "min_frames": 30, "shadow_every": 1, "min_shadow_frames": 30, "latency_slack_ms": 5.0}
+CANARY = {"window_s": 3, "min_frames": 30, "shadow_every": 1, "latency_slack_ms": 5.0}
 
 
 @pytest.fixture(scope="module")

@@ -20,19 +20,6 @@ import numpy as np
 
 from agent.engine.runtimes import open_engine
 
-TAIL_SAMPLES = 3  # timings that lie beyond the compared quantile
-
-
-def tail_quantile(samples: int) -> float:
-    """The latency quantile a device compares at ``samples`` timings: p99 once there are enough.
-
-    The p99 of 25 timings is their maximum, so one scheduler hiccup on a busy device
-    would decide a verdict. Until p99 is supported, the highest quantile with
-    ``TAIL_SAMPLES`` timings beyond it is compared instead (p85 of 20, p99 from 300),
-    and never less than the median.
-    """
-    return max(0.5, min(0.99, 1 - TAIL_SAMPLES / samples))
-
 
 def profile(
     engine_run: Callable[[np.ndarray], np.ndarray], size: int, batch: int, min_seconds: float, min_runs: int

@@ -14,6 +14,7 @@ killed agent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -21,6 +22,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -157,7 +159,7 @@ class WorkerEngine:
         self.max_rss_mib = max_rss_mib
 
         self.restarts = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # exclusive() holds it across runs
         self._dir = Path(tempfile.mkdtemp(prefix=f"{BUFFER_PREFIX}{os.getpid()}-", dir=BUFFER_DIR))
         self._inputs_path, self._outputs_path = self._dir / "inputs", self._dir / "outputs"
         self._inputs, self._outputs = spec.inputs(self._inputs_path, "w+"), spec.outputs(self._outputs_path, "w+")
@@ -241,6 +243,12 @@ class WorkerEngine:
         used = self.memory_mib()
         if used is not None and used > self.max_rss_mib:  # this batch's logits are good; the next gets a fresh worker
             self._kill(f"engine worker uses {used:.0f} MiB, over engine.worker_max_rss_mib {self.max_rss_mib:g}")
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No other thread runs a batch on this worker inside the block (the caller's runs still do)."""
+        with self._lock:
+            yield
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Copy the batch in, wait at most ``timeout_s``, return a copy of the logits."""

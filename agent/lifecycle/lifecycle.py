@@ -9,22 +9,28 @@ Boot
     agent has started more than ``canary.max_restarts`` times during it (a crash loop).
 
 Deploy (MQTT ``deploy`` or a bundle dropped into ``engine.inbox``), in a job thread
-    fetch (path or URL) -> verify and install in the store -> open the candidate in its
-    own worker beside the serving engine -> golden set -> latency at the working batch
-    size against its passport and the serving engine -> state file names it active
-    in canary -> swap between two batches.
+    fetch (path or URL) -> verify and install in the store -> refused if a build already
+    found it less accurate than the serving bundle -> open the candidate in its own worker
+    beside the serving engine -> golden set -> latency against the serving engine, timed
+    back to back under the same conditions -> state file names it active in canary -> swap
+    between two batches.
 
 Canary
-    For ``canary.window_s`` (and at least ``min_frames`` served): failed batches,
-    top-1 agreement and paired tail (p99) latency against the previous engine on sampled
-    live batches (:class:`~agent.engine.shadow.Shadow`), and a golden recheck at the end. Any
-    violation swaps the previous engine back, marks the bundle bad (refused later
-    unless forced) and publishes a ``revert`` event with the figures; otherwise a
-    ``commit`` event, and the passport's output profile is the drift reference.
+    For ``canary.window_s`` (and at least ``min_frames`` served), the rules of
+    :mod:`agent.lifecycle.canary` judge the evidence continuously: failed batches, and
+    sequential tests of agreement (or, without an expectation for the pair, of confidence
+    and class mix), and of tail latency, on shadow runs and holdback batches of the previous
+    engine (:class:`~agent.engine.shadow.Shadow`); a golden recheck at the end. A regression
+    swaps the previous engine back, marks the bundle bad with the rule's evidence (refused
+    later unless forced, except after a latency verdict) and publishes a ``revert`` event;
+    otherwise a ``commit`` event, and the passport's output profile is the drift reference.
+    A canary never commits before its window ends, however clear the evidence: slow faults
+    (a leak, a drifting scene, a warming device) need the time.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import shutil
 import tempfile
@@ -42,20 +48,21 @@ from agent.engine.bundle import MANIFEST, Bundle, BundleError, read_passport, ve
 from agent.engine.device import DeviceInfo
 from agent.engine.golden import GoldenCheck, check_golden
 from agent.engine.headroom import MemoryShortage, check_headroom
-from agent.engine.profile import tail_quantile
 from agent.engine.runtimes import EngineError
 from agent.engine.shadow import Shadow
 from agent.engine.signing import SignatureError, load_public_key
 from agent.engine.worker import WorkerEngine, WorkerSpec
+from agent.lifecycle import canary as rules
 from agent.lifecycle.archive import is_archive
 from agent.lifecycle.failpoints import failpoint
 from agent.lifecycle.fetch import BundleRef, fetch
-from agent.lifecycle.store import Canary, EngineStore, StoreError
+from agent.lifecycle.store import Canary, EngineStore, Mark, StoreError
 from agent.stream.drift import DriftMonitor
 from agent.stream.pipeline import EventSink, Pipeline, Serving, passport_p99
 
 log = logging.getLogger("edgevit.lifecycle")
 INBOX_SETTLE_S = 2.0  # an inbox item must be this old: a copy in progress is not a bundle yet
+PRE_SWAP_QUANTILE = 0.5  # the candidate's median against the serving engine's: a few pairs show 2x
 Done = Callable[[bool, str], None]
 
 
@@ -67,7 +74,16 @@ class VerificationError(RuntimeError):
     """A candidate engine failed a check on this device; the message carries the figures."""
 
 
+class TooSlowHere(VerificationError):
+    """The candidate is slower than the serving engine here, now: not a verdict on the bundle."""
+
+
 REFUSALS = (BundleError, SignatureError, EngineError, VerificationError, StoreError, MemoryShortage, OSError)
+
+
+def facts(bundle: Bundle) -> rules.BundleFacts:
+    checkpoint = bundle.manifest.get("model", {}).get("checkpoint_sha256")
+    return rules.BundleFacts(bundle.bundle_id, checkpoint, bundle.passport)
 
 
 class Lifecycle:
@@ -85,6 +101,7 @@ class Lifecycle:
         self._rollback_requested_by: str | None = None  # the command that asked to end a canary now
         self._stop = threading.Event()
         self._inbox_pending: set[Path] = set()
+        self._judgement: rules.Judgement | None = None  # the running canary's latest verdict, for the status
 
     # -- building blocks ---------------------------------------------------------------------------
     def verify(self, folder: Path) -> Bundle:
@@ -145,7 +162,7 @@ class Lifecycle:
                 name = installed_id or f"engine.bundle {self.config.engine.bundle}"
                 failures.append(f"{name}: {exc}")
                 if installed_id:
-                    self.state.bad[installed_id] = f"failed to load at start: {exc}"
+                    self.state.bad[installed_id] = Mark(f"failed to load at start: {exc}", at=time.time())
                 log.error("engine %s does not load: %s", name, exc)
                 continue
             bundle_id = serving.bundle.bundle_id
@@ -198,9 +215,13 @@ class Lifecycle:
             return None
 
     def _shadow_of(self, previous: Serving, candidate: Bundle) -> Shadow:
-        spec = candidate.input_spec
+        cfg, spec = self.config.canary, candidate.input_spec
         shape = (candidate.batch_range[1], spec.height, spec.width, 3)
-        return Shadow(previous.engine, self.config.canary.shadow_every, shape)
+        blocks = rules.Blocks(len(candidate.labels), cfg.block_s, cfg.max_block_s)
+        bundle = previous.bundle
+        return Shadow(
+            previous.engine, bundle.bundle_id, previous.labels, cfg.shadow_every, cfg.latency_every, shape, blocks
+        )
 
     def attach(self, pipeline: Pipeline) -> None:
         """Start watching a canary that a restart interrupted."""
@@ -244,8 +265,9 @@ class Lifecycle:
             raise LifecycleError(f"{target} is already the active engine")
         if target not in self.store.installed():
             raise LifecycleError(f"{target} is not installed (installed: {', '.join(self.store.installed())})")
-        if target in self.state.bad and not force:
-            raise LifecycleError(f"{target} is marked bad ({self.state.bad[target]}); add force: true")
+        mark = self.state.bad.get(target)
+        if mark and mark.refuse and not force:
+            raise LifecycleError(f"{target} is marked bad ({mark.reason}); add force: true")
         self._start_job("rollback", self._rollback, target, force, command_id)
         return target
 
@@ -290,13 +312,17 @@ class Lifecycle:
         if bundle_id == self.state.active:
             return None
 
-        if bundle_id in self.state.bad and not force:
-            raise VerificationError(f"{bundle_id} is marked bad ({self.state.bad[bundle_id]}); add force: true")
+        mark = self.state.bad.get(bundle_id)
+        if mark and mark.refuse and not force:
+            raise VerificationError(f"{bundle_id} is marked bad ({mark.reason}); add force: true")
         if bundle.input_spec != self.pipeline.spec:
             raise VerificationError(
                 f"{bundle_id} expects {bundle.input_spec}; the cameras feed {self.pipeline.spec}: "
                 "an engine with other preprocessing needs engine.bundle and a restart"
             )
+        known = rules.known_regression(facts(bundle), facts(self.pipeline.serving.bundle))
+        if known and not force:
+            raise VerificationError(f"{known}; add force: true to deploy it anyway")
         try:
             serving, golden = self.open_checked(bundle)
             try:
@@ -304,43 +330,63 @@ class Lifecycle:
             except VerificationError:
                 serving.engine.close()
                 raise
+        except TooSlowHere:
+            raise
         except (VerificationError, EngineError) as exc:
-            self.state.bad[bundle_id] = str(exc)
+            self.state.bad[bundle_id] = Mark(str(exc), at=time.time())
             self._save()
             raise
-        self.state.bad.pop(bundle_id, None)
         self.events("verify", {**context, "ok": True, "golden": asdict(golden), "latency": latency})
         return serving
 
-    def _latency_check(self, serving: Serving) -> dict[str, Any]:
-        """Candidate tail latency at the working batch size vs its passport and the serving engine."""
+    def _latency_check(self, candidate: Serving) -> dict[str, Any]:
+        """The candidate against the serving engine at the working batch size, timed back to back.
+
+        Each pair of runs (alternating which engine goes first) holds the serving engine's worker, so
+        the inference thread waits rather than competing with either run: both engines are timed under
+        the same conditions, however loaded the device is. A passport's figure, measured on an idle
+        build machine, is shown but judges nothing. Stops as soon as the sequential test decides, after
+        ``swap.latency_runs`` pairs at most; raises :class:`TooSlowHere` when the candidate's median is
+        confidently over ``swap.max_latency_ratio`` x the serving engine's + ``slack_ms``.
+        """
         assert self.pipeline is not None
-        bundle, cfg = serving.bundle, self.config.swap
-        batch = max(1, min(self.pipeline.decision_summary()["batch"], bundle.batch_range[1]))
+        bundle, cfg = candidate.bundle, self.config.swap
+        serving = self.pipeline.serving
+        assert isinstance(serving.engine, WorkerEngine)
+        batch = max(
+            1, min(self.pipeline.decision_summary()["batch"], bundle.batch_range[1], serving.bundle.batch_range[1])
+        )
         with np.load(bundle.golden_path) as golden:
             images = golden["images"][np.arange(batch) % len(golden["images"])]
-        serving.engine.run(images)  # warm-up
-        times = []
-        for _ in range(cfg.latency_runs):
-            started = time.monotonic()
-            serving.engine.run(images)
-            times.append(time.monotonic() - started)
-        q = tail_quantile(len(times))
-        tail = float(np.quantile(times, q)) * 1e3
-        figures: dict[str, Any] = {"batch": batch, "runs": len(times), "tail_quantile": round(q, 3)}
-        figures["tail_ms"] = round(tail, 3)
-        serving_ms = self.pipeline.policy.latency(batch) * 1e3
-        figures["serving_p99_ms"] = round(serving_ms, 3)
-        limits = {"serving engine": serving_ms * cfg.max_current_ratio}
+        candidate.engine.run(images)  # warm-up
+        times: dict[str, list[float]] = {"candidate": [], "serving": []}
+        rule = None
+        for i in range(cfg.latency_runs):
+            order = [("candidate", candidate.engine), ("serving", serving.engine)]
+            with serving.engine.exclusive():
+                for name, engine in order if i % 2 == 0 else order[::-1]:
+                    started = time.monotonic()
+                    engine.run(images)
+                    bisect.insort(times[name], time.monotonic() - started)
+            rule = rules.latency_rule(
+                times["candidate"],
+                times["serving"],
+                PRE_SWAP_QUANTILE,
+                cfg.max_latency_ratio,
+                cfg.slack_ms / 1e3,
+                self.config.canary.alpha,
+            )
+            if rule.verdict != rules.UNDECIDED:
+                break
+            time.sleep(times["serving"][-1])  # the inference thread serves between pairs
+        assert rule is not None
+        figures: dict[str, Any] = {"batch": batch, "pairs": len(times["candidate"]), "test": rule.public()}
         if bundle.passport.get("latency"):
             figures["passport_p99_ms"] = round(passport_p99(bundle).get(batch, 0) * 1e3, 3)
-            limits["passport"] = figures["passport_p99_ms"] * cfg.max_passport_ratio
-        for name, limit in limits.items():
-            if limit and tail > limit + cfg.slack_ms:
-                raise VerificationError(
-                    f"{bundle.bundle_id} takes {tail:.2f} ms (p{q * 100:.0f} of {len(times)} runs) at batch {batch} "
-                    f"here, over the limit of {limit + cfg.slack_ms:.2f} ms from the {name}: {figures}"
-                )
+        if rule.verdict == rules.REGRESSION:
+            raise TooSlowHere(
+                f"{bundle.bundle_id} is slower than the serving engine at batch {batch} here: {rule.detail}"
+            )
         return figures
 
     def _go_live(self, serving: Serving, context: dict[str, Any]) -> None:
@@ -380,69 +426,81 @@ class Lifecycle:
             figures.update(serving.shadow.figures())
         return figures
 
-    def _violation(self, figures: dict[str, Any]) -> str | None:
-        cfg = self.config.canary
-        if figures["failed_batches"] > cfg.max_errors:
-            return f"{figures['failed_batches']} failed batches, more than canary.max_errors {cfg.max_errors}"
-        agreement = figures.get("agreement")
-        if figures.get("shadow_frames", 0) >= cfg.min_shadow_frames and agreement < cfg.min_agreement:
-            return f"top-1 agreement with the previous engine is {agreement:.1%}, under {cfg.min_agreement:.1%}"
-        if figures.get("shadow_batches", 0) >= cfg.min_latency_pairs:
-            limit = figures["previous_tail_ms"] * cfg.max_latency_ratio + cfg.latency_slack_ms
-            if figures["tail_ms"] > limit:
-                return (
-                    f"p{figures['tail_quantile'] * 100:.0f} latency is {figures['latency_ratio']:.2f}x the previous "
-                    f"engine's on the same {figures['shadow_batches']} batches ({figures['tail_ms']} vs "
-                    f"{figures['previous_tail_ms']} ms), over the limit of {limit:.2f} ms "
-                    f"({cfg.max_latency_ratio:g}x + {cfg.latency_slack_ms:g} ms)"
-                )
-
-        return None
+    def _evidence(self, serving: Serving) -> rules.CanaryEvidence:
+        """What the rules judge: the shadow's blocks and timings, and what the two bundles' builds expect."""
+        blocks, new_s, previous_s = serving.shadow.evidence() if serving.shadow else ([], [], [])
+        previous = self.previous.bundle if self.previous else None
+        return rules.CanaryEvidence(
+            blocks,
+            new_s,
+            previous_s,
+            serving.errors,
+            rules.expectation_for(facts(serving.bundle), facts(previous)) if previous else None,
+            rules.output_references(serving.bundle.passport, previous.passport) if previous else None,
+        )
 
     def _window_done(self, figures: dict[str, Any]) -> bool:
-        """Time and frames served, and enough shadow runs that agreement and latency were judged."""
         cfg = self.config.canary
-        judged = self.previous is None or (
-            figures.get("shadow_frames", 0) >= cfg.min_shadow_frames
-            and figures.get("shadow_batches", 0) >= cfg.min_latency_pairs
-        )
-        return figures["elapsed_s"] >= cfg.window_s and figures["frames"] >= cfg.min_frames and judged
+        return figures["elapsed_s"] >= cfg.window_s and figures["frames"] >= cfg.min_frames
 
     def _watch_canary(self, serving: Serving) -> None:
+        judged: tuple[int, ...] = ()
+        judgement = rules.judge(self.config.canary, self._evidence(serving))
         while not self._stop.wait(0.25):
             figures = self.canary_figures(serving)
             requested = self._rollback_requested_by
-            violation = f"rolled back by command {requested}" if requested else self._violation(figures)
-            if violation:
-                self._revert(serving, violation, figures)
+            if requested:
+                self._revert(serving, f"rolled back by command {requested}", figures, judgement, rule="rollback")
+                return
+            seen = (figures.get("blocks", 0), figures.get("latency_pairs", 0), figures["failed_batches"])
+            if seen != judged:  # the rules change only with new evidence
+                judged, judgement = seen, rules.judge(self.config.canary, self._evidence(serving))
+                self._judgement = judgement
+            if judgement.regression:
+                self._revert(serving, judgement.reason, figures, judgement, rule=judgement.regression.name)
                 return
             if self._window_done(figures):
                 break
         else:
             return  # the agent is stopping: the canary resumes at the next start
+        judgement = rules.judge(self.config.canary, self._evidence(serving))
+        if judgement.regression:
+            self._revert(serving, judgement.reason, figures, judgement, rule=judgement.regression.name)
+            return
         if self.config.canary.golden_recheck:
             try:
                 golden = check_golden(serving.engine, serving.bundle.golden_path, serving.bundle.batch_range[1])
             except EngineError as exc:
-                self._revert(serving, f"golden recheck failed: {exc}", figures)
+                self._revert(serving, f"golden recheck failed: {exc}", figures, judgement, rule="golden")
                 return
             figures["golden"] = golden.summary()
             if not golden.passed:
-                self._revert(serving, f"golden recheck failed: {golden.summary()}", figures)
+                self._revert(serving, f"golden recheck failed: {golden.summary()}", figures, judgement, rule="golden")
                 return
-        self._commit(serving, figures)
+        self._commit(serving, figures, judgement)
 
-    def _commit(self, serving: Serving, figures: dict[str, Any]) -> None:
+    def _commit(self, serving: Serving, figures: dict[str, Any], judgement: rules.Judgement) -> None:
         assert self.state.canary is not None
         failpoint("before-commit")
         command_id = self.state.canary.command_id
         self.state.canary = None
+        self.state.bad.pop(serving.bundle.bundle_id, None)
         self._save()
         failpoint("after-commit")
         self._release_shadow(serving)
+        self._judgement = None
         serving.drift = DriftMonitor(serving.bundle.passport.get("outputs"), len(serving.labels))
         removed = self.store.prune(self.config.engine.keep_installed, self.state)
-        self.events("commit", {"bundle_id": serving.bundle.bundle_id, "command_id": command_id, "figures": figures})
+        self.events(
+            "commit",
+            {
+                "bundle_id": serving.bundle.bundle_id,
+                "command_id": command_id,
+                "figures": figures,
+                "verdict": judgement.public(),
+                "pool": judgement.pool,
+            },
+        )
         log.info("committed %s after its canary: %s (pruned %s)", serving.bundle.bundle_id, figures, removed)
 
     def _release_shadow(self, serving: Serving) -> None:
@@ -453,27 +511,37 @@ class Lifecycle:
             self.previous.engine.close()
             self.previous = None
 
-    def _undo_canary(self, reason: str) -> None:
+    def _undo_canary(self, reason: str, rule: str | None = None, evidence: dict[str, Any] | None = None) -> None:
+        """Back to the previous engine in the state; the bundle marked bad, refused later unless the
+        verdict was about latency (this device's load at the time, not the bundle)."""
         canary = self.state.canary
         assert canary is not None
-        self.state.bad[canary.bundle] = reason
+        refuse = rule != "latency"
+        self.state.bad[canary.bundle] = Mark(reason, refuse, rule, evidence, time.time())
         self.state.active, self.state.previous, self.state.canary = canary.previous, canary.before_previous, None
 
-    def _revert(self, serving: Serving, reason: str, figures: dict[str, Any]) -> None:
+    def _revert(
+        self, serving: Serving, reason: str, figures: dict[str, Any], judgement: rules.Judgement, rule: str
+    ) -> None:
         assert self.pipeline is not None and self.state.canary is not None
         canary = self.state.canary
         previous = self.previous or self._open_previous(canary.previous)
+        verdict = judgement.public()
         if previous is None:
             log.error("cannot revert %s (%s): the previous engine does not load", canary.bundle, reason)
-            self.events("revert", {"bundle_id": canary.bundle, "ok": False, "reason": reason, "figures": figures})
+            self.events(
+                "revert",
+                {"bundle_id": canary.bundle, "ok": False, "reason": reason, "figures": figures, "verdict": verdict},
+            )
             return
         swap = self.pipeline.swap(Serving.of(previous.bundle, previous.engine))
         self.previous = None
         if serving.shadow:
             serving.shadow.close()
         serving.engine.close()
-        self._undo_canary(reason)
+        self._undo_canary(reason, rule, verdict["rules"].get(rule))
         self._save()
+        self._judgement = None
         requested_by, self._rollback_requested_by = self._rollback_requested_by, None
         self.events(
             "revert",
@@ -482,7 +550,11 @@ class Lifecycle:
                 "command_id": canary.command_id,
                 "rollback_command_id": requested_by,
                 "reason": reason,
+                "rule": rule,
+                "refused_later": rule != "latency",
                 "figures": figures,
+                "verdict": verdict,
+                "pool": judgement.pool,
                 "restored": canary.previous,
                 **swap,
             },
@@ -544,9 +616,12 @@ class Lifecycle:
     # -- reporting ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         state = self.state
-        described: dict[str, Any] = {"active": state.active, "previous": state.previous, "bad": state.bad}
+        bad = {bundle_id: mark.public() for bundle_id, mark in state.bad.items()}
+        described: dict[str, Any] = {"active": state.active, "previous": state.previous, "bad": bad}
         if state.canary and self.pipeline:
             described["canary"] = {"bundle_id": state.canary.bundle, **self.canary_figures(self.pipeline.serving)}
+            if self._judgement:
+                described["canary"]["verdict"] = self._judgement.public()
         return described
 
     def installed(self) -> list[dict[str, Any]]:
@@ -561,7 +636,8 @@ class Lifecycle:
                     "bundle_id": bundle_id,
                     "active": bundle_id == self.state.active,
                     "previous": bundle_id == self.state.previous,
-                    "bad": self.state.bad.get(bundle_id),
+                    "bad": mark.reason if (mark := self.state.bad.get(bundle_id)) else None,
+                    "refused_later": bool(mark and mark.refuse),
                     "top1": accuracy.get("engine_top1"),
                     "agreement": accuracy.get("top1_agreement"),
                 }

@@ -66,12 +66,31 @@ class Canary:
 
 
 @dataclass
+class Mark:
+    """Why a bundle was marked bad, and whether a later deploy of it is refused unless forced.
+
+    A regression in what the engine computes (agreement, outputs, golden set, failed batches, a
+    crash loop) is a verdict on the bundle: refused. A latency verdict is a verdict on the bundle
+    on this device under its load at the time: recorded, and a later deploy tries again.
+    """
+
+    reason: str
+    refuse: bool = True
+    rule: str | None = None  # the canary rule that decided, when one did
+    evidence: dict[str, Any] | None = None  # that rule's figures (agent.lifecycle.canary.Rule.public)
+    at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        return {"reason": self.reason, "refused_later": self.refuse, "rule": self.rule}
+
+
+@dataclass
 class EngineState:
     active: str | None = None
     previous: str | None = None
     seed: str | None = None  # the bundle id engine.bundle in the config held when last installed
     canary: Canary | None = None
-    bad: dict[str, str] = field(default_factory=dict)
+    bad: dict[str, Mark] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
@@ -84,7 +103,7 @@ class EngineState:
             previous=data.get("previous"),
             seed=data.get("seed"),
             canary=Canary(**canary) if canary else None,
-            bad=dict(data.get("bad") or {}),
+            bad={k: Mark(v) if isinstance(v, str) else Mark(**v) for k, v in (data.get("bad") or {}).items()},
         )
 
 

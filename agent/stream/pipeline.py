@@ -257,26 +257,36 @@ class Pipeline:
         if not infos:
             return
         n, serving = len(infos), self.serving
+        shadow = serving.shadow
+        held_back = shadow if shadow is not None and shadow.holdback_due() else None  # the previous engine serves
+        engine = held_back.engine if held_back else serving.engine
         started = time.monotonic()
         try:
-            logits = serving.engine.run(self._batch[:n])
+            logits = engine.run(self._batch[:n])
         except Exception as exc:  # a failing engine must not kill the pipeline; every loss is counted
             self.metrics.engine_errors += 1
-            serving.errors += 1
+            if not held_back:
+                serving.errors += 1
             for info in infos:
                 self.queue.counters[info.camera].failed += 1
-            self.events("engine", {"bundle_id": serving.bundle.bundle_id, "error": str(exc), "frames": n})
+            bundle_id = held_back.bundle_id if held_back else serving.bundle.bundle_id
+            self.events("engine", {"bundle_id": bundle_id, "error": str(exc), "frames": n})
             log.error("engine failed on a batch of %d: %s", n, exc)
             return
         done = time.monotonic()
-        self.policy.observe(n, done - started)
         idx, scores = top_k(logits, self.top_k)
-        serving.batches += 1
-        serving.frames += n
-        serving.drift.observe(idx[:, 0], scores[:, 0])
-        if serving.shadow is not None:
-            serving.shadow.offer(self._batch[:n], idx[:, 0], done - started)
-        results = make_results(infos, idx, scores, serving.labels, serving.bundle.bundle_id, done, self.boot)
+        if held_back:
+            held_back.record_holdback(n, done - started)
+            labels, engine_id = held_back.labels, held_back.bundle_id
+        else:
+            self.policy.observe(n, done - started)
+            serving.batches += 1
+            serving.frames += n
+            serving.drift.observe(idx[:, 0], scores[:, 0])
+            if shadow is not None:
+                shadow.offer(self._batch[:n], idx[:, 0], scores[:, 0], [i.camera for i in infos], done - started)
+            labels, engine_id = serving.labels, serving.bundle.bundle_id
+        results = make_results(infos, idx, scores, labels, engine_id, done, self.boot)
         for sink in self.sinks:
             sink.emit(results)
         for info in infos:
