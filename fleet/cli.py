@@ -21,6 +21,7 @@ from agent.engine.bundle import MANIFEST, file_digest
 from agent.engine.signing import SignatureError, load_private_key
 from fleet.dashboard import Dashboard, MetricsHistory, summary
 from fleet.link import Broker, Device, FleetLink
+from fleet.locks import ACTIVE, Busy, Ownership, driven, planning
 from fleet.rollout import (
     FAILED,
     SENT,
@@ -34,6 +35,7 @@ from fleet.rollout import (
     selects,
 )
 from fleet.serve import BundleServer
+from fleet.text import markup, printable
 
 EXIT_BAD_INPUT, EXIT_HALTED = 2, 5
 
@@ -81,8 +83,10 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--timeout", type=float, default=900, help="seconds a device has to report an outcome")
     deploy.add_argument("--no-rollback", action="store_true", help="on a halt, leave updated devices as they are")
     deploy.add_argument("--force", action="store_true", help="deploy even to devices that marked the bundle bad")
-    resume = commands.add_parser("resume", help="continue a rollout a stopped controller left running")
-    resume.add_argument("id", nargs="?", help="rollout id (default: the latest running one)")
+    resume = commands.add_parser("resume", help="continue a rollout a stopped controller or a lost broker left")
+    resume.add_argument("id", nargs="?", help="rollout id (default: the latest running or interrupted one)")
+    abandon = commands.add_parser("abandon", help="give up a rollout whose controller stopped (frees its devices)")
+    abandon.add_argument("id", help="rollout id")
     rollback = commands.add_parser("rollback", help="swap selected devices back to their previous engine")
     rollback.add_argument("--select", required=True)
     rollback.add_argument("--to", help="an installed bundle id instead of each device's previous")
@@ -98,8 +102,18 @@ def parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="a read-only web page of the live fleet and its rollout")
     dashboard.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     dashboard.add_argument("--http-port", type=int, default=8080, help="HTTP port (0: any free one)")
+    dashboard.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the page may be reached by (IP addresses and localhost always may); repeatable",
+    )
     for cmd in (status, deploy, resume, rollback, history, dashboard):
         _connection(cmd)
+    abandon.add_argument(
+        "--state-dir", type=Path, default=Path.home() / ".edgevit-fleet", help="rollouts are kept here"
+    )
     return root
 
 
@@ -127,14 +141,10 @@ def _table(rows: list[dict[str, Any]]) -> Table:
     """One device per row; its labels and last event on lines under its name, a canary under its engine."""
     table = narrow_table("device", "state", "engine", "fps", "p99 ms", "agree", "drift")
     for r in rows:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
-        who = "\n".join(
-            filter(
-                None,
-                [r["device"], f"[dim]{labels}[/]" if labels else "", r["last_event"] and f"[dim]{r['last_event']}[/]"],
-            )
-        )
-        engine = (r["active"] or "-") + (f"\n[yellow]canary {r['canary']}[/]" if r["canary"] else "")
+        labels = markup(",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())))
+        last = r["last_event"] and f"[dim]{markup(r['last_event'])}[/]"
+        who = "\n".join(filter(None, [markup(r["device"]), f"[dim]{labels}[/]" if labels else "", last]))
+        engine = markup(r["active"] or "-") + (f"\n[yellow]canary {markup(r['canary'])}[/]" if r["canary"] else "")
         state = "[green]online[/]" if r["state"] == "online" else "[red]offline[/]"
         table.add_row(
             who, state, engine, _figure(r["fps"], 1), _figure(r["p99_ms"], 1), _figure(r["agreement"], 3),
@@ -151,9 +161,9 @@ def summary_table(devices: list[Device]) -> tuple[str, Table]:
     counts = summary(devices)
     table = narrow_table("", "devices")
     for engine, n in counts["by_engine"].items():
-        table.add_row(f"engine {engine}", str(n))
+        table.add_row(f"engine {markup(engine)}", str(n))
     for label, n in counts["by_label"].items():
-        table.add_row(label, str(n))
+        table.add_row(markup(label), str(n))
     return f"{counts['devices']} devices, {counts['online']} online", table
 
 
@@ -163,11 +173,11 @@ def changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]])
     for name in sorted(before.keys() | after.keys()):
         old, new = before.get(name), after.get(name)
         if old is None or new is None:
-            lines.append(f"{name}: {'appeared' if old is None else 'gone'}")
+            lines.append(printable(f"{name}: {'appeared' if old is None else 'gone'}"))
             continue
         moved = [f"{k} {old[k]} -> {new[k]}" for k in WATCHED if old[k] != new[k]]
         if moved:
-            lines.append(f"{name}: {'; '.join(moved)}")
+            lines.append(printable(f"{name}: {'; '.join(moved)}"))
     return lines
 
 
@@ -203,7 +213,7 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
                 time.sleep(args.watch)
                 now = {d.name: d.row() for d in selected()}
                 for line in changes(last, now):
-                    console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False)
+                    console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False)
                 last = now
     except KeyboardInterrupt:
         pass
@@ -214,8 +224,9 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
 
 def say(line: str) -> None:
     """A rollout's progress line: plain and flushed at once (rich costs 140 µs a line; a 10,000-device
-    rollout prints 20,000 of them, and whoever follows the output must see each as it happens)."""
-    print(line, flush=True)
+    rollout prints 20,000 of them, and whoever follows the output must see each as it happens). Lines
+    carry device text (refusal and revert reasons): printable only."""
+    print(printable(line), flush=True)
 
 
 def bundle_reference(archive: Path, url: str) -> tuple[str, dict[str, Any]]:
@@ -235,9 +246,28 @@ def _drive(runner: Runner, console: Console) -> int:
     counts = rollout.counts()
     console.print(
         f"rollout {rollout.id} {rollout.state}: {counts[SUCCEEDED]} succeeded, {counts[FAILED]} failed, "
-        f"{counts['rolled-back']} rolled back, {counts['skipped']} skipped, {counts['pending']} untouched"
+        f"{counts['rolled-back']} rolled back, {counts['skipped']} skipped, {counts['pending']} untouched",
+        markup=False,
     )
     return 0 if rollout.state == "completed" else EXIT_HALTED
+
+
+def _claimed(folder: Path, rollout: Rollout, others: list[Rollout]) -> str | None:
+    """Why ``rollout`` may not drive its devices: another unfinished rollout targets one of them."""
+    mine = {t.device for t in rollout.targets if t.wave >= 0}
+    for other in others:
+        if other.id == rollout.id or other.state not in ACTIVE:
+            continue
+        shared = sorted(mine & {t.device for t in other.targets if t.wave >= 0})
+        if shared:
+            how = (
+                "its controller is running"
+                if driven(folder, other.id)
+                else f"its controller stopped: edgevit-fleet resume {other.id} or edgevit-fleet abandon {other.id}"
+            )
+            more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+            return f"{', '.join(shared[:3])}{more} belong to rollout {other.id} ({other.state}; {how})"
+    return None
 
 
 def run_deploy(args: argparse.Namespace, console: Console) -> int:
@@ -259,28 +289,71 @@ def run_deploy(args: argparse.Namespace, console: Console) -> int:
         force=args.force,
     )
     runner = Runner(rollout, link, args.state_dir, say)
+    owner = None
     try:
-        runner.plan(args.canary, args.step)
-        if not [t for t in rollout.targets if t.wave >= 0]:
-            raise FleetError(f"no online device matches --select {args.select!r}")
+        with planning(args.state_dir):
+            runner.plan(args.canary, args.step)
+            path = args.state_dir / "rollouts" / f"{rollout.id}.json"
+            if not [t for t in rollout.targets if t.wave >= 0]:
+                path.unlink()
+                raise FleetError(f"no online device matches --select {args.select!r}")
+            conflict = _claimed(args.state_dir, rollout, list_rollouts(args.state_dir)[0])
+            if conflict:
+                path.unlink()
+                raise FleetError(f"refused: {conflict}")
+            owner = Ownership(args.state_dir, rollout.id)
         return _drive(runner, console)
     finally:
+        if owner:
+            owner.release()
         link.close()
 
 
 def run_resume(args: argparse.Namespace, console: Console) -> int:
-    rollouts = list_rollouts(args.state_dir)
-    running = [r for r in rollouts if r.state == "running" and (args.id is None or r.id == args.id)]
-    if not running:
-        raise FleetError(f"no running rollout {args.id or ''} in {args.state_dir}".replace("  ", " "))
-    rollout = running[-1]
-    sent = [t.device for t in rollout.targets if t.state == SENT]
-    console.print(f"resuming {rollout.id} at wave {rollout.wave}; awaiting {', '.join(sent) or 'nothing'}")
-    link = _link(args)
+    rollouts, problems = list_rollouts(args.state_dir)
+    for problem in problems:
+        console.print(f"skipped {printable(problem)}", markup=False)
+    unfinished = [r for r in rollouts if r.state in ACTIVE and (args.id is None or r.id == args.id)]
+    if not unfinished:
+        raise FleetError(f"no running or interrupted rollout {args.id or ''} in {args.state_dir}".replace("  ", " "))
+    rollout = unfinished[-1]
     try:
-        return _drive(Runner(rollout, link, args.state_dir, say), console)
+        owner = Ownership(args.state_dir, rollout.id)
+    except Busy as exc:
+        raise FleetError(f"refused: {exc}; it is being driven now") from None
+    try:
+        sent = [t.device for t in rollout.targets if t.state == SENT]
+        console.print(
+            printable(f"resuming {rollout.id} at wave {rollout.wave}; awaiting {', '.join(sent) or 'nothing'}"),
+            markup=False,
+        )
+        link = _link(args)
+        try:
+            return _drive(Runner(rollout, link, args.state_dir, say), console)
+        finally:
+            link.close()
     finally:
-        link.close()
+        owner.release()
+
+
+def run_abandon(args: argparse.Namespace, console: Console) -> int:
+    """Mark a rollout whose controller stopped as abandoned: its devices may be driven again."""
+    rollouts, _ = list_rollouts(args.state_dir)
+    rollout = next((r for r in rollouts if r.id == args.id), None)
+    if rollout is None or rollout.state not in ACTIVE:
+        raise FleetError(f"no running or interrupted rollout {args.id} in {args.state_dir}")
+    try:
+        owner = Ownership(args.state_dir, rollout.id)
+    except Busy as exc:
+        raise FleetError(f"refused: {exc}; stop it first") from None
+    try:
+        rollout.state = "abandoned"
+        rollout.log.append(f"{time.strftime('%H:%M:%S')} abandoned by an operator; its devices keep what they run")
+        rollout.save(args.state_dir)
+    finally:
+        owner.release()
+    console.print(f"rollout {rollout.id} abandoned; its devices run what they ran when it stopped", markup=False)
+    return 0
 
 
 def run_rollback(args: argparse.Namespace, console: Console) -> int:
@@ -297,9 +370,11 @@ def run_rollback(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_history(args: argparse.Namespace, console: Console) -> int:
-    rollouts = list_rollouts(args.state_dir)
+    rollouts, problems = list_rollouts(args.state_dir)
     if args.json:
         print(json.dumps([{"id": r.id, "bundle_id": r.bundle_id, "state": r.state, **r.counts()} for r in rollouts]))
+        for problem in problems:
+            print(f"skipped {printable(problem)}", file=sys.stderr)
         return 0
     table = narrow_table("rollout", "bundle", "state", "outcomes")
     for r in rollouts:
@@ -308,15 +383,17 @@ def run_history(args: argparse.Namespace, console: Console) -> int:
             f"{c[SUCCEEDED]} succeeded, {c[FAILED]} failed, {c['rolled-back']} rolled back, {c['skipped']} skipped, "
             f"{c['pending']} untouched"
         )
-        table.add_row(r.id, r.bundle_id, r.state, outcomes)
+        table.add_row(markup(r.id), markup(r.bundle_id), r.state, outcomes)
     console.print(table)
+    for problem in problems:
+        console.print(f"skipped {printable(problem)}", markup=False)
     return 0
 
 
 def run_dashboard(args: argparse.Namespace, console: Console) -> int:
     history = MetricsHistory()
     link = _link(args, history.record)
-    page = Dashboard(link, history, args.state_dir, args.bind, args.http_port)
+    page = Dashboard(link, history, args.state_dir, args.bind, args.http_port, tuple(args.allow_host))
     console.print(f"fleet dashboard at {page.url} (read-only); Ctrl-C stops")
     try:
         page.serve_forever()
@@ -343,6 +420,7 @@ COMMANDS = {
     "status": run_status,
     "deploy": run_deploy,
     "resume": run_resume,
+    "abandon": run_abandon,
     "rollback": run_rollback,
     "history": run_history,
     "serve": run_serve,
@@ -357,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console)
     except (FleetError, ValueError, ConnectionError, OSError) as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/] {markup(exc)}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
 
 

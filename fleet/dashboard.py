@@ -12,13 +12,25 @@ JSON API every two seconds:
 
 The server only reads: it sends no command. Everything a device wrote is data, never
 markup: the page builds its elements with ``textContent``.
+
+It binds 127.0.0.1 by default and answers only requests whose ``Host`` is an IP address,
+``localhost`` or a name given with ``--allow-host``: a web page the operator opens elsewhere
+cannot rebind its own name to this address and read the fleet (DNS rebinding). Responses
+forbid sniffing and framing, and the page's one script and one style are pinned by their
+hashes in the Content-Security-Policy. It has no login of its own: to reach it from other
+machines, put an authenticating reverse proxy in front (docs/fleet-dashboard.md).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import hashlib
+import ipaddress
 import json
+import logging
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fleet.link import Device, FleetLink, number
+from fleet.link import Device, FleetLink
+from fleet.records import number
 from fleet.rollout import FAILED, ROLLED_BACK, SENT, latest_rollout, parse_selector, selects
 
 HISTORY_S = 3600.0
@@ -76,7 +89,7 @@ def summary(devices: list[Device]) -> dict[str, Any]:
     online = 0
     for d in devices:
         online += d.online
-        engines[str(d.engine.get("active") or "-")] += 1
+        engines[d.engine.active or "-"] += 1
         for key, value in d.labels.items():
             labels[f"{key}={value}"] += 1
     return {
@@ -120,15 +133,56 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a request's ``Host`` names this server: an IP address, localhost, or an allowed name."""
+    if header is None:  # HTTP/1.0 without Host: no browser sends that, so no rebinding either
+        return True
+    host = header.strip().lower()
+    host = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    if host == "localhost" or host in allowed:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def content_policy(page: str) -> str:
+    """The page's CSP: its inline script and style by hash, nothing else, no framing."""
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(f"<{tag}>(.*?)</{tag}>", page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 class Dashboard:
     """The page and its API over HTTP, from a connected :class:`FleetLink` and the controller's state folder."""
 
-    def __init__(self, link: FleetLink, history: MetricsHistory, state_dir: Path, bind: str, port: int) -> None:
+    def __init__(
+        self,
+        link: FleetLink,
+        history: MetricsHistory,
+        state_dir: Path,
+        bind: str,
+        port: int,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
         self.link, self.history, self.state_dir = link, history, state_dir
+        allowed = frozenset(h.lower() for h in allowed_hosts)
         dashboard = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if not host_allowed(self.headers.get("Host"), allowed):
+                    self._send(403, b"this Host is not served here (edgevit-fleet dashboard --allow-host NAME)",
+                               "text/plain")  # fmt: skip
+                    return
                 url = urlsplit(self.path)
                 try:
                     if url.path == "/":
@@ -139,15 +193,20 @@ class Dashboard:
                     else:
                         self._send(404, b"not found", "text/plain")
                 except ValueError as exc:  # a bad page number or selector
-                    self._send(400, str(exc).encode(), "text/plain")
+                    self._send(400, str(exc).encode(errors="replace"), "text/plain")
+                except Exception:  # a bug costs this request an answer, never the server
+                    log.exception("dashboard request %r failed", self.path[:200])
+                    self._send(500, b"internal error", "text/plain")
 
             def _send(self, code: int, body: bytes, kind: str) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
-                self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; "
-                                 "style-src 'unsafe-inline'")  # fmt: skip
+                self.send_header("Content-Security-Policy", POLICY)
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("X-Frame-Options", "DENY")
+                self.send_header("Referrer-Policy", "no-referrer")
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -183,3 +242,5 @@ class Dashboard:
 
 
 PAGE = (Path(__file__).with_name("dashboard.html")).read_text()
+POLICY = content_policy(PAGE)
+log = logging.getLogger(__name__)

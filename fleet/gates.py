@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
 
 from agent.lifecycle.canary import Rule, pooled_agreement
-from fleet.link import number
+from fleet.records import Event, number
 
 CHANCE_LEVEL = 0.01  # failures beyond what chance gives with this probability are called "more than chance"
 MAX_POOLED_BLOCKS = 10_000  # per device, read from its event
@@ -55,21 +54,15 @@ def failures_note(failed: int, attempted: int, alpha: float) -> str:
     )
 
 
-def wave_alpha(events: Iterable[dict[str, Any]]) -> float | None:
+def wave_alpha(events: Iterable[Event]) -> float | None:
     """The largest canary.alpha the wave's devices reported (their verdicts carry it)."""
-    alphas = [number(_mapping(e.get("verdict")).get("alpha")) for e in events]
-    found = [a for a in alphas if a is not None and 0 < a < 1]
+    found = [e.alpha for e in events if e.alpha is not None and 0 < e.alpha < 1]
     return max(found) if found else None
 
 
-def _mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def pool_of(event: dict[str, Any]) -> tuple[float, list[tuple[int, int]]] | None:
+def pool_of(event: Event) -> tuple[float, list[tuple[int, int]]] | None:
     """A device's agreement evidence from its commit or revert event, read as hostile input."""
-    pool = _mapping(event.get("pool"))
-    limit, blocks = number(pool.get("limit")), pool.get("blocks")
+    limit, blocks = number(event.pool.get("limit")), event.pool.get("blocks")
     if limit is None or not 0 < limit <= 1 or not isinstance(blocks, list):
         return None
     read = []
@@ -83,7 +76,7 @@ def pool_of(event: dict[str, Any]) -> tuple[float, list[tuple[int, int]]] | None
     return limit, read
 
 
-def pooled_verdict(events: list[dict[str, Any]], alpha: float) -> Rule | None:
+def pooled_verdict(events: list[Event], alpha: float) -> Rule | None:
     """The wave's devices' agreement evidence in one test, in device-name order; None without evidence."""
-    pools = [p for e in sorted(events, key=lambda e: str(e.get("device"))) if (p := pool_of(e))]
+    pools = [p for e in sorted(events, key=lambda e: e.device) if (p := pool_of(e))]
     return pooled_agreement(pools, alpha) if pools else None

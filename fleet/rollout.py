@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.lifecycle.canary import REGRESSION
+from agent.lifecycle.failpoints import failpoint
 from agent.lifecycle.store import atomic_write
 from fleet.gates import failures_note, pooled_verdict, wave_alpha
-from fleet.link import Device, FleetLink
+from fleet.link import BrokerLost, Device, FleetLink
 
 PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (
     "pending",
@@ -49,9 +50,11 @@ PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (
     "skipped",
 )
 TERMINAL = (SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED)
+STATES = (PENDING, SENT, *TERMINAL)
 POLL_S = 0.25
 OUTCOMES_FLUSH_S = 1.0  # how often observed outcomes reach the journal while a wave is awaited
 REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
+BROKER_GRACE_S = 60.0  # a broker away longer than this interrupts the rollout (resumable)
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -106,7 +109,7 @@ class Rollout:
     timeout_s: float
     rollback_on_halt: bool
     force: bool = False
-    state: str = "running"  # running | completed | halted | rolled-back
+    state: str = "running"  # running | interrupted (resumable) | completed | halted | rolled-back | abandoned
     wave: int = 0
     created: float = field(default_factory=time.time)
     targets: list[Target] = field(default_factory=list)
@@ -137,51 +140,134 @@ class Rollout:
 
     @classmethod
     def load(cls, path: Path) -> Rollout:
-        """The saved rollout with its journal replayed (a torn last line, from a crash mid-write, is skipped)."""
-        data = json.loads(path.read_text())
-        rollout = cls(**{**data, "targets": [Target(**t) for t in data["targets"]]})
+        """The saved rollout with its journal replayed; raises :class:`RolloutFileError` naming the file.
+
+        Journal lines that are not whole (a crash mid-write) or not what this controller writes (damage)
+        are skipped, and counted in the rollout's log.
+        """
+        try:
+            data = json.loads(path.read_bytes())
+            targets = [Target(**t) for t in data.pop("targets")]
+            rollout = cls(**data, targets=targets)
+            if not all(isinstance(t.device, str) and t.state in STATES for t in targets):
+                raise ValueError("a target of an unknown shape")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise RolloutFileError(f"{path.name} cannot be read: {str(exc)[:200]}") from None
         journal = path.with_suffix(".journal")
         if journal.exists():
-            targets = {t.device: t for t in rollout.targets}
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if "target" in entry:
-                    vars(targets[entry.pop("target")]).update(entry)
-                elif "note" in entry:
-                    rollout.log.append(entry["note"])
-                else:
-                    rollout.wave, rollout.state = entry.get("wave", rollout.wave), entry.get("state", rollout.state)
+            by_device = {t.device: t for t in rollout.targets}
+            lines = journal.read_bytes().split(b"\n")[:-1]  # the last piece is empty, or a line torn by a crash
+            skipped = sum(not rollout._replay(line, by_device) for line in lines)
+            if skipped:
+                rollout.log.append(f"{journal.name}: {skipped} damaged lines skipped")
         return rollout
 
+    def _replay(self, line: bytes, targets: dict[str, Target]) -> bool:
+        """Apply one journal line; False when it is not one this controller writes."""
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(entry, dict):
+            return False
+        if "target" in entry:
+            target = targets.get(entry.pop("target"))  # type: ignore[arg-type]
+            if target is None or not all(_JOURNAL_FIELDS.get(k, _never)(v) for k, v in entry.items()):
+                return False
+            vars(target).update(entry)
+        elif isinstance(entry.get("note"), str):
+            self.log.append(entry["note"])
+        elif isinstance(entry.get("wave"), int) and set(entry) <= {"wave", "state"}:
+            self.wave, self.state = entry["wave"], entry.get("state", self.state)
+        else:
+            return False
+        return True
+
     def counts(self) -> dict[str, int]:
-        counts = {s: 0 for s in (PENDING, SENT, *TERMINAL)}
+        counts = {s: 0 for s in STATES}
         for target in self.targets:
             counts[target.state] += 1
         return counts
 
 
-def list_rollouts(folder: Path) -> list[Rollout]:
-    return sorted((Rollout.load(p) for p in (folder / "rollouts").glob("*.json")), key=lambda r: r.created)
+def _never(value: Any) -> bool:
+    return False
+
+
+def _optional(kind: type | tuple[type, ...]) -> Callable[[Any], bool]:
+    return lambda value: value is None or (isinstance(value, kind) and not isinstance(value, bool))
+
+
+_JOURNAL_FIELDS: dict[str, Callable[[Any], bool]] = {  # what a target's journal entry may set, and to what
+    "wave": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "state": lambda v: v in STATES,
+    "before": _optional(str),
+    "command_id": _optional(str),
+    "sent_at": _optional((int, float)),
+    "detail": lambda v: isinstance(v, str),
+}
+
+
+class RolloutFileError(ValueError):
+    """A rollout file that is empty, damaged or not one this controller wrote; the message names it."""
+
+
+def repair_journal(path: Path) -> None:
+    """Cut a torn last line (a crash mid-write) off a journal before appending to it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def list_rollouts(folder: Path) -> tuple[list[Rollout], list[str]]:
+    """Every rollout in the state folder, oldest first, and what could not be read (one line a file)."""
+    rollouts, problems = [], []
+    for path in sorted((folder / "rollouts").glob("*.json")):
+        try:
+            rollouts.append(Rollout.load(path))
+        except RolloutFileError as exc:
+            problems.append(str(exc))
+    return sorted(rollouts, key=lambda r: r.created), problems
 
 
 def latest_rollout(folder: Path) -> Rollout | None:
-    """The newest rollout, reading only its file (ids start with their creation time, to the second)."""
-    newest = max((folder / "rollouts").glob("*.json"), default=None)
-    return Rollout.load(newest) if newest else None
+    """The newest readable rollout, reading as few files as it can (ids start with their creation time)."""
+    for path in sorted((folder / "rollouts").glob("*.json"), reverse=True):
+        try:
+            return Rollout.load(path)
+        except RolloutFileError:
+            continue
+    return None
 
 
 class Runner:
     """Drives one rollout to an end; ``report`` gets one line per change.
 
-    Every change is journaled before the action it records is taken: a restart may
-    re-check an outcome, but never sends blind.
+    Every change is journaled before the action it records is taken: a wave's deploys are
+    journaled as intended (their command ids, no send time) before they are published and
+    as sent after, and a resumed controller sends again, under the same ids, every deploy of
+    the current wave that has no outcome yet (the agent applies a repeated id once and
+    answers it again, so nothing runs twice and the answer is this controller's to see).
+    A broker that stays away longer than ``broker_grace_s`` interrupts the rollout cleanly:
+    state ``interrupted``, resumable.
     """
 
-    def __init__(self, rollout: Rollout, link: FleetLink, folder: Path, report: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        rollout: Rollout,
+        link: FleetLink,
+        folder: Path,
+        report: Callable[[str], None],
+        broker_grace_s: float = BROKER_GRACE_S,
+    ) -> None:
         self.rollout, self.link, self.folder, self.report = rollout, link, folder, report
+        self.broker_grace_s = broker_grace_s
         self._pending: list[dict[str, Any]] = []  # journal entries not yet on disk
         self._bad_since: dict[str, float] = {}  # devices whose status marked the bundle bad before their event came
 
@@ -219,6 +305,21 @@ class Runner:
         self._save()
 
     def run(self) -> Rollout:
+        """Until the rollout completes, halts or is interrupted by the broker's loss (resumable)."""
+        rollout = self.rollout
+        repair_journal(self.folder / "rollouts" / f"{rollout.id}.journal")
+        if rollout.state == "interrupted":
+            rollout.state = "running"
+            self._pending.append({"wave": rollout.wave, "state": "running"})
+        try:
+            self._run()
+        except BrokerLost as exc:
+            rollout.state = "interrupted"
+            self._note(f"interrupted at wave {rollout.wave}: {exc}; edgevit-fleet resume {rollout.id} carries on")
+            self._save()
+        return rollout
+
+    def _run(self) -> None:
         rollout = self.rollout
         by_wave: dict[int, list[Target]] = {}
         for t in rollout.targets:
@@ -234,11 +335,12 @@ class Runner:
                 self._note(f"completed: {rollout.counts()[SUCCEEDED]} devices run {rollout.bundle_id}")
                 self._save()
                 break
-            self._send([t for t in wave if t.state == PENDING])
+            self._send([t for t in wave if t.state in (PENDING, SENT)])  # SENT: a resumed wave, again by its ids
             self._await(wave)
             attempted += len(wave)
             failed += sum(t.state == FAILED for t in wave)
             pooled = self._weigh(wave)
+            self.link.forget([t.command_id for t in wave if t.command_id])
             over = 100 * failed / attempted > rollout.max_failures_pct
             if over or pooled:
                 rollout.state = "halted"
@@ -252,26 +354,26 @@ class Runner:
                 )
                 updated = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == SUCCEEDED]
                 if rollout.rollback_on_halt and updated:
-                    self._roll_back(updated)
-                    rollout.state = "rolled-back"
+                    back = self._roll_back(updated)
+                    if back == len(updated):
+                        rollout.state = "rolled-back"
+                    else:
+                        self._note(f"{len(updated) - back} of {len(updated)} updated devices could not be rolled back")
                 self._save()
                 break
+            failpoint("wave-done")
             rollout.wave += 1
             self._pending.append({"wave": rollout.wave})
             self._flush()
-        return rollout
 
     def _weigh(self, wave: list[Target]) -> str | None:
-        """The wave's failures against chance, and its pooled agreement test; why to halt, if it must.
-
-        Only each device's own events count: a device cannot speak for another.
-        """
+        """The wave's failures against chance, and its pooled agreement test; why to halt, if it must."""
         events = [
             e
             for t in wave
             if t.command_id
             for e in self.link.events_for(t.command_id)
-            if e.get("device") == t.device and e.get("event") in ("commit", "revert")
+            if e.kind in ("commit", "revert")
         ]
         alpha = wave_alpha(events)
         if alpha is None:
@@ -290,13 +392,16 @@ class Runner:
         return f"the devices' pooled canary evidence shows a regression no single device was sure of ({pooled.detail})"
 
     def _send(self, targets: list[Target]) -> None:
+        """Journal the deploys as intended, publish them, journal them as sent (each step flushed)."""
         for target in targets:
-            device = self.link.device(target.device)
-            target.before = device.engine.get("active") if device else None
-            target.command_id = f"{self.rollout.id}-{secrets.token_hex(3)}"
-            target.state, target.sent_at = SENT, time.time()
-            self._changed(target)
-        self._flush()  # before sending: a restarted controller knows what it may have sent, and under which id
+            if target.state == PENDING:
+                device = self.link.device(target.device)
+                target.before = device.engine.active if device else None
+                target.command_id = f"{self.rollout.id}-{secrets.token_hex(3)}"
+                target.state = SENT
+                self._changed(target)
+        self._flush()  # intended: a controller killed from here on sends these again, under the same ids
+        failpoint("deploys-intended")
         commands = []
         for target in targets:
             command = {"id": target.command_id, "cmd": "deploy", "bundle": self.rollout.reference}
@@ -304,39 +409,51 @@ class Runner:
                 command["force"] = True
             commands.append((target.device, command))
         self.link.send_all(commands)
+        failpoint("deploys-published")
+        now = time.time()
         for target in targets:
+            if target.sent_at is None:
+                target.sent_at = now
+                self._changed(target)
             self._note(f"wave {target.wave}: deploy sent to {target.device}")
         self._flush()
 
     def outcome(self, target: Target) -> tuple[str, str] | None:
-        """(state, detail) once ``target`` has an outcome, from its events, reply and retained status."""
+        """(state, detail) once ``target`` has an outcome, from its own events, reply and retained status.
+
+        Only the target's own answers count (the link keeps no other). Success needs the device to
+        have answered this command, then a status showing the bundle active with no canary pending.
+        """
         bundle = self.rollout.bundle_id
-        assert target.command_id is not None and target.sent_at is not None
-        for event in self.link.events_for(target.command_id):
-            if event["event"] == "commit":
+        command_id = target.command_id
+        assert command_id is not None and target.sent_at is not None
+        for event in self.link.events_for(command_id):
+            if event.kind == "commit":
                 return SUCCEEDED, "committed after its canary window"
-            if event["event"] == "revert":
-                return FAILED, f"reverted: {event.get('reason')}"
-            if event["event"] == "deploy" and event.get("ok") is False:
-                return FAILED, f"refused: {event.get('error')}"
-        reply = self.link.reply_for(target.command_id)
-        if reply and not reply.get("ok"):
-            return FAILED, f"refused: {reply.get('error')}"
+            if event.kind == "revert":
+                return FAILED, f"reverted: {event.reason}"
+            if event.kind == "deploy" and event.ok is False:
+                return FAILED, f"refused: {event.reason}"
+        reply = self.link.reply_for(command_id)
+        if reply is not None and not reply.ok:
+            return FAILED, f"refused: {reply.error}"
         device = self.link.device(target.device)
+        answered = self.link.answered_at(command_id)
         if device is not None:
             engine = device.engine
-            if engine.get("active") == bundle and not engine.get("canary"):
+            if answered is not None and device.seen >= answered and engine.active == bundle and not engine.canary:
                 return SUCCEEDED, "runs it, committed"
             if not device.online:
                 return FAILED, "went offline"
-            if bundle in engine.get("bad", ()) and engine.get("active") != bundle:
+            if answered is not None and bundle in engine.bad and engine.active != bundle:
                 # its status can overtake the revert event that says why (events go through the agent's outbox):
                 # give the event a moment before settling for the bare fact
                 first = self._bad_since.setdefault(target.device, time.monotonic())
                 if time.monotonic() - first >= REASON_GRACE_S:
                     return FAILED, "the device marked it bad"
         if time.time() - target.sent_at > self.rollout.timeout_s:
-            return FAILED, f"no outcome within --timeout {self.rollout.timeout_s:g} s"
+            silent = "" if answered is not None else " (it never answered the command)"
+            return FAILED, f"no outcome within --timeout {self.rollout.timeout_s:g} s{silent}"
         return None
 
     def _await(self, wave: list[Target]) -> None:
@@ -344,7 +461,7 @@ class Runner:
 
         Outcomes are observations, not actions: they reach the journal in batches (every
         :data:`OUTCOMES_FLUSH_S`, and when the wave ends, before the next wave is sent). A controller that
-        dies in between reads them again from the devices' retained statuses when it resumes.
+        dies in between reads them again from the devices when it resumes.
         """
         waiting = {t.device: t for t in wave if t.state == SENT}
         check = list(waiting)  # all once: a resumed rollout's devices may have answered while it was away
@@ -365,19 +482,26 @@ class Runner:
             if time.monotonic() - flushed >= OUTCOMES_FLUSH_S:
                 self._flush()
                 flushed = time.monotonic()
+            if self.link.down_for() > self.broker_grace_s:
+                self._flush()
+                raise BrokerLost(f"the MQTT broker has been unreachable for over {self.broker_grace_s:g} s")
             check = list(self.link.wait_changes(POLL_S)) + [n for n in self._bad_since if n in waiting]
             if time.time() > due:  # a timeout is due: look at whoever has one, then find the next one
                 check += [n for n, t in waiting.items() if time.time() - (t.sent_at or 0.0) > timeout]
                 due = min((t.sent_at or 0.0 for t in waiting.values()), default=0.0) + timeout
         self._flush()
 
-    def _roll_back(self, targets: list[Target]) -> None:
+    def _roll_back(self, targets: list[Target]) -> int:
+        """Roll the updated devices back; how many reached the engine they had before."""
         wanted = {t.device: t.before for t in targets if t.before and t.before != self.rollout.bundle_id}
         outcomes = roll_back(self.link, wanted, self.rollout.timeout_s, self._note)
+        back = 0
         for target in targets:
             ok, target.detail = outcomes.get(target.device, (False, "nothing to roll back to"))
             if ok:
                 target.state = ROLLED_BACK
+                back += 1
+        return back
 
 
 def roll_back(
@@ -385,15 +509,15 @@ def roll_back(
 ) -> dict[str, tuple[bool, str]]:
     """Send ``rollback`` to each device (to the named bundle, or to its previous) and await the outcomes.
 
-    A device has rolled back when its retained status shows the expected engine active and
-    no canary pending: the named bundle, or the ``previous`` its status named when the
-    command left (a canary in progress is reverted to that same engine).
+    A device has rolled back when, after answering the command, its retained status shows the
+    expected engine active and no canary pending: the named bundle, or the ``previous`` its
+    status named when the command left (a canary in progress is reverted to that same engine).
     """
     pending: dict[str, tuple[str | None, str]] = {}
     commands = []
     for name, bundle in wanted.items():
         device = link.device(name)
-        expected = bundle or (device.engine.get("previous") if device else None)
+        expected = bundle or (device.engine.previous if device else None)
         command_id = f"rollback-{secrets.token_hex(4)}"
         commands.append((name, {"id": command_id, "cmd": "rollback", **({"bundle": bundle} if bundle else {})}))
         pending[name] = (expected, command_id)
@@ -407,14 +531,14 @@ def roll_back(
                 continue
             expected, command_id = pending[name]
             device = link.device(name)
-            engine = device.engine if device else {}
             reply = link.reply_for(command_id)
-            failed = [e for e in link.events_for(command_id) if e["event"] == "rollback" and e.get("ok") is False]
-            if reply and not reply.get("ok"):
-                outcomes[name] = (False, f"rollback refused: {reply.get('error')}")
+            failed = [e for e in link.events_for(command_id) if e.kind == "rollback" and e.ok is False]
+            answered = link.answered_at(command_id) is not None
+            if reply and not reply.ok:
+                outcomes[name] = (False, f"rollback refused: {reply.error}")
             elif failed:
-                outcomes[name] = (False, f"rollback failed: {failed[0].get('error')}")
-            elif expected and engine.get("active") == expected and not engine.get("canary"):
+                outcomes[name] = (False, f"rollback failed: {failed[0].reason}")
+            elif answered and expected and device and device.engine.active == expected and not device.engine.canary:
                 outcomes[name] = (True, f"rolled back to {expected}")
             else:
                 continue
@@ -424,4 +548,5 @@ def roll_back(
     for name in pending:
         outcomes[name] = (False, f"rollback sent, no outcome within {timeout_s:g} s")
         report(f"{name}: {outcomes[name][1]}")
+    link.forget([command_id for _, command_id in pending.values()] + [c["id"] for _, c in commands])
     return outcomes

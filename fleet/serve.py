@@ -6,6 +6,7 @@ the same way. Only regular files directly inside the folder are served.
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +14,26 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 16
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The (first, last) bytes a ``Range`` header asks for of a ``size``-byte file; the whole file without
+    one; None when it is malformed or cannot be satisfied (answered 416, never dropped).
+
+    One range: ``bytes=A-B``, ``bytes=A-`` (what a resumed download sends) or ``bytes=-N`` (the last N).
+    """
+    if not header:
+        return 0, size - 1
+    match = re.fullmatch(r"bytes=(\d{0,15})-(\d{0,15})", header.strip())
+    if not match or not (match.group(1) or match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:  # a suffix: the last N bytes
+        count = int(last)
+        return (max(size - count, 0), size - 1) if count and size else None
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    return (start, end) if start < size and start <= end else None
 
 
 class BundleServer:
@@ -31,7 +52,10 @@ class BundleServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+                self.do_GET(body=False)
+
+            def do_GET(self, body: bool = True) -> None:  # noqa: N802 (http.server's naming)
                 path = (server.root / self.path.lstrip("/").split("?")[0]).resolve()
                 if path.parent != server.root or not path.is_file():
                     self.send_error(404)
@@ -39,27 +63,33 @@ class BundleServer:
                 size = path.stat().st_size
                 header = self.headers.get("Range", "")
                 server.requests.append(header)
-                start = int(header[6:].split("-")[0]) if header.startswith("bytes=") else 0
-                if start >= size and size:
-                    self.send_error(416)
+                span = byte_range(header, size)
+                if span is None:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
+                start, end = span
                 self.send_response(206 if header else 200)
                 if header:
-                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-                self.send_header("Content-Length", str(size - start))
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Length", str(end - start + 1))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
+                if not body:
+                    return
                 limit = server.drop_first_after if len(server.requests) == 1 else None
                 with open(path, "rb") as fh:
                     fh.seek(start)
-                    sent = 0
-                    while chunk := fh.read(CHUNK):
+                    left, sent = end - start + 1, 0
+                    while left and (chunk := fh.read(min(CHUNK, left))):
                         if limit is not None and sent + len(chunk) > limit:
                             self.wfile.write(chunk[: limit - sent])
                             self.close_connection = True
                             return
                         self.wfile.write(chunk)
-                        sent += len(chunk)
+                        sent, left = sent + len(chunk), left - len(chunk)
 
             def log_message(self, *args: Any) -> None:
                 pass

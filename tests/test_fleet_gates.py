@@ -1,24 +1,22 @@
 """A wave judged as a whole: failures against chance, and the devices' canary evidence pooled.
 
 The pure functions first; then the real controller (``fleet.rollout.Runner``) on a real Mosquitto
-against protocol-level devices (not agents: each answers ``deploy`` with the commit event and
-status an agent would publish, carrying canary evidence the test chooses).
+against protocol-level devices (tests/fleet_devices.py: each answers ``deploy`` with the reply,
+commit event and status an agent would publish, carrying canary evidence the test chooses).
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from fleet_devices import SimulatedDevice
 
 from fleet.gates import binomial_tail, chance_failures, failures_note, pool_of, pooled_verdict, wave_alpha
 from fleet.link import Broker, FleetLink
+from fleet.records import Event
 from fleet.rollout import Rollout, Runner
 
 
@@ -30,8 +28,14 @@ def test_chance_explains_a_few_false_reverts_in_a_large_wave() -> None:
     assert "more than canary.alpha 0.01 explains (up to 4" in note and "evidence against the bundle" in note
 
 
+def event(device: str = "d", **payload) -> Event:
+    found = Event.of(device, {"event": "commit", "command_id": "c", **payload})
+    assert found is not None
+    return found
+
+
 def test_device_evidence_is_read_as_hostile_input() -> None:
-    good = {"pool": {"limit": 0.98, "blocks": [[15, 15], [14, 13]]}}
+    good = event(pool={"limit": 0.98, "blocks": [[15, 15], [14, 13]]})
     assert pool_of(good) == (0.98, [(15, 15), (14, 13)])
     for bad in (
         {},
@@ -42,9 +46,9 @@ def test_device_evidence_is_read_as_hostile_input() -> None:
         {"pool": {"limit": 0.9, "blocks": [["a", 1]]}},
         {"pool": {"limit": float("nan"), "blocks": []}},
     ):
-        assert pool_of(bad) is None, bad
-    assert wave_alpha([{"verdict": {"alpha": 0.01}}, {"verdict": {"alpha": "x"}}, {"verdict": 5}]) == 0.01
-    assert wave_alpha([{}]) is None
+        assert pool_of(event(**bad)) is None, bad
+    assert wave_alpha([event(verdict={"alpha": 0.01}), event(verdict={"alpha": "x"}), event(verdict=5)]) == 0.01
+    assert wave_alpha([event()]) is None
 
 
 def blocks(rng: np.random.Generator, agreement: float, count: int = 150, frames: int = 15) -> list[list[int]]:
@@ -53,54 +57,12 @@ def blocks(rng: np.random.Generator, agreement: float, count: int = 150, frames:
 
 def test_pooling_finds_what_each_device_alone_does_not() -> None:
     rng = np.random.default_rng(4)
-    events = [{"device": f"d{i}", "pool": {"limit": 0.976, "blocks": blocks(rng, 0.966)}} for i in range(10)]
+    events = [event(f"d{i}", pool={"limit": 0.976, "blocks": blocks(rng, 0.966)}) for i in range(10)]
     verdict = pooled_verdict(events, 0.01)
     assert verdict is not None and verdict.verdict == "regression" and verdict.units == 1500
-    fine = [{"device": f"d{i}", "pool": {"limit": 0.976, "blocks": blocks(rng, 0.996)}} for i in range(10)]
+    fine = [event(f"d{i}", pool={"limit": 0.976, "blocks": blocks(rng, 0.996)}) for i in range(10)]
     assert pooled_verdict(fine, 0.01).verdict == "undecided"  # type: ignore[union-attr]
-    assert pooled_verdict([{"device": "d0"}], 0.01) is None
-
-
-class SimulatedDevice:
-    """One MQTT connection: a retained status, and a commit (with the given canary evidence) per deploy."""
-
-    def __init__(self, port: int, name: str, evidence: list[list[int]]) -> None:
-        self.name, self.evidence, self.active = name, evidence, "old"
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"edgevit/{name}/cmd", 1)
-        self.client.loop_start()
-        self.publish_status()
-
-    def publish_status(self) -> None:
-        status = {"state": "online", "labels": {"site": "lab"}, "engine": {"active": self.active, "bad": []}}
-        self.client.publish(f"edgevit/{self.name}/status", json.dumps(status), qos=1, retain=True)
-
-    def _on_message(self, client, userdata, message) -> None:
-        command = json.loads(message.payload)
-        self.client.publish(f"edgevit/{self.name}/reply", json.dumps({"id": command["id"], "ok": True}), qos=1)
-        if command["cmd"] == "deploy":
-            threading.Timer(0.2, self._commit, (command,)).start()
-        elif command["cmd"] == "rollback":
-            self.active = command.get("bundle", "old")
-            self.publish_status()
-
-    def _commit(self, command: dict) -> None:
-        self.active = "new"
-        event = {
-            "event": "commit",
-            "bundle_id": "new",
-            "command_id": command["id"],
-            "verdict": {"alpha": 0.01, "judged_by": ["agreement"], "rules": {}},
-            "pool": {"limit": 0.976, "blocks": self.evidence},
-        }
-        self.client.publish(f"edgevit/{self.name}/events", json.dumps(event), qos=1)
-        self.publish_status()
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+    assert pooled_verdict([event("d0")], 0.01) is None
 
 
 @pytest.mark.parametrize("agreement, halts", [(0.966, True), (0.996, False)])
@@ -108,7 +70,7 @@ def test_a_wave_whose_pooled_evidence_shows_a_regression_halts(
     mosquitto: int, tmp_path: Path, agreement: float, halts: bool
 ) -> None:
     rng = np.random.default_rng(7)
-    devices = [SimulatedDevice(mosquitto, f"d{i:02d}", blocks(rng, agreement)) for i in range(10)]
+    devices = [SimulatedDevice(mosquitto, f"d{i:02d}", pool=blocks(rng, agreement)) for i in range(10)]
     link = FleetLink(Broker("127.0.0.1", mosquitto)).connect()
     lines: list[str] = []
     try:

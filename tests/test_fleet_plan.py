@@ -13,6 +13,7 @@ from builder.pack import pack_bundle
 from fleet.cli import FleetError, bundle_reference, main
 from fleet.link import Device
 from fleet.protocol import AWS_MAX_PAYLOAD_BYTES, AWS_MAX_TOPIC_BYTES, AWS_MAX_TOPIC_SLASHES
+from fleet.records import Status
 from fleet.rollout import Rollout, Target, parse_count, parse_selector, plan_waves, selects
 
 
@@ -25,7 +26,7 @@ def test_waves_canary_first_then_steps() -> None:
 
 
 def test_selectors() -> None:
-    device = Device("cam-7", {"labels": {"site": "lab", "hardware": "orin"}})
+    device = Device("cam-7", Status.of({"labels": {"site": "lab", "hardware": "orin"}}))
     assert selects(parse_selector("site=lab,hardware=orin"), device) and selects({}, device)
     assert selects(parse_selector("device=cam-7"), device) and not selects(parse_selector("site=dock"), device)
     with pytest.raises(ValueError, match="key=value"):
@@ -96,7 +97,7 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["deploy", str(tmp_path / "x.tar.gz"), "--url", "http://x", "--state-dir", str(tmp_path)]) == 2
     assert "is not a bundle archive" in capsys.readouterr().err
     assert main(["resume", "--state-dir", str(tmp_path)]) == 2
-    assert "no running rollout" in capsys.readouterr().err
+    assert "no running or interrupted rollout" in capsys.readouterr().err
 
 
 def test_a_hostile_device_cannot_end_the_fleet_link(mosquitto: int) -> None:
@@ -128,7 +129,7 @@ def test_a_hostile_device_cannot_end_the_fleet_link(mosquitto: int) -> None:
         deadline = time.monotonic() + 10
         while "good-box" not in link.snapshot() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert link.snapshot()["good-box"].status["state"] == "online"
+        assert link.snapshot()["good-box"].status.state == "online"
         assert "evil-box" not in link.snapshot()
     finally:
         device.loop_stop()

@@ -148,3 +148,13 @@ def test_a_repeated_id_is_remembered_across_a_restart(device, tmp_path: Path) ->
     again = operator.send({"id": "survives-restart", "cmd": "pause", "camera": "door"})
     assert again == {**first, "duplicate": True}
     check_alive_and_truthful(operator, lambda: results_in(operator))
+
+
+@pytest.mark.parametrize("cmd", ["ping", "deploy"])
+def test_an_id_with_a_lone_surrogate_is_answered_and_refused(device, cmd: str) -> None:
+    """Valid JSON, yet no store can hold it: the reply says so under the same id, and the agent goes on."""
+    operator, _ = device
+    payload = b'{"id": "\\ud800x", "cmd": "' + cmd.encode() + b'", "bundle": {"path": "/nowhere"}}'
+    reply = operator.send(payload)
+    assert reply == {"id": "\ud800x", "ok": False, "error": "'id' must be Unicode text: it holds a lone surrogate"}
+    check_alive_and_truthful(operator, lambda: results_in(operator))

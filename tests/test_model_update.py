@@ -2,7 +2,7 @@
 
 The weaker model is the demo ViT trained for 20 epochs instead of 60 (about 91 % held-out top-1
 against 99 %). They disagree on about 8 % of the digits, exactly where the retrained one improved.
-A real agent on a real Mosquitto serves the weaker model's INT8 bundle on the held-out video.
+A real agent on a real Mosquitto serves the weaker model's bundle on the held-out video.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ CANARY = {"window_s": 10, "min_frames": 100, "shadow_every": 1, "block_s": 1.0, 
 
 @pytest.fixture(scope="module")
 def versions(demo_exports, signing_key, tmp_path_factory) -> dict[str, Path]:
-    """v1: the weaker model's INT8 bundle; v2: the committed demo model's FP32 bundle, built against v1."""
+    """v1: the weaker model's FP32 bundle; v2: the committed demo model's FP32 bundle, built against v1."""
     root = tmp_path_factory.mktemp("versions")
     weaker = export_checkpoint(weaker_checkpoint(root / "v1-checkpoint"), root / "v1-export").model_path.parent
     key = signing_key[0]
-    v1 = build_engine_bundle(weaker, root / "v1", key, EngineOptions(precision="int8", calib="demo", **FAST)).path
+    v1 = build_engine_bundle(weaker, root / "v1", key, EngineOptions(precision="fp32", **FAST)).path
     v2 = build_engine_bundle(
         demo_exports["vit-digits"], root / "v2", key, EngineOptions(precision="fp32", baseline=v1, **FAST)
     ).path

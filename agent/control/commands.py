@@ -47,6 +47,14 @@ SETTABLE_CAMERA_FIELDS = frozenset({"fps", "stride", "region", "stall_timeout_s"
 log = logging.getLogger("edgevit.commands")
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class CommandError(ValueError):
     """The command is refused; the message says why."""
 
@@ -120,6 +128,8 @@ class CommandHandler:
         try:
             command = self._parse(payload)
             command_id = command["id"]
+            if not _is_text(command_id):  # valid JSON ("\ud800"), but no store or log line can hold it
+                return {"id": command_id, "ok": False, "error": "'id' must be Unicode text: it holds a lone surrogate"}
             if not isinstance(command.get("cmd"), str):
                 raise CommandError("'cmd' must be a string")
             with self._lock:

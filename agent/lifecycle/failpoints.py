@@ -1,9 +1,10 @@
-"""Named crash points for the kill -9 tests of the engine lifecycle.
+"""Named crash points for the kill -9 tests of the engine lifecycle and of fleet rollouts.
 
-``EDGEVIT_FAILPOINT=<name>`` makes the agent SIGKILL itself when it reaches that step,
+``EDGEVIT_FAILPOINT=<name>`` makes the process (the agent, or ``edgevit-fleet``) SIGKILL itself
+when it reaches that step,
 exactly as a power cut or the OOM killer would stop it there; ``<name>:raise`` raises
 :class:`FailpointError` there instead, as a bug in that step would. Unset, a failpoint
-is one dictionary lookup. The names are listed in :data:`STEPS`.
+is one dictionary lookup. The names are listed in :data:`STEPS` and :data:`FLEET_STEPS`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 
 STEPS = ("install-copied", "before-state", "after-state", "after-swap", "before-commit", "after-commit")
+FLEET_STEPS = ("deploys-intended", "deploys-published", "wave-done")  # a rollout's journal steps
 
 
 class FailpointError(RuntimeError):
@@ -19,7 +21,7 @@ class FailpointError(RuntimeError):
 
 
 def failpoint(name: str) -> None:
-    assert name in STEPS, name
+    assert name in STEPS or name in FLEET_STEPS, name
     wanted = os.environ.get("EDGEVIT_FAILPOINT")
     if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
