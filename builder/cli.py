@@ -87,6 +87,13 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
         default="auto",
         help="INT8 method; auto builds both and the passport picks (TensorRT: static only)",
     )
+    cmd.add_argument(
+        "--int8-cpu",
+        choices=["auto", "vnni", "any"],
+        default="auto",
+        help="x86 CPUs an INT8 engine is for: vnni (8-bit weights; devices without VNNI/AMX refuse it), any "
+        "(7-bit weights, exact on every x86), auto: like the CPU building it",
+    )
     cmd.add_argument("--calibration", choices=CALIBRATIONS, default="minmax", help="how INT8 activation ranges are set")
     cmd.add_argument(
         "--smoothing",
@@ -130,23 +137,23 @@ def parser() -> argparse.ArgumentParser:
     root = new_parser("edgevit-build", __doc__)
     commands = subcommands(root)
     export = commands.add_parser("export", help="checkpoint (.npz, published layout) -> verified ONNX")
-    export.add_argument("checkpoint", type=Path)
+    export.add_argument("checkpoint", type=Path, help="ViT or Mixer .npz checkpoint in the published layout")
     export.add_argument("--out", type=Path, required=True, help="output folder (model.onnx, verification.json)")
     _export_arguments(export)
     engine = commands.add_parser("engine", help="verified export folder -> measured, gated, signed bundle")
-    engine.add_argument("export_dir", type=Path)
+    engine.add_argument("export_dir", type=Path, help="a folder edgevit-build export wrote")
     engine.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     _engine_arguments(engine)
     build = commands.add_parser("build", help="export + engine in one step")
-    build.add_argument("checkpoint", type=Path)
+    build.add_argument("checkpoint", type=Path, help="ViT or Mixer .npz checkpoint in the published layout")
     build.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     _export_arguments(build)
     _engine_arguments(build)
     keys = commands.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
     keys.add_argument("--out", type=Path, required=True, help="folder for NAME.key (private) and NAME.pub")
-    keys.add_argument("--name", default="edgevit")
+    keys.add_argument("--name", default="edgevit", help="file name of the pair, and the key's name")
     inspect = commands.add_parser("inspect", help="verify a bundle as a device would and show its passport")
-    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("bundle", type=Path, help="bundle folder (edgevit-build engine/build)")
     inspect.add_argument("--trust", type=Path, action="append", required=True, help="trusted public key (repeatable)")
     inspect.add_argument("--json", action="store_true", help="the whole passport and the checks, machine-readable")
     inspect.add_argument(
@@ -154,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--profile-seconds", type=float, default=1.0, help="time spent per batch size (--profile)")
     pack = commands.add_parser("pack", help="bundle folder -> reproducible .tar.gz for devices to download")
-    pack.add_argument("bundle", type=Path)
+    pack.add_argument("bundle", type=Path, help="bundle folder (edgevit-build engine/build)")
     pack.add_argument("--out", type=Path, required=True, help="archive path (.tar.gz)")
     pack.add_argument("--trust", type=Path, action="append", help="check the signature too (repeatable)")
     demo = commands.add_parser("demo", help="demo checkpoints -> verified exports -> signed INT8 CPU bundles")

@@ -26,7 +26,7 @@ import onnx
 from rich.progress import Progress
 
 from agent.engine.bundle import PROVIDERS, SCHEMA_VERSION, file_digest
-from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
+from agent.engine.device import X86_INT8_FEATURES, DeviceInfo, full_range_int8_exact
 from agent.engine.preprocess import METADATA_KEY, InputSpec
 from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_private_key
@@ -85,6 +85,20 @@ class EngineOptions:
     runtime: str = "auto"  # CPU runtimes to build candidates for: auto (all installed) | onnxruntime | openvino
     tensorrt_version: str = DEFAULT_TENSORRT  # the parser rules a TensorRT-bound graph is checked against here
     baseline: Path | None = None  # the bundle or export this engine replaces (builder.baseline)
+    int8_cpu: str = "auto"  # x86 CPUs a CPU INT8 engine must be exact on: vnni | any | auto (as this machine)
+
+
+def cpu_flavour(options: EngineOptions, device: DeviceInfo) -> str:
+    """The INT8 flavour of a CPU build (:data:`builder.precision.FLAVOURS`).
+
+    ``vnni`` keeps full 8-bit weights, which are exact and fastest on CPUs with VNNI or AMX and which
+    devices without them refuse; ``any`` keeps weights in 7 bits, exact on every x86. ``auto`` builds
+    for the kind of CPU the engine is measured on, so that the passport's figures are the device's.
+    """
+    wanted = options.int8_cpu
+    if wanted == "auto":
+        wanted = "vnni" if full_range_int8_exact(device) else "any"
+    return "cpu" if wanted == "vnni" else "cpu-portable"
 
 
 def checked_tensorrt(options: EngineOptions) -> str:
@@ -220,17 +234,18 @@ def _int8_search(export: Export, options: EngineOptions, work: Path, progress: P
 def _int8_candidates(
     export: Export, options: EngineOptions, search: Int8Search | None, work: Path, progress: Progress
 ) -> list[Candidate]:
-    flavour = "tensorrt" if options.target == "tensorrt" else "cpu"
+    device = DeviceInfo.probe()
+    flavour = "tensorrt" if options.target == "tensorrt" else cpu_flavour(options, device)
     runtimes = _runtimes(options)
     candidates = []
     for recipe in recipes_for(options.quantization, flavour, options.calibration):
         if search is None:  # dynamic, with nothing to calibrate or score on
-            dynamic = quantize_dynamic_int8(export.model, work / "model-int8-dynamic.onnx")
+            dynamic = quantize_dynamic_int8(export.model, work / "model-int8-dynamic.onnx", flavour=flavour)
             candidates.append(Candidate(recipe.label, "onnxruntime", [dynamic], recipe.describe()))
         else:
             candidates.append(_from_trial(search.best_smoothing(recipe, parse_smoothing(options.smoothing)), options))
     if "openvino" in runtimes and search is not None:
-        target = openvino_engines.float_target(DeviceInfo.probe())
+        target = openvino_engines.float_target(device)
         for static in [c for c in candidates if c.trial and c.trial.recipe.method == "static"]:
             # the same searched Q/DQ graph, run by OpenVINO
             path, changes = openvino_engines.qdq_for_openvino(static.files[0])
@@ -240,7 +255,7 @@ def _int8_candidates(
                 replace(static, label=label, backend="openvino", files=[path], quantization=quantization, target=target)
             )
         with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
-            files = openvino_engines.nncf_int8(export.model, search.ranges, work)
+            files = openvino_engines.nncf_int8(export.model, search.ranges, work, flavour == "cpu-portable")
         nncf_recipe = {
             "method": "nncf-transformer",
             "calibration": "nncf",
@@ -376,12 +391,14 @@ def _mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation
     return ""
 
 
-def _requirements(options: EngineOptions, chosen: Candidate, device: DeviceInfo) -> dict[str, Any]:
+def engine_requirements(options: EngineOptions, chosen: Candidate, device: DeviceInfo) -> dict[str, Any]:
+    """What a device must have to run ``chosen`` as built on ``device`` (the manifest's ``requires``)."""
     engine = chosen.files[0]
+    # CPU features an x86 device needs for this engine's INT8 kernels to be exact (none for 7-bit weights)
+    full_range = options.precision == "int8" and cpu_flavour(options, device) == "cpu"
+    features = sorted(X86_INT8_FEATURES) if full_range and device.arch in ("x86_64", "AMD64") else []
     if chosen.backend == "openvino":
-        return openvino_engines.requirements(
-            options.precision, chosen.target or options.target, device, sorted(X86_INT8_FEATURES)
-        )
+        return openvino_engines.requirements(options.precision, chosen.target or options.target, device, features)
     if options.target == "tensorrt":
         return {
             "tensorrt": device.tensorrt,
@@ -395,8 +412,8 @@ def _requirements(options: EngineOptions, chosen: Candidate, device: DeviceInfo)
         key=lambda v: tuple(map(int, v.split("."))),
     )
     requires: dict[str, Any] = {"onnxruntime": f">={minimum},<2", "providers": [PROVIDERS[options.target]]}
-    if options.precision == "int8" and device.arch in ("x86_64", "AMD64"):
-        requires["cpu_features_any"] = sorted(X86_INT8_FEATURES)
+    if features:
+        requires["cpu_features_any"] = features
     return requires
 
 
@@ -621,7 +638,7 @@ def _write(
             "batch": {"min": 1, "opt": batch, "max": batch},
         },
         "input": json.loads(export.spec.to_json()),
-        "requires": _requirements(options, chosen, device),
+        "requires": engine_requirements(options, chosen, device),
         "accepted_accuracy_loss": bool(chosen.misses),
     }
     return write_bundle(out, chosen.files, labels, passport, golden, manifest, key), passport

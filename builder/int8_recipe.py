@@ -42,7 +42,7 @@ class Recipe:
     """How one INT8 candidate is made."""
 
     method: str  # static | dynamic
-    flavour: str = "cpu"  # cpu (u8 x s8) | tensorrt (symmetric s8 x s8, float bias)
+    flavour: str = "cpu"  # builder.precision.FLAVOURS: cpu (u8 x s8) | cpu-portable (u8 x s7) | tensorrt (s8 x s8)
     calibration: str = "minmax"  # activation ranges of static recipes
     alpha: float | None = None  # SmoothQuant migration strength; None = not smoothed
     float_layers: tuple[str, ...] = ()  # Dense/Conv nodes of the export left in float
@@ -59,7 +59,7 @@ class Recipe:
         return f"{self.label}, {smoothing}"
 
     def describe(self) -> dict[str, Any]:
-        scheme = {"cpu": "u8s8", "tensorrt": "s8s8"}[self.flavour]
+        scheme = {"cpu": "u8s8", "cpu-portable": "u8s7", "tensorrt": "s8s8"}[self.flavour]
         method = f"static-qdq-{scheme}" if self.method == "static" else f"dynamic-{scheme}"
         return {
             "method": method,
@@ -135,7 +135,7 @@ class Int8Search:
                 exclude=recipe.float_layers,
             )
         else:
-            quantize_dynamic_int8(source, dst, exclude=recipe.float_layers)
+            quantize_dynamic_int8(source, dst, exclude=recipe.float_layers, flavour=recipe.flavour)
         source.unlink()
         if not recipe.float_layers:
             require_quantized(dst, self.op_types if recipe.method == "static" else ("Gemm", "MatMul"))

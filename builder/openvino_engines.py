@@ -9,6 +9,8 @@ float parts of an INT8 model run in BF16 where the CPU has it (target ``cpu-bf16
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -63,20 +65,32 @@ def qdq_for_openvino(qdq: Path) -> tuple[Path, dict[str, str]]:
     return out, changes
 
 
-def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path) -> list[Path]:
+def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path, portable: bool = False) -> list[Path]:
     """NNCF's default INT8 for transformers (the reference users would reach for), as IR files.
 
+    ``portable`` applies NNCF's overflow fix to every layer (7-bit weights), which CPUs without VNNI
+    need for exact results; by default NNCF applies it to the first layer only.
     OpenVINO is loaded without its telemetry (:func:`agent.engine.runtimes.openvino.load_openvino`), which
     NNCF's own telemetry then falls back from too.
     """
     ov = load_openvino()
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = ov.Core().read_model(str(export))
     name = model.inputs[0].any_name
     model.reshape({name: [1, *calibration.shape[1:]]})
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
-    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    overflow = OverflowFix.ENABLE if portable else OverflowFix.FIRST_LAYER
+    # NNCF draws its own progress bars and info lines on stdout; the builder's step stands for them
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantized = nncf.quantize(
+            model,
+            dataset,
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calibration),
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow),
+        )
     quantized.reshape({name: [-1, *calibration.shape[1:]]})
     xml = out_dir / NNCF_IR
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
@@ -84,10 +98,10 @@ def nncf_int8(export: Path, calibration: np.ndarray, out_dir: Path) -> list[Path
 
 
 def requirements(precision: str, target: str, device: DeviceInfo, int8_features: list[str]) -> dict[str, object]:
-    """OpenVINO of this release year, and the CPU features the engine's kernels need."""
+    """OpenVINO of this release year, and the CPU features the engine's kernels need (none: any)."""
     year = int((device.openvino or "0").split(".")[0])
     requires: dict[str, object] = {"openvino": f">={year}.0,<{year + 1}"}
-    if precision == "int8" and device.arch in ("x86_64", "AMD64"):
+    if precision == "int8" and int8_features:
         requires["cpu_features_any"] = int8_features
     if target == "cpu-bf16":
         requires["bf16_features_any"] = sorted(BF16_FEATURES)

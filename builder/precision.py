@@ -7,6 +7,8 @@ costs ViTs far more agreement than it buys speed. Two flavours, by where it runs
 
 - ``cpu``: u8 activations x s8 weights (asymmetric activations). On x86 with VNNI
   that is ONNX Runtime's fast path; s8 x s8 measured slower than FP32 there.
+- ``cpu-portable``: the same with weights in [-64, 64] (ONNX Runtime's ``reduce_range``), which
+  x86 CPUs without VNNI multiply exactly (:data:`agent.engine.device.X86_INT8_FEATURES`).
 - ``tensorrt``: s8 x s8 with symmetric activations and zero points of 0, the only Q/DQ
   TensorRT accepts; biases stay float (TensorRT's DequantizeLinear takes no INT32 input,
   so ONNX Runtime's default INT32 bias would make the parser reject the model).
@@ -47,6 +49,7 @@ CALIBRATION_METHODS = dict(
 )
 WEIGHT_OPS = ("Gemm", "Conv")
 ALL_OPS: tuple[str, ...] = ()  # quantize every op the quantizer knows: the over-quantized build
+FLAVOURS = ("cpu", "cpu-portable", "tensorrt")  # see the module docstring
 FP16_BLOCKED_OPS = ("LayerNormalization", "Softmax")  # reductions that lose most in half precision
 
 
@@ -104,6 +107,8 @@ def quantize_static_int8(
 ) -> Path:
     """QDQ INT8 model calibrated on ``calibration`` (preprocessed uint8 NHWC)."""
     symmetric = flavour == "tensorrt"
+    if flavour not in FLAVOURS:
+        raise QuantizationError(f"unknown INT8 flavour {flavour!r}; one of {', '.join(FLAVOURS)}")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = _pre_processed(ir.load(src), Path(tmp))
         quantize_static(
@@ -115,6 +120,7 @@ def quantize_static_int8(
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types) or None,
             per_channel=True,
+            reduce_range=flavour == "cpu-portable",
             calibrate_method=CALIBRATION_METHODS[method],
             nodes_to_exclude=_descendants(prepared, exclude),
             extra_options={
@@ -127,7 +133,7 @@ def quantize_static_int8(
     return dst
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -> Path:
+def quantize_dynamic_int8(src: Path, dst: Path, exclude: tuple[str, ...] = (), flavour: str = "cpu") -> Path:
     """Dynamic INT8 (weights s8 ahead of time, activations u8 per batch) of every Dense layer."""
     with tempfile.TemporaryDirectory() as tmp:
         model = ir.load(src)
@@ -137,6 +143,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, exclude: tuple[str, ...] = ()) -
             str(prepared),
             str(dst),
             weight_type=QuantType.QInt8,
+            reduce_range=flavour == "cpu-portable",
             op_types_to_quantize=["MatMul"],
             nodes_to_exclude=_descendants(prepared, exclude),
         )

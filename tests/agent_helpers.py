@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,22 @@ def run_agent(config: Path, *args: str, timeout: float = 120) -> subprocess.Comp
 
 def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_result(path: Path, wanted: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
+    """Whether a complete line of the agent's results file satisfies ``wanted`` within ``timeout_s``.
+
+    Tests wait on what the agent wrote rather than sleeping a fixed time: start-up on a loaded CI machine
+    takes anywhere from one to many seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        complete = text[: text.rfind("\n") + 1].splitlines()
+        if any(wanted(json.loads(line)) for line in complete):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def summary(stdout: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from agent_helpers import read_results, start_agent, stop_agent, summary, write_config
+from agent_helpers import read_results, start_agent, stop_agent, summary, wait_for_result, write_config
 
 from conftest import free_port
 
@@ -72,20 +72,24 @@ def test_stream_recovers_and_the_other_camera_never_pauses(
     time.sleep(1.0)
     cameras = file_and_stream(digits_video, "net", f"http://127.0.0.1:{port}/live.ts", stall_s=2, retry_s=(0.3, 2))
     agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
+    results_file = tmp_path / "results.jsonl"
     try:
-        time.sleep(5)
+        assert wait_for_result(results_file, lambda r: r["camera"] == "net", 60), "the stream never served"
+        time.sleep(2)
         killed_at = time.time()
         server.kill()
         server.wait()
         time.sleep(4)  # the stream is down; the agent retries with backoff
         restarted_at = time.time()
         server = serve(digits_video, port)
-        time.sleep(8)
+        back = wait_for_result(results_file, lambda r: r["camera"] == "net" and r["captured"] > restarted_at, 60)
+        assert back, "the stream never came back"
+        time.sleep(2)
     finally:
         stdout, stderr = stop_agent(agent)
         server.kill()
     assert agent.returncode == 0, stderr
-    results = read_results(tmp_path / "results.jsonl")
+    results = read_results(results_file)
     net = [r["captured"] for r in results if r["camera"] == "net"]
     file_times = np.asarray(sorted(r["captured"] for r in results if r["camera"] == "file"))
     assert any(t < killed_at for t in net) and any(t > restarted_at for t in net), "net camera before and after"

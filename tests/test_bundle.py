@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.engine.bundle import MANIFEST, SIGNATURE, BundleError, incompatibilities, verify_bundle
-from agent.engine.device import DeviceInfo
+from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.engine.signing import load_private_key, load_public_key, sign
 from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.keys import keygen
@@ -123,7 +123,10 @@ def test_signed_path_traversal(bundle: Path, trusted, signing_key) -> None:
         verify_bundle(bundle, trusted)
 
 
-def test_device_with_old_onnxruntime_and_no_vnni(bundle: Path, trusted) -> None:
+def test_device_with_old_onnxruntime_and_no_vnni(bundle: Path, trusted, signing_key) -> None:
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["requires"]["cpu_features_any"] = sorted(X86_INT8_FEATURES)  # as an --int8-cpu vnni build has
+    resign(bundle, manifest, signing_key)
     old = DeviceInfo(
         arch="x86_64", cpu_features=frozenset({"avx2"}), onnxruntime="1.16.3", providers=("CPUExecutionProvider",)
     )

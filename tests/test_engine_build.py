@@ -12,7 +12,7 @@ import pytest
 from agent_helpers import blank_image_folder
 
 from agent.engine.bundle import verify_bundle
-from agent.engine.device import DeviceInfo
+from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.engine.golden import check_golden
 from agent.engine.preprocess import preprocess_into
 from agent.engine.runtimes import open_engine
@@ -21,7 +21,7 @@ from builder.datasets import DatasetError
 from builder.demo.digits import raw_digits
 from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR
-from builder.engine_build import EngineOptions, build_engine_bundle
+from builder.engine_build import Candidate, EngineOptions, build_engine_bundle, cpu_flavour, engine_requirements
 from builder.errors import BuildError, GateError
 
 FAST = {"profile_seconds": 0.05, "calibration_images": 64}
@@ -220,3 +220,33 @@ def test_tensorrt_plans(demo_exports, signing_key, tmp_path: Path, precision: st
     bundle = verify_bundle(result.path, [load_public_key(signing_key[1])], device)
     engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 8)
     assert check_golden(engine, bundle.golden_path, 8).passed
+
+
+AVX2_BOX = DeviceInfo(arch="x86_64", cpu_features=frozenset({"avx2"}), onnxruntime="1.20.0", openvino="2025.1.0")
+VNNI_BOX = DeviceInfo(arch="x86_64", cpu_features=frozenset({"avx2", "avx512_vnni"}), onnxruntime="1.20.0")
+JETSON = DeviceInfo(arch="aarch64", cpu_features=frozenset({"asimd"}), onnxruntime="1.20.0")
+
+
+@pytest.mark.parametrize(
+    ("wanted", "device", "flavour"),
+    [
+        ("auto", AVX2_BOX, "cpu-portable"),
+        ("auto", VNNI_BOX, "cpu"),
+        ("auto", JETSON, "cpu"),
+        ("vnni", AVX2_BOX, "cpu"),
+        ("any", VNNI_BOX, "cpu-portable"),
+    ],
+)
+def test_int8_cpu_picks_the_weight_range(wanted: str, device: DeviceInfo, flavour: str) -> None:
+    assert cpu_flavour(EngineOptions(precision="int8", int8_cpu=wanted), device) == flavour
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_only_full_range_int8_needs_vnni(demo_exports, backend: str) -> None:
+    """A device without VNNI refuses 8-bit weights (AVX2 can saturate on them) and runs 7-bit ones."""
+    chosen = Candidate("int8", backend, [demo_exports["vit-digits"] / "model.onnx"])
+    for wanted, needs in (("vnni", sorted(X86_INT8_FEATURES)), ("any", None)):
+        requires = engine_requirements(EngineOptions(precision="int8", int8_cpu=wanted), chosen, AVX2_BOX)
+        assert requires.get("cpu_features_any") == needs
+    fp32 = engine_requirements(EngineOptions(precision="fp32", int8_cpu="vnni"), chosen, AVX2_BOX)
+    assert "cpu_features_any" not in fp32

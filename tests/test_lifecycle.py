@@ -39,7 +39,9 @@ from fleet.serve import BundleServer
 
 CANARY = {
     "window_s": 6,
-    "min_frames": 80,  # a slow engine serves fewer frames: its window lasts until enough pairs are timed
+    # a slow engine serves fewer frames: its window lasts until enough pairs are timed; and a damaged one
+    # needs about five blocks of evidence to be proven worse at alpha 0.005 (ten seconds on a loaded machine)
+    "min_frames": 120,
     "shadow_every": 1,
     "latency_every": 1,
     "block_s": 1.0,

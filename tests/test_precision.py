@@ -71,6 +71,24 @@ def test_static_int8_quantizes_every_weight_op(demo_exports, calibration, tmp_pa
     assert run(dst, calibration[:4]).shape == (4, 10)
 
 
+def int8_weights(path: Path) -> list[np.ndarray]:
+    model = onnx.load(str(path))
+    return [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+def test_portable_flavour_keeps_weights_where_avx2_cannot_saturate(demo_exports, calibration, tmp_path: Path) -> None:
+    """Without VNNI, ONNX Runtime sums two u8 x s8 products in int16: |w| <= 64 keeps 2 x 255 x |w| <= 32767."""
+    src = demo_exports["vit-digits"] / "model.onnx"
+    full = int8_weights(quantize_static_int8(src, tmp_path / "full.onnx", calibration))
+    static = int8_weights(quantize_static_int8(src, tmp_path / "s.onnx", calibration, flavour="cpu-portable"))
+    dynamic = int8_weights(quantize_dynamic_int8(src, tmp_path / "d.onnx", flavour="cpu-portable"))
+    assert max(int(np.abs(w.astype(int)).max()) for w in full) == 127
+    for weights in (static, dynamic):
+        assert weights and max(int(np.abs(w.astype(int)).max()) for w in weights) == 64
+    with pytest.raises(QuantizationError, match="unknown INT8 flavour 'avx2'"):
+        quantize_static_int8(src, tmp_path / "x.onnx", calibration, flavour="avx2")
+
+
 def test_tensorrt_flavour_is_symmetric_s8(demo_exports, calibration, tmp_path: Path) -> None:
     dst = quantize_static_int8(
         demo_exports["vit-digits"] / "model.onnx", tmp_path / "q.onnx", calibration, flavour="tensorrt"

@@ -13,9 +13,11 @@ import pytest
 from graph_helpers import onnxruntime_logits
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from agent.engine.device import DeviceInfo
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from builder.demo.digits import digit_images
 from builder.demo.train import DEMO_MODELS
+from builder.engine_build import EngineOptions, cpu_flavour
 from builder.graph_passes import float_dense_outputs
 from builder.precision import quantize_static_int8
 from builder.token_mixing import left_weight_token_mixing
@@ -33,7 +35,10 @@ def images() -> np.ndarray:
 def openvino_qdq(demo_exports, images, tmp_path_factory) -> Path:
     """The demo Mixer's static Q/DQ graph as the OpenVINO candidate starts from it: Dense outputs float."""
     folder = tmp_path_factory.mktemp("token-mixing")
-    qdq = quantize_static_int8(demo_exports["mixer-digits"] / "model.onnx", folder / "qdq.onnx", images)
+    flavour = cpu_flavour(EngineOptions(precision="int8"), DeviceInfo.probe())  # exact in this CPU's kernels
+    qdq = quantize_static_int8(
+        demo_exports["mixer-digits"] / "model.onnx", folder / "qdq.onnx", images, flavour=flavour
+    )
     model = ir.load(qdq)
     float_dense_outputs(model)
     ir.save(model, folder / "float-outputs.onnx")

@@ -57,11 +57,18 @@ class DeviceInfo:
 
 
 # CPU flags that give ONNX Runtime's u8 x s8 kernels their speed and exactness on x86:
-# without VNNI, AVX2 u8s8 uses VPMADDUBSW, which can saturate (ONNX Runtime's docs).
+# without VNNI, AVX2 u8s8 uses VPMADDUBSW, whose int16 sums of two u8 x s8 products saturate
+# (2 x 255 x 127 > 32767; ONNX Runtime's docs). Weights kept within [-64, 64] (7 bits) cannot
+# saturate it (2 x 255 x 64 = 32640), so such engines run exactly on any x86.
 X86_INT8_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 INT8_FEATURES = X86_INT8_FEATURES | {"asimddp", "i8mm"}  # Arm dot-product / matrix-multiply extensions
 # What OpenVINO's CPU plugin needs to run BF16 (its default inference precision where present).
 BF16_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def full_range_int8_exact(device: DeviceInfo) -> bool:
+    """Whether INT8 kernels with full 8-bit weights compute exactly here (VNNI/AMX on x86; any Arm)."""
+    return device.arch not in ("x86_64", "AMD64") or bool(device.cpu_features & X86_INT8_FEATURES)
 
 
 def _cpu_features() -> frozenset[str]:
