@@ -10,7 +10,7 @@ $(BIN)/edgevit-build: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[cpu,openvino,builder,dev]'
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo fleet-demo fleet-demo-stop test bench
 install: $(BIN)/edgevit-build
 
 demo: install
@@ -18,6 +18,14 @@ demo: install
 	rm -f out/demo/results.jsonl
 	$(BIN)/edgevit-agent --config configs/demo.yaml
 	$(BIN)/python -m builder.demo score out/demo/results.jsonl out/demo/digits.json
+
+# The fleet on one machine: a broker, three demo agents and a staged rollout of the Mixer bundle to them.
+fleet-demo: install
+	test -d out/demo/bundles/mixer-digits-cpu-int8 || $(BIN)/edgevit-build demo --out out/demo
+	$(BIN)/python -m fleet.demo start --demo out/demo --out out/fleet-demo
+
+fleet-demo-stop:
+	$(BIN)/python -m fleet.demo stop --out out/fleet-demo
 
 test:
 	@scripts/system-deps

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -19,7 +18,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+        if "%(default)" in text or default in (None, False, "", argparse.SUPPRESS) or action.option_strings == []:
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -30,16 +29,29 @@ def plain(docstring: str | None) -> str:
 
 
 def edgevit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # slow to import: only when asked
+
     try:
         return version("edgevit")
     except PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown (not installed)"
 
 
+class _Version(argparse.Action):
+    """``--version``, reading the installed version only when asked (``--help`` stays fast)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} (edgevit) {edgevit_version()}")
+        parser.exit()
+
+
 def new_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """The root parser of an edgevit command: plain description, defaults shown, ``--version``."""
     root = argparse.ArgumentParser(prog=prog, description=plain(description), formatter_class=HelpFormatter)
-    root.add_argument("--version", action="version", version=f"{prog} (edgevit) {edgevit_version()}")
+    root.add_argument("--version", action=_Version, help="show the version and exit")
     return root
 
 

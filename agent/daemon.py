@@ -49,6 +49,7 @@ EXIT_BAD_START = 2
 RESTART_ONLY = ("device", "state_dir", "engine", "mqtt", "swap", "canary")  # a reload cannot change these
 # Events that change what the retained status says about the engine.
 LIFECYCLE_EVENTS = ("deploy", "verify", "swap", "commit", "revert", "rollback", "fallback")
+LIVE_LINE_COLUMNS = 79  # a terminal of 80 wraps a line that fills it
 INBOX_RESCAN_S = 1.0  # inbox items wait to settle, so the inbox is rescanned, not only watched
 
 
@@ -216,18 +217,6 @@ class Agent:
         if self.lifecycle.previous:
             self.lifecycle.previous.engine.close()
 
-    def live_line(self, snapshot: dict[str, Any]) -> str:
-        cams = snapshot["cameras"]
-        processed = sum(c["processed_fps"] for c in cams.values())
-        lat = snapshot["latency"]
-        states = " ".join(f"{n}={c['state']}" for n, c in cams.items())
-        skipped = sum(c["skipped"] for c in cams.values())
-        shed = sum(c["shed"] for c in cams.values())
-        return (
-            f"{processed:7.1f} frames/s | latency p50 {lat['p50_ms']} ms p99 {lat['p99_ms']} ms "
-            f"| batch {snapshot['decision']['batch']} | skipped {skipped} shed {shed} | {states}"
-        )
-
     def run(self, duration: float | None) -> None:
         port = self.config.metrics.prometheus_port
         if port:
@@ -275,7 +264,7 @@ class Agent:
                         self.publish_status(snapshot)
                         last_publish = now
                     if metrics_cfg.print_every_s and now - last_print >= metrics_cfg.print_every_s:
-                        print(self.live_line(self.metrics.snapshot(self.pipeline)), flush=True)
+                        print(live_line(self.metrics.snapshot(self.pipeline)), flush=True)
                         last_print = now
                     if self.config.exit_when_sources_end and self.pipeline.sources_ended():
                         break
@@ -294,7 +283,33 @@ class Agent:
             self.pipeline.stop(drain=True)
             self.close_engines()
             summary = self.metrics.snapshot(self.pipeline, whole_run=True)
-            print(json.dumps({"summary": summary}), flush=True)
+            # indented for a person at a terminal; one line for whatever reads a pipe or a journal
+            print(json.dumps({"summary": summary}, indent=2 if sys.stdout.isatty() else None), flush=True)
+
+
+def live_line(snapshot: dict[str, Any]) -> str:
+    """Frames/s, latency p50/p99, batch, frames skipped (a camera delivered a newer frame before the engine
+    took the last one) and shed (dropped to hold the latency budget), each camera's state: under 80
+    columns: the cameras are counted when naming each would not fit."""
+    cams = snapshot["cameras"]
+    processed = sum(c["processed_fps"] for c in cams.values())
+    lat = snapshot["latency"]
+    skipped = sum(c["skipped"] for c in cams.values())
+    shed = sum(c["shed"] for c in cams.values())
+    latency = f"p50 {_ms(lat['p50_ms'])} p99 {_ms(lat['p99_ms'])} ms"
+    head = f"{processed:6.1f} fps | {latency} | batch {snapshot['decision']['batch']} | skip {skipped} shed {shed} | "
+    states = " ".join(f"{n}={c['state']}" for n, c in cams.items())
+    if len(head) + len(states) > LIVE_LINE_COLUMNS:
+        connected = sum(c["state"] == "connected" for c in cams.values())
+        states = f"{connected}/{len(cams)} connected"
+    return head + states
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds as the live line shows them: tenths only where they matter."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ class LogProgress(Progress):
         self._log = console
         self._started: dict[TaskID, float] = {}
         self._reported: dict[TaskID, float] = {}
+        self._ended: set[TaskID] = set()  # reported as done: said once
 
     def _line(self, text: str) -> None:
         self._log.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, markup=False, soft_wrap=True)
@@ -44,8 +45,11 @@ class LogProgress(Progress):
     def add_task(self, description: str, start: bool = True, total: float | None = 100.0, **kw: Any) -> TaskID:
         task = super().add_task(description, start=start, total=total, **kw)
         self._started[task] = self._reported[task] = time.monotonic()
-        done = kw.get("completed", 0)
-        self._line(f"{description}: done" if total is not None and done >= total else f"{description} ...")
+        if total is not None and kw.get("completed", 0) >= total:
+            self._ended.add(task)
+            self._line(f"{description}: done")
+        else:
+            self._line(f"{description} ...")
         return task
 
     def update(self, task_id: TaskID, **kw: Any) -> None:  # type: ignore[override]
@@ -53,8 +57,10 @@ class LogProgress(Progress):
         task = next(t for t in self.tasks if t.id == task_id)
         now = time.monotonic()
         finished = task.total is not None and task.completed >= task.total
-        if not finished and now - self._reported[task_id] < REPORT_EVERY_S:
+        if task_id in self._ended or (not finished and now - self._reported[task_id] < REPORT_EVERY_S):
             return
+        if finished:
+            self._ended.add(task_id)
         self._reported[task_id] = now
         elapsed = now - self._started[task_id]
         count = f" {task.completed:g}/{task.total:g}" if task.total not in (None, 1) else ""
@@ -91,5 +97,7 @@ def counter(progress: Progress, description: str) -> Callable[[int, int], None]:
 
 
 def note(progress: Progress, description: str) -> None:
-    """A step already done when reported: one line in the progress display."""
-    progress.add_task(description, total=1, completed=1)
+    """A step already done when reported: one line in the progress display, its clock stopped (rich stops a
+    task's clock only in ``update``)."""
+    task = progress.add_task(description, total=1, completed=1)
+    progress.update(task, completed=1)

@@ -101,7 +101,8 @@ def summary(devices: list[Device]) -> dict[str, Any]:
 
 
 def rollout_view(state_dir: Path) -> dict[str, Any] | None:
-    """The latest rollout, wave by wave: each wave's counts by outcome and its devices, failures first.
+    """The latest rollout, wave by wave: each wave's counts by outcome and its devices, failures first, and
+    each failed device's reason.
 
     A wave lists at most :data:`WAVE_DEVICES` devices (a 25 % wave of a large fleet is thousands);
     devices the rollout did not select are only counted.
@@ -122,6 +123,7 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
             "counts": dict(collections.Counter(t.state for t in targets)),
             "devices": [{"device": t.device, "state": t.state, "detail": t.detail} for t in targets[:WAVE_DEVICES]],
         })  # fmt: skip
+    failed = sorted((t for t in r.targets if t.state in (FAILED, ROLLED_BACK) and t.detail), key=lambda t: t.device)
     return {
         "id": r.id,
         "bundle_id": r.bundle_id,
@@ -130,6 +132,8 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
         "counts": r.counts(),
         "not_selected": sum(1 for t in r.targets if t.wave < 0),
         "waves": view,
+        # why devices failed, in the devices' own words where they gave them (shown as text, never markup)
+        "failures": [{"device": t.device, "state": t.state, "detail": t.detail} for t in failed[:WAVE_DEVICES]],
     }
 
 

@@ -58,7 +58,7 @@ class Status:
     fps: float | None = None
     p99_ms: float | None = None
     drift: dict[str, float | None] = field(default_factory=dict)
-    last_event: dict[str, str | None] = field(default_factory=dict)
+    last_event: dict[str, Any] = field(default_factory=dict)
     last_canary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -74,7 +74,7 @@ class Status:
             number(payload.get("fps")),
             number(payload.get("p99_ms")),
             {k: number(drift.get(k)) for k in ("class_mix_distance", "confidence_drift")},
-            {"event": text(last.get("event")), "bundle_id": text(last.get("bundle_id"))},
+            {"event": text(last.get("event")), "bundle_id": text(last.get("bundle_id")), "ok": last.get("ok") is True},
             {
                 "bundle_id": text(canary.get("bundle_id")),
                 "verdict": text(canary.get("verdict")),

@@ -504,6 +504,34 @@ class Runner:
         return back
 
 
+def rollback_plan(devices: dict[str, Device], to: str | None) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Which selected devices a ``rollback`` goes to and where (None: each one's previous), and why the
+    others are left as they are.
+
+    With ``to``, every device goes to that installed bundle, whatever it ran before: the explicit way
+    to re-apply anything. Without it, a device goes back to its previous engine, except when there is
+    none, or when its last change was itself a successful rollback (a halted rollout's, or an
+    operator's): its previous engine is then the very bundle it was taken off, and going "back" would
+    re-apply what was just removed.
+    """
+    if to:
+        return dict.fromkeys(sorted(devices), to), {}
+    wanted: dict[str, str | None] = {}
+    skipped: dict[str, str] = {}
+    for name in sorted(devices):
+        engine, last = devices[name].engine, devices[name].status.last_event
+        if not engine.previous:
+            skipped[name] = "no previous engine to go back to"
+        elif last.get("event") == "rollback" and last.get("ok") and last.get("bundle_id") == engine.active:
+            skipped[name] = (
+                f"already rolled back to {engine.active}; its previous engine {engine.previous} is the one it was "
+                f"taken off (--to {engine.previous} re-applies it)"
+            )
+        else:
+            wanted[name] = None
+    return wanted, skipped
+
+
 def roll_back(
     link: FleetLink, wanted: dict[str, str | None], timeout_s: float, report: Callable[[str], None]
 ) -> dict[str, tuple[bool, str]]:

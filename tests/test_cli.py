@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.engine.device import DeviceInfo, full_range_int8_exact
+
 from conftest import SMALL_MIXER, SMALL_VIT
 
 
@@ -55,9 +57,8 @@ def test_verification_failure_exit_code(write_checkpoint: Callable[..., Path], t
     assert json.loads((tmp_path / "out" / "verification.json").read_text())["passed"] is False
 
 
-def test_demo_main_job(tmp_path: Path) -> None:
-    proc = build("demo", "--out", tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_demo_main_job(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    tmp_path, proc = demo_run
     for name in ("vit-digits", "mixer-digits"):
         assert re.search(rf"{name}: held-out top-1 \d+\.\d\d% on \d+ digits", proc.stdout)
         assert (tmp_path / name / "model.onnx").is_file()
@@ -72,7 +73,8 @@ def test_demo_main_job(tmp_path: Path) -> None:
     assert "all files intact, runs on this device" in inspect.stdout and "golden set passed" in inspect.stdout
     # each candidate's recipe: method, calibration, smoothing (the demo model has no outliers to smooth)
     assert "int8 static (minmax)" in inspect.stdout and "int8 dynamic" in inspect.stdout
-    assert "static-qdq-u8s8" in inspect.stdout and ("no smoothing" in inspect.stdout or "α=" in inspect.stdout)
+    scheme = "u8s8" if full_range_int8_exact(DeviceInfo.probe()) else "u8s7"  # --int8-cpu auto: as this CPU
+    assert f"static-qdq-{scheme}" in inspect.stdout and ("no smoothing" in inspect.stdout or "α=" in inspect.stdout)
     # the whole passport: the gate, latency per batch size, the recipe of what ships
     assert re.search(r"gate: top-1 drop ≤ 1 pts, agreement ≥ 99%; passed", inspect.stdout)
     assert "latency per batch size" in inspect.stdout and "engine: " in inspect.stdout

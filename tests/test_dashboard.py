@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 
-from fleet.cli import _table
+from fleet.commands import _table
 from fleet.dashboard import Dashboard, MetricsHistory
 from fleet.link import Broker, FleetLink
 
@@ -160,3 +160,46 @@ def test_status_at_scale_summaries_pages_and_watched_changes(mosquitto: int, tmp
     finally:
         watch.kill()
         watch.wait()
+
+
+def test_the_page_says_why_each_device_failed(mosquitto: int, tmp_path: Path) -> None:
+    """A halted rollout's failed devices, each with its reason on the page, as text (a real headless Chromium)."""
+    from browser import headless_chromium
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from fleet.rollout import Rollout, Target
+
+    from conftest import free_port
+
+    state = tmp_path / "controller"
+    rollout = Rollout.new("vit-v3", {"url": "u"}, {}, max_failures_pct=0, timeout_s=60, rollback_on_halt=True)
+    reason = "reverted: top-1 agreement 80.00% under 97.00% <img src=x onerror=alert(1)>"
+    rollout.targets = [Target("d0", 0, "failed", detail=reason), Target("d1", 1, "pending")]
+    rollout.state = "halted"
+    rollout.save(state)
+    port = free_port()
+    command = [sys.executable, "-m", "fleet.cli", "dashboard", "--port", str(mosquitto), "--state-dir", str(state)]
+    page = subprocess.Popen([*command, "--http-port", str(port)], stdout=subprocess.DEVNULL)
+    browser = headless_chromium()
+    try:
+        wait_until_serving(port)
+        browser.get(f"http://127.0.0.1:{port}/")
+        script = "return Array.from(document.querySelectorAll('#failures li')).map(li => li.innerText);"
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(script))
+        assert browser.execute_script(script) == [f"d0 (failed): {reason}"]
+        assert not browser.execute_script("return document.querySelectorAll('#rollout img').length")
+    finally:
+        browser.quit()
+        page.terminate()
+        page.wait()
+
+
+def wait_until_serving(port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"the dashboard did not answer on port {port}")

@@ -185,6 +185,7 @@ def test_a_killed_controller_resumes(fleet: Fleet) -> None:
 
 ROWS = """return Array.from(document.querySelectorAll('#devices tbody tr'))
     .map(tr => [tr.dataset.device, Array.from(tr.querySelectorAll('td')).map(td => td.innerText.trim())]);"""
+SPARK_SCALES = "return Array.from(document.querySelectorAll('svg.spark text'), t => t.textContent);"
 SPARK_POINTS = "return Array.from(document.querySelectorAll('svg.spark')).map(s => Number(s.dataset.points));"
 ROLLOUT_TEXT = """return [(document.querySelector('.rollout-head') || {innerText: ''}).innerText,
     Array.from(document.querySelectorAll('#waves tr'))
@@ -221,6 +222,8 @@ def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path:
             assert float(cells[6]) > 0  # fps
         assert all(rows[f"b-{i}"][9].startswith("commit") for i in range(1, 5)), "the last canary verdict"
         assert browser.find_elements(By.CSS_SELECTOR, "svg.spark polyline")
+        scales = browser.execute_script(SPARK_SCALES)
+        assert any(s.endswith(" peak") for s in scales) and any(s.endswith(" fps now") for s in scales), scales
         # the latest rollout (site b to v3, one device a wave), wave by wave with each device's outcome
         head, waves, cards = browser.execute_script(ROLLOUT_TEXT)
         assert "vit-digits-v3" in head and "completed" in head
@@ -260,3 +263,16 @@ def test_rollback_by_selection(fleet: Fleet) -> None:
     status = fleet.status()
     assert all(status[f"b-{i}"]["active"] != "vit-digits-v3" for i in range(1, 5))
     assert "b-1: rolled back" in done.stdout
+
+
+def test_a_second_rollback_leaves_rolled_back_devices_and_to_reapplies(fleet: Fleet) -> None:
+    """After a rollback (an operator's or a halted rollout's), each device's previous engine is the bundle it was
+    taken off: a plain rollback leaves it alone and says so; --to re-applies that bundle on purpose."""
+    again = fleet.cli("rollback", "--select", "site=b")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "b-1: left as it is: already rolled back to" in again.stdout
+    assert "rolled back to" not in again.stdout.replace("already rolled back to", ""), "nothing was sent"
+    assert all(row["previous"] == "vit-digits-v3" for name, row in fleet.status().items() if name.startswith("b-"))
+    reapplied = fleet.cli("rollback", "--select", "device=b-1", "--to", "vit-digits-v3")
+    assert reapplied.returncode == 0 and "b-1: rolled back to vit-digits-v3" in reapplied.stdout, reapplied.stdout
+    assert fleet.status()["b-1"]["active"] == "vit-digits-v3"

@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 
 from agent.lifecycle.failpoints import FLEET_STEPS
-from fleet.cli import _table, changes, summary_table
+from fleet.commands import _table, changes, summary_table
 from fleet.link import Broker, Device, FleetLink
 from fleet.records import Event, Reply, Status
 from fleet.rollout import FAILED, SUCCEEDED, Rollout, RolloutFileError, Runner, list_rollouts, repair_journal

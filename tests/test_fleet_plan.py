@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from agent.config import AgentConfig, CameraConfig, MQTTConfig
 from agent.control.commands import MAX_COMMAND_BYTES
 from builder.pack import pack_bundle
-from fleet.cli import FleetError, bundle_reference, main
+from fleet.cli import main
+from fleet.commands import FleetError, bundle_reference
 from fleet.link import Device
 from fleet.protocol import AWS_MAX_PAYLOAD_BYTES, AWS_MAX_TOPIC_BYTES, AWS_MAX_TOPIC_SLASHES
 from fleet.records import Status

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import re
 import shutil
@@ -60,7 +62,40 @@ def test_every_engine_option_has_help_and_its_default() -> None:
         entry = re.search(rf"^  {option} \S+\s+(.+)$", text, re.M)
         assert entry and f"(default: {default})" in entry.group(1), option
     fleet = command("edgevit-fleet", "serve", "--help", COLUMNS="200").stdout
-    assert re.search(r"--bind BIND\s+address to listen on .*\(default: 0\.0\.0\.0\)", fleet)
+    assert re.search(r"--bind BIND\s+address to listen on .*\(default: 127\.0\.0\.1\)", fleet)
+
+
+def _commands(root: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("module", ["builder.cli", "fleet.cli"])
+def test_every_argument_has_help_and_each_default_once(module: str) -> None:
+    root = importlib.import_module(module).parser()
+    for name, cmd in _commands(root).items():
+        for action in cmd._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{module} {name} {action.dest} has no help"
+        text = cmd.format_help()
+        assert "(default: )" not in text
+        assert not re.search(r"\(default:? [^)]*\)\s*\(default", text), f"{name}: a default shown twice"
+
+
+def test_only_commands_that_send_commands_offer_signing() -> None:
+    import fleet.cli
+
+    commands = _commands(fleet.cli.parser())
+    signing = {name for name, cmd in commands.items() if any("--sign" in a.option_strings for a in cmd._actions)}
+    assert signing == {"deploy", "resume", "rollback"}
+
+
+def test_fleet_help_loads_nothing_heavy() -> None:
+    """``edgevit-fleet --help`` is what an operator types first: the parser alone, no numpy, rich or MQTT."""
+    heavy = "{'numpy', 'rich', 'paho', 'pydantic', 'cv2', 'importlib.metadata'}"
+    code = f"import sys; from fleet.cli import parser; parser(); print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_builder_help_does_not_load_jax() -> None:
@@ -117,3 +152,29 @@ def test_passport_fits_80_columns(demo_bundle: Path) -> None:
     for candidate in passport["candidates"]:
         assert candidate["label"] in text  # each label whole, on one line
     assert "1.00×" in text  # the re-measured column beside the built one
+
+
+def _snapshot(cameras: dict[str, str]) -> dict:
+    cams = {n: {"processed_fps": 10.0, "skipped": 1, "shed": 0, "state": state} for n, state in cameras.items()}
+    return {"cameras": cams, "latency": {"p50_ms": 123.45, "p99_ms": 1234.56}, "decision": {"batch": 8}}
+
+
+def test_the_agent_live_line_fits_80_columns() -> None:
+    from agent.daemon import live_line
+
+    one = live_line(_snapshot({"digits": "connected"}))
+    assert one.endswith("| digits=connected") and len(one) < 80
+    many = live_line(_snapshot({f"camera-{i:02d}": "connected" if i % 4 else "reconnecting" for i in range(12)}))
+    assert many.endswith("| 9/12 connected") and len(many) < 80
+    assert len(live_line(_snapshot({"c" * 64: "connected"}))) < 80
+
+
+def test_finished_steps_stop_their_clocks() -> None:
+    """A step, a counter and a note, each finished: their elapsed times no longer run, their spinners stop."""
+    progress = make_progress(Console(width=80, force_terminal=True, file=open(os.devnull, "w")))  # noqa: SIM115
+    with step(progress, "exporting"):
+        pass
+    counter(progress, "calibrating")(4, 4)
+    note(progress, "scored a recipe")
+    time.sleep(1.2)
+    assert all(task.finished and task.finished_time is not None and task.finished_time < 1 for task in progress.tasks)

@@ -180,7 +180,10 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._lock:
             self.connected = False
-        log.warning("MQTT disconnected (%s); reconnecting", reason)
+        if self._stop.is_set():  # our own disconnect at shutdown: nothing to reconnect
+            log.info("MQTT disconnected at shutdown")
+        else:
+            log.warning("MQTT disconnected (%s); reconnecting", reason)
 
     @_guarded
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
