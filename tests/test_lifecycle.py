@@ -40,11 +40,14 @@ from fleet.serve import BundleServer
 CANARY = {
     "window_s": 6,
     # a slow engine serves fewer frames: its window lasts until enough pairs are timed; and a damaged one
-    # needs about five blocks of evidence to be proven worse at alpha 0.005 (ten seconds on a loaded machine)
+    # needs five blocks of evidence to be proven worse at alpha 0.005
     "min_frames": 120,
     "shadow_every": 1,
     "latency_every": 1,
+    # one-second blocks: a damaged engine disagrees all the time, which the block rule reads as long runs
+    # of correlated disagreement and answers with ever longer blocks (tested in test_canary_rules.py)
     "block_s": 1.0,
+    "max_block_s": 1.0,
     "latency_quantile": 0.5,  # the median: a few pairs decide in a short window (p90 needs about a hundred)
     "max_latency_ratio": 2.0,
     "latency_slack_ms": 5.0,  # scheduling noise on a shared two-core machine; the slow bundle adds far more
