@@ -64,17 +64,26 @@ def _figure(value: Any, digits: int) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> Table:
-    """One device per row; its labels and last event on lines under its name, a canary under its engine."""
-    table = narrow_table("device", "state", "engine", "fps", "p99 ms", "agree", "drift")
+    """One device per row. Its name heads a column that also holds its labels, its engine, a canary and its
+    last event, each on a line of its own: bundle ids run to 35 characters, which a column of their own
+    beside the figures would break mid-token at 80 columns."""
+    figures = [Column(h, width=w, no_wrap=True) for h, w in (("state", 7), ("fps", 5), ("p99 ms", 6), ("agree", 5))]
+    table = Table(
+        Column("device", overflow="fold"), *figures, Column("drift", width=5, no_wrap=True),
+        box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False,
+    )  # fmt: skip
     for r in rows:
-        labels = markup(",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())))
-        last = r["last_event"] and f"[dim]{markup(r['last_event'])}[/]"
-        who = "\n".join(filter(None, [markup(r["device"]), f"[dim]{labels}[/]" if labels else "", last]))
-        engine = markup(r["active"] or "-") + (f"\n[yellow]canary {markup(r['canary'])}[/]" if r["canary"] else "")
+        labels = markup(", ".join(f"{k}={v}" for k, v in sorted(r["labels"].items())))
+        last = r["last_event"] or ""
+        if r["active"] and last.endswith(f" {r['active']}"):  # about the engine named above: the event alone
+            last = last[: -len(r["active"]) - 1]
+        canary = r["canary"] and f"[yellow]canary {markup(r['canary'])}[/]"
+        lines = [f"[bold]{markup(r['device'])}[/]", labels and f"[dim]{labels}[/]"]
+        lines += [f"engine {markup(r['active'] or '-')}", canary, last and f"[dim]last: {markup(last)}[/]"]
         state = "[green]online[/]" if r["state"] == "online" else "[red]offline[/]"
         table.add_row(
-            who, state, engine, _figure(r["fps"], 1), _figure(r["p99_ms"], 1), _figure(r["agreement"], 3),
-            _figure(r["class_mix_distance"], 3),
+            "\n".join(filter(None, lines)), state, _figure(r["fps"], 1), _figure(r["p99_ms"], 1),
+            _figure(r["agreement"], 3), _figure(r["class_mix_distance"], 3),
         )  # fmt: skip
     return table
 
@@ -305,14 +314,14 @@ def run_history(args: argparse.Namespace, console: Console) -> int:
         for problem in problems:
             print(f"skipped {printable(problem)}", file=sys.stderr)
         return 0
-    table = narrow_table("rollout", "bundle", "state", "outcomes")
+    table = narrow_table("rollout, bundle", "state", "outcomes")  # the bundle id under the rollout's: both whole
     for r in rollouts:
         c = r.counts()
         outcomes = (
             f"{c[SUCCEEDED]} succeeded, {c[FAILED]} failed, {c['rolled-back']} rolled back, {c['skipped']} skipped, "
             f"{c['pending']} untouched"
         )
-        table.add_row(markup(r.id), markup(r.bundle_id), r.state, outcomes)
+        table.add_row(f"{markup(r.id)}\n[dim]{markup(r.bundle_id)}[/]", r.state, outcomes)
     console.print(table)
     for problem in problems:
         console.print(f"skipped {printable(problem)}", markup=False)

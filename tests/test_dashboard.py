@@ -130,8 +130,15 @@ def test_status_table_reads_at_80_columns() -> None:
     lines = console.export_text().splitlines()
     assert max(map(len, lines)) <= 80
     header = next(line for line in lines if "device" in line)
-    assert all(h in header for h in ("device", "state", "engine", "fps", "p99 ms", "agree", "drift"))
-    assert "site-a-device-0001" in console.export_text() or "site-a-device-000" in lines[3]
+    assert all(h in header for h in ("device", "state", "fps", "p99 ms", "agree", "drift"))
+    text = "\n".join(lines)
+    for whole in ("site-a-device-0001", "engine vit-digits-1-cpu-bf16-int8-3b34d1e3", "hardware=orin-nx, site=a"):
+        assert whole in text, whole  # never broken mid-token
+    assert "canary vit-digits-2-cpu-int8-aa" in text and "last: commit vit-digits-1" in text
+    console = Console(width=80, record=True, color_system=None, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(_table([{**row, "last_event": "commit vit-digits-1-cpu-bf16-int8-3b34d1e3", "canary": None}]))
+    shown = [line.strip() for line in console.export_text().splitlines()]
+    assert "last: commit" in shown, "an event about the engine named above names it once"
 
 
 def test_status_at_scale_summaries_pages_and_watched_changes(mosquitto: int, tmp_path: Path) -> None:
