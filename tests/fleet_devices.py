@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet.link import Broker, FleetLink
+from fleet.rollout import Rollout, Runner
 
 
 class SimulatedDevice:
@@ -76,3 +80,21 @@ class SimulatedDevice:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def run_rollout(
+    mosquitto: int, folder: Path, devices: list[SimulatedDevice], canary: str, step: str, timeout_s: float
+) -> tuple[Rollout, list[str]]:
+    """A rollout of bundle ``new`` to every device on the broker, halting at the first failure and rolling
+    back; (the rollout as it ended, its progress lines). The devices are closed afterwards."""
+    link = FleetLink(Broker("127.0.0.1", mosquitto)).connect()
+    lines: list[str] = []
+    try:
+        rollout = Rollout.new("new", {"url": "u"}, {}, max_failures_pct=0, timeout_s=timeout_s, rollback_on_halt=True)
+        runner = Runner(rollout, link, folder, lines.append)
+        runner.plan(canary, step)
+        return runner.run(), lines
+    finally:
+        link.close()
+        for device in devices:
+            device.close()

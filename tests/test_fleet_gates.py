@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_devices import SimulatedDevice
+from fleet_devices import SimulatedDevice, run_rollout
 
 from fleet.gates import binomial_tail, chance_failures, failures_note, pool_of, pooled_verdict, wave_alpha
-from fleet.link import Broker, FleetLink
 from fleet.records import Event
-from fleet.rollout import Rollout, Runner
 
 
 def test_chance_explains_a_few_false_reverts_in_a_large_wave() -> None:
@@ -71,18 +69,8 @@ def test_a_wave_whose_pooled_evidence_shows_a_regression_halts(
 ) -> None:
     rng = np.random.default_rng(7)
     devices = [SimulatedDevice(mosquitto, f"d{i:02d}", pool=blocks(rng, agreement)) for i in range(10)]
-    link = FleetLink(Broker("127.0.0.1", mosquitto)).connect()
-    lines: list[str] = []
-    try:
-        rollout = Rollout.new("new", {"url": "u"}, {}, max_failures_pct=0, timeout_s=30, rollback_on_halt=True)
-        runner = Runner(rollout, link, tmp_path, lines.append)
-        runner.plan("10", "100%")
-        started = time.monotonic()
-        done = runner.run()
-    finally:
-        link.close()
-        for device in devices:
-            device.close()
+    started = time.monotonic()
+    done, lines = run_rollout(mosquitto, tmp_path, devices, "10", "100%", timeout_s=30)
     out = "\n".join(lines)
     assert time.monotonic() - started < 30
     assert "wave 0: 0 of 10 failed; with canary.alpha 0.01, chance alone gives up to 1" in out, out

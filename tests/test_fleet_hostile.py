@@ -21,7 +21,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_devices import SimulatedDevice
+from fleet_devices import SimulatedDevice, run_rollout
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -336,17 +336,7 @@ def test_a_lost_broker_interrupts_the_rollout_cleanly_and_it_resumes(tmp_path: P
 
 def test_a_halt_whose_rollbacks_are_refused_is_not_recorded_as_rolled_back(mosquitto: int, tmp_path: Path) -> None:
     devices = [SimulatedDevice(mosquitto, "d0", "refuses_rollback"), SimulatedDevice(mosquitto, "d1", "dead")]
-    link = FleetLink(Broker("127.0.0.1", mosquitto)).connect()
-    lines: list[str] = []
-    try:
-        rollout = Rollout.new("new", {"url": "u"}, {}, max_failures_pct=0, timeout_s=4, rollback_on_halt=True)
-        runner = Runner(rollout, link, tmp_path, lines.append)
-        runner.plan("2", "1")
-        done = runner.run()
-    finally:
-        link.close()
-        for device in devices:
-            device.close()
+    done, lines = run_rollout(mosquitto, tmp_path, devices, "2", "1", timeout_s=4)
     assert done.state == "halted", lines
     assert "d0: rollback refused: there is no previous engine" in lines
     assert "1 of 1 updated devices could not be rolled back" in lines
