@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +13,17 @@ EXIT_BAD_INPUT, EXIT_HALTED = 2, 5
 
 
 def _connection(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--host", default="127.0.0.1", help="MQTT broker (a cluster's load balancer works the same)")
-    cmd.add_argument("--port", type=int, default=1883, help="MQTT broker port (8883 is the usual TLS port)")
+    cmd.add_argument(
+        "--host",
+        default=os.environ.get("EDGEVIT_MQTT_HOST", "127.0.0.1"),
+        help="MQTT broker, or $EDGEVIT_MQTT_HOST (a cluster's load balancer works the same)",
+    )
+    cmd.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("EDGEVIT_MQTT_PORT", "1883"),
+        help="MQTT broker port, or $EDGEVIT_MQTT_PORT (8883 is the usual TLS port)",
+    )
     cmd.add_argument("--prefix", default="edgevit", help="the agents' mqtt.prefix")
     cmd.add_argument("--username", help="MQTT user name")
     cmd.add_argument(
@@ -26,7 +36,12 @@ def _connection(cmd: argparse.ArgumentParser) -> None:
 
 
 def _state_dir(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--state-dir", type=Path, default=Path.home() / ".edgevit-fleet", help="rollouts are kept here")
+    cmd.add_argument(
+        "--state-dir",
+        type=Path,
+        default=os.environ.get("EDGEVIT_FLEET_STATE", str(Path.home() / ".edgevit-fleet")),
+        help="rollouts are kept here, or in $EDGEVIT_FLEET_STATE",
+    )
 
 
 def _signing(cmd: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """``make fleet-demo`` as a user runs it: a broker, three agents, a staged rollout of the Mixer bundle to them,
-the dashboard left up, and ``make fleet-demo-stop`` ending it all. The demo's bundles come from the one run of
-``edgevit-build demo`` the suite shares; the canary window is shortened, the rest is what the Makefile runs."""
+the dashboard left up, the documents' fleet commands run against it as written, and ``make fleet-demo-stop``
+ending it all. The demo's bundles come from the one run of ``edgevit-build demo`` the suite shares; the canary
+window is shortened, the rest is what the Makefile runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from doc_commands import RUN_BY, listed, run_block, sandbox, shell_blocks
+
 
 def fleet_demo(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -19,9 +22,9 @@ def fleet_demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_fleet_demo_rolls_out_and_stops(demo_run, tmp_path: Path) -> None:
-    demo, _ = demo_run
-    out = tmp_path / "fleet-demo"
-    started = fleet_demo("start", "--demo", str(demo), "--out", str(out), "--canary-s", "20")
+    root = sandbox(tmp_path / "clone", demo_run[0])
+    out = root / "out" / "fleet-demo"
+    started = fleet_demo("start", "--demo", str(root / "out" / "demo"), "--out", str(out), "--canary-s", "20")
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert "rollout completed" in started.stdout and "completed: 3 devices run mixer-digits" in started.stdout
@@ -32,6 +35,10 @@ def test_the_fleet_demo_rolls_out_and_stops(demo_run, tmp_path: Path) -> None:
         assert fleet["summary"]["devices"] == 3 and fleet["rollout"]["state"] == "completed"
         pids = json.loads((out / "pids.json").read_text())
         assert set(pids) == {"mosquitto", "serve", "lab-1", "lab-2", "lab-3", "dashboard"}
+        (block,) = [b for b in shell_blocks() if listed(b, RUN_BY) == "source out/fleet-demo/fleet.env"]
+        done = run_block(block, root)
+        assert done.returncode == 0, f"{block.where}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        assert "rolled back" in done.stdout and "completed" in done.stdout, done.stdout
     finally:
         stopped = fleet_demo("stop", "--out", str(out))
     assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped"
