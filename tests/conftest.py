@@ -1,12 +1,20 @@
-"""Shared helpers: checkpoints written by the tests themselves in the published layout."""
+"""Shared fixtures (checkpoints written by the tests themselves in the published layout, the demo's builds,
+a real broker), and the test tiers.
+
+Tiers: a test is ``integration`` when it needs the demo build, a broker or real processes, and
+``browser`` when it drives Chromium. Both are marked here from the fixtures a test uses, so a new test
+cannot forget; a test outside them that starts a service anyway fails and says which marker it lacks.
+``make test-fast`` runs the rest (the unit tier); ``make test`` runs everything.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +22,42 @@ import pytest
 from builder.architecture import MixerConfig, ModelConfig, ViTConfig
 from builder.checkpoint import save_checkpoint
 from builder.models import init_params
+
+# What puts a test in a tier: fixtures (their own, or through the fixtures they use).
+INTEGRATION_FIXTURES = {"demo_exports", "demo_bundle", "demo_run", "digits_video", "mosquitto"}
+BROWSER_FIXTURES = {"chromium"}
+# Programs the unit tier never starts (its guard below): services, agents, controllers, browsers.
+SERVICES = ("mosquitto", "chromium", "chromedriver", "agent.daemon", "edgevit-agent", "edgevit-fleet", "fleet.",
+            "rtsp_server", "gst-rtsp", "builder.cli")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+        if used & (INTEGRATION_FIXTURES | BROWSER_FIXTURES):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test that starts a service fails at once, naming the marker it lacks."""
+    if request.node.get_closest_marker("integration"):
+        return
+    original = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        command = " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
+        if any(service in command for service in SERVICES):
+            raise AssertionError(
+                f"{request.node.nodeid} starts {command[:120]!r}: use a fixture of the integration tier "
+                f"({', '.join(sorted(INTEGRATION_FIXTURES))}) or mark it @pytest.mark.integration"
+            )
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
 
 # Small members of each family the original repository defines: same structure,
 # fewer channels, so a real export takes seconds.
@@ -88,6 +132,16 @@ def digits_video(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("video") / "digits.mp4"
     write_labelled_video(path, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz")[:120])
     return path
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    """A real headless Chromium, driven through WebDriver; quit after the test."""
+    from browser import headless_chromium
+
+    browser = headless_chromium()
+    yield browser
+    browser.quit()
 
 
 def free_port() -> int:

@@ -169,9 +169,8 @@ def test_status_at_scale_summaries_pages_and_watched_changes(mosquitto: int, tmp
         watch.wait()
 
 
-def test_the_page_says_why_each_device_failed(mosquitto: int, tmp_path: Path) -> None:
+def test_the_page_says_why_each_device_failed(mosquitto: int, tmp_path: Path, chromium) -> None:
     """A halted rollout's failed devices, each with its reason on the page, as text (a real headless Chromium)."""
-    from browser import headless_chromium
     from selenium.webdriver.support.ui import WebDriverWait
 
     from fleet.rollout import Rollout, Target
@@ -187,7 +186,7 @@ def test_the_page_says_why_each_device_failed(mosquitto: int, tmp_path: Path) ->
     port = free_port()
     command = [sys.executable, "-m", "fleet.cli", "dashboard", "--port", str(mosquitto), "--state-dir", str(state)]
     page = subprocess.Popen([*command, "--http-port", str(port)], stdout=subprocess.DEVNULL)
-    browser = headless_chromium()
+    browser = chromium
     try:
         wait_until_serving(port)
         browser.get(f"http://127.0.0.1:{port}/")
@@ -196,7 +195,6 @@ def test_the_page_says_why_each_device_failed(mosquitto: int, tmp_path: Path) ->
         assert browser.execute_script(script) == [f"d0 (failed): {reason}"]
         assert not browser.execute_script("return document.querySelectorAll('#rollout img').length")
     finally:
-        browser.quit()
         page.terminate()
         page.wait()
 

@@ -26,7 +26,6 @@ from agent_helpers import (
     wait_for_port,
     write_config,
 )
-from browser import headless_chromium
 from engine_variants import slow_down
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -198,7 +197,7 @@ def page_rows(browser) -> dict[str, list[str]]:
     return dict(browser.execute_script(ROWS))
 
 
-def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path: Path) -> None:
+def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path: Path, chromium) -> None:
     """A real headless Chromium on ``edgevit-fleet dashboard``: every device, the last rollout, the charts."""
     http_port = free_port()
     page = subprocess.Popen(
@@ -206,7 +205,7 @@ def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path:
     )
     wait_for_port(http_port, page)  # type: ignore[arg-type]
     status = fleet.status()
-    browser = headless_chromium()
+    browser = chromium
     try:
         browser.get(f"http://127.0.0.1:{http_port}/")
         # the page redraws every 2 s: each look at it is one script, so no element it reads can go stale
@@ -231,7 +230,6 @@ def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path:
         assert "10\ndevices" in cards and "10\nonline" in cards
         browser.save_screenshot(str(os.environ.get("EDGEVIT_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png"))
     finally:
-        browser.quit()
         page.terminate()
         page.wait()
 

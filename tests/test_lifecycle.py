@@ -1,7 +1,7 @@
 """Engine lifecycle through a real broker and a real agent: deploy, refuse, swap, canary, revert, rollback.
 
-One agent serves two looping cameras for the whole module; the tests run in order and
-each starts from the engine the previous one left active.
+One agent serves two looping cameras for the whole module (starting one costs seconds); each test first
+puts it on the engine it needs (``serving``), so the tests pass in any order and alone.
 """
 
 from __future__ import annotations
@@ -124,6 +124,28 @@ def device(tmp_path_factory, demo_bundle, signing_key, digits_video) -> Iterator
         yield op
 
 
+def serving(device: Operator, bundle: Path) -> str:
+    """Put the device on ``bundle``'s engine, whatever an earlier test left (a canary included); its id.
+
+    An installed bundle comes back by ``rollback``; another is deployed and committed."""
+    wanted = verify_bundle(bundle, None).bundle_id
+    if "canary" in status(device)["lifecycle"]:
+        reset = f"reset-{time.monotonic_ns()}"
+        assert device.send({"id": reset, "cmd": "rollback"})["ok"]
+        device.wait_event("revert", rollback_command_id=reset)
+    if status(device)["engine"] == wanted:
+        return wanted
+    reset = f"reset-{time.monotonic_ns()}"
+    installed = {b["bundle_id"] for b in device.send({"id": f"{reset}-list", "cmd": "list"})["result"]["bundles"]}
+    if wanted in installed:
+        assert device.send({"id": reset, "cmd": "rollback", "bundle": wanted})["ok"]
+        assert device.wait_event("rollback", command_id=reset)["ok"]
+    else:
+        deploy(device, reset, path=str(bundle))
+        device.wait_event("commit", command_id=reset)
+    return wanted
+
+
 def status(device: Operator) -> dict:
     return device.send({"id": f"status-{time.monotonic_ns()}", "cmd": "status"})["result"]
 
@@ -167,8 +189,8 @@ def test_deploy_reference_is_validated(device: Operator) -> None:
     assert not bad["ok"] and "'bundle.sha256' must be" in bad["error"]
 
 
-def test_good_bundle_swaps_with_frames_flowing_then_commits(device: Operator, bundles) -> None:
-    old = status(device)["engine"]
+def test_good_bundle_swaps_with_frames_flowing_then_commits(device: Operator, bundles, demo_bundle) -> None:
+    old = serving(device, demo_bundle)
     new = verify_bundle(bundles["good"], None).bundle_id
     deploy(device, "good-1", path=str(bundles["good"]))
     verified = device.wait_event("verify", command_id="good-1")
@@ -198,8 +220,8 @@ def test_good_bundle_swaps_with_frames_flowing_then_commits(device: Operator, bu
         assert camera["counts"]["failed"] == 0, [e for e in device.events if e["event"] == "engine"]
 
 
-def test_slower_bundle_is_reverted_in_its_canary_and_may_be_tried_again(device: Operator, bundles) -> None:
-    active = status(device)["engine"]
+def test_slower_bundle_is_reverted_in_its_canary_and_may_be_tried_again(device: Operator, bundles, demo_bundle) -> None:
+    active = serving(device, demo_bundle)
     deploy(device, "slow-1", path=str(bundles["slow"]))
     device.wait_event("swap", command_id="slow-1")
     revert = device.wait_event("revert", command_id="slow-1")
@@ -214,9 +236,11 @@ def test_slower_bundle_is_reverted_in_its_canary_and_may_be_tried_again(device: 
     assert device.wait_event("revert", command_id="slow-2")["rule"] == "latency"
 
 
-def test_damaged_bundle_is_reverted_in_its_canary(device: Operator, bundles) -> None:
+def test_damaged_bundle_is_reverted_in_its_canary_and_not_retried_unless_forced(
+    device: Operator, bundles, demo_bundle
+) -> None:
     """Its passport promises the good build's agreement; its engine computes something a few points worse."""
-    active = status(device)["engine"]
+    active = serving(device, demo_bundle)
     deploy(device, "damaged-1", path=str(bundles["damaged"]))
     revert = device.wait_event("revert", command_id="damaged-1")
     assert revert["rule"] == "agreement" and revert["refused_later"]
@@ -224,9 +248,14 @@ def test_damaged_bundle_is_reverted_in_its_canary(device: Operator, bundles) -> 
     evidence = revert["verdict"]["rules"]["agreement"]
     assert evidence["bound"] < evidence["limit"] and evidence["units"] >= 2 and evidence["alpha"] == 0.005
     assert status(device)["engine"] == active
+    deploy(device, "damaged-2", path=str(bundles["damaged"]))
+    event = device.wait_event("deploy", command_id="damaged-2")
+    assert not event["ok"] and re.search(r"vit-damaged is marked bad \(top-1 agreement with", event["error"])
+    assert "add force: true" in event["error"]
 
 
-def test_a_known_less_accurate_bundle_is_refused_before_the_swap(device: Operator, bundles) -> None:
+def test_a_known_less_accurate_bundle_is_refused_before_the_swap(device: Operator, bundles, demo_bundle) -> None:
+    serving(device, demo_bundle)
     deploy(device, "over-1", path=str(bundles["disagreeing"]))
     event = device.wait_event("deploy", command_id="over-1")
     assert not event["ok"] and "points less accurate (top-1) than" in event["error"], event
@@ -236,14 +265,9 @@ def test_a_known_less_accurate_bundle_is_refused_before_the_swap(device: Operato
     assert not [e for e in device.events if e["event"] == "swap" and e.get("command_id") == "over-1"]
 
 
-def test_a_bad_bundle_is_not_retried_unless_forced(device: Operator, bundles) -> None:
-    deploy(device, "damaged-2", path=str(bundles["damaged"]))
-    event = device.wait_event("deploy", command_id="damaged-2")
-    assert not event["ok"] and re.search(r"vit-damaged is marked bad \(top-1 agreement with", event["error"])
-    assert "add force: true" in event["error"]
-
-
-def test_rollback_to_the_previous_engine(device: Operator, demo_bundle) -> None:
+def test_rollback_to_the_previous_engine(device: Operator, bundles, demo_bundle) -> None:
+    serving(device, bundles["good"])
+    serving(device, demo_bundle)  # by a rollback: the good engine is now the previous one
     before = status(device)["lifecycle"]
     reply = device.send({"id": "rb-1", "cmd": "rollback"})
     assert reply["ok"] and reply["result"]["to"] == before["previous"]
@@ -255,7 +279,10 @@ def test_rollback_to_the_previous_engine(device: Operator, demo_bundle) -> None:
     assert not missing["ok"] and "no-such-bundle is not installed" in missing["error"]
 
 
-def test_deploy_by_url_resumes_an_interrupted_download(device: Operator, bundles, tmp_path: Path) -> None:
+def test_deploy_by_url_resumes_an_interrupted_download(
+    device: Operator, bundles, demo_bundle, tmp_path: Path
+) -> None:
+    serving(device, demo_bundle)
     reference = pack_bundle(bundles["good"], tmp_path / "served" / "good.tar.gz", None)
     with BundleServer(tmp_path / "served", drop_first_after=reference["size"] // 2) as server:
         deploy(device, "url-1", url=f"{server.url}/good.tar.gz", sha256=reference["sha256"], size=reference["size"])
@@ -276,6 +303,7 @@ def test_url_with_the_wrong_sha256_is_refused(device: Operator, bundles, tmp_pat
 
 def test_bundles_dropped_into_the_inbox(device: Operator, demo_bundle, bundles) -> None:
     """Needs the agent's inbox: a restart with engine.inbox set; also shows the store survives restarts."""
+    serving(device, bundles["good"])
     folder: Path = device.folder
     config = yaml.safe_load((folder / "agent.yaml").read_text())
     config["engine"]["inbox"] = str(folder / "inbox")
@@ -302,8 +330,8 @@ def test_bundles_dropped_into_the_inbox(device: Operator, demo_bundle, bundles) 
     assert "points outside the bundle" in reason and (inbox / "rejected" / "evil.tar.gz").is_file()
 
 
-def test_rollback_during_a_canary_reverts_it(device: Operator, bundles) -> None:
-    active = status(device)["engine"]
+def test_rollback_during_a_canary_reverts_it(device: Operator, bundles, demo_bundle) -> None:
+    active = serving(device, demo_bundle)
     deploy(device, "cut-1", path=str(bundles["good"]))
     device.wait_event("swap", command_id="cut-1")
     reply = device.send({"id": "rb-cut", "cmd": "rollback"})
