@@ -10,7 +10,7 @@ $(BIN)/edgevit-build: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[cpu,openvino,builder,dev]'
 	touch $@
 
-.PHONY: install demo fleet-demo fleet-demo-stop test bench
+.PHONY: install demo fleet-demo fleet-demo-stop test test-fast lint typecheck contracts check bench
 install: $(BIN)/edgevit-build
 
 demo: install
@@ -31,6 +31,23 @@ test:
 	@scripts/system-deps
 	@$(MAKE) --no-print-directory install
 	$(BIN)/python -m pytest
+
+# The unit tier: no services, no demo build, under a minute (tests/conftest.py says what is integration).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+# The checks CI runs before the tests (also in .pre-commit-config.yaml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+contracts: install
+	$(BIN)/lint-imports
+
+check: lint typecheck contracts
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[cpu,openvino,builder,dev,bench]'

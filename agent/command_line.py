@@ -55,8 +55,9 @@ def new_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     return root
 
 
-def subcommands(root: argparse.ArgumentParser) -> argparse._SubParsersAction:
+def subcommands(root: argparse.ArgumentParser) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """``root``'s sub-commands, each formatted like the root."""
-    return root.add_subparsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser] = root.add_subparsers(  # type: ignore[call-overload]
         dest="command", required=True, parser_class=partial(argparse.ArgumentParser, formatter_class=HelpFormatter)
     )
+    return commands

@@ -303,7 +303,7 @@ class AgentConfig(Strict):
         return self
 
 
-def _location(loc: tuple) -> str:
+def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 

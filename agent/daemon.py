@@ -31,11 +31,13 @@ from agent.control.command_auth import CommandVerifier
 from agent.control.commands import CommandError, CommandHandler
 from agent.control.mqtt import MqttLink
 from agent.control.outbox import Outbox
+from agent.control.status import StatusReport
 from agent.engine.bundle import Bundle
-from agent.engine.jetson import TegraStats, jetson_summary, power_mode
+from agent.engine.jetson import TegraStats, power_mode
 from agent.engine.signing import SignatureError, load_public_key
 from agent.engine.worker import remove_stale_buffers
 from agent.lifecycle.fetch import BundleRef
+from agent.lifecycle.inbox import Inbox
 from agent.lifecycle.lifecycle import Lifecycle, LifecycleError
 from agent.lifecycle.store import StoreError
 from agent.stream.camera import unusable_sources
@@ -47,8 +49,6 @@ from agent.systemd import notify, watchdog_period
 log = logging.getLogger("edgevit.agent")
 EXIT_BAD_START = 2
 RESTART_ONLY = ("device", "state_dir", "engine", "mqtt", "swap", "canary")  # a reload cannot change these
-# Events that change what the retained status says about the engine.
-LIFECYCLE_EVENTS = ("deploy", "verify", "swap", "commit", "revert", "rollback", "fallback")
 LIVE_LINE_COLUMNS = 79  # a terminal of 80 wraps a line that fills it
 INBOX_RESCAN_S = 1.0  # inbox items wait to settle, so the inbox is rescanned, not only watched
 
@@ -76,9 +76,7 @@ class Agent:
     def __init__(self, config_path: Path, config: AgentConfig) -> None:
         self.config_path, self.config = config_path, config
         self.link: MqttLink | None = None
-        self._figures: dict[str, Any] = {}
-        self._last_event: dict[str, Any] | None = None
-        self._last_canary: dict[str, Any] | None = None
+        self.report: StatusReport | None = None
         remove_stale_buffers()
         if problems := unusable_sources(config.cameras):
             raise StartupError("; ".join(problems))
@@ -87,6 +85,8 @@ class Agent:
                 outbox = Outbox(config.state_dir / "outbox.sqlite", config.mqtt.outbox_max_results)
                 self.link = MqttLink(config.mqtt, config.device, outbox, config.labels)
             self.lifecycle = Lifecycle(config, self.event)
+            if self.link:
+                self.report = StatusReport(self.link, lambda: self.lifecycle.state, time.time)
             serving = self.lifecycle.boot()
             auth = config.mqtt.signed_commands if config.mqtt else None
             verifier = auth and CommandVerifier(
@@ -150,51 +150,8 @@ class Agent:
         if self.link:
             payload = {"event": kind, "at": time.time(), **detail}
             self.link.event(payload)
-            if kind in LIFECYCLE_EVENTS:
-                self._last_event = {k: payload.get(k) for k in ("event", "at", "bundle_id", "command_id", "ok")}
-                if "figures" in detail:  # a canary's verdict: what the fleet compares devices by
-                    figures = detail["figures"]
-                    agreement = (detail.get("verdict") or {}).get("rules", {}).get("agreement", {})
-                    self._last_canary = {
-                        "bundle_id": detail.get("bundle_id"),
-                        "verdict": kind,
-                        "rule": detail.get("rule"),
-                        "agreement": figures.get("agreement"),
-                        "agreement_bound": agreement.get("bound"),
-                        "agreement_limit": agreement.get("limit"),
-                        "alpha": (detail.get("verdict") or {}).get("alpha"),
-                        "shadow_frames": figures.get("shadow_frames"),
-                    }
-                self.publish_status()
-
-    def publish_status(self, snapshot: dict[str, Any] | None = None) -> None:
-        """The retained status fleet tools read: engine state, live figures, the last lifecycle event."""
-        if not self.link:  # (boot's events come after self.lifecycle is set)
-            return
-        if snapshot is not None:
-            cameras = snapshot["cameras"].values()
-            self._figures = {
-                "fps": round(sum(c["processed_fps"] for c in cameras), 2),
-                "p99_ms": snapshot["latency"]["p99_ms"],
-                "drift": snapshot["drift"],
-                **({"jetson": jetson_summary(snapshot["jetson"])} if "jetson" in snapshot else {}),
-            }
-        state = self.lifecycle.state
-        engine = {
-            "active": state.active,
-            "previous": state.previous,
-            "canary": state.canary.bundle if state.canary else None,
-            "bad": sorted(state.bad),
-        }
-        self.link.update_status(
-            {
-                "engine": engine,
-                **self._figures,
-                "last_event": self._last_event,
-                "last_canary": self._last_canary,
-                "updated": round(time.time(), 3),
-            }
-        )
+            if self.report:  # (boot's events come before the report exists)
+                self.report.event(kind, payload)
 
     def apply_reload(self) -> None:
         self.reload.clear()
@@ -225,16 +182,16 @@ class Agent:
             self.metrics.jetson, self.metrics.power_mode = TegraStats().start(), power_mode()
         self.pipeline.start()
         self.lifecycle.attach(self.pipeline)
-        if self.link:
-            self.publish_status()
+        if self.link and self.report:
+            self.report.publish()
             self.link.start(self._commands.handle)
         notify(f"READY=1\nSTATUS=serving {self.bundle.bundle_id}")
         observer = Observer()
-        observer.schedule(FolderWatcher(self.reload, paths=[self.config_path]), str(self.config_path.parent.resolve()))
-        inbox = self.config.engine.inbox
+        observer.schedule(FolderWatcher(self.reload, paths=(self.config_path,)), str(self.config_path.parent.resolve()))
+        inbox = Inbox(self.config.engine.inbox, self.lifecycle) if self.config.engine.inbox else None
         if inbox:
-            inbox.mkdir(parents=True, exist_ok=True)
-            observer.schedule(FolderWatcher(self.inbox_changed, folders=[inbox]), str(inbox.resolve()))
+            inbox.folder.mkdir(parents=True, exist_ok=True)
+            observer.schedule(FolderWatcher(self.inbox_changed, folders=(inbox.folder,)), str(inbox.folder.resolve()))
         observer.start()
         period = watchdog_period()
         started = last_pet = last_publish = last_print = last_inbox = time.monotonic()
@@ -247,21 +204,21 @@ class Agent:
                         self.apply_reload()
                     if inbox and (self.inbox_changed.is_set() or now - last_inbox >= INBOX_RESCAN_S):
                         self.inbox_changed.clear()
-                        self.lifecycle.poll_inbox()
+                        inbox.poll()
                         last_inbox = now
                     stall_after = max(1.0, 10 * self.config.batching.latency_budget_ms / 1e3)
                     if period and now - last_pet >= period and self.pipeline.healthy(now, stall_after):
                         notify("WATCHDOG=1")
                         last_pet = now
                     metrics_cfg = self.config.metrics
-                    if self.link and now - last_publish >= metrics_cfg.publish_every_s:
+                    if self.link and self.report and now - last_publish >= metrics_cfg.publish_every_s:
                         outbox = {
                             "depth": self.link.outbox.depth(),
                             "dropped_results": self.link.outbox.dropped_results(),
                         }
                         snapshot = self.metrics.snapshot(self.pipeline)
                         self.link.publish_metrics({**snapshot, "outbox": outbox})
-                        self.publish_status(snapshot)
+                        self.report.metrics(snapshot)
                         last_publish = now
                     if metrics_cfg.print_every_s and now - last_print >= metrics_cfg.print_every_s:
                         print(live_line(self.metrics.snapshot(self.pipeline)), flush=True)

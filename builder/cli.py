@@ -14,7 +14,18 @@ from pathlib import Path
 from rich.console import Console
 
 from agent.command_line import new_parser, subcommands
-from builder.choices import CALIBRATIONS, DEFAULT_OPSET, DEFAULT_TENSORRT, DEFAULT_TOLERANCE, RUNTIMES, TARGETS
+from builder.choices import (
+    CALIBRATIONS,
+    DEFAULT_OPSET,
+    DEFAULT_TENSORRT,
+    DEFAULT_TOLERANCE,
+    INT8_CPUS,
+    PRECISIONS,
+    QUANTIZATIONS,
+    QUANTIZE_OPS,
+    RUNTIMES,
+    TARGETS,
+)
 from builder.errors import BuildError, GateError, VerificationError
 
 EXIT_BAD_INPUT, EXIT_VERIFICATION, EXIT_GATE = 2, 3, 4
@@ -61,7 +72,7 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16", "int8"],
+        choices=PRECISIONS,
         default="fp32",
         help="engine arithmetic; anything below fp32 is gated against the FP32 export",
     )
@@ -83,13 +94,13 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument(
         "--quantization",
-        choices=["auto", "static", "dynamic"],
+        choices=QUANTIZATIONS,
         default="auto",
         help="INT8 method; auto builds both and the passport picks (TensorRT: static only)",
     )
     cmd.add_argument(
         "--int8-cpu",
-        choices=["auto", "vnni", "any"],
+        choices=INT8_CPUS,
         default="auto",
         help="x86 CPUs an INT8 engine is for: vnni (8-bit weights; devices without VNNI/AMX refuse it), any "
         "(7-bit weights, exact on every x86), auto: like the CPU building it",
@@ -104,7 +115,7 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--calibration-images", type=_positive, default=128, help="images used for INT8 calibration")
     cmd.add_argument(
         "--quantize-ops",
-        choices=["weights", "all"],
+        choices=QUANTIZE_OPS,
         default="weights",
         help="weights: Gemm/Conv only (default); all: every op, which the gate usually refuses",
     )

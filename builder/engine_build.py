@@ -34,7 +34,19 @@ from agent.stream.drift import output_profile
 from builder import openvino_engines
 from builder.baseline import Baseline, baseline_misses, bundle_baseline, compare_with_baseline, is_bundle
 from builder.bundle_writer import write_bundle
-from builder.choices import DEFAULT_TENSORRT, RUNTIMES, TARGETS
+from builder.choices import (
+    DEFAULT_TENSORRT,
+    RUNTIMES,
+    TARGETS,
+    Calibration,
+    Flavour,
+    Int8Cpu,
+    Precision,
+    Quantization,
+    QuantizeOps,
+    Runtime,
+    Target,
+)
 from builder.class_token import class_token_only
 from builder.datasets import Frames, calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError, GateError
@@ -62,16 +74,16 @@ ORT_FOR_OPSET = {17: "1.14", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.18", 22:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    target: str = "cpu"
-    precision: str = "fp32"
+    target: Target = "cpu"
+    precision: Precision = "fp32"
     eval: str = "demo"
     calib: str | None = None
     labels: Path | None = None
     max_batch: int = 8
-    quantization: str = "auto"  # static | dynamic | auto (both, passport decides)
-    calibration: str = "minmax"
+    quantization: Quantization = "auto"
+    calibration: Calibration = "minmax"
     smoothing: str = "auto"  # SmoothQuant α: auto (searched on held-aside calibration frames) | off | a value
-    quantize_ops: str = "weights"  # weights (Gemm, Conv) | all (deliberately over-quantized)
+    quantize_ops: QuantizeOps = "weights"
     calibration_images: int = 128
     gate: Gate = field(default_factory=Gate)
     accept_accuracy_loss: bool = False
@@ -82,14 +94,14 @@ class EngineOptions:
     timing_cache: Path | None = None
     profile_seconds: float = 1.0
     threads: int | None = None
-    runtime: str = "auto"  # CPU runtimes to build candidates for: auto (all installed) | onnxruntime | openvino
+    runtime: Runtime = "auto"
     tensorrt_version: str = DEFAULT_TENSORRT  # the parser rules a TensorRT-bound graph is checked against here
     baseline: Path | None = None  # the bundle or export this engine replaces (builder.baseline)
-    int8_cpu: str = "auto"  # x86 CPUs a CPU INT8 engine must be exact on: vnni | any | auto (as this machine)
+    int8_cpu: Int8Cpu = "auto"
 
 
-def cpu_flavour(options: EngineOptions, device: DeviceInfo) -> str:
-    """The INT8 flavour of a CPU build (:data:`builder.precision.FLAVOURS`).
+def cpu_flavour(options: EngineOptions, device: DeviceInfo) -> Flavour:
+    """The INT8 flavour of a CPU build (:data:`builder.choices.Flavour`).
 
     ``vnni`` keeps full 8-bit weights, which are exact and fastest on CPUs with VNNI or AMX and which
     devices without them refuse; ``any`` keeps weights in 7 bits, exact on every x86. ``auto`` builds

@@ -29,6 +29,7 @@ import onnx
 
 from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from builder.activations import channel_absmax, observe
+from builder.choices import Flavour
 from builder.errors import BuildError
 from builder.precision import WEIGHT_OPS, quantize_dynamic_int8, quantize_static_int8, require_quantized
 from builder.smoothing import find_targets, smooth, smoothing_factors
@@ -42,7 +43,7 @@ class Recipe:
     """How one INT8 candidate is made."""
 
     method: str  # static | dynamic
-    flavour: str = "cpu"  # builder.precision.FLAVOURS: cpu (u8 x s8) | cpu-portable (u8 x s7) | tensorrt (s8 x s8)
+    flavour: Flavour = "cpu"
     calibration: str = "minmax"  # activation ranges of static recipes
     alpha: float | None = None  # SmoothQuant migration strength; None = not smoothed
     float_layers: tuple[str, ...] = ()  # Dense/Conv nodes of the export left in float

@@ -27,7 +27,7 @@ from agent.engine.preprocess import METADATA_KEY as INPUT_SPEC_KEY
 from agent.engine.preprocess import InputSpec
 from builder.architecture import ModelConfig, config_to_dict
 from builder.choices import DEFAULT_OPSET
-from builder.graph_passes import tidy
+from builder.tidy import tidy
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MODEL_FILE, EXTERNAL_DATA_FILE = "model.onnx", "model.onnx.data"

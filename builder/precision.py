@@ -25,6 +25,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -40,7 +41,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from builder.choices import CALIBRATIONS
+from builder.choices import CALIBRATIONS, Flavour
 from builder.errors import BuildError
 from builder.graph_passes import gemm_to_matmul
 
@@ -49,7 +50,7 @@ CALIBRATION_METHODS = dict(
 )
 WEIGHT_OPS = ("Gemm", "Conv")
 ALL_OPS: tuple[str, ...] = ()  # quantize every op the quantizer knows: the over-quantized build
-FLAVOURS = ("cpu", "cpu-portable", "tensorrt")  # see the module docstring
+FLAVOURS: tuple[Flavour, ...] = get_args(Flavour)  # see the module docstring
 FP16_BLOCKED_OPS = ("LayerNormalization", "Softmax")  # reductions that lose most in half precision
 
 

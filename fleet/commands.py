@@ -16,18 +16,19 @@ from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
+from agent.control.protocol import PROTOCOL_VERSION
 from agent.engine.bundle import MANIFEST, file_digest
 from agent.engine.signing import SignatureError, load_private_key
 from fleet.cli import EXIT_HALTED
 from fleet.dashboard import Dashboard, MetricsHistory, summary
 from fleet.link import Broker, Device, FleetLink
-from fleet.locks import ACTIVE, Busy, Ownership, driven, planning
+from fleet.locks import Busy, Ownership, driven, planning
 from fleet.rollout import (
-    FAILED,
-    SENT,
-    SUCCEEDED,
+    ACTIVE,
     Rollout,
+    RolloutState,
     Runner,
+    TargetState,
     list_rollouts,
     parse_count,
     parse_selector,
@@ -78,7 +79,8 @@ def _table(rows: list[dict[str, Any]]) -> Table:
         if r["active"] and last.endswith(f" {r['active']}"):  # about the engine named above: the event alone
             last = last[: -len(r["active"]) - 1]
         canary = r["canary"] and f"[yellow]canary {markup(r['canary'])}[/]"
-        lines = [f"[bold]{markup(r['device'])}[/]", labels and f"[dim]{labels}[/]"]
+        newer = r["protocol"] > PROTOCOL_VERSION and f"[yellow]protocol {r['protocol']}: update edgevit-fleet[/]"
+        lines = [f"[bold]{markup(r['device'])}[/]", labels and f"[dim]{labels}[/]", newer]
         lines += [f"engine {markup(r['active'] or '-')}", canary, last and f"[dim]last: {markup(last)}[/]"]
         state = "[green]online[/]" if r["state"] == "online" else "[red]offline[/]"
         table.add_row(
@@ -158,9 +160,9 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
 
 
 def say(line: str) -> None:
-    """A rollout's progress line: plain and flushed at once (rich costs 140 µs a line; a 10,000-device
-    rollout prints 20,000 of them, and whoever follows the output must see each as it happens). Lines
-    carry device text (refusal and revert reasons): printable only."""
+    """A rollout's progress line: plain and flushed at once (rich's rendering per line added up to seconds of
+    CPU at 10,000 devices, bench/README.md; whoever follows the output must see each line as it happens).
+    Lines carry device text (refusal and revert reasons): printable only."""
     print(printable(line), flush=True)
 
 
@@ -180,11 +182,11 @@ def _drive(runner: Runner, console: Console) -> int:
     rollout = runner.run()
     counts = rollout.counts()
     console.print(
-        f"rollout {rollout.id} {rollout.state}: {counts[SUCCEEDED]} succeeded, {counts[FAILED]} failed, "
-        f"{counts['rolled-back']} rolled back, {counts['skipped']} skipped, {counts['pending']} untouched",
+        f"rollout {rollout.id} {rollout.state}: {counts[TargetState.SUCCEEDED]} succeeded, {counts[TargetState.FAILED]} failed, "
+        f"{counts[TargetState.ROLLED_BACK]} rolled back, {counts[TargetState.SKIPPED]} skipped, {counts[TargetState.PENDING]} untouched",
         markup=False,
     )
-    return 0 if rollout.state == "completed" else EXIT_HALTED
+    return 0 if rollout.state == RolloutState.COMPLETED else EXIT_HALTED
 
 
 def _claimed(folder: Path, rollout: Rollout, others: list[Rollout]) -> str | None:
@@ -257,7 +259,7 @@ def run_resume(args: argparse.Namespace, console: Console) -> int:
     except Busy as exc:
         raise FleetError(f"refused: {exc}; it is being driven now") from None
     try:
-        sent = [t.device for t in rollout.targets if t.state == SENT]
+        sent = [t.device for t in rollout.targets if t.state == TargetState.SENT]
         console.print(
             printable(f"resuming {rollout.id} at wave {rollout.wave}; awaiting {', '.join(sent) or 'nothing'}"),
             markup=False,
@@ -282,7 +284,7 @@ def run_abandon(args: argparse.Namespace, console: Console) -> int:
     except Busy as exc:
         raise FleetError(f"refused: {exc}; stop it first") from None
     try:
-        rollout.state = "abandoned"
+        rollout.state = RolloutState.ABANDONED
         rollout.log.append(f"{time.strftime('%H:%M:%S')} abandoned by an operator; its devices keep what they run")
         rollout.save(args.state_dir)
     finally:
@@ -318,8 +320,8 @@ def run_history(args: argparse.Namespace, console: Console) -> int:
     for r in rollouts:
         c = r.counts()
         outcomes = (
-            f"{c[SUCCEEDED]} succeeded, {c[FAILED]} failed, {c['rolled-back']} rolled back, {c['skipped']} skipped, "
-            f"{c['pending']} untouched"
+            f"{c[TargetState.SUCCEEDED]} succeeded, {c[TargetState.FAILED]} failed, "
+            f"{c[TargetState.ROLLED_BACK]} rolled back, {c[TargetState.SKIPPED]} skipped, {c[TargetState.PENDING]} untouched"
         )
         table.add_row(f"{markup(r.id)}\n[dim]{markup(r.bundle_id)}[/]", r.state, outcomes)
     console.print(table)

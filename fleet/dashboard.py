@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fleet.link import Device, FleetLink
 from fleet.records import number
-from fleet.rollout import FAILED, ROLLED_BACK, SENT, latest_rollout, parse_selector, selects
+from fleet.rollout import TargetState, latest_rollout, parse_selector, selects
 
 HISTORY_S = 3600.0
 SAMPLE_EVERY_S = 5.0  # at most one point per device per this: 720 points an hour
@@ -76,7 +76,7 @@ class MetricsHistory:
             while series and now - series[0][0] > self.horizon_s:
                 series.popleft()
 
-    def series(self, device: str) -> dict[str, list]:
+    def series(self, device: str) -> dict[str, list[Any]]:
         with self._lock:
             points = list(self._series.get(device, ()))
         return {"t": [round(p[0], 1) for p in points], "fps": [p[1] for p in points], "p99": [p[2] for p in points]}
@@ -114,7 +114,7 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
     for t in r.targets:
         if t.wave >= 0:
             waves[t.wave].append(t)
-    order = {FAILED: 0, ROLLED_BACK: 1, SENT: 2}
+    order = {TargetState.FAILED: 0, TargetState.ROLLED_BACK: 1, TargetState.SENT: 2}
     view = []
     for w in sorted(waves):
         targets = sorted(waves[w], key=lambda t: (order.get(t.state, 3), t.device))
@@ -123,7 +123,7 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
             "counts": dict(collections.Counter(t.state for t in targets)),
             "devices": [{"device": t.device, "state": t.state, "detail": t.detail} for t in targets[:WAVE_DEVICES]],
         })  # fmt: skip
-    failed = sorted((t for t in r.targets if t.state in (FAILED, ROLLED_BACK) and t.detail), key=lambda t: t.device)
+    failed = sorted((t for t in r.targets if t.state in (TargetState.FAILED, TargetState.ROLLED_BACK) and t.detail), key=lambda t: t.device)
     return {
         "id": r.id,
         "bundle_id": r.bundle_id,

@@ -76,6 +76,7 @@ class Device:
             "class_mix_distance": status.drift.get("class_mix_distance"),
             "confidence_drift": status.drift.get("confidence_drift"),
             "last_event": last.get("event") and f"{last['event']} {last.get('bundle_id') or ''}".strip(),
+            "protocol": status.protocol,
         }
 
 
@@ -145,8 +146,8 @@ class FleetLink:
         if broker.ca:
             self.client.tls_set(
                 ca_certs=str(broker.ca),
-                certfile=broker.cert and str(broker.cert),
-                keyfile=broker.key and str(broker.key),
+                certfile=str(broker.cert) if broker.cert else None,
+                keyfile=str(broker.key) if broker.key else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         self.client.on_connect = self._on_connect
@@ -215,7 +216,7 @@ class FleetLink:
         name, kind = device_of(message.topic), parts[2]
         limits = STATUS_LIMITS if kind == "status" else DEVICE_LIMITS
         try:
-            payload = bounded_json.loads(message.payload, limits)
+            payload = bounded_json.loads(bytes(message.payload), limits)
         except bounded_json.JSONLimitError:
             self._ignore(name, f"an unreadable {kind} message")
             return

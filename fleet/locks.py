@@ -23,8 +23,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-ACTIVE = ("running", "interrupted")
-
 
 class Busy(RuntimeError):
     """Another controller drives these devices or this rollout; the message says which and how to go on."""

@@ -60,6 +60,7 @@ class Status:
     drift: dict[str, float | None] = field(default_factory=dict)
     last_event: dict[str, Any] = field(default_factory=dict)
     last_canary: dict[str, Any] = field(default_factory=dict)
+    protocol: int = 1  # the MQTT protocol version the agent speaks; version 1 statuses carry none
 
     @classmethod
     def of(cls, payload: dict[str, Any]) -> Status:
@@ -80,7 +81,14 @@ class Status:
                 "verdict": text(canary.get("verdict")),
                 "agreement": number(canary.get("agreement")),
             },
+            protocol_of(payload),
         )
+
+
+def protocol_of(payload: dict[str, Any]) -> int:
+    """The protocol version a status declares: 1 when absent (agents before it was numbered), or when unreadable."""
+    version = payload.get("protocol")
+    return version if isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= 1000 else 1
 
 
 @dataclass(frozen=True)

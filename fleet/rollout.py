@@ -32,6 +32,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,36 @@ from agent.lifecycle.store import atomic_write
 from fleet.gates import failures_note, pooled_verdict, wave_alpha
 from fleet.link import BrokerLost, Device, FleetLink
 
-PENDING, SENT, SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED = (
-    "pending",
-    "sent",
-    "succeeded",
-    "failed",
-    "rolled-back",
-    "skipped",
-)
-TERMINAL = (SUCCEEDED, FAILED, ROLLED_BACK, SKIPPED)
-STATES = (PENDING, SENT, *TERMINAL)
+
+class TargetState(str, Enum):
+    """Where one device stands in a rollout. The values are what rollout files and ``--json`` hold."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class RolloutState(str, Enum):
+    """Where a rollout stands; ``running`` and ``interrupted`` (resumable) hold its devices."""
+
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"
+    COMPLETED = "completed"
+    HALTED = "halted"
+    ROLLED_BACK = "rolled-back"
+    ABANDONED = "abandoned"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+ACTIVE = (RolloutState.RUNNING, RolloutState.INTERRUPTED)
 POLL_S = 0.25
 OUTCOMES_FLUSH_S = 1.0  # how often observed outcomes reach the journal while a wave is awaited
 REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
@@ -92,7 +113,7 @@ def plan_waves(devices: list[str], canary: str, step: str) -> list[list[str]]:
 class Target:
     device: str
     wave: int
-    state: str = PENDING
+    state: TargetState = TargetState.PENDING
     before: str | None = None  # the engine it ran before this rollout: what a rollback restores
     command_id: str | None = None
     sent_at: float | None = None
@@ -109,7 +130,7 @@ class Rollout:
     timeout_s: float
     rollback_on_halt: bool
     force: bool = False
-    state: str = "running"  # running | interrupted (resumable) | completed | halted | rolled-back | abandoned
+    state: RolloutState = RolloutState.RUNNING
     wave: int = 0
     created: float = field(default_factory=time.time)
     targets: list[Target] = field(default_factory=list)
@@ -149,8 +170,11 @@ class Rollout:
             data = json.loads(path.read_bytes())
             targets = [Target(**t) for t in data.pop("targets")]
             rollout = cls(**data, targets=targets)
-            if not all(isinstance(t.device, str) and t.state in STATES for t in targets):
-                raise ValueError("a target of an unknown shape")
+            rollout.state = RolloutState(rollout.state)
+            for target in targets:
+                target.state = TargetState(target.state)
+                if not isinstance(target.device, str):
+                    raise ValueError("a target of an unknown shape")
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise RolloutFileError(f"{path.name} cannot be read: {str(exc)[:200]}") from None
         journal = path.with_suffix(".journal")
@@ -171,20 +195,23 @@ class Rollout:
         if not isinstance(entry, dict):
             return False
         if "target" in entry:
-            target = targets.get(entry.pop("target"))  # type: ignore[arg-type]
+            target = targets.get(str(entry.pop("target")))
             if target is None or not all(_JOURNAL_FIELDS.get(k, _never)(v) for k, v in entry.items()):
                 return False
             vars(target).update(entry)
+            target.state = TargetState(target.state)
         elif isinstance(entry.get("note"), str):
             self.log.append(entry["note"])
         elif isinstance(entry.get("wave"), int) and set(entry) <= {"wave", "state"}:
-            self.wave, self.state = entry["wave"], entry.get("state", self.state)
+            if entry.get("state", self.state) not in list(RolloutState):
+                return False
+            self.wave, self.state = entry["wave"], RolloutState(entry.get("state", self.state))
         else:
             return False
         return True
 
-    def counts(self) -> dict[str, int]:
-        counts = {s: 0 for s in STATES}
+    def counts(self) -> dict[TargetState, int]:
+        counts = dict.fromkeys(TargetState, 0)
         for target in self.targets:
             counts[target.state] += 1
         return counts
@@ -200,7 +227,7 @@ def _optional(kind: type | tuple[type, ...]) -> Callable[[Any], bool]:
 
 _JOURNAL_FIELDS: dict[str, Callable[[Any], bool]] = {  # what a target's journal entry may set, and to what
     "wave": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "state": lambda v: v in STATES,
+    "state": lambda v: v in list(TargetState),
     "before": _optional(str),
     "command_id": _optional(str),
     "sent_at": _optional((int, float)),
@@ -278,7 +305,7 @@ class Runner:
         self.report(line)
 
     def _changed(self, target: Target) -> None:
-        entry = dict(vars(target))  # its fields are flat: no deep copy (asdict cost ~0.1 ms a target at 10,000)
+        entry = dict(vars(target))  # its fields are flat: no deep copy (asdict's showed at 10,000 devices)
         entry["target"] = entry.pop("device")
         self._pending.append(entry)
 
@@ -297,7 +324,7 @@ class Runner:
         online = [n for n in chosen if devices[n].online]
         for n in chosen:
             if not devices[n].online:
-                self.rollout.targets.append(Target(n, -1, SKIPPED, detail="offline when the rollout started"))
+                self.rollout.targets.append(Target(n, -1, TargetState.SKIPPED, detail="offline when the rollout started"))
         for wave, names in enumerate(plan_waves(online, canary, step)):
             self.rollout.targets += [Target(n, wave) for n in names]
         waves = max((t.wave for t in self.rollout.targets), default=-1) + 1
@@ -308,13 +335,13 @@ class Runner:
         """Until the rollout completes, halts or is interrupted by the broker's loss (resumable)."""
         rollout = self.rollout
         repair_journal(self.folder / "rollouts" / f"{rollout.id}.journal")
-        if rollout.state == "interrupted":
-            rollout.state = "running"
-            self._pending.append({"wave": rollout.wave, "state": "running"})
+        if rollout.state == RolloutState.INTERRUPTED:
+            rollout.state = RolloutState.RUNNING
+            self._pending.append({"wave": rollout.wave, "state": RolloutState.RUNNING})
         try:
             self._run()
         except BrokerLost as exc:
-            rollout.state = "interrupted"
+            rollout.state = RolloutState.INTERRUPTED
             self._note(f"interrupted at wave {rollout.wave}: {exc}; edgevit-fleet resume {rollout.id} carries on")
             self._save()
         return rollout
@@ -327,36 +354,36 @@ class Runner:
         attempted = failed = 0
         for w in range(rollout.wave):  # a resumed rollout: the waves already done
             attempted += len(by_wave.get(w, []))
-            failed += sum(t.state == FAILED for t in by_wave.get(w, []))
-        while rollout.state == "running":
+            failed += sum(t.state == TargetState.FAILED for t in by_wave.get(w, []))
+        while rollout.state == RolloutState.RUNNING:
             wave = by_wave.get(rollout.wave, [])
             if not wave:
-                rollout.state = "completed"
-                self._note(f"completed: {rollout.counts()[SUCCEEDED]} devices run {rollout.bundle_id}")
+                rollout.state = RolloutState.COMPLETED
+                self._note(f"completed: {rollout.counts()[TargetState.SUCCEEDED]} devices run {rollout.bundle_id}")
                 self._save()
                 break
-            self._send([t for t in wave if t.state in (PENDING, SENT)])  # SENT: a resumed wave, again by its ids
+            self._send([t for t in wave if t.state in (TargetState.PENDING, TargetState.SENT)])  # sent: a resumed wave, again by its ids
             self._await(wave)
             attempted += len(wave)
-            failed += sum(t.state == FAILED for t in wave)
+            failed += sum(t.state == TargetState.FAILED for t in wave)
             pooled = self._weigh(wave)
             self.link.forget([t.command_id for t in wave if t.command_id])
             over = 100 * failed / attempted > rollout.max_failures_pct
             if over or pooled:
-                rollout.state = "halted"
+                rollout.state = RolloutState.HALTED
                 self._note(
                     f"halted after wave {rollout.wave}: "
                     + (
                         f"{failed} of {attempted} devices failed, over --max-failures {rollout.max_failures_pct:g}%"
-                        if over
+                        if over or not pooled
                         else pooled
                     )
                 )
-                updated = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == SUCCEEDED]
+                updated = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == TargetState.SUCCEEDED]
                 if rollout.rollback_on_halt and updated:
                     back = self._roll_back(updated)
                     if back == len(updated):
-                        rollout.state = "rolled-back"
+                        rollout.state = RolloutState.ROLLED_BACK
                     else:
                         self._note(f"{len(updated) - back} of {len(updated)} updated devices could not be rolled back")
                 self._save()
@@ -378,7 +405,7 @@ class Runner:
         alpha = wave_alpha(events)
         if alpha is None:
             return None
-        self._note(f"wave {wave[0].wave}: " + failures_note(sum(t.state == FAILED for t in wave), len(wave), alpha))
+        self._note(f"wave {wave[0].wave}: " + failures_note(sum(t.state == TargetState.FAILED for t in wave), len(wave), alpha))
         pooled = pooled_verdict(events, alpha)
         if pooled is None:
             return None
@@ -394,17 +421,17 @@ class Runner:
     def _send(self, targets: list[Target]) -> None:
         """Journal the deploys as intended, publish them, journal them as sent (each step flushed)."""
         for target in targets:
-            if target.state == PENDING:
+            if target.state == TargetState.PENDING:
                 device = self.link.device(target.device)
                 target.before = device.engine.active if device else None
                 target.command_id = f"{self.rollout.id}-{secrets.token_hex(3)}"
-                target.state = SENT
+                target.state = TargetState.SENT
                 self._changed(target)
         self._flush()  # intended: a controller killed from here on sends these again, under the same ids
         failpoint("deploys-intended")
         commands = []
         for target in targets:
-            command = {"id": target.command_id, "cmd": "deploy", "bundle": self.rollout.reference}
+            command: dict[str, Any] = {"id": target.command_id, "cmd": "deploy", "bundle": self.rollout.reference}
             if self.rollout.force:
                 command["force"] = True
             commands.append((target.device, command))
@@ -418,7 +445,7 @@ class Runner:
             self._note(f"wave {target.wave}: deploy sent to {target.device}")
         self._flush()
 
-    def outcome(self, target: Target) -> tuple[str, str] | None:
+    def outcome(self, target: Target) -> tuple[TargetState, str] | None:
         """(state, detail) once ``target`` has an outcome, from its own events, reply and retained status.
 
         Only the target's own answers count (the link keeps no other). Success needs the device to
@@ -429,31 +456,31 @@ class Runner:
         assert command_id is not None and target.sent_at is not None
         for event in self.link.events_for(command_id):
             if event.kind == "commit":
-                return SUCCEEDED, "committed after its canary window"
+                return TargetState.SUCCEEDED, "committed after its canary window"
             if event.kind == "revert":
-                return FAILED, f"reverted: {event.reason}"
+                return TargetState.FAILED, f"reverted: {event.reason}"
             if event.kind == "deploy" and event.ok is False:
-                return FAILED, f"refused: {event.reason}"
+                return TargetState.FAILED, f"refused: {event.reason}"
         reply = self.link.reply_for(command_id)
         if reply is not None and not reply.ok:
-            return FAILED, f"refused: {reply.error}"
+            return TargetState.FAILED, f"refused: {reply.error}"
         device = self.link.device(target.device)
         answered = self.link.answered_at(command_id)
         if device is not None:
             engine = device.engine
             if answered is not None and device.seen >= answered and engine.active == bundle and not engine.canary:
-                return SUCCEEDED, "runs it, committed"
+                return TargetState.SUCCEEDED, "runs it, committed"
             if not device.online:
-                return FAILED, "went offline"
+                return TargetState.FAILED, "went offline"
             if answered is not None and bundle in engine.bad and engine.active != bundle:
                 # its status can overtake the revert event that says why (events go through the agent's outbox):
                 # give the event a moment before settling for the bare fact
                 first = self._bad_since.setdefault(target.device, time.monotonic())
                 if time.monotonic() - first >= REASON_GRACE_S:
-                    return FAILED, "the device marked it bad"
+                    return TargetState.FAILED, "the device marked it bad"
         if time.time() - target.sent_at > self.rollout.timeout_s:
             silent = "" if answered is not None else " (it never answered the command)"
-            return FAILED, f"no outcome within --timeout {self.rollout.timeout_s:g} s{silent}"
+            return TargetState.FAILED, f"no outcome within --timeout {self.rollout.timeout_s:g} s{silent}"
         return None
 
     def _await(self, wave: list[Target]) -> None:
@@ -463,7 +490,7 @@ class Runner:
         :data:`OUTCOMES_FLUSH_S`, and when the wave ends, before the next wave is sent). A controller that
         dies in between reads them again from the devices when it resumes.
         """
-        waiting = {t.device: t for t in wave if t.state == SENT}
+        waiting = {t.device: t for t in wave if t.state == TargetState.SENT}
         check = list(waiting)  # all once: a resumed rollout's devices may have answered while it was away
         timeout = self.rollout.timeout_s
         due = min((t.sent_at or 0.0 for t in waiting.values()), default=0.0) + timeout  # the first timeout
@@ -493,13 +520,15 @@ class Runner:
 
     def _roll_back(self, targets: list[Target]) -> int:
         """Roll the updated devices back; how many reached the engine they had before."""
-        wanted = {t.device: t.before for t in targets if t.before and t.before != self.rollout.bundle_id}
+        wanted: dict[str, str | None] = {
+            t.device: t.before for t in targets if t.before and t.before != self.rollout.bundle_id
+        }
         outcomes = roll_back(self.link, wanted, self.rollout.timeout_s, self._note)
         back = 0
         for target in targets:
             ok, target.detail = outcomes.get(target.device, (False, "nothing to roll back to"))
             if ok:
-                target.state = ROLLED_BACK
+                target.state = TargetState.ROLLED_BACK
                 back += 1
         return back
 

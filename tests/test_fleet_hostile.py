@@ -31,7 +31,7 @@ from agent.lifecycle.failpoints import FLEET_STEPS
 from fleet.commands import _table, changes, summary_table
 from fleet.link import Broker, Device, FleetLink
 from fleet.records import Event, Reply, Status
-from fleet.rollout import FAILED, SUCCEEDED, Rollout, RolloutFileError, Runner, list_rollouts, repair_journal
+from fleet.rollout import Rollout, RolloutFileError, Runner, TargetState, list_rollouts, repair_journal
 
 NASTY = "\x1b]0;owned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4K\x07[/dim][red]x[/]\ud800"
 JSON = st.recursive(
@@ -233,10 +233,10 @@ def test_a_rollout_with_a_tenth_of_the_devices_hostile_keeps_every_honest_outcom
             device.close()
     outcome = {t.device: (t.state, t.detail) for t in done.targets}
     assert done.state == "completed", "\n".join(lines)
-    assert all(outcome[d.name][0] == SUCCEEDED for d in honest), outcome
-    assert outcome["d16"] == (FAILED, "no outcome within --timeout 8 s (it never answered the command)")
-    assert outcome["d17"][0] == FAILED, "a status that claims the bundle is not an answer"
-    assert all(outcome[h][0] in (SUCCEEDED, FAILED) for h in ("h18", "h19")), "its own outcome is its own to claim"
+    assert all(outcome[d.name][0] == TargetState.SUCCEEDED for d in honest), outcome
+    assert outcome["d16"] == (TargetState.FAILED, "no outcome within --timeout 8 s (it never answered the command)")
+    assert outcome["d17"][0] == TargetState.FAILED, "a status that claims the bundle is not an answer"
+    assert all(outcome[h][0] in (TargetState.SUCCEEDED, TargetState.FAILED) for h in ("h18", "h19")), "its own outcome is its own to claim"
     assert held and max(held) <= 2 * 20, "answers to commands not in flight, floods included, are not kept"
     assert all(d.commands and len({c["id"] for c in d.commands}) == 1 for d in honest)
 
@@ -331,7 +331,7 @@ def test_a_lost_broker_interrupts_the_rollout_cleanly_and_it_resumes(tmp_path: P
         honest.close()
     finally:
         broker.terminate()
-    assert resumed.state == "completed" and resumed.targets[0].state == SUCCEEDED
+    assert resumed.state == "completed" and resumed.targets[0].state == TargetState.SUCCEEDED
 
 
 def test_a_halt_whose_rollbacks_are_refused_is_not_recorded_as_rolled_back(mosquitto: int, tmp_path: Path) -> None:
@@ -340,3 +340,32 @@ def test_a_halt_whose_rollbacks_are_refused_is_not_recorded_as_rolled_back(mosqu
     assert done.state == "halted", lines
     assert "d0: rollback refused: there is no previous engine" in lines
     assert "1 of 1 updated devices could not be rolled back" in lines
+
+
+def test_a_hostile_device_cannot_end_the_fleet_link(mosquitto: int) -> None:
+    """What devices publish is read with limits and type checks: deep JSON, huge numbers, an unhashable
+    command id. The link keeps reading, and a real status after them is seen."""
+    link = FleetLink(Broker("127.0.0.1", mosquitto)).connect(settle_s=0.2)
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="evil-box")
+    device.connect("127.0.0.1", mosquitto)
+    device.loop_start()
+    try:
+        hostile = [
+            ("edgevit/evil-box/status", b"[" * 50_000 + b"]" * 50_000),
+            ("edgevit/evil-box/status", b'{"n": ' + b"9" * 20_000 + b"}"),
+            ("edgevit/evil-box/events", json.dumps({"event": "deploy", "command_id": [1, 2]}).encode()),
+            ("edgevit/evil-box/reply", json.dumps({"id": {"a": 1}, "ok": True}).encode()),
+            ("edgevit/evil-box/status", b"\xff\xfe"),
+        ]
+        for topic, payload in hostile:
+            device.publish(topic, payload, qos=1).wait_for_publish(5)
+        device.publish("edgevit/good-box/status", json.dumps({"state": "online"}).encode(), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while "good-box" not in link.snapshot() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert link.snapshot()["good-box"].status.state == "online"
+        assert "evil-box" not in link.snapshot()
+    finally:
+        device.loop_stop()
+        device.disconnect()
+        link.close()

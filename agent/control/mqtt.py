@@ -23,9 +23,12 @@ from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import MQTTConfig
 from agent.control.outbox import Outbox
+from agent.control.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger("edgevit.mqtt")
 MAX_IN_FLIGHT = 500
@@ -58,7 +61,7 @@ class MqttLink:
     def __init__(self, config: MQTTConfig, device: str, outbox: Outbox, labels: dict[str, str]) -> None:
         self.base = f"{config.prefix}/{device}"
         self.outbox = outbox
-        self._identity = {"device": device, "labels": labels}
+        self._identity = {"device": device, "labels": labels, "protocol": PROTOCOL_VERSION}
         self._status: dict[str, Any] = {"state": "online", **self._identity}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgevit-{device}", protocol=mqtt.MQTTv5)
         offline = _json({"state": "offline", **self._identity})
@@ -68,8 +71,8 @@ class MqttLink:
         if config.tls:
             self.client.tls_set(
                 ca_certs=str(config.tls.ca),
-                certfile=config.tls.cert and str(config.tls.cert),
-                keyfile=config.tls.key and str(config.tls.key),
+                certfile=str(config.tls.cert) if config.tls.cert else None,
+                keyfile=str(config.tls.key) if config.tls.key else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         self.client.max_inflight_messages_set(MAX_IN_FLIGHT)
@@ -154,12 +157,13 @@ class MqttLink:
         if refused:  # answered on this device's own reply topic only, and not acted upon
             client.publish(f"{self.base}/reply", _json({"id": None, "ok": False, "error": refused}), qos=1)
             return
-        reply = _json(self.on_command(message.payload))
+        reply = _json(self.on_command(bytes(message.payload)))
         client.publish(f"{self.base}/reply", reply, qos=1)
         if response_topic:  # MQTT 5 request/response
-            out = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
-            if getattr(props, "CorrelationData", None) is not None:
-                out.CorrelationData = props.CorrelationData
+            out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            correlation = getattr(props, "CorrelationData", None)
+            if correlation is not None:
+                out.CorrelationData = correlation
             client.publish(response_topic, reply, qos=1, properties=out)
 
     def _refused_response_topic(self, topic: str) -> str | None:

@@ -64,7 +64,7 @@ class Outbox:
             self._db.execute("COMMIT")
 
     def _count(self, kind: str) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()[0]
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (kind,)).fetchone()[0])
 
     def next_batch(self, after_id: int, limit: int) -> list[Message]:
         """Oldest messages with id > ``after_id`` (the publisher's cursor)."""
@@ -80,7 +80,7 @@ class Outbox:
 
     def depth(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def dropped_results(self) -> int:
         with self._lock:

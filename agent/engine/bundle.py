@@ -53,19 +53,19 @@ class Bundle:
 
     @property
     def bundle_id(self) -> str:
-        return self.manifest["bundle_id"]
+        return str(self.manifest["bundle_id"])
 
     @property
     def backend(self) -> str:
-        return self.manifest["engine"]["backend"]
+        return str(self.manifest["engine"]["backend"])
 
     @property
     def target(self) -> str:
-        return self.manifest["engine"]["target"]
+        return str(self.manifest["engine"]["target"])
 
     @property
     def engine_path(self) -> Path:
-        return self.root / self.manifest["engine"]["files"][0]
+        return self.root / str(self.manifest["engine"]["files"][0])
 
     @property
     def batch_range(self) -> tuple[int, int]:
@@ -78,7 +78,7 @@ class Bundle:
 
     @property
     def labels(self) -> list[str]:
-        return json.loads((self.root / LABELS).read_text())
+        return [str(label) for label in json.loads((self.root / LABELS).read_text())]
 
     @property
     def passport(self) -> dict[str, Any]:
@@ -91,7 +91,8 @@ class Bundle:
 
 def read_passport(root: Path) -> dict[str, Any]:
     """The passport of the bundle at ``root``, as built (reading it verifies nothing)."""
-    return json.loads((root / PASSPORT).read_text())
+    passport: dict[str, Any] = json.loads((root / PASSPORT).read_text())
+    return passport
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -115,8 +116,17 @@ def _get(data: dict[str, Any], dotted: str, kind: type | tuple[type, ...]) -> An
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
     """Schema check with messages that name the key."""
-    if _get(manifest, "schema", int) != SCHEMA_VERSION:
-        raise BundleError(f"manifest schema {manifest['schema']} is not supported (this agent reads {SCHEMA_VERSION})")
+    schema = _get(manifest, "schema", int)
+    if schema > SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest schema {schema} is newer than this agent reads ({SCHEMA_VERSION}): update edgevit on this "
+            f"device, or build the bundle with an edgevit that writes schema {SCHEMA_VERSION} (CHANGELOG.md)"
+        )
+    if schema < SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest schema {schema} is older than this agent reads ({SCHEMA_VERSION}): rebuild the bundle "
+            "with this edgevit (CHANGELOG.md)"
+        )
     _get(manifest, "bundle_id", str)
     backend, target = _get(manifest, "engine.backend", str), _get(manifest, "engine.target", str)
     if target not in BACKENDS.get(backend, ()):

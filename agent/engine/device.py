@@ -96,7 +96,7 @@ def _openvino() -> str | None:
     from agent.engine.runtimes.openvino import load_openvino
 
     try:
-        return load_openvino().get_version().split("-")[0]
+        return str(load_openvino().get_version()).split("-")[0]
     except EngineError:
         return None
 

@@ -27,7 +27,7 @@ def profile(
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     for _ in range(2):
         engine_run(images)
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()

@@ -74,4 +74,4 @@ def verify(
         keys[kid].verify(signature, data)
     except InvalidSignature as exc:
         raise SignatureError(f"signature by key {kid} does not match {subject}: {subject} was altered") from exc
-    return kid
+    return str(kid)

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import psutil
@@ -94,10 +95,10 @@ class WorkerSpec:
             bundle.manifest["engine"].get("precision", "fp32"),
         )
 
-    def inputs(self, path: Path, mode: str) -> np.memmap:
+    def inputs(self, path: Path, mode: Literal["r+", "w+"]) -> np.memmap[Any, np.dtype[np.uint8]]:
         return np.memmap(path, np.uint8, mode, shape=(self.max_batch, self.height, self.width, 3))
 
-    def outputs(self, path: Path, mode: str) -> np.memmap:
+    def outputs(self, path: Path, mode: Literal["r+", "w+"]) -> np.memmap[Any, np.dtype[np.float32]]:
         return np.memmap(path, np.float32, mode, shape=(self.max_batch, self.classes))
 
 
@@ -231,7 +232,7 @@ class WorkerEngine:
         rss = self.rss_mib()
         if rss is None or not self._unified:
             return rss
-        assert self._process is not None
+        assert self._process is not None and self._process.pid is not None
         gpu = nvmap_mib(self._process.pid)
         return rss + (gpu if gpu is not None else self._gpu_at_load_mib)
 

@@ -41,7 +41,8 @@ def safe_extract(archive: Path, dest: Path, max_total_bytes: int, max_members: i
     """Extract ``archive`` into the empty folder ``dest``; return the folder holding manifest.json."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members, total = [], 0
+            members: list[tarfile.TarInfo] = []
+            total = 0
             for member in tar:  # one header at a time: refuse at the first that breaks a limit
                 if len(members) == max_members:
                     raise BundleError(f"archive has more than {max_members} members, the limit")

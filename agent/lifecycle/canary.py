@@ -47,11 +47,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 
 from agent.config import CanaryConfig
+
+Values: TypeAlias = Sequence[float] | npt.NDArray[np.floating[Any]]  # observations, in order
 
 BET_CAP = 0.5  # the adaptive bet: a single observation can at most halve its wealth
 FIXED_TOP, FIXED_BETS = 0.125, 8  # the fixed bets: the largest, and how many (each half the one before)
@@ -70,7 +73,7 @@ class Excess:
     mean: float | None
 
 
-def excess_test(values: Sequence[float], floor: float, alpha: float) -> Excess:
+def excess_test(values: Values, floor: float, alpha: float) -> Excess:
     """Test H0: E[v_i | the past] <= 0 for observations with v_i >= -floor, by betting.
 
     The wealth starts at 1 and is staked in two halves. One half follows an adaptive bet: at each
@@ -106,7 +109,7 @@ def excess_test(values: Sequence[float], floor: float, alpha: float) -> Excess:
     return Excess(False, None, best, total / len(values) if len(values) else None)
 
 
-def upper_mean_bound(values: Sequence[float], alpha: float) -> float:
+def upper_mean_bound(values: Values, alpha: float) -> float:
     """Anytime-valid lower confidence bound on the mean of observations in [0, 1], for reporting.
 
     The largest ``m`` that :func:`excess_test` rejects on ``values - m`` (bisection; rejection is
@@ -279,7 +282,7 @@ def wilson(p: float, n: int, z: float = INTERVAL_Z) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -389,7 +392,7 @@ class Rule:
         return data
 
 
-def exceeds(values: Sequence[float], low: float, high: float, limit: float, alpha: float) -> Excess:
+def exceeds(values: Values, low: float, high: float, limit: float, alpha: float) -> Excess:
     """:func:`excess_test` of H0: E[value] <= ``limit``, for values in [low, high]."""
     span = high - low
     return excess_test((np.asarray(values, float) - limit) / span, (limit - low) / span, alpha)
@@ -584,8 +587,9 @@ def judge(cfg: CanaryConfig, evidence: CanaryEvidence) -> Judgement:
     alpha = cfg.alpha / (2 + label_free)
     rules = [agreement_rule(evidence.blocks, evidence.expectation, cfg.agreement_tolerance, alpha)]
     outputs = evidence.outputs if label_free else None
-    rules.append(confidence_rule(evidence.blocks, outputs and outputs.confidence, cfg.confidence_tolerance, alpha))
-    rules.append(class_mix_rule(evidence.blocks, outputs and outputs.class_mix, cfg.class_mix_tolerance, alpha))
+    confidence, class_mix = (outputs.confidence, outputs.class_mix) if outputs else (None, None)
+    rules.append(confidence_rule(evidence.blocks, confidence, cfg.confidence_tolerance, alpha))
+    rules.append(class_mix_rule(evidence.blocks, class_mix, cfg.class_mix_tolerance, alpha))
     rules.append(
         latency_rule(
             evidence.new_s,

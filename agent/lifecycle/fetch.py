@@ -58,7 +58,7 @@ class BundleRef:
         return cls(url=url, sha256=sha256, size=size)
 
     def describe(self) -> str:
-        return str(self.path) if self.path else f"{self.url} ({self.size} bytes, sha256 {self.sha256[:12]}…)"
+        return str(self.path) if self.path else f"{self.url} ({self.size} bytes, sha256 {(self.sha256 or '')[:12]}…)"
 
 
 def _download_once(ref: BundleRef, part: Path, timeout_s: float, context: ssl.SSLContext) -> None:

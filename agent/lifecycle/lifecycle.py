@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import AgentConfig
-from agent.engine.bundle import MANIFEST, Bundle, BundleError, read_passport, verify_bundle
+from agent.engine.bundle import Bundle, BundleError, read_passport, verify_bundle
 from agent.engine.device import DeviceInfo
 from agent.engine.golden import GoldenCheck, check_golden
 from agent.engine.headroom import MemoryShortage, check_headroom
@@ -53,7 +53,6 @@ from agent.engine.shadow import Shadow
 from agent.engine.signing import SignatureError, load_public_key
 from agent.engine.worker import WorkerEngine, WorkerSpec
 from agent.lifecycle import canary as rules
-from agent.lifecycle.archive import is_archive
 from agent.lifecycle.failpoints import failpoint
 from agent.lifecycle.fetch import BundleRef, fetch
 from agent.lifecycle.store import Canary, EngineStore, Mark, StoreError
@@ -61,7 +60,6 @@ from agent.stream.drift import DriftMonitor
 from agent.stream.pipeline import EventSink, Pipeline, Serving, passport_p99
 
 log = logging.getLogger("edgevit.lifecycle")
-INBOX_SETTLE_S = 2.0  # an inbox item must be this old: a copy in progress is not a bundle yet
 PRE_SWAP_QUANTILE = 0.5  # the candidate's median against the serving engine's: a few pairs show 2x
 Done = Callable[[bool, str], None]
 
@@ -70,15 +68,15 @@ class LifecycleError(RuntimeError):
     """A deploy or rollback request is refused before it starts; the message says why."""
 
 
-class VerificationError(RuntimeError):
+class CandidateCheckError(RuntimeError):
     """A candidate engine failed a check on this device; the message carries the figures."""
 
 
-class TooSlowHere(VerificationError):
+class TooSlowHere(CandidateCheckError):
     """The candidate is slower than the serving engine here, now: not a verdict on the bundle."""
 
 
-REFUSALS = (BundleError, SignatureError, EngineError, VerificationError, StoreError, MemoryShortage, OSError)
+REFUSALS = (BundleError, SignatureError, EngineError, CandidateCheckError, StoreError, MemoryShortage, OSError)
 
 
 def facts(bundle: Bundle) -> rules.BundleFacts:
@@ -100,7 +98,6 @@ class Lifecycle:
         self._job_lock = threading.Lock()
         self._rollback_requested_by: str | None = None  # the command that asked to end a canary now
         self._stop = threading.Event()
-        self._inbox_pending: set[Path] = set()
         self._judgement: rules.Judgement | None = None  # the running canary's latest verdict, for the status
 
     # -- building blocks ---------------------------------------------------------------------------
@@ -134,7 +131,7 @@ class Lifecycle:
             raise
         if not golden.passed:
             worker.close()
-            raise VerificationError(f"{bundle.bundle_id} does not reproduce its golden set here: {golden.summary()}")
+            raise CandidateCheckError(f"{bundle.bundle_id} does not reproduce its golden set here: {golden.summary()}")
         return Serving.of(bundle, worker), golden
 
     def _save(self) -> None:
@@ -248,6 +245,10 @@ class Lifecycle:
     def busy(self) -> bool:
         return bool(self._job and self._job.is_alive())
 
+    def idle(self) -> bool:
+        """Neither a deploy nor a canary under way: a new one may start (the inbox waits for this)."""
+        return not self.busy() and self.state.canary is None
+
     def request_deploy(self, ref: BundleRef, force: bool, command_id: str | None, on_done: Done | None = None) -> None:
         if self.state.canary:
             raise LifecycleError(f"the canary of {self.state.canary.bundle} is in progress; wait or roll back")
@@ -314,25 +315,25 @@ class Lifecycle:
 
         mark = self.state.bad.get(bundle_id)
         if mark and mark.refuse and not force:
-            raise VerificationError(f"{bundle_id} is marked bad ({mark.reason}); add force: true")
+            raise CandidateCheckError(f"{bundle_id} is marked bad ({mark.reason}); add force: true")
         if bundle.input_spec != self.pipeline.spec:
-            raise VerificationError(
+            raise CandidateCheckError(
                 f"{bundle_id} expects {bundle.input_spec}; the cameras feed {self.pipeline.spec}: "
                 "an engine with other preprocessing needs engine.bundle and a restart"
             )
         known = rules.known_regression(facts(bundle), facts(self.pipeline.serving.bundle))
         if known and not force:
-            raise VerificationError(f"{known}; add force: true to deploy it anyway")
+            raise CandidateCheckError(f"{known}; add force: true to deploy it anyway")
         try:
             serving, golden = self.open_checked(bundle)
             try:
                 latency = self._latency_check(serving)
-            except VerificationError:
+            except CandidateCheckError:
                 serving.engine.close()
                 raise
         except TooSlowHere:
             raise
-        except (VerificationError, EngineError) as exc:
+        except (CandidateCheckError, EngineError) as exc:
             self.state.bad[bundle_id] = Mark(str(exc), at=time.time())
             self._save()
             raise
@@ -382,7 +383,7 @@ class Lifecycle:
         assert rule is not None
         figures: dict[str, Any] = {"batch": batch, "pairs": len(times["candidate"]), "test": rule.public()}
         if bundle.passport.get("latency"):
-            figures["passport_p99_ms"] = round(passport_p99(bundle).get(batch, 0) * 1e3, 3)
+            figures["passport_p99_ms"] = round(passport_p99(bundle).get(int(batch), 0) * 1e3, 3)
         if rule.verdict == rules.REGRESSION:
             raise TooSlowHere(
                 f"{bundle.bundle_id} is slower than the serving engine at batch {batch} here: {rule.detail}"
@@ -408,7 +409,7 @@ class Lifecycle:
             self._save()
             self._release_shadow(serving)
             serving.engine.close()
-            raise VerificationError(f"swap failed: {exc}") from exc
+            raise CandidateCheckError(f"swap failed: {exc}") from exc
         self.events("swap", {**context, "from": old.bundle.bundle_id, "to": serving.bundle.bundle_id, **swap})
         log.info("swapped %s -> %s (%s)", old.bundle.bundle_id, serving.bundle.bundle_id, swap)
         failpoint("after-swap")
@@ -441,7 +442,7 @@ class Lifecycle:
 
     def _window_done(self, figures: dict[str, Any]) -> bool:
         cfg = self.config.canary
-        return figures["elapsed_s"] >= cfg.window_s and figures["frames"] >= cfg.min_frames
+        return bool(figures["elapsed_s"] >= cfg.window_s and figures["frames"] >= cfg.min_frames)
 
     def _watch_canary(self, serving: Serving) -> None:
         judged: tuple[int, ...] = ()
@@ -577,41 +578,6 @@ class Lifecycle:
             return
         old.engine.close()
         self.events("rollback", {**context, "ok": True, "from": old.bundle.bundle_id, **swap})
-
-    # -- inbox -------------------------------------------------------------------------------------
-    def poll_inbox(self) -> None:
-        """Deploy the oldest settled bundle in ``engine.inbox`` (called by the main loop)."""
-        inbox = self.config.engine.inbox
-        if inbox is None or self.busy() or self.state.canary or not inbox.is_dir():
-            return
-        now = time.time()
-        items = [
-            p
-            for p in inbox.iterdir()
-            if not p.name.startswith(".")
-            and p not in self._inbox_pending
-            and (is_archive(p) or (p / MANIFEST).is_file())
-            and now - p.stat().st_mtime >= INBOX_SETTLE_S
-        ]
-        if not items:
-            return
-        item = min(items, key=lambda p: p.stat().st_mtime)
-        self._inbox_pending.add(item)
-        try:
-            self.request_deploy(BundleRef(path=item), False, None, lambda ok, msg: self._inbox_done(item, ok, msg))
-        except LifecycleError:
-            self._inbox_pending.discard(item)
-
-    def _inbox_done(self, item: Path, ok: bool, message: str) -> None:
-        """Installed: the store has its copy. Refused: moved to ``rejected/`` with the reason beside it."""
-        if ok:
-            shutil.rmtree(item) if item.is_dir() else item.unlink(missing_ok=True)
-        else:
-            rejected = item.parent / "rejected"
-            rejected.mkdir(exist_ok=True)
-            shutil.move(str(item), rejected / item.name)
-            (rejected / f"{item.name}.reason.txt").write_text(message + "\n")
-        self._inbox_pending.discard(item)
 
     # -- reporting ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 import cv2
 import numpy as np
@@ -83,7 +84,7 @@ class Camera(threading.Thread):
         config: CameraConfig,
         spec: InputSpec,
         queue: FrameQueue,
-        on_event: Callable[[str, dict], None],
+        on_event: Callable[[str, dict[str, Any]], None],
         replaces: Camera | None = None,
     ) -> None:
         """``replaces``: the camera this one takes over from (its counters go on; it starts after a backoff)."""
@@ -97,18 +98,18 @@ class Camera(threading.Thread):
         self._opening_since: float | None = None
         self.state = CameraState.CONNECTING
         self.error: str | None = None
-        self.decoded = replaces.decoded if replaces else 0
+        self.decoded: int = replaces.decoded if replaces else 0
         # when this camera's first frame arrived (monotonic): the run's rates are counted from it
         self.first_frame: float | None = replaces.first_frame if replaces else None
         # the camera side's cost, so an operator sees when it, not the engine, is the bottleneck
-        self.decode_cpu_s = replaces.decode_cpu_s if replaces else 0.0
-        self.preprocess_s = replaces.preprocess_s if replaces else 0.0
-        self.preprocessed = replaces.preprocessed if replaces else 0
-        self.reconnects = replaces.reconnects if replaces else 0
-        self.restarts = replaces.restarts + 1 if replaces else 0
+        self.decode_cpu_s: float = replaces.decode_cpu_s if replaces else 0.0
+        self.preprocess_s: float = replaces.preprocess_s if replaces else 0.0
+        self.preprocessed: int = replaces.preprocessed if replaces else 0
+        self.reconnects: int = replaces.reconnects if replaces else 0
+        self.restarts: int = replaces.restarts + 1 if replaces else 0
         self._start_delay = min(2.0 ** (self.restarts - 1), 60.0) if replaces else 0.0
         self.last_frame = time.monotonic() + self._start_delay
-        self._seq = replaces._seq if replaces else 0
+        self._seq: int = replaces._seq if replaces else 0
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:

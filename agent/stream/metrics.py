@@ -13,11 +13,12 @@ import collections
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from agent.engine.jetson import TegraStats
@@ -180,7 +181,7 @@ class _Collector:
     def __init__(self, metrics: Metrics, pipeline: Pipeline) -> None:
         self._metrics, self._pipeline = metrics, pipeline
 
-    def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
+    def collect(self) -> Iterator[Metric]:
         frames = CounterMetricFamily("edgevit_frames", "Frames per camera by fate", labels=["camera", "kind"])
         reconnects = CounterMetricFamily("edgevit_camera_reconnects", "Camera reconnects", labels=["camera"])
         decode = CounterMetricFamily(

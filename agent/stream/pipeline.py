@@ -135,7 +135,7 @@ class Pipeline:
         self.policy.configure(batching.latency_budget_ms / 1e3, limit, batching.mode, batching.fixed_batch)
 
     # -- swapping engines --------------------------------------------------------------------------
-    def swap(self, serving: Serving, timeout_s: float = 60.0) -> dict[str, float]:
+    def swap(self, serving: Serving, timeout_s: float = 60.0) -> dict[str, float | None]:
         """Put ``serving`` in service between two batches; returns the pause and gap in ms.
 
         The caller has verified the engine; its input spec must be this pipeline's, because
@@ -153,7 +153,7 @@ class Pipeline:
                 raise TimeoutError(f"the inference thread did not take the new engine within {timeout_s:g} s")
         first_new = self._first_result_after(request, timeout_s)
         gap = (first_new - request.last_old_result) if first_new else None
-        return {"pause_ms": round(request.pause_s * 1e3, 3), "gap_ms": gap and round(gap * 1e3, 3)}
+        return {"pause_ms": round(request.pause_s * 1e3, 3), "gap_ms": None if gap is None else round(gap * 1e3, 3)}
 
     def _first_result_after(self, request: _Swap, timeout_s: float) -> float | None:
         deadline = time.monotonic() + timeout_s

@@ -11,6 +11,7 @@ bundle is FP16.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -85,7 +86,7 @@ class OnnxRuntimeEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
-        providers: list = list(PROVIDERS[target])
+        providers: list[str | tuple[str, dict[str, Any]]] = list(PROVIDERS[target])
         if target == "tensorrt-ep":
             name, shape = _model_input(path)
             providers[0] = (wanted, tensorrt_provider_options(name, shape, max_batch, precision, cache_dir))
@@ -98,7 +99,8 @@ class OnnxRuntimeEngine:
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: images})[0]
+        logits: np.ndarray = self.session.run(None, {self.input_name: images})[0]
+        return logits
 
     def close(self) -> None:
         del self.session

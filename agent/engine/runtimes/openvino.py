@@ -1,7 +1,7 @@
 """OpenVINO engines for x86 CPUs: an ONNX (Q/DQ INT8 included) or OpenVINO IR model, compiled per batch size.
 
-OpenVINO's CPU plugin runs a model compiled for one static shape far faster than one
-compiled for a dynamic batch (on ViT-B/16 INT8: 60 against 40 images/s on one machine),
+OpenVINO's CPU plugin runs a model compiled for one static shape faster than one compiled
+for a dynamic batch (``bench/openvino_settings_bench.py``; figures in ``bench/results/``),
 so the model is compiled for the batch sizes :func:`compiled_sizes` names (powers of two
 up to the bundle's maximum, and the maximum) and a batch runs on the smallest compiled
 size that holds it, padded. The passport's latency per batch size is measured this way
@@ -9,10 +9,9 @@ too, so the agent's batcher sees what padding costs and prefers the compiled siz
 
 A batch of more than one image is split across OpenVINO's CPU *streams* (its THROUGHPUT
 mode: each stream runs one infer request on its own share of the cores), and the parts
-run at once. On a 2-core AVX-512 CPU (Zen 4) this served ViT-B/16 INT8 1.07–1.14× as fast at
-batch 2, 4 and 8 as one request over both cores (LATENCY mode), which spends part of every
-layer waiting for its threads to meet (``bench/openvino_settings_bench.py`` measures it). A
-single image keeps one request over every core, where splitting would leave cores idle.
+run at once: one request over every core (LATENCY mode) spends part of every layer waiting for
+its threads to meet, and the split measured faster at batch 2 and up (the same bench). A single
+image keeps one request over every core, where splitting would leave cores idle.
 
 Targets: ``cpu`` runs the float parts of the model in FP32; ``cpu-bf16`` in BF16 (what
 OpenVINO picks by default on CPUs with AVX-512 BF16 or AMX; a bundle built for it
@@ -48,7 +47,7 @@ def load_openvino() -> ModuleType:
         import openvino
     except ImportError as exc:
         raise EngineError("this bundle needs OpenVINO: pip install 'edgevit[openvino]'") from exc
-    return openvino
+    return openvino  # type: ignore[no-any-return]  # OpenVINO ships no type information
 
 
 def compiled_sizes(max_batch: int) -> list[int]:

@@ -69,7 +69,7 @@ class TensorRTEngine:
         out = self._h_output[:n]
         self._cuda.memcpy_dtoh_async(out, self._d_output, self._stream)
         self._stream.synchronize()
-        return out.copy()
+        return np.array(out, copy=True)
 
     def close(self) -> None:
         self._d_input.free()
