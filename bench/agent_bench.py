@@ -31,16 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 from export_bench import config  # noqa: E402
 
-from builder.checkpoint import save_checkpoint  # noqa: E402
+from builder.bundle.build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.bundle.keys import keygen  # noqa: E402
 from builder.demo.digits import raw_digits  # noqa: E402
 from builder.demo.evaluate import held_out_indices  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
 from builder.demo.video import write_labelled_video  # noqa: E402
-from builder.engine_build import EngineOptions, build_engine_bundle  # noqa: E402
-from builder.export import export_checkpoint  # noqa: E402
-from builder.keys import keygen  # noqa: E402
-from builder.models import init_params  # noqa: E402
-from builder.passport import profile_engine  # noqa: E402
+from builder.evaluate.measure import profile_engine  # noqa: E402
+from builder.export.checkpoint import save_checkpoint  # noqa: E402
+from builder.export.job import export_checkpoint  # noqa: E402
+from builder.export.models import init_params  # noqa: E402
 
 CAMERAS = [1, 2, 4, 8]
 

@@ -38,14 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 from broker import start_broker  # noqa: E402
 
 from agent.engine.bundle import verify_bundle  # noqa: E402
+from builder.bundle.build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.bundle.keys import keygen  # noqa: E402
+from builder.bundle.pack import pack_bundle  # noqa: E402
 from builder.demo.evaluate import held_out_indices  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
 from builder.demo.variants import damaged_checkpoint, misdescribed_bundle, weaker_checkpoint  # noqa: E402
 from builder.demo.video import write_labelled_video  # noqa: E402
-from builder.engine_build import EngineOptions, build_engine_bundle  # noqa: E402
-from builder.export import export_checkpoint  # noqa: E402
-from builder.keys import keygen  # noqa: E402
-from builder.pack import pack_bundle  # noqa: E402
+from builder.export.job import export_checkpoint  # noqa: E402
 from fleet.serve import BundleServer  # noqa: E402
 
 DAMAGE = 0.3  # noise on every kernel, in units of its own spread

@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 from export_bench import config  # noqa: E402
 
 from agent.engine.profile import peak_rss_mib, profile  # noqa: E402
-from builder.architecture import ModelConfig, ViTConfig, param_shapes  # noqa: E402
-from builder.passport import profile_engine  # noqa: E402
+from builder.evaluate.measure import profile_engine  # noqa: E402
+from builder.export.architecture import ModelConfig, ViTConfig, param_shapes  # noqa: E402
 
 BATCHES = [1, 8]
 ENGINES = ["jax", "ort-fp32", "int8-static", "int8-dynamic", "openvino-nncf-int8", "edgevit-bundle"]
@@ -124,8 +124,8 @@ def gemm_ceiling(seconds: float) -> dict[str, float]:
 
 def jax_child(checkpoint: str, seconds: float) -> None:
     """Serve the checkpoint with JAX jit (weights as arguments) and report like agent.engine.profile."""
-    from builder.checkpoint import read_checkpoint
-    from builder.models import jax_forward, prepared_params
+    from builder.export.checkpoint import read_checkpoint
+    from builder.export.models import jax_forward, prepared_params
 
     ckpt = read_checkpoint(checkpoint)
     forward = jax_forward(ckpt.config, prepared_params(ckpt.config, ckpt.params))
@@ -215,9 +215,9 @@ def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[d
     import cv2
 
     from agent.engine.runtimes import open_engine
+    from builder.bundle.build import EngineOptions, build_engine_bundle
+    from builder.bundle.keys import keygen
     from builder.demo.digits import digit_images
-    from builder.engine_build import EngineOptions, build_engine_bundle
-    from builder.keys import keygen
 
     frames = digit_images(224)[0][100:164]
     reference = open_engine("onnxruntime", "cpu", export / "model.onnx", 8)
@@ -257,12 +257,12 @@ def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[d
 
 
 def measure_model(name: str, seconds: float, work: Path) -> dict:
-    from builder.checkpoint import save_checkpoint
     from builder.demo.digits import digit_images
-    from builder.export import export_checkpoint
-    from builder.models import init_params
-    from builder.openvino_engines import nncf_int8
-    from builder.precision import quantize_dynamic_int8, quantize_static_int8
+    from builder.export.checkpoint import save_checkpoint
+    from builder.export.job import export_checkpoint
+    from builder.export.models import init_params
+    from builder.quantize.precision import quantize_dynamic_int8, quantize_static_int8
+    from builder.targets.openvino import nncf_int8
 
     cfg = config(name)
     ckpt = work / f"{name}.npz"

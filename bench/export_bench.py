@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.architecture import MIXER_SIZES, VIT_SIZES, MixerConfig, ModelConfig, ViTConfig, parse_model_name  # noqa: E402
+from builder.export.architecture import MIXER_SIZES, VIT_SIZES, MixerConfig, ModelConfig, ViTConfig, parse_model_name  # noqa: E402
 
 
 def config(name: str) -> ModelConfig:
@@ -33,9 +33,9 @@ def config(name: str) -> ModelConfig:
 
 def measure(name: str) -> dict[str, float | str]:
     """Runs in the child: write a checkpoint, export it, report phases and peak RSS."""
-    from builder.checkpoint import save_checkpoint
-    from builder.export import ExportOptions, export_checkpoint
-    from builder.models import init_params
+    from builder.export.checkpoint import save_checkpoint
+    from builder.export.job import ExportOptions, export_checkpoint
+    from builder.export.models import init_params
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{name}.npz"

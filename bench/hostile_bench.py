@@ -33,12 +33,12 @@ from test_hostile_input import ORIGINAL, ResultCollector  # noqa: E402
 
 def demo_device(work: Path) -> tuple[Path, Path, Path]:
     """(bundle, public key, video): the demo ViT as an INT8 ONNX Runtime bundle, and a labelled digits video."""
+    from builder.bundle.build import EngineOptions, build_engine_bundle
+    from builder.bundle.keys import keygen
     from builder.demo.evaluate import held_out_indices
     from builder.demo.train import CHECKPOINT_DIR
     from builder.demo.video import write_labelled_video
-    from builder.engine_build import EngineOptions, build_engine_bundle
-    from builder.export import export_checkpoint
-    from builder.keys import keygen
+    from builder.export.job import export_checkpoint
 
     private, public, _ = keygen(work / "keys")
     export = export_checkpoint(CHECKPOINT_DIR / "vit-digits.npz", work / "export").model_path.parent

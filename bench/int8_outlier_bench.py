@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from export_bench import config  # noqa: E402
 
+from builder.bundle.build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.bundle.keys import keygen  # noqa: E402
 from builder.demo.outliers import write_outlier_checkpoint  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
-from builder.engine_build import EngineOptions, build_engine_bundle  # noqa: E402
 from builder.errors import BuildError  # noqa: E402
-from builder.export import export_checkpoint  # noqa: E402
-from builder.keys import keygen  # noqa: E402
-from builder.passport import profile_engine  # noqa: E402
+from builder.evaluate.measure import profile_engine  # noqa: E402
+from builder.export.job import export_checkpoint  # noqa: E402
 
 
 def accuracy_rows(name: str, strength: int, key: Path, seconds: float, work: Path) -> list[dict]:
@@ -79,12 +79,12 @@ def accuracy_rows(name: str, strength: int, key: Path, seconds: float, work: Pat
 def speed_rows(name: str, seconds: float, work: Path) -> list[dict]:
     import onnx
 
-    from builder.activations import channel_absmax
-    from builder.checkpoint import save_checkpoint
     from builder.demo.digits import digit_images
-    from builder.models import init_params
-    from builder.precision import quantize_dynamic_int8, quantize_static_int8
-    from builder.smoothing import find_targets, smooth, smoothing_factors
+    from builder.export.checkpoint import save_checkpoint
+    from builder.export.models import init_params
+    from builder.quantize.calibration import channel_absmax
+    from builder.quantize.precision import quantize_dynamic_int8, quantize_static_int8
+    from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
 
     cfg = config(name)
     save_checkpoint(work / f"{name}.npz", init_params(cfg))

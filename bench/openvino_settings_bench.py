@@ -147,13 +147,13 @@ def main() -> None:
         return
     import onnx
 
-    from builder.activations import channel_absmax
-    from builder.checkpoint import save_checkpoint
     from builder.demo.digits import digit_images
-    from builder.export import export_checkpoint
-    from builder.models import init_params
-    from builder.precision import quantize_static_int8
-    from builder.smoothing import find_targets, smooth, smoothing_factors
+    from builder.export.checkpoint import save_checkpoint
+    from builder.export.job import export_checkpoint
+    from builder.export.models import init_params
+    from builder.quantize.calibration import channel_absmax
+    from builder.quantize.precision import quantize_static_int8
+    from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

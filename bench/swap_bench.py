@@ -36,12 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from broker import start_broker  # noqa: E402
 
+from builder.bundle.build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.bundle.keys import keygen  # noqa: E402
 from builder.demo.evaluate import held_out_indices  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
 from builder.demo.video import write_labelled_video  # noqa: E402
-from builder.engine_build import EngineOptions, build_engine_bundle  # noqa: E402
-from builder.export import export_checkpoint  # noqa: E402
-from builder.keys import keygen  # noqa: E402
+from builder.export.job import export_checkpoint  # noqa: E402
 
 CANARY = {"window_s": 3, "min_frames": 60, "shadow_every": 4}
 

@@ -30,9 +30,9 @@ from agent.engine.worker import WorkerEngine, WorkerSpec  # noqa: E402
 
 
 def check(precision: str, export: Path, key: Path, work: Path) -> dict:
-    from builder.datasets import DEMO, evaluation_set, load_labels
-    from builder.engine_build import EngineOptions, Export, build_engine_bundle
-    from builder.passport import logits
+    from builder.bundle.build import EngineOptions, Export, build_engine_bundle
+    from builder.evaluate.datasets import DEMO, evaluation_set, load_labels
+    from builder.evaluate.measure import logits
 
     options = EngineOptions(target="tensorrt", precision=precision, eval=DEMO, calib=DEMO, profile_seconds=0.5)
     started = time.monotonic()
@@ -71,9 +71,9 @@ def main() -> int:
     if missing:
         print("cannot run here:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
+    from builder.bundle.keys import keygen
     from builder.demo.train import CHECKPOINT_DIR
-    from builder.export import export_checkpoint
-    from builder.keys import keygen
+    from builder.export.job import export_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

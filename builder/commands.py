@@ -15,20 +15,20 @@ from agent.engine.device import DeviceInfo
 from agent.engine.golden import check_golden
 from agent.engine.runtimes import EngineError, open_engine
 from agent.engine.signing import SignatureError, load_public_key
-from builder.architecture import describe
-from builder.datasets import DEMO
+from builder.bundle.build import BundleResult, EngineOptions, build_engine_bundle
+from builder.bundle.keys import keygen
+from builder.bundle.pack import pack_bundle
+from builder.bundle.view import candidate_table, show_passport
 from builder.demo.evaluate import held_out_indices, held_out_top1
 from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
 from builder.demo.video import write_labelled_video
-from builder.engine_build import BundleResult, EngineOptions, build_engine_bundle
 from builder.errors import BuildError
-from builder.export import ExportOptions, ExportResult, export_checkpoint
-from builder.keys import keygen
-from builder.pack import pack_bundle
-from builder.passport import Gate, profile_engine
-from builder.passport_view import candidate_table, show_passport
+from builder.evaluate.datasets import DEMO
+from builder.evaluate.measure import Gate, profile_engine
+from builder.export.architecture import describe
+from builder.export.job import ExportOptions, ExportResult, export_checkpoint
+from builder.export.verify import REPORT_FILE
 from builder.progress import make_progress
-from builder.verify import REPORT_FILE
 
 
 def _options(cls: type, args: argparse.Namespace, **extra: object) -> object:

@@ -132,7 +132,7 @@ def rebundle(
 
     from agent.engine.bundle import verify_bundle
     from agent.engine.signing import load_private_key
-    from builder.bundle_writer import write_bundle
+    from builder.bundle.writer import write_bundle
 
     bundle = verify_bundle(original, None)
     with np.load(bundle.golden_path) as golden:

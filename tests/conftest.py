@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from builder.architecture import MixerConfig, ModelConfig, ViTConfig
-from builder.checkpoint import save_checkpoint
-from builder.models import init_params
+from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig
+from builder.export.checkpoint import save_checkpoint
+from builder.export.models import init_params
 
 # What puts a test in a tier: fixtures (their own, or through the fixtures they use).
 INTEGRATION_FIXTURES = {"demo_exports", "demo_bundle", "demo_run", "digits_video", "mosquitto"}
@@ -91,7 +91,7 @@ def write_checkpoint(tmp_path: Path) -> Callable[..., Path]:
 def demo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The bundled demo checkpoints, exported once per test session."""
     from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
-    from builder.export import export_checkpoint
+    from builder.export.job import export_checkpoint
 
     root = tmp_path_factory.mktemp("demo-exports")
     return {
@@ -102,7 +102,7 @@ def demo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(private, public) key files made by ``edgevit-build keygen``'s function."""
-    from builder.keys import keygen
+    from builder.bundle.keys import keygen
 
     private, public, _ = keygen(tmp_path_factory.mktemp("keys"))
     return private, public
@@ -111,7 +111,7 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def demo_bundle(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], tmp_path_factory) -> Path:
     """The demo ViT as a signed INT8 CPU bundle, as ``edgevit-build demo`` makes it."""
-    from builder.engine_build import EngineOptions, build_engine_bundle
+    from builder.bundle.build import EngineOptions, build_engine_bundle
 
     # ONNX Runtime: the agent tests' engine variants (hanging, slow) rewrite this ONNX file for that runtime
     options = EngineOptions(

@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from builder.architecture import MixerConfig, ModelConfig, ViTConfig
-from builder.models import unflatten
+from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig
+from builder.export.models import unflatten
 
 PUBLISHED_TO_LINEN = {
     "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",

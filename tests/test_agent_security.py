@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.control.command_auth import sign_command
 from agent.engine.signing import load_private_key
-from builder.keys import keygen
+from builder.bundle.keys import keygen
 
 from conftest import free_port
 

@@ -11,7 +11,8 @@ import itertools
 
 import pytest
 
-from builder.architecture import (
+from builder.errors import CheckpointError
+from builder.export.architecture import (
     MIXER_SIZES,
     VIT_SIZES,
     MixerConfig,
@@ -21,7 +22,6 @@ from builder.architecture import (
     param_shapes,
     parse_model_name,
 )
-from builder.errors import CheckpointError
 
 
 def vit(size: str, patch: int, **kw) -> ViTConfig:

@@ -11,8 +11,8 @@ import pytest
 from agent.engine.bundle import MANIFEST, SIGNATURE, BundleError, incompatibilities, verify_bundle
 from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.engine.signing import load_private_key, load_public_key, sign
-from builder.engine_build import EngineOptions, build_engine_bundle
-from builder.keys import keygen
+from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.keys import keygen
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.checkpoint import canonical_names, read_checkpoint
 from builder.errors import CheckpointError
-from builder.models import init_params
+from builder.export.checkpoint import canonical_names, read_checkpoint
+from builder.export.models import init_params
 
 from conftest import SMALL_MIXER, SMALL_VIT
 from reference_models import PUBLISHED_TO_LINEN

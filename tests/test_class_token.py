@@ -16,15 +16,15 @@ from graph_helpers import onnxruntime_logits
 
 from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes.openvino import OpenVINOEngine
-from builder.class_token import _verify, class_token_only
 from builder.demo.digits import digit_images
 from builder.demo.train import CHECKPOINT_DIR
 from builder.errors import BuildError
-from builder.export import ExportOptions, export_checkpoint
-from builder.graph_passes import GELU_FORMS_GAP, exact_gelu_before_quantization, float_dense_outputs
-from builder.onnx_export import read_metadata
-from builder.precision import quantize_static_int8
-from builder.smoothing import find_targets
+from builder.export.job import ExportOptions, export_checkpoint
+from builder.export.onnx_export import read_metadata
+from builder.quantize.precision import quantize_static_int8
+from builder.quantize.smoothing import find_targets
+from builder.rewrites.class_token import _verify, class_token_only
+from builder.rewrites.graph_passes import GELU_FORMS_GAP, exact_gelu_before_quantization, float_dense_outputs
 
 
 def _export(folder: Path) -> tuple[Path, dict, np.ndarray]:

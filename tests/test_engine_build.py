@@ -17,12 +17,12 @@ from agent.engine.golden import check_golden
 from agent.engine.preprocess import preprocess_into
 from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_public_key
-from builder.datasets import DatasetError
+from builder.bundle.build import Candidate, EngineOptions, build_engine_bundle, cpu_flavour, engine_requirements
 from builder.demo.digits import raw_digits
 from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR
-from builder.engine_build import Candidate, EngineOptions, build_engine_bundle, cpu_flavour, engine_requirements
 from builder.errors import BuildError, GateError
+from builder.evaluate.datasets import DatasetError
 
 FAST = {"profile_seconds": 0.05, "calibration_images": 64}
 

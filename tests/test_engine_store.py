@@ -17,8 +17,8 @@ from agent.engine.signing import load_private_key, load_public_key
 from agent.lifecycle.archive import safe_extract
 from agent.lifecycle.fetch import BundleRef, fetch
 from agent.lifecycle.store import Canary, EngineState, EngineStore, Mark
-from builder.keys import keygen
-from builder.pack import pack_bundle
+from builder.bundle.keys import keygen
+from builder.bundle.pack import pack_bundle
 
 
 def _tar(path: Path, members: dict[str, bytes]) -> Path:

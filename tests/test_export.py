@@ -12,14 +12,14 @@ import onnxruntime as ort
 import pytest
 
 from agent.engine.preprocess import METADATA_KEY, InputSpec
-from builder.architecture import ModelConfig, ViTConfig, config_to_dict
-from builder.checkpoint import save_checkpoint
 from builder.errors import VerificationError
-from builder.export import ExportOptions, ExportResult, export_checkpoint
-from builder.models import init_params
-from builder.onnx_export import EXTERNAL_DATA_FILE, read_metadata
-from builder.resolution import POSEMB, resize_posemb
-from builder.verify import REPORT_FILE, sample_images, verify, verify_and_report
+from builder.export.architecture import ModelConfig, ViTConfig, config_to_dict
+from builder.export.checkpoint import save_checkpoint
+from builder.export.job import ExportOptions, ExportResult, export_checkpoint
+from builder.export.models import init_params
+from builder.export.onnx_export import EXTERNAL_DATA_FILE, read_metadata
+from builder.export.resolution import POSEMB, resize_posemb
+from builder.export.verify import REPORT_FILE, sample_images, verify, verify_and_report
 
 from conftest import SMALL_MIXER, SMALL_VIT
 from reference_models import reference_logits

@@ -31,7 +31,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from agent.engine.bundle import verify_bundle
-from builder.pack import pack_bundle
+from builder.bundle.pack import pack_bundle
 
 from conftest import free_port
 

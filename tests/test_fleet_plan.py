@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from agent.config import AgentConfig, CameraConfig, MQTTConfig
 from agent.control.commands import MAX_COMMAND_BYTES
-from builder.pack import pack_bundle
+from builder.bundle.pack import pack_bundle
 from fleet.cli import main
 from fleet.commands import FleetError, bundle_reference
 from fleet.link import Device

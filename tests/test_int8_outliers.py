@@ -15,18 +15,18 @@ import numpy as np
 import onnx
 import pytest
 
-from builder.activations import channel_absmax, observe
-from builder.class_token import class_token_only
-from builder.datasets import calibration_set
+from builder.bundle.build import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT, EngineOptions, build_engine_bundle
 from builder.demo.outliers import OUTLIER_CHANNELS, write_outlier_checkpoint
 from builder.demo.train import CHECKPOINT_DIR
-from builder.engine_build import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT, EngineOptions, build_engine_bundle
 from builder.errors import BuildError, GateError
-from builder.export import export_checkpoint
-from builder.onnx_export import read_metadata
-from builder.passport import Gate
-from builder.precision import float_weight_ops
-from builder.smoothing import find_targets, smooth, smoothing_factors
+from builder.evaluate.datasets import calibration_set
+from builder.evaluate.measure import Gate
+from builder.export.job import export_checkpoint
+from builder.export.onnx_export import read_metadata
+from builder.quantize.calibration import channel_absmax, observe
+from builder.quantize.precision import float_weight_ops
+from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
+from builder.rewrites.class_token import class_token_only
 
 # edgevit's own recipes (ONNX Runtime); OpenVINO's candidates are tested in test_openvino.py
 FAST = {"profile_seconds": 0.05, "calibration_images": 128, "eval": "demo", "calib": "demo", "runtime": "onnxruntime"}

@@ -29,12 +29,12 @@ from agent_helpers import (
 from engine_variants import slow_down
 
 from agent.engine.bundle import verify_bundle
+from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.keys import keygen
+from builder.bundle.pack import pack_bundle
 from builder.demo.train import CHECKPOINT_DIR
 from builder.demo.variants import damaged_checkpoint, misdescribed_bundle
-from builder.engine_build import EngineOptions, build_engine_bundle
-from builder.export import export_checkpoint
-from builder.keys import keygen
-from builder.pack import pack_bundle
+from builder.export.job import export_checkpoint
 from fleet.serve import BundleServer
 
 CANARY = {

@@ -14,13 +14,13 @@ import pytest
 from agent_helpers import NO_SWAP_LATENCY_GATE, Operator, device_over_mqtt
 
 from agent.engine.bundle import verify_bundle
+from builder.bundle.build import EngineOptions, build_engine_bundle
 from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR
 from builder.demo.variants import weaker_checkpoint
 from builder.demo.video import write_labelled_video
-from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.errors import GateError
-from builder.export import export_checkpoint
+from builder.export.job import export_checkpoint
 
 FAST = {"profile_seconds": 0.1, "runtime": "onnxruntime", "calibration_images": 64}
 CANARY = {"window_s": 10, "min_frames": 100, "shadow_every": 1, "block_s": 1.0, "latency_slack_ms": 5.0}

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from builder.architecture import ModelConfig
-from builder.models import init_params, jax_forward, prepared_params
-from builder.verify import sample_images
+from builder.export.architecture import ModelConfig
+from builder.export.models import init_params, jax_forward, prepared_params
+from builder.export.verify import sample_images
 
 from conftest import SMALL_MIXER, SMALL_VIT
 from reference_models import reference_logits

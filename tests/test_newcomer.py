@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from builder.passport_view import show_passport
+from builder.bundle.view import show_passport
 from builder.progress import LogProgress, counter, make_progress, note, step
 
 ROOT = Path(__file__).resolve().parents[1]

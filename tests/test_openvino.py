@@ -18,8 +18,8 @@ from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from agent.engine.signing import load_public_key
 from agent.engine.worker import WorkerEngine, WorkerSpec
+from builder.bundle.build import EngineOptions, build_engine_bundle
 from builder.demo.digits import digit_images
-from builder.engine_build import EngineOptions, build_engine_bundle
 from builder.errors import BuildError
 
 FAST = {"profile_seconds": 0.05, "calibration_images": 64, "eval": "demo", "calib": "demo"}
@@ -152,8 +152,8 @@ def test_a_batch_splits_across_openvino_streams_with_the_same_logits(demo_export
 
 def test_nncf_draws_nothing_of_its_own(demo_exports, tmp_path: Path, capfd) -> None:
     """NNCF's progress bars and info lines stay out of the builder's terminal and logs."""
-    from builder.datasets import calibration_set
-    from builder.openvino_engines import nncf_int8
+    from builder.evaluate.datasets import calibration_set
+    from builder.targets.openvino import nncf_int8
 
     calibration = calibration_set("demo", "vit-digits.npz").subset(8).preprocessed(InputSpec(64, 64))
     files = nncf_int8(demo_exports["vit-digits"] / "model.onnx", calibration, tmp_path)

@@ -11,9 +11,9 @@ import pytest
 
 from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes import open_engine
-from builder.datasets import calibration_set
-from builder.graph_passes import gemm_to_matmul
-from builder.precision import (
+from builder.evaluate.datasets import calibration_set
+from builder.export.verify import sample_images
+from builder.quantize.precision import (
     CALIBRATION_METHODS,
     WEIGHT_OPS,
     QuantizationError,
@@ -23,7 +23,7 @@ from builder.precision import (
     require_quantized,
     to_fp16,
 )
-from builder.verify import sample_images
+from builder.rewrites.graph_passes import gemm_to_matmul
 
 
 def run(path: Path, images: np.ndarray) -> np.ndarray:

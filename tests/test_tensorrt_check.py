@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from builder.bundle.build import EngineOptions, build_engine_bundle
 from builder.demo.digits import digit_images
-from builder.engine_build import EngineOptions, build_engine_bundle
-from builder.precision import quantize_static_int8
-from builder.tensorrt_check import TensorRTCompatibilityError, check_graph
+from builder.quantize.precision import quantize_static_int8
+from builder.targets.tensorrt_check import TensorRTCompatibilityError, check_graph
 
 UINT8 = TensorProto.UINT8
 ZERO, SCALE = np.int8(0), np.float32(0.05)

@@ -15,12 +15,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from agent.engine.device import DeviceInfo
 from agent.engine.runtimes.openvino import OpenVINOEngine
+from builder.bundle.build import EngineOptions, cpu_flavour
 from builder.demo.digits import digit_images
 from builder.demo.train import DEMO_MODELS
-from builder.engine_build import EngineOptions, cpu_flavour
-from builder.graph_passes import float_dense_outputs
-from builder.precision import quantize_static_int8
-from builder.token_mixing import left_weight_token_mixing
+from builder.quantize.precision import quantize_static_int8
+from builder.rewrites.graph_passes import float_dense_outputs
+from builder.rewrites.token_mixing import left_weight_token_mixing
 
 MIXER = DEMO_MODELS["mixer-digits"]
 BLOCKS = MIXER.num_blocks

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.demo.digits import raw_digits
-from builder.evaluate import top1_accuracy
+from builder.evaluate.accuracy import top1_accuracy
 
 
 def held_out_indices(checkpoint: Path) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.checkpoint import read_checkpoint, save_checkpoint
+from builder.export.checkpoint import read_checkpoint, save_checkpoint
 
 # The channels made into outliers: a fixed few, as in real models (the same dims in every block).
 OUTLIER_CHANNELS = (3, 17, 42)

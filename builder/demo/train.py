@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from builder.architecture import MixerConfig, ModelConfig, ViTConfig, config_to_dict
-from builder.checkpoint import save_checkpoint
 from builder.demo.digits import HELD_OUT_FRACTION, LABELS, SPLIT_SEED, digit_images, split_indices
-from builder.models import apply, flatten, init_params, jax_forward, prepare, prepared_params, unflatten
+from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig, config_to_dict
+from builder.export.checkpoint import save_checkpoint
+from builder.export.models import apply, flatten, init_params, jax_forward, prepare, prepared_params, unflatten
 
 IMAGE_SIZE = 64
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"

@@ -21,9 +21,9 @@ import numpy as np
 from agent.engine.bundle import verify_bundle
 from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_private_key
-from builder.bundle_writer import write_bundle
-from builder.checkpoint import read_checkpoint, save_checkpoint
+from builder.bundle.writer import write_bundle
 from builder.demo.train import TrainSettings, train_demo
+from builder.export.checkpoint import read_checkpoint, save_checkpoint
 
 WEAKER_EPOCHS = 20
 

@@ -5,7 +5,7 @@ SmoothQuant's per-channel maxima), the rest is held aside to *score* recipes aga
 export, by top-1 agreement first and logit error second. The evaluation set that the gate
 judges is never looked at here.
 
-1. **Smoothing** (:mod:`builder.smoothing`): each α of :data:`ALPHAS` (``None`` = no
+1. **Smoothing** (:mod:`builder.quantize.smoothing`): each α of :data:`ALPHAS` (``None`` = no
    smoothing) is folded into the export, quantized and scored; the best-scoring α wins, so a
    model without outlier channels keeps its unsmoothed recipe when that scores best.
 2. **Mixed precision**, when every candidate still misses the gate: every quantized layer's
@@ -28,11 +28,11 @@ import numpy as np
 import onnx
 
 from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
-from builder.activations import channel_absmax, observe
 from builder.choices import Flavour
 from builder.errors import BuildError
-from builder.precision import WEIGHT_OPS, quantize_dynamic_int8, quantize_static_int8, require_quantized
-from builder.smoothing import find_targets, smooth, smoothing_factors
+from builder.quantize.calibration import channel_absmax, observe
+from builder.quantize.precision import WEIGHT_OPS, quantize_dynamic_int8, quantize_static_int8, require_quantized
+from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
 
 ALPHAS: tuple[float | None, ...] = (None, 0.5, 0.65, 0.8)
 MAX_FLOAT_SHARE = 0.5

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from builder.architecture import ModelConfig, ViTConfig, param_shapes
-from builder.models import mixer, vit
+from builder.export.architecture import ModelConfig, ViTConfig, param_shapes
+from builder.export.models import mixer, vit
 
 Tree = dict[str, Any]
 

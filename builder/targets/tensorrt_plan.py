@@ -3,7 +3,7 @@
 Plans only deserialize on the GPU model and TensorRT version they were built with,
 so this runs on the target (a Jetson, or a server with the same GPU) and records
 both in the bundle. INT8 is explicit: the ONNX already carries symmetric Q/DQ from
-:func:`builder.precision.quantize_static_int8` (``flavour='tensorrt'``); the
+:func:`builder.quantize.precision.quantize_static_int8` (``flavour='tensorrt'``); the
 implicit calibrators are deprecated since TensorRT 10.1. The TensorRT 10 builder
 flags FP16/INT8 used here were removed in TensorRT 11, hence ``tensorrt<11``.
 """

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from builder.graph_passes import per_tensor_grid
+from builder.rewrites.graph_passes import per_tensor_grid
 
 # the nodes of one exported token-mixing MLP, in order, in edgevit's static Q/DQ graph
 # once its Dense outputs are left float (graph_passes.float_dense_outputs)

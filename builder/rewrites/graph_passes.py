@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from builder.tidy import replace_uses
+from builder.export.tidy import replace_uses
 
 
 def gemm_to_matmul(model: ir.Model) -> int:

@@ -7,7 +7,7 @@ the figures of all of them. A build with no candidate inside the budget produces
 bundle unless ``accept_accuracy_loss`` is set, which the passport then records. With a
 ``baseline`` (the bundle or export the new engine replaces), the passport also records what a
 device's canary should expect of the pair, and a new model less accurate than its baseline
-beyond the top-1 budget is refused the same way (:mod:`builder.baseline`).
+beyond the top-1 budget is refused the same way (:mod:`builder.evaluate.baseline`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from agent.engine.preprocess import METADATA_KEY, InputSpec
 from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_private_key
 from agent.stream.drift import output_profile
-from builder import openvino_engines
-from builder.baseline import Baseline, baseline_misses, bundle_baseline, compare_with_baseline, is_bundle
-from builder.bundle_writer import write_bundle
+from builder.bundle.writer import write_bundle
 from builder.choices import (
     DEFAULT_TENSORRT,
     RUNTIMES,
@@ -47,23 +45,25 @@ from builder.choices import (
     Runtime,
     Target,
 )
-from builder.class_token import class_token_only
-from builder.datasets import Frames, calibration_set, evaluation_set, load_labels
 from builder.errors import BuildError, GateError
-from builder.int8_recipe import (
+from builder.evaluate.baseline import Baseline, baseline_misses, bundle_baseline, compare_with_baseline, is_bundle
+from builder.evaluate.datasets import Frames, calibration_set, evaluation_set, load_labels
+from builder.evaluate.measure import Accuracy, Gate, compare, golden_set, logits, profile_engine
+from builder.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
+from builder.export.verify import REPORT_FILE
+from builder.progress import counter, note, step
+from builder.quantize.int8_recipe import (
     Int8Search,
     MixedPrecisionError,
     Trial,
     parse_smoothing,
     recipes_for,
 )
-from builder.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
-from builder.passport import Accuracy, Gate, compare, golden_set, logits, profile_engine
-from builder.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
-from builder.progress import counter, note, step
-from builder.tensorrt_check import require_parsable
-from builder.tensorrt_plan import PlanSettings, build_plan, tensorrt_version
-from builder.verify import REPORT_FILE
+from builder.quantize.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
+from builder.rewrites.class_token import class_token_only
+from builder.targets import openvino as openvino_engines
+from builder.targets.tensorrt_check import require_parsable
+from builder.targets.tensorrt_plan import PlanSettings, build_plan, tensorrt_version
 
 TENSORRT_RECIPE_MODEL = "model-int8-qdq.onnx"
 TENSORRT_RECIPE_REPORT = "recipe.json"
@@ -96,7 +96,7 @@ class EngineOptions:
     threads: int | None = None
     runtime: Runtime = "auto"
     tensorrt_version: str = DEFAULT_TENSORRT  # the parser rules a TensorRT-bound graph is checked against here
-    baseline: Path | None = None  # the bundle or export this engine replaces (builder.baseline)
+    baseline: Path | None = None  # the bundle or export this engine replaces (builder.evaluate.baseline)
     int8_cpu: Int8Cpu = "auto"
 
 
@@ -220,7 +220,7 @@ def _runtimes(options: EngineOptions) -> tuple[str, ...]:
 
 
 def _rewritten(export: Export, options: EngineOptions, frames: np.ndarray, work: Path, progress: Progress) -> Export:
-    """The export with the exact rewrites a CPU engine build applies (:mod:`builder.class_token`).
+    """The export with the exact rewrites a CPU engine build applies (:mod:`builder.rewrites.class_token`).
 
     Not yet for TensorRT and CUDA: the rewrite is exact there too, but their graph rules and plans
     have not been checked with it on a GPU.
@@ -627,7 +627,7 @@ def _write(
         },
         "candidates": [c.summary() for c in candidates],
         "outputs": output_profile(chosen.logits),  # the agent's drift reference
-        "baseline": baseline,  # what a canary against that engine should expect (builder.baseline)
+        "baseline": baseline,  # what a canary against that engine should expect (builder.evaluate.baseline)
         "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},
     }
     manifest = {

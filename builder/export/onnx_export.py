@@ -25,9 +25,9 @@ from jax2onnx import to_onnx
 
 from agent.engine.preprocess import METADATA_KEY as INPUT_SPEC_KEY
 from agent.engine.preprocess import InputSpec
-from builder.architecture import ModelConfig, config_to_dict
 from builder.choices import DEFAULT_OPSET
-from builder.tidy import tidy
+from builder.export.architecture import ModelConfig, config_to_dict
+from builder.export.tidy import tidy
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MODEL_FILE, EXTERNAL_DATA_FILE = "model.onnx", "model.onnx.data"
@@ -55,7 +55,7 @@ def metadata(cfg: ModelConfig, spec: InputSpec, provenance: Provenance) -> dict[
 
 
 def convert(cfg: ModelConfig, forward: Callable[[jax.Array], jax.Array], opset: int = DEFAULT_OPSET) -> ir.Model:
-    """Trace ``forward`` (from :func:`builder.models.inference_fn`: weights as constants) and convert it.
+    """Trace ``forward`` (from :func:`builder.export.models.inference_fn`: weights as constants) and convert it.
 
     The result stays in jax2onnx's IR: serialising it straight to disk skips a full
     in-memory protobuf copy of the weights, and works past protobuf's 2 GiB limit.

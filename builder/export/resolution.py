@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage
 
-from builder.architecture import MixerConfig, ModelConfig, ViTConfig, with_image_size
 from builder.errors import ResolutionError
+from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig, with_image_size
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
 

@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from builder.architecture import MixerConfig
-from builder.models.layers import dense, layer_norm, mlp_block, patch_embed
+from builder.export.architecture import MixerConfig
+from builder.export.models.layers import dense, layer_norm, mlp_block, patch_embed
 
 
 def prepare(cfg: MixerConfig, params: dict[str, Any]) -> dict[str, Any]:

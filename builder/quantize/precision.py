@@ -17,7 +17,7 @@ Dynamic INT8 quantizes weights ahead of time and activations per batch, needing 
 calibration; it only touches ``MatMul``, so ``Gemm`` is rewritten first.
 
 Both take ``exclude``: names of Dense/Conv nodes *of the source graph* to leave in float
-(the mixed-precision search of :mod:`builder.int8_recipe` picks them).
+(the mixed-precision search of :mod:`builder.quantize.int8_recipe` picks them).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from builder.choices import CALIBRATIONS, Flavour
 from builder.errors import BuildError
-from builder.graph_passes import gemm_to_matmul
+from builder.rewrites.graph_passes import gemm_to_matmul
 
 CALIBRATION_METHODS = dict(
     zip(CALIBRATIONS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile), strict=True)

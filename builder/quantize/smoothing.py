@@ -59,7 +59,7 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def _token_gather(reader: onnx.NodeProto, tensor: str, norm: onnx.NodeProto, norm_axis: int) -> bool:
     """A Gather that picks tokens straight out of the norm's output (channels untouched): the class token
-    of :mod:`builder.class_token`'s last block. Its axis must lie before the normalized (channel) axis."""
+    of :mod:`builder.rewrites.class_token`'s last block. Its axis must lie before the normalized (channel) axis."""
     if reader.op_type != "Gather" or reader.input[0] != tensor or tensor != norm.output[0]:
         return False
     return 0 <= _attribute(reader, "axis", 0) < norm_axis

@@ -14,7 +14,7 @@ multiply-adds. The export stays the faithful one-to-one conversion (``edgevit-bu
 checks it against JAX); this is an engine build's business, like the fusions a runtime
 makes when it compiles, and :func:`class_token_only` checks the result against the export in
 ONNX Runtime before anything uses it. Graphs that do not match the pattern of
-``builder/models/vit.py`` are left alone.
+``builder/export/models/vit.py`` are left alone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from builder.errors import BuildError
-from builder.onnx_export import EXTERNAL_DATA_THRESHOLD, weight_bytes
+from builder.export.onnx_export import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
 TOLERANCE = 1e-3  # max |Δlogit| against the export, relative to the largest logit
 
@@ -93,12 +93,12 @@ class _Graph:
 
 
 class _NoMatch(Exception):
-    """The graph is not a class-token ViT as builder/models/vit.py exports it."""
+    """The graph is not a class-token ViT as builder/export/models/vit.py exports it."""
 
 
 def class_token_only(src: Path, dst: Path, architecture: dict[str, Any], check: np.ndarray) -> list[Path] | None:
     """Write ``src`` with its last block for the class token only to ``dst``; the files, or None where it does
-    not apply (weights past :data:`~builder.onnx_export.EXTERNAL_DATA_THRESHOLD` go to ``<dst>.data``, as exports do).
+    not apply (weights past :data:`~builder.export.onnx_export.EXTERNAL_DATA_THRESHOLD` go to ``<dst>.data``, as exports do).
 
     ``check`` (a few preprocessed frames) is run through both graphs in ONNX Runtime; a rewrite whose
     logits differ by more than :data:`TOLERANCE` is a bug and fails the build rather than ship.

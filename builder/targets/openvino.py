@@ -1,7 +1,7 @@
 """OpenVINO candidates for x86 CPUs: the export in FP32 or BF16, and INT8 two ways.
 
 INT8 comes either from edgevit's own Q/DQ graph (the smoothed, searched static recipe of
-:mod:`builder.int8_recipe`, which OpenVINO reads as it is) or from NNCF's post-training
+:mod:`builder.quantize.int8_recipe`, which OpenVINO reads as it is) or from NNCF's post-training
 quantization with ``model_type=TRANSFORMER`` (which applies its own SmoothQuant), saved
 as OpenVINO IR. Both are measured and gated beside the ONNX Runtime candidates; the
 float parts of an INT8 model run in BF16 where the CPU has it (target ``cpu-bf16``).
@@ -20,8 +20,8 @@ from agent.engine.device import BF16_FEATURES, DeviceInfo
 from agent.engine.runtimes import EngineError
 from agent.engine.runtimes.openvino import load_openvino
 from builder.errors import BuildError
-from builder.graph_passes import exact_gelu_before_quantization, float_dense_outputs
-from builder.token_mixing import left_weight_token_mixing
+from builder.rewrites.graph_passes import exact_gelu_before_quantization, float_dense_outputs
+from builder.rewrites.token_mixing import left_weight_token_mixing
 
 NNCF_IR = "model-int8-nncf.xml"
 
@@ -47,10 +47,10 @@ def float_target(device: DeviceInfo) -> str:
 def qdq_for_openvino(qdq: Path) -> tuple[Path, dict[str, str]]:
     """edgevit's searched Q/DQ graph as OpenVINO runs it best (``-openvino.onnx``), and what changed, for the passport.
 
-    Dense outputs are left float (:func:`builder.graph_passes.float_dense_outputs`), with the same
+    Dense outputs are left float (:func:`builder.rewrites.graph_passes.float_dense_outputs`), with the same
     quantized weights and Dense inputs. A Mixer's token mixing gets its weights on the left
-    (:mod:`builder.token_mixing`), which requantizes that MLP's two inputs. GELUs whose output is
-    quantized at once run in their exact form (:func:`builder.graph_passes.exact_gelu_before_quantization`).
+    (:mod:`builder.rewrites.token_mixing`), which requantizes that MLP's two inputs. GELUs whose output is
+    quantized at once run in their exact form (:func:`builder.rewrites.graph_passes.exact_gelu_before_quantization`).
     """
     model = ir.load(qdq)
     float_dense_outputs(model)

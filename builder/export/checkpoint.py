@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from agent.engine.bundle import file_digest
-from builder.architecture import ModelConfig, Shape, infer_config
 from builder.errors import CheckpointError
+from builder.export.architecture import ModelConfig, Shape, infer_config
 
 TARGET_PREFIX = "opt/target/"
 _LINEN_TO_PUBLISHED = {

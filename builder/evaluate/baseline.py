@@ -23,9 +23,9 @@ from agent.engine.bundle import MANIFEST, BundleError, file_digest, verify_bundl
 from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes import EngineError, open_engine
 from agent.lifecycle.canary import wilson
-from builder.datasets import Frames
 from builder.errors import BuildError
-from builder.passport import Gate, logits
+from builder.evaluate.datasets import Frames
+from builder.evaluate.measure import Gate, logits
 
 
 @dataclass(frozen=True)
