@@ -7,6 +7,7 @@ import json
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -30,8 +31,10 @@ from builder.export.job import ExportOptions, ExportResult, export_checkpoint
 from builder.export.verify import REPORT_FILE
 from builder.progress import make_progress
 
+Options = TypeVar("Options", ExportOptions, EngineOptions)
 
-def _options(cls: type, args: argparse.Namespace, **extra: object) -> object:
+
+def _options(cls: type[Options], args: argparse.Namespace, **extra: Any) -> Options:
     """Build an options dataclass from the arguments of the same names (the parser mirrors its fields)."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in extra}, **extra)
 

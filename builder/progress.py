@@ -52,7 +52,7 @@ class LogProgress(Progress):
             self._line(f"{description} ...")
         return task
 
-    def update(self, task_id: TaskID, **kw: Any) -> None:  # type: ignore[override]
+    def update(self, task_id: TaskID, **kw: Any) -> None:
         super().update(task_id, **kw)
         task = next(t for t in self.tasks if t.id == task_id)
         now = time.monotonic()

@@ -178,14 +178,18 @@ def bundle_reference(archive: Path, url: str) -> tuple[str, dict[str, Any]]:
     return manifest["bundle_id"], {"url": url, "sha256": digest["sha256"], "size": digest["bytes"]}
 
 
+def outcomes(rollout: Rollout) -> str:
+    """How a rollout's devices ended, in words (its summary line and the history table)."""
+    c = rollout.counts()
+    return (
+        f"{c[TargetState.SUCCEEDED]} succeeded, {c[TargetState.FAILED]} failed, {c[TargetState.ROLLED_BACK]} rolled "
+        f"back, {c[TargetState.SKIPPED]} skipped, {c[TargetState.PENDING]} untouched"
+    )
+
+
 def _drive(runner: Runner, console: Console) -> int:
     rollout = runner.run()
-    counts = rollout.counts()
-    console.print(
-        f"rollout {rollout.id} {rollout.state}: {counts[TargetState.SUCCEEDED]} succeeded, {counts[TargetState.FAILED]} failed, "
-        f"{counts[TargetState.ROLLED_BACK]} rolled back, {counts[TargetState.SKIPPED]} skipped, {counts[TargetState.PENDING]} untouched",
-        markup=False,
-    )
+    console.print(f"rollout {rollout.id} {rollout.state}: {outcomes(rollout)}", markup=False)
     return 0 if rollout.state == RolloutState.COMPLETED else EXIT_HALTED
 
 
@@ -318,12 +322,7 @@ def run_history(args: argparse.Namespace, console: Console) -> int:
         return 0
     table = narrow_table("rollout, bundle", "state", "outcomes")  # the bundle id under the rollout's: both whole
     for r in rollouts:
-        c = r.counts()
-        outcomes = (
-            f"{c[TargetState.SUCCEEDED]} succeeded, {c[TargetState.FAILED]} failed, "
-            f"{c[TargetState.ROLLED_BACK]} rolled back, {c[TargetState.SKIPPED]} skipped, {c[TargetState.PENDING]} untouched"
-        )
-        table.add_row(f"{markup(r.id)}\n[dim]{markup(r.bundle_id)}[/]", r.state, outcomes)
+        table.add_row(f"{markup(r.id)}\n[dim]{markup(r.bundle_id)}[/]", r.state, outcomes(r))
     console.print(table)
     for problem in problems:
         console.print(f"skipped {printable(problem)}", markup=False)

@@ -123,7 +123,10 @@ def rollout_view(state_dir: Path) -> dict[str, Any] | None:
             "counts": dict(collections.Counter(t.state for t in targets)),
             "devices": [{"device": t.device, "state": t.state, "detail": t.detail} for t in targets[:WAVE_DEVICES]],
         })  # fmt: skip
-    failed = sorted((t for t in r.targets if t.state in (TargetState.FAILED, TargetState.ROLLED_BACK) and t.detail), key=lambda t: t.device)
+    failed = sorted(
+        (t for t in r.targets if t.state in (TargetState.FAILED, TargetState.ROLLED_BACK) and t.detail),
+        key=lambda t: t.device,
+    )
     return {
         "id": r.id,
         "bundle_id": r.bundle_id,

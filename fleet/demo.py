@@ -163,7 +163,9 @@ def start(demo: Path, out: Path, canary_s: float, online_s: float) -> int:
     print(f"\nrollout {'completed' if code == 0 else f'ended with exit status {code}'}")
     print(f"dashboard: http://127.0.0.1:{page}/")
     env = out / "fleet.env"
-    env.write_text(f"export EDGEVIT_MQTT_PORT={broker} EDGEVIT_FLEET_STATE={shlex.quote(str((out / 'fleet').resolve()))}\n")
+    env.write_text(
+        f"export EDGEVIT_MQTT_PORT={broker} EDGEVIT_FLEET_STATE={shlex.quote(str((out / 'fleet').resolve()))}\n"
+    )
     print(f"fleet:     source {env}   # then edgevit-fleet status, history, rollback ... act on this demo")
     print(f"stop it:   make fleet-demo-stop (python -m fleet.demo stop --out {out})")
     return code

@@ -324,7 +324,9 @@ class Runner:
         online = [n for n in chosen if devices[n].online]
         for n in chosen:
             if not devices[n].online:
-                self.rollout.targets.append(Target(n, -1, TargetState.SKIPPED, detail="offline when the rollout started"))
+                self.rollout.targets.append(
+                    Target(n, -1, TargetState.SKIPPED, detail="offline when the rollout started")
+                )
         for wave, names in enumerate(plan_waves(online, canary, step)):
             self.rollout.targets += [Target(n, wave) for n in names]
         waves = max((t.wave for t in self.rollout.targets), default=-1) + 1
@@ -362,7 +364,9 @@ class Runner:
                 self._note(f"completed: {rollout.counts()[TargetState.SUCCEEDED]} devices run {rollout.bundle_id}")
                 self._save()
                 break
-            self._send([t for t in wave if t.state in (TargetState.PENDING, TargetState.SENT)])  # sent: a resumed wave, again by its ids
+            self._send(
+                [t for t in wave if t.state in (TargetState.PENDING, TargetState.SENT)]
+            )  # sent: a resumed wave, again by its ids
             self._await(wave)
             attempted += len(wave)
             failed += sum(t.state == TargetState.FAILED for t in wave)
@@ -379,7 +383,9 @@ class Runner:
                         else pooled
                     )
                 )
-                updated = [t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == TargetState.SUCCEEDED]
+                updated = [
+                    t for t in rollout.targets if 0 <= t.wave <= rollout.wave and t.state == TargetState.SUCCEEDED
+                ]
                 if rollout.rollback_on_halt and updated:
                     back = self._roll_back(updated)
                     if back == len(updated):
@@ -405,7 +411,9 @@ class Runner:
         alpha = wave_alpha(events)
         if alpha is None:
             return None
-        self._note(f"wave {wave[0].wave}: " + failures_note(sum(t.state == TargetState.FAILED for t in wave), len(wave), alpha))
+        self._note(
+            f"wave {wave[0].wave}: " + failures_note(sum(t.state == TargetState.FAILED for t in wave), len(wave), alpha)
+        )
         pooled = pooled_verdict(events, alpha)
         if pooled is None:
             return None

@@ -10,6 +10,7 @@ cannot forget; a test outside them that starts a service anyway fails and says w
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,9 +27,14 @@ from builder.export.models import init_params
 # What puts a test in a tier: fixtures (their own, or through the fixtures they use).
 INTEGRATION_FIXTURES = {"demo_exports", "demo_bundle", "demo_run", "digits_video", "mosquitto"}
 BROWSER_FIXTURES = {"chromium"}
-# Programs the unit tier never starts (its guard below): services, agents, controllers, browsers.
-SERVICES = ("mosquitto", "chromium", "chromedriver", "agent.daemon", "edgevit-agent", "edgevit-fleet", "fleet.",
-            "rtsp_server", "gst-rtsp", "builder.cli")  # fmt: skip
+# What the unit tier never starts (its guard below): brokers, browsers, RTSP servers, agents serving a config,
+# the fleet tool's servers and demo, the demo build. Quick commands (--help, a refusal) are fine.
+SERVICES = (
+    re.compile(r"mosquitto|chromium|chromedriver|rtsp|fleet\.demo"),
+    re.compile(r"(agent\.daemon|edgevit-agent)\b.*--config"),
+    re.compile(r"(fleet\.cli|edgevit-fleet)\b.*\b(serve|dashboard|deploy|resume)\b"),
+    re.compile(r"(builder\.cli|edgevit-build)\b.*\bdemo\b"),
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -49,7 +55,8 @@ def _unit_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
 
     def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
         command = " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
-        if any(service in command for service in SERVICES):
+        quick = "--help" in command or "--version" in command
+        if not quick and any(service.search(command) for service in SERVICES):
             raise AssertionError(
                 f"{request.node.nodeid} starts {command[:120]!r}: use a fixture of the integration tier "
                 f"({', '.join(sorted(INTEGRATION_FIXTURES))}) or mark it @pytest.mark.integration"

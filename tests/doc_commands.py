@@ -98,6 +98,4 @@ def run_block(block: Block, cwd: Path, timeout_s: float = 900) -> subprocess.Com
     env["HOME"] = str(cwd.parent / "home")  # outside the clone: what a command writes there is not the tree's
     Path(env["HOME"]).mkdir(exist_ok=True)
     script = "set -eo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + block.text + "\n"
-    return subprocess.run(
-        ["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)

@@ -137,6 +137,7 @@ def test_bad_configs_are_refused(demo_bundle, signing_key, digits_video: Path, t
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration  # a real agent process
 def test_not_yaml(tmp_path: Path) -> None:
     (tmp_path / "agent.yaml").write_text("device: [unclosed")
     proc = run_agent(tmp_path / "agent.yaml")

@@ -45,6 +45,7 @@ def reverted(blocks: list[rules.Block], limit: float, alpha: float = 0.01) -> bo
     return rules.exceeds(disagreement, 0.0, 1.0, 1 - limit, alpha).rejected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_s", [0, 1.0, 10.0])
 def test_a_good_bundle_at_the_limit_is_rarely_reverted_even_on_correlated_frames(run_s: float) -> None:
     """The hardest case for the test: true agreement exactly at the limit, for 300 s at 30 fps."""

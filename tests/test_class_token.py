@@ -121,6 +121,7 @@ def _quantized_dense_outputs(graph: ir.Graph) -> list[ir.Node]:
     ]
 
 
+@pytest.mark.slow
 def test_the_rewrite_follows_an_export_at_another_resolution(tmp_path: Path) -> None:
     """The token count comes from the graph, not the checkpoint: 96 px is 37 tokens, not the trained 17."""
     folder = export_checkpoint(CHECKPOINT_DIR / "vit-digits.npz", tmp_path / "96", ExportOptions(resolution=96))

@@ -10,9 +10,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from agent.engine.device import DeviceInfo, full_range_int8_exact
 
 from conftest import SMALL_MIXER, SMALL_VIT
+
+pytestmark = pytest.mark.integration  # real builder processes, end to end: exports and builds
 
 
 def build(*args: str | Path) -> subprocess.CompletedProcess[str]:

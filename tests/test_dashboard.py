@@ -123,7 +123,7 @@ def test_status_table_reads_at_80_columns() -> None:
         "device": "site-a-device-0001", "state": "online", "labels": {"site": "a", "hardware": "orin-nx"},
         "active": "vit-digits-1-cpu-bf16-int8-3b34d1e3", "previous": None, "canary": "vit-digits-2-cpu-int8-aa",
         "bad": [], "fps": 29.97, "p99_ms": 41.2, "agreement": 1.0, "class_mix_distance": 0.031,
-        "confidence_drift": 0.01, "last_event": "commit vit-digits-1",
+        "confidence_drift": 0.01, "last_event": "commit vit-digits-1", "protocol": 2,
     }  # fmt: skip
     console = Console(width=80, record=True, color_system=None, file=open("/dev/null", "w"))  # noqa: SIM115
     console.print(_table([row]))

@@ -31,6 +31,7 @@ def test_recorded_split_is_the_reproducible_one(name: str) -> None:
     assert [str(i) for i in labels] == card["labels"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DEMO_MODELS)
 def test_held_out_accuracy_after_export(name: str, tmp_path: Path) -> None:
     checkpoint = CHECKPOINT_DIR / f"{name}.npz"
@@ -40,6 +41,7 @@ def test_held_out_accuracy_after_export(name: str, tmp_path: Path) -> None:
     assert top1 >= REQUIRED_TOP1, f"{name}: held-out top-1 {top1:.2%} after export"
 
 
+@pytest.mark.slow
 def test_vit_demo_still_classifies_at_another_resolution(tmp_path: Path) -> None:
     """Without fine-tuning a resolution change costs accuracy (the original fine-tunes after
     resizing), but a correctly zoomed position embedding keeps the model far above chance."""
@@ -49,6 +51,7 @@ def test_vit_demo_still_classifies_at_another_resolution(tmp_path: Path) -> None
     assert result.input_spec.height == 80 and top1 > 0.5
 
 
+@pytest.mark.slow
 def test_training_is_reproducible() -> None:
     images, labels = digit_images(64)
     settings = TrainSettings(epochs=1, batch_size=32)

@@ -57,6 +57,7 @@ def test_unsafe_archives_are_refused(tmp_path: Path, members: dict[str, bytes], 
     assert not (tmp_path / "etc").exists() and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_an_archive_of_many_empty_members_is_refused_at_once(tmp_path: Path) -> None:
     """100,000 empty members (a few MB): refused at the 65th header, fast and without reading the rest."""
     import tracemalloc

@@ -94,6 +94,7 @@ def test_metadata(exported: ExportResult) -> None:
     assert source["checkpoint"] == "model.npz" and len(source["sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_resolution_change(tmp_path: Path) -> None:
     result = export(tmp_path, SMALL_VIT, ExportOptions(resolution=96))
     assert result.config.image_size == 96 and result.input_spec.height == 96
@@ -130,6 +131,7 @@ def test_impossible_resolution(tmp_path: Path, cfg: ModelConfig, resolution: int
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.slow
 def test_external_data_file(tmp_path: Path) -> None:
     result = export(tmp_path, SMALL_VIT, ExportOptions(external_data="always"))
     assert [p.name for p in result.files] == ["model.onnx", EXTERNAL_DATA_FILE]
@@ -141,6 +143,7 @@ def test_external_data_file(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_disagreement_fails_with_report(tmp_path: Path) -> None:
     result = export(tmp_path, SMALL_MIXER)
     other = init_params(SMALL_MIXER, seed=1)

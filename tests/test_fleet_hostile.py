@@ -236,7 +236,9 @@ def test_a_rollout_with_a_tenth_of_the_devices_hostile_keeps_every_honest_outcom
     assert all(outcome[d.name][0] == TargetState.SUCCEEDED for d in honest), outcome
     assert outcome["d16"] == (TargetState.FAILED, "no outcome within --timeout 8 s (it never answered the command)")
     assert outcome["d17"][0] == TargetState.FAILED, "a status that claims the bundle is not an answer"
-    assert all(outcome[h][0] in (TargetState.SUCCEEDED, TargetState.FAILED) for h in ("h18", "h19")), "its own outcome is its own to claim"
+    assert all(outcome[h][0] in (TargetState.SUCCEEDED, TargetState.FAILED) for h in ("h18", "h19")), (
+        "its own outcome is its own to claim"
+    )
     assert held and max(held) <= 2 * 20, "answers to commands not in flight, floods included, are not kept"
     assert all(d.commands and len({c["id"] for c in d.commands}) == 1 for d in honest)
 
@@ -303,6 +305,7 @@ def test_one_driver_per_device(mosquitto: int, tmp_path: Path) -> None:
     assert all(len(d.commands) == 1 for d in devices), "each device was driven by one controller"
 
 
+@pytest.mark.integration  # its own brokers, one killed mid-wave
 def test_a_lost_broker_interrupts_the_rollout_cleanly_and_it_resumes(tmp_path: Path) -> None:
     from agent_helpers import start_mosquitto
 

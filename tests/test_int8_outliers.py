@@ -28,6 +28,8 @@ from builder.quantize.precision import float_weight_ops
 from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
 from builder.rewrites.class_token import class_token_only
 
+pytestmark = pytest.mark.slow  # INT8 builds of outlier models: seconds each
+
 # edgevit's own recipes (ONNX Runtime); OpenVINO's candidates are tested in test_openvino.py
 FAST = {"profile_seconds": 0.05, "calibration_images": 128, "eval": "demo", "calib": "demo", "runtime": "onnxruntime"}
 

@@ -279,9 +279,7 @@ def test_rollback_to_the_previous_engine(device: Operator, bundles, demo_bundle)
     assert not missing["ok"] and "no-such-bundle is not installed" in missing["error"]
 
 
-def test_deploy_by_url_resumes_an_interrupted_download(
-    device: Operator, bundles, demo_bundle, tmp_path: Path
-) -> None:
+def test_deploy_by_url_resumes_an_interrupted_download(device: Operator, bundles, demo_bundle, tmp_path: Path) -> None:
     serving(device, demo_bundle)
     reference = pack_bundle(bundles["good"], tmp_path / "served" / "good.tar.gz", None)
     with BundleServer(tmp_path / "served", drop_first_after=reference["size"] // 2) as server:

@@ -393,7 +393,7 @@ def _mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation
         return "; ".join(misses) or None
 
     try:
-        trial = search.fewest_float_layers(start.trial, passes)  # type: ignore[arg-type]
+        trial = search.fewest_float_layers(start.trial, passes)
     except MixedPrecisionError as exc:
         return f"; mixed precision: {exc}"
     mixed = evaluation.measure(_from_trial(trial, evaluation.options))
@@ -495,7 +495,7 @@ def build_engine_bundle(
                 return _write_tensorrt_recipe(out, chosen, candidates, evaluation_frames.description, options, against)
             with step(progress, "building TensorRT int8 plan from the gated Q/DQ graph"):
                 plan = build_plan(chosen.files[0], Path(tmp) / "model.plan", _plan_settings(export, options))
-            quant = {**chosen.quantization, "qdq_accuracy": asdict(chosen.accuracy)}  # type: ignore[arg-type]
+            quant = {**chosen.quantization, "qdq_accuracy": asdict(chosen.accuracy)}
             chosen = evaluation.measure(Candidate("tensorrt int8", "tensorrt", [plan], quant))
             candidates.append(chosen)
             chosen = _choose([chosen], options)
@@ -534,7 +534,7 @@ def _against(baseline: Baseline, chosen: Candidate, evaluation: _Evaluation, lab
             chosen.logits,
             labels,
             options.max_batch,
-            options.threads,  # type: ignore[arg-type]
+            options.threads,
         )
     misses = baseline_misses(section, options.gate)
     if misses and not options.accept_accuracy_loss:
@@ -563,9 +563,9 @@ def _write_tensorrt_recipe(
             "chosen": chosen.label,
             "quantization": chosen.quantization,
         },
-        "evaluation_set": {"description": evaluated_on, "images": len(chosen.logits)},  # type: ignore[arg-type]
+        "evaluation_set": {"description": evaluated_on, "images": len(chosen.logits)},
         "calibration_set": options.calib,
-        "accuracy": asdict(chosen.accuracy),  # type: ignore[arg-type]
+        "accuracy": asdict(chosen.accuracy),
         "accuracy_measured_with": "onnxruntime-cpu (Q/DQ as simulated quantization)",
         "gate": {**asdict(options.gate), "passed": not chosen.misses, "misses": chosen.misses},
         "candidates": [c.summary() for c in candidates],
@@ -611,7 +611,7 @@ def _write(
         },
         "evaluation_set": {"description": evaluated_on, "images": len(evaluation.images)},
         "calibration_set": options.calib,
-        "accuracy": asdict(chosen.accuracy),  # type: ignore[arg-type]
+        "accuracy": asdict(chosen.accuracy),
         "gate": {
             **asdict(options.gate),
             "passed": not chosen.misses,

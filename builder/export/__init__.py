@@ -1,1 +1,3 @@
-"""Checkpoint -> verified ONNX: reading the published layout, the architectures and their JAX models, resolution changes, the export itself, graph tidying, verification against JAX."""
+"""Checkpoint -> verified ONNX: reading the published layout, the architectures and their JAX models, resolution
+changes, the export itself, graph tidying, verification against JAX.
+"""

@@ -10,12 +10,13 @@ import jax
 from rich.progress import Progress
 
 from agent.engine.preprocess import InputSpec
+from builder.choices import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from builder.export.architecture import ModelConfig
 from builder.export.checkpoint import Checkpoint, read_checkpoint
 from builder.export.models import inference_fn, jax_forward, prepared_params
-from builder.export.onnx_export import DEFAULT_OPSET, ExternalData, Provenance, convert, metadata, save
+from builder.export.onnx_export import ExternalData, Provenance, convert, metadata, save
 from builder.export.resolution import at_resolution
-from builder.export.verify import DEFAULT_TOLERANCE, VerificationReport, sample_images, verify_and_report
+from builder.export.verify import VerificationReport, sample_images, verify_and_report
 from builder.progress import counter, step
 
 

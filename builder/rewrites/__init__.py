@@ -1,1 +1,3 @@
-"""Exact rewrites of a verified export for an engine: the class token alone in the last block, a Mixer's token mixing for OpenVINO, graph passes."""
+"""Exact rewrites of a verified export for an engine: the class token alone in the last block, a Mixer's token
+mixing for OpenVINO, graph passes.
+"""

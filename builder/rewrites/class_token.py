@@ -98,7 +98,8 @@ class _NoMatch(Exception):
 
 def class_token_only(src: Path, dst: Path, architecture: dict[str, Any], check: np.ndarray) -> list[Path] | None:
     """Write ``src`` with its last block for the class token only to ``dst``; the files, or None where it does
-    not apply (weights past :data:`~builder.export.onnx_export.EXTERNAL_DATA_THRESHOLD` go to ``<dst>.data``, as exports do).
+    not apply (weights past :data:`~builder.export.onnx_export.EXTERNAL_DATA_THRESHOLD` go to ``<dst>.data``,
+    as exports do).
 
     ``check`` (a few preprocessed frames) is run through both graphs in ONNX Runtime; a rewrite whose
     logits differ by more than :data:`TOLERANCE` is a bug and fails the build rather than ship.
