@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 from broker import start_broker  # noqa: E402
 
 from agent.engine.bundle import verify_bundle  # noqa: E402
-from builder.bundle.build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
+from builder.bundle.options import EngineOptions  # noqa: E402
 from builder.bundle.pack import pack_bundle  # noqa: E402
 from builder.demo.evaluate import held_out_indices  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402

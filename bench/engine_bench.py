@@ -215,8 +215,9 @@ def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[d
     import cv2
 
     from agent.engine.runtimes import open_engine
-    from builder.bundle.build import EngineOptions, build_engine_bundle
+    from builder.bundle.build import build_engine_bundle
     from builder.bundle.keys import keygen
+    from builder.bundle.options import EngineOptions
     from builder.demo.digits import digit_images
 
     frames = digit_images(224)[0][100:164]

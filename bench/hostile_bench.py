@@ -33,8 +33,9 @@ from test_hostile_input import ORIGINAL, ResultCollector  # noqa: E402
 
 def demo_device(work: Path) -> tuple[Path, Path, Path]:
     """(bundle, public key, video): the demo ViT as an INT8 ONNX Runtime bundle, and a labelled digits video."""
-    from builder.bundle.build import EngineOptions, build_engine_bundle
+    from builder.bundle.build import build_engine_bundle
     from builder.bundle.keys import keygen
+    from builder.bundle.options import EngineOptions
     from builder.demo.evaluate import held_out_indices
     from builder.demo.train import CHECKPOINT_DIR
     from builder.demo.video import write_labelled_video

@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from broker import start_broker  # noqa: E402
 
-from builder.bundle.build import EngineOptions, build_engine_bundle  # noqa: E402
+from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
+from builder.bundle.options import EngineOptions  # noqa: E402
 from builder.demo.evaluate import held_out_indices  # noqa: E402
 from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
 from builder.demo.video import write_labelled_video  # noqa: E402

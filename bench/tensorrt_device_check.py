@@ -30,7 +30,9 @@ from agent.engine.worker import WorkerEngine, WorkerSpec  # noqa: E402
 
 
 def check(precision: str, export: Path, key: Path, work: Path) -> dict:
-    from builder.bundle.build import EngineOptions, Export, build_engine_bundle
+    from builder.bundle.build import build_engine_bundle
+    from builder.bundle.candidates import Export
+    from builder.bundle.options import EngineOptions
     from builder.evaluate.datasets import DEMO, evaluation_set, load_labels
     from builder.evaluate.measure import logits
 

@@ -16,8 +16,9 @@ from agent.engine.device import DeviceInfo
 from agent.engine.golden import check_golden
 from agent.engine.runtimes import EngineError, open_engine
 from agent.engine.signing import SignatureError, load_public_key
-from builder.bundle.build import BundleResult, EngineOptions, build_engine_bundle
+from builder.bundle.build import BundleResult, build_engine_bundle
 from builder.bundle.keys import keygen
+from builder.bundle.options import EngineOptions
 from builder.bundle.pack import pack_bundle
 from builder.bundle.view import candidate_table, show_passport
 from builder.demo.evaluate import held_out_indices, held_out_top1

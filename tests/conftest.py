@@ -118,7 +118,8 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def demo_bundle(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], tmp_path_factory) -> Path:
     """The demo ViT as a signed INT8 CPU bundle, as ``edgevit-build demo`` makes it."""
-    from builder.bundle.build import EngineOptions, build_engine_bundle
+    from builder.bundle.build import build_engine_bundle
+    from builder.bundle.options import EngineOptions
 
     # ONNX Runtime: the agent tests' engine variants (hanging, slow) rewrite this ONNX file for that runtime
     options = EngineOptions(

@@ -82,8 +82,9 @@ def sandbox(root: Path, demo: Path) -> Path:
     """A folder laid out like a fresh clone after ``make demo``: the project's files linked, ``out/demo`` a copy
     of the suite's demo run (the blocks write beside it), nothing else."""
     root.mkdir(parents=True)
-    for name in ("builder", "agent", "fleet", "configs", "scripts", "Makefile"):
+    for name in ("builder", "agent", "fleet", "scripts", "Makefile"):
         (root / name).symlink_to(REPO / name)
+    shutil.copytree(REPO / "configs", root / "configs")  # its paths are relative to the file: a link would escape
     (root / ".venv").symlink_to(Path(sys.prefix))
     shutil.copytree(demo, root / "out" / "demo", ignore=shutil.ignore_patterns("state", "results.jsonl"))
     return root
@@ -97,5 +98,5 @@ def run_block(block: Block, cwd: Path, timeout_s: float = 900) -> subprocess.Com
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
     env["HOME"] = str(cwd.parent / "home")  # outside the clone: what a command writes there is not the tree's
     Path(env["HOME"]).mkdir(exist_ok=True)
-    script = "set -eo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + block.text + "\n"
+    script = "set -eo pipefail\ntrap 'set +e; kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + block.text + "\n"
     return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)

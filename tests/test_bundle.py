@@ -11,8 +11,9 @@ import pytest
 from agent.engine.bundle import MANIFEST, SIGNATURE, BundleError, incompatibilities, verify_bundle
 from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.engine.signing import load_private_key, load_public_key, sign
-from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.build import build_engine_bundle
 from builder.bundle.keys import keygen
+from builder.bundle.options import EngineOptions
 
 
 @pytest.fixture(scope="module")

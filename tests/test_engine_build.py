@@ -17,7 +17,10 @@ from agent.engine.golden import check_golden
 from agent.engine.preprocess import preprocess_into
 from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_public_key
-from builder.bundle.build import Candidate, EngineOptions, build_engine_bundle, cpu_flavour, engine_requirements
+from builder.bundle.build import build_engine_bundle
+from builder.bundle.candidates import Candidate
+from builder.bundle.document import engine_requirements
+from builder.bundle.options import EngineOptions, cpu_flavour
 from builder.demo.digits import raw_digits
 from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR

@@ -15,7 +15,9 @@ import numpy as np
 import onnx
 import pytest
 
-from builder.bundle.build import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT, EngineOptions, build_engine_bundle
+from builder.bundle.build import build_engine_bundle
+from builder.bundle.document import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT
+from builder.bundle.options import EngineOptions
 from builder.demo.outliers import OUTLIER_CHANNELS, write_outlier_checkpoint
 from builder.demo.train import CHECKPOINT_DIR
 from builder.errors import BuildError, GateError

@@ -29,8 +29,9 @@ from agent_helpers import (
 from engine_variants import slow_down
 
 from agent.engine.bundle import verify_bundle
-from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.build import build_engine_bundle
 from builder.bundle.keys import keygen
+from builder.bundle.options import EngineOptions
 from builder.bundle.pack import pack_bundle
 from builder.demo.train import CHECKPOINT_DIR
 from builder.demo.variants import damaged_checkpoint, misdescribed_bundle

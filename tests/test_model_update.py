@@ -14,7 +14,8 @@ import pytest
 from agent_helpers import NO_SWAP_LATENCY_GATE, Operator, device_over_mqtt
 
 from agent.engine.bundle import verify_bundle
-from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.build import build_engine_bundle
+from builder.bundle.options import EngineOptions
 from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR
 from builder.demo.variants import weaker_checkpoint

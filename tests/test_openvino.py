@@ -18,7 +18,8 @@ from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from agent.engine.signing import load_public_key
 from agent.engine.worker import WorkerEngine, WorkerSpec
-from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.build import build_engine_bundle
+from builder.bundle.options import EngineOptions
 from builder.demo.digits import digit_images
 from builder.errors import BuildError
 

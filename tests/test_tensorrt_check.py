@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builder.bundle.build import EngineOptions, build_engine_bundle
+from builder.bundle.build import build_engine_bundle
+from builder.bundle.options import EngineOptions
 from builder.demo.digits import digit_images
 from builder.quantize.precision import quantize_static_int8
 from builder.targets.tensorrt_check import TensorRTCompatibilityError, check_graph

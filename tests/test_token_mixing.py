@@ -15,7 +15,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from agent.engine.device import DeviceInfo
 from agent.engine.runtimes.openvino import OpenVINOEngine
-from builder.bundle.build import EngineOptions, cpu_flavour
+from builder.bundle.options import EngineOptions, cpu_flavour
 from builder.demo.digits import digit_images
 from builder.demo.train import DEMO_MODELS
 from builder.quantize.precision import quantize_static_int8

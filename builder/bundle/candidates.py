@@ -1,0 +1,308 @@
+"""Candidate engines: made from the export for each runtime and recipe, measured, and chosen.
+
+For INT8 on the CPU the candidates are static Q/DQ (calibrated, its recipe searched) and dynamic
+quantization for ONNX Runtime, and OpenVINO's; each is measured on the evaluation set against the
+FP32 export. Of those inside the accuracy budget the fastest at the maximum batch ships; when every
+candidate misses, mixed precision keeps the fewest sensitive layers in float.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import Progress
+
+from agent.engine.bundle import PROVIDERS
+from agent.engine.device import DeviceInfo
+from agent.engine.preprocess import METADATA_KEY, InputSpec
+from agent.engine.runtimes import open_engine
+from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour, runtimes_for
+from builder.errors import BuildError, GateError
+from builder.evaluate.datasets import Frames, calibration_set
+from builder.evaluate.measure import Accuracy, compare, logits, profile_engine
+from builder.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
+from builder.export.verify import REPORT_FILE
+from builder.progress import counter, note, step
+from builder.quantize.int8_recipe import (
+    Int8Search,
+    MixedPrecisionError,
+    Trial,
+    parse_smoothing,
+    recipes_for,
+)
+from builder.quantize.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
+from builder.rewrites.class_token import class_token_only
+from builder.targets import openvino as openvino_engines
+from builder.targets.tensorrt_check import require_parsable
+from builder.targets.tensorrt_plan import PlanSettings, build_plan
+
+
+@dataclass
+class Export:
+    """A verified export folder, as written by ``edgevit-build export``."""
+
+    files: list[Path]
+    spec: InputSpec
+    architecture: dict[str, Any]
+    source: dict[str, str]
+    rewrites: tuple[str, ...] = ()  # exact engine-build rewrites applied to the export's graph
+
+    @property
+    def model(self) -> Path:
+        return self.files[0]
+
+    @classmethod
+    def read(cls, folder: Path) -> Export:
+        model = folder / MODEL_FILE
+        if not model.is_file():
+            raise BuildError(f"{folder} holds no {MODEL_FILE}: run edgevit-build export first")
+        report_path = folder / REPORT_FILE
+        if not report_path.is_file() or not json.loads(report_path.read_text()).get("passed"):
+            raise BuildError(f"{folder} has no passing {REPORT_FILE}: only verified exports become engines")
+        meta = read_metadata(model)
+        if METADATA_KEY not in meta:
+            raise BuildError(f"{model} lacks edgevit metadata: it was not exported by edgevit-build")
+        files = [model] + ([folder / EXTERNAL_DATA_FILE] if (folder / EXTERNAL_DATA_FILE).is_file() else [])
+        return cls(
+            files,
+            InputSpec.from_json(meta[METADATA_KEY]),
+            json.loads(meta["edgevit.architecture"]),
+            json.loads(meta["edgevit.source"]),
+        )
+
+
+@dataclass
+class Candidate:
+    """One way of building the requested engine, and what was measured of it."""
+
+    label: str
+    backend: str
+    files: list[Path]
+    quantization: dict[str, Any] | None = None
+    accuracy: Accuracy | None = None
+    misses: list[str] = field(default_factory=list)
+    profile: dict[str, Any] | None = None
+    logits: np.ndarray | None = None
+    measured_with: str = ""
+    target: str | None = None  # the engine's own target where it differs from the build's (cpu-bf16)
+    trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
+
+    def throughput(self) -> float:
+        return self.profile["latency"][-1]["images_per_s"] if self.profile else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "runtime": self.backend,
+            "quantization": self.quantization,
+            "accuracy": asdict(self.accuracy) if self.accuracy else None,
+            "gate_misses": self.misses,
+            "latency": self.profile["latency"] if self.profile else None,
+            "peak_rss_mib": self.profile["peak_rss_mib"] if self.profile else None,
+            "measured_with": self.measured_with,
+        }
+
+
+def rewritten(export: Export, options: EngineOptions, frames: np.ndarray, work: Path, progress: Progress) -> Export:
+    """The export with the exact rewrites a CPU engine build applies (:mod:`builder.rewrites.class_token`).
+
+    Not yet for TensorRT and CUDA: the rewrite is exact there too, but their graph rules and plans
+    have not been checked with it on a GPU.
+    """
+    if options.target != "cpu":
+        return export
+    with step(progress, "checking the class-token rewrite of the last block"):
+        files = class_token_only(export.model, work / "model-class-token.onnx", export.architecture, frames)
+    return export if files is None else replace(export, files=files, rewrites=("class-token-only last block",))
+
+
+def _int8_search(export: Export, options: EngineOptions, work: Path, progress: Progress) -> Int8Search | None:
+    """The calibration-driven recipe search, or None for dynamic INT8 without calibration frames."""
+    if options.calib is None:
+        if options.quantization == "dynamic" and options.target == "cpu":
+            return None
+        raise BuildError("static INT8 needs --calib (a folder of images, or demo)")
+    frames = calibration_set(options.calib, export.source["checkpoint"]).subset(options.calibration_images)
+    op_types = ALL_OPS if options.quantize_ops == "all" else WEIGHT_OPS
+    return Int8Search(export.model, frames.preprocessed(export.spec), work, op_types, lambda text: note(progress, text))
+
+
+def _int8_candidates(
+    export: Export, options: EngineOptions, search: Int8Search | None, work: Path, progress: Progress
+) -> list[Candidate]:
+    device = DeviceInfo.probe()
+    flavour = "tensorrt" if options.target == "tensorrt" else cpu_flavour(options, device)
+    runtimes = runtimes_for(options)
+    candidates = []
+    for recipe in recipes_for(options.quantization, flavour, options.calibration):
+        if search is None:  # dynamic, with nothing to calibrate or score on
+            dynamic = quantize_dynamic_int8(export.model, work / "model-int8-dynamic.onnx", flavour=flavour)
+            candidates.append(Candidate(recipe.label, "onnxruntime", [dynamic], recipe.describe()))
+        else:
+            candidates.append(_from_trial(search.best_smoothing(recipe, parse_smoothing(options.smoothing)), options))
+    if "openvino" in runtimes and search is not None:
+        target = openvino_engines.float_target(device)
+        for static in [c for c in candidates if c.trial and c.trial.recipe.method == "static"]:
+            # the same searched Q/DQ graph, run by OpenVINO
+            path, changes = openvino_engines.qdq_for_openvino(static.files[0])
+            label = f"openvino {static.label}"
+            quantization = {**(static.quantization or {}), **changes}
+            candidates.append(
+                replace(static, label=label, backend="openvino", files=[path], quantization=quantization, target=target)
+            )
+        with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
+            files = openvino_engines.nncf_int8(export.model, search.ranges, work, flavour == "cpu-portable")
+        nncf_recipe: dict[str, Any] = {
+            "method": "nncf-transformer",
+            "calibration": "nncf",
+            "smoothing_alpha": None,
+            "smoothing": "NNCF's own SmoothQuant",
+            "float_layers": [],
+        }
+        candidates.append(Candidate("openvino int8 (NNCF)", "openvino", files, nncf_recipe, target=target))
+    if "onnxruntime" not in runtimes:
+        candidates = [c for c in candidates if c.backend != "onnxruntime"]
+    return candidates
+
+
+def _from_trial(trial: Trial, options: EngineOptions) -> Candidate:
+    quantization = {**trial.recipe.describe(), "holdout": asdict(trial.score), "searched": trial.tried}
+    label = f"tensorrt {trial.recipe.label} Q/DQ" if options.target == "tensorrt" else trial.recipe.label
+    return Candidate(label, "onnxruntime", [trial.path], quantization, trial=trial)
+
+
+def make_candidates(
+    export: Export, options: EngineOptions, work: Path, progress: Progress
+) -> tuple[list[Candidate], Int8Search | None]:
+    """Every candidate engine file for the requested target and precision, and the INT8 search if any.
+
+    TensorRT INT8 candidates are Q/DQ ONNX graphs: their accuracy is gated in ONNX Runtime (simulated
+    quantization) before any plan is built from the one that ships.
+    """
+    model = export.model
+    if options.precision == "int8":
+        search = _int8_search(export, options, work, progress)
+        return _int8_candidates(export, options, search, work, progress), search
+    if options.target == "tensorrt":
+        require_parsable(model, checked_tensorrt(options))
+        with step(progress, f"building TensorRT {options.precision} plan"):
+            plan = build_plan(model, work / "model.plan", plan_settings(export, options))
+        return [Candidate(f"tensorrt {options.precision}", "tensorrt", [plan])], None
+    if options.precision == "fp16":
+        return [Candidate("fp16", "onnxruntime", [to_fp16(model, work / "model-fp16.onnx")])], None
+    runtimes = runtimes_for(options)
+    candidates = [Candidate("fp32", "onnxruntime", export.files)] if "onnxruntime" in runtimes else []
+    if "openvino" in runtimes:
+        label, target = ("openvino bf16", "cpu-bf16") if options.precision == "bf16" else ("openvino fp32", "cpu")
+        candidates.append(Candidate(label, "openvino", export.files, target=target))
+    return candidates, None
+
+
+def plan_settings(export: Export, options: EngineOptions) -> PlanSettings:
+    batch = options.max_batch
+    return PlanSettings(
+        options.precision, export.spec.height, 1, batch, batch, options.workspace_mib, options.timing_cache
+    )
+
+
+def _measure_target(options: EngineOptions, candidate: Candidate, device: DeviceInfo) -> tuple[str, bool]:
+    """Where a candidate runs on this machine, and whether its latency means anything here."""
+    if candidate.target:
+        return candidate.target, True
+    if options.target == "cuda" and PROVIDERS["cuda"] not in device.providers:
+        return "cpu", False  # accuracy of the CUDA graph measured with CPU kernels; latency belongs to the device
+    if options.target == "tensorrt" and candidate.backend == "onnxruntime":
+        return "cpu", False  # a Q/DQ graph bound for TensorRT: simulated quantization, accuracy only
+    return options.target, True
+
+
+@dataclass
+class Evaluation:
+    """The evaluation set, the FP32 reference's logits on it, and how candidates are measured against them."""
+
+    export: Export
+    options: EngineOptions
+    device: DeviceInfo
+    frames: Frames
+    images: np.ndarray
+    targets: np.ndarray
+    reference: np.ndarray
+    progress: Progress
+
+    def _logits(self, backend: str, target: str, path: Path, label: str) -> np.ndarray:
+        batch = self.options.max_batch
+        engine = open_engine(backend, target, path, batch, self.options.threads)
+        found = logits(engine, self.images, batch, counter(self.progress, f"evaluating {label}"))
+        engine.close()
+        return found
+
+    def accuracy(self, path: Path) -> Accuracy:
+        """An ONNX Runtime CPU graph's accuracy on the evaluation set (for the mixed-precision search)."""
+        return compare(self.reference, self._logits("onnxruntime", "cpu", path, path.name), self.targets)
+
+    def measure(self, c: Candidate) -> Candidate:
+        options, batch = self.options, self.options.max_batch
+        target, timed = _measure_target(options, c, self.device)
+        c.logits = self._logits(c.backend, target, c.files[0], c.label)
+        c.accuracy = compare(self.reference, c.logits, self.targets)
+        c.misses = options.gate.misses(c.accuracy)
+        c.measured_with = f"{c.backend}-{target}"
+        if timed:
+            batches = list(range(1, batch + 1))  # every size: the agent's batcher may pick any of them
+            with step(self.progress, f"profiling {c.label} at batch sizes 1-{batch}"):
+                c.profile = profile_engine(
+                    c.files[0],
+                    c.backend,
+                    target,
+                    self.export.spec.height,
+                    batches,
+                    options.profile_seconds,
+                    options.threads,
+                )
+        return c
+
+
+def mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation: Evaluation) -> str:
+    """When no candidate passes: the best-scoring one with its most sensitive layers in float.
+
+    Appends the new candidate (measured) and returns what was tried, for a refusal message.
+    """
+    start = max((c for c in candidates if c.trial), key=lambda c: c.trial.score.key())  # type: ignore[union-attr]
+    note(evaluation.progress, f"mixed precision: {start.label} misses the gate; keeping layers in float")
+
+    def passes(trial: Trial) -> str | None:
+        if trial is start.trial:
+            return "; ".join(start.misses)
+        misses = evaluation.options.gate.misses(evaluation.accuracy(trial.path))
+        return "; ".join(misses) or None
+
+    assert start.trial is not None  # chosen among candidates that have one
+    try:
+        trial = search.fewest_float_layers(start.trial, passes)
+    except MixedPrecisionError as exc:
+        return f"; mixed precision: {exc}"
+    mixed = evaluation.measure(_from_trial(trial, evaluation.options))
+    if mixed.profile and start.profile:
+        mixed.quantization = {
+            **(mixed.quantization or {}),
+            "speed_vs_all_int8": mixed.throughput() / start.throughput(),
+        }
+    candidates.append(mixed)
+    return ""
+
+
+def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "") -> Candidate:
+    passing = [c for c in candidates if not c.misses]
+    if passing:
+        return max(passing, key=Candidate.throughput)
+    if options.accept_accuracy_loss:
+        return max(candidates, key=lambda c: c.accuracy.top1_agreement if c.accuracy else 0.0)
+    details = "; ".join(f"{c.trial.recipe.detail if c.trial else c.label}: {', '.join(c.misses)}" for c in candidates)
+    raise GateError(
+        f"no bundle: every candidate is outside the accuracy budget ({details}{tried}); "
+        "--accept-accuracy-loss ships the best of them anyway and records that it did"
+    )
