@@ -15,6 +15,8 @@ from agent_helpers import read_results, run_agent, start_agent, start_mosquitto,
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.control.protocol import PROTOCOL_VERSION
+
 from conftest import free_port
 
 
@@ -137,7 +139,8 @@ def test_last_will_marks_a_killed_agent_offline(
     retained = [retain for _, _, retain in subscriber.messages]
     subscriber.close()
     last = subscriber.on("/status")[-1]
-    assert last == {"state": "offline", "device": "test-box", "labels": {"site": "lab"}} and retained[0] is True
+    offline = {"state": "offline", "device": "test-box", "labels": {"site": "lab"}, "protocol": PROTOCOL_VERSION}
+    assert last == offline and retained[0] is True
 
 
 def result_seqs(messages: list[dict]) -> set[tuple[str, int]]:
@@ -161,7 +164,7 @@ def test_broker_outage_loses_no_result(demo_bundle, signing_key, digits_video: P
         down_at = time.time()
         broker.terminate()
         broker.wait()
-        time.sleep(30)
+        time.sleep(12)  # long enough for the agent's reconnect backoff to grow, and 200 results at 20 fps
         up_at = time.time()
         broker = start_mosquitto(tmp_path, port)
         backlog = result_seqs(read_results(tmp_path / "results.jsonl"))

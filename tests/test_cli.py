@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,16 +30,12 @@ def build(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_export(write_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+def test_export_checks_the_named_architecture(write_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """(A successful export through the CLI is the documents' export block: tests/test_doc_commands.py.)"""
     proc = build(
         "export", write_checkpoint(SMALL_VIT), "--out", tmp_path / "out", "--model", "ViT-Ti_16", "--samples", "3"
     )
     assert proc.returncode == 2 and "does not match ViT-Ti_16" in proc.stderr  # small model is not a Ti
-    proc = build("export", write_checkpoint(SMALL_VIT), "--out", tmp_path / "out", "--samples", "3")
-    assert proc.returncode == 0, proc.stderr
-    assert "verification passed" in proc.stdout and "at batch sizes [1, 3]" in proc.stdout
-    assert (tmp_path / "out" / "model.onnx").is_file()
-    assert json.loads((tmp_path / "out" / "verification.json").read_text())["passed"]
 
 
 def test_bad_checkpoint_gets_one_clear_line(write_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
@@ -104,42 +101,27 @@ def test_keygen_never_overwrites(tmp_path: Path) -> None:
     assert again.returncode == 2 and "refusing to overwrite a signing key" in again.stderr
 
 
-def test_build_one_step_and_gate_exit_code(tmp_path: Path) -> None:
-    assert build("keygen", "--out", tmp_path / "keys").returncode == 0
-    key = tmp_path / "keys" / "edgevit.key"
+def test_gate_exit_code_and_a_tampered_bundle(
+    demo_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """Exit 4 when the gate refuses (blank calibration images); a bundle altered after signing is refused.
+    (A successful build through the CLI is the documents' build block: tests/test_doc_commands.py.)"""
+    demo, _ = demo_run
+    key, public = demo / "keys" / "edgevit.key", demo / "keys" / "edgevit.pub"
     checkpoint = Path(__file__).parents[1] / "builder" / "demo" / "checkpoints" / "vit-digits.npz"
-    proc = build(
-        "build", checkpoint, "--out", tmp_path / "fp32", "--eval", "demo", "--key", key, "--profile-seconds", "0.05"
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "fp32" / "manifest.json").is_file()
     blank = tmp_path / "blank"
     blank.mkdir()
     for i in range(3):
         (blank / f"{i}.pgm").write_bytes(b"P5\n16 16\n255\n" + bytes(256))
     proc = build(
-        "build",
-        checkpoint,
-        "--out",
-        tmp_path / "int8",
-        "--eval",
-        "demo",
-        "--key",
-        key,
-        "--precision",
-        "int8",
-        "--quantization",
-        "static",
-        "--calib",
-        blank,
-        "--profile-seconds",
-        "0.05",
-    )
+        "build", checkpoint, "--out", tmp_path / "int8", "--eval", "demo", "--key", key, "--precision", "int8",
+        "--quantization", "static", "--runtime", "onnxruntime", "--calib", blank, "--profile-seconds", "0.05",
+    )  # fmt: skip
     assert proc.returncode == 4, proc.stderr
     assert "no bundle: every candidate is outside the accuracy budget" in proc.stderr
     assert not (tmp_path / "int8").exists()
-    tampered = build("inspect", tmp_path / "fp32", "--trust", tmp_path / "keys" / "edgevit.pub")
-    assert tampered.returncode == 0
-    (tmp_path / "fp32" / "labels.json").write_text("[]")
-    tampered = build("inspect", tmp_path / "fp32", "--trust", tmp_path / "keys" / "edgevit.pub")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo / "bundles" / "mixer-digits-cpu-int8", bundle)
+    (bundle / "labels.json").write_text("[]")
+    tampered = build("inspect", bundle, "--trust", public)
     assert tampered.returncode == 2 and "labels.json does not match its sha256" in tampered.stderr

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from doc_commands import NOT_RUN_HERE, RUN_BY, listed, run_block, sandbox, shell_blocks
+from doc_commands import NOT_RUN_HERE, REPO, RUN_BY, documents, listed, run_block, sandbox, shell_blocks
 
 
 def test_every_block_is_run_or_listed_and_pastes() -> None:
@@ -33,7 +33,21 @@ def test_the_documents_commands_run_as_written(demo_run, tmp_path: Path) -> None
         assert done.returncode == 0, f"{block.where} failed:\n{block.text}\n{output}"
         ran.append(block.where)
     assert len(ran) >= 5, ran
+    verification = json.loads((root / "out" / "exports" / "vit-digits" / "verification.json").read_text())
+    assert verification["passed"], verification  # the export block's report
+    assert (root / "out" / "bundles" / "mixer-digits-cpu-fp32" / "manifest.json").is_file()  # the build block's
     passport = json.loads((root / "out" / "bundles" / "mixer-over-vit" / "passport.json").read_text())
     assert passport["baseline"]["bundle_id"].startswith("vit-digits")
     assert (root / "out" / "demo" / "results.jsonl").stat().st_size > 0  # the agent block played the video
     assert {p.name for p in root.iterdir()} == before, "a documented command wrote outside out/"
+
+
+def test_every_relative_link_in_the_documents_resolves() -> None:
+    broken = []
+    for path in documents():
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(REPO)}: {target}")
+    assert not broken, broken

@@ -2,7 +2,9 @@
 
 Site ``a`` has six devices, site ``b`` four; each serves one low-rate looping camera
 with the demo engine. Bundles are packed archives served by ``edgevit-fleet serve``.
-The tests run in order, each from the state the previous one left.
+Ten agents take a minute to start and every rollout waits out canary windows, so the module is one
+scenario on one fleet (``test_a_fleet_scenario``): each step starts from the fleet the previous one left,
+and a failure names its step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_helpers import (
@@ -121,7 +124,7 @@ def fleet(archives, demo_bundle, signing_key, digits_video, tmp_path_factory) ->
     broker.wait()
 
 
-def test_status_shows_every_device(fleet: Fleet, demo_bundle: Path) -> None:
+def status_shows_every_device(fleet: Fleet, demo_bundle: Path) -> None:
     status = fleet.status()
     first = verify_bundle(demo_bundle, None).bundle_id
     assert sorted(status) == sorted(fleet.agents)
@@ -131,7 +134,7 @@ def test_status_shows_every_device(fleet: Fleet, demo_bundle: Path) -> None:
     assert table.returncode == 0 and "b-4" in table.stdout and "a-1" not in table.stdout
 
 
-def test_a_good_rollout_reaches_every_selected_device(fleet: Fleet) -> None:
+def a_good_rollout_reaches_every_selected_device(fleet: Fleet) -> None:
     before = fleet.status()
     done = fleet.cli(*fleet.deploy("v2.tar.gz", "--select", "site=a", "--canary", "1", "--step", "50%"))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -148,7 +151,7 @@ def test_a_good_rollout_reaches_every_selected_device(fleet: Fleet) -> None:
     assert [w.split(":")[0] for w in waves] == ["wave 0"] + ["wave 1"] * 3 + ["wave 2"] * 2
 
 
-def test_a_bad_bundle_halts_after_the_canary_wave(fleet: Fleet) -> None:
+def a_bad_bundle_halts_after_the_canary_wave(fleet: Fleet) -> None:
     before = fleet.status()
     done = fleet.cli(*fleet.deploy("slow.tar.gz", "--canary", "1", "--step", "50%", "--max-failures", "0%"))
     assert done.returncode == 5, done.stdout + done.stderr
@@ -161,7 +164,7 @@ def test_a_bad_bundle_halts_after_the_canary_wave(fleet: Fleet) -> None:
     assert history[-1]["state"] == "halted" and history[-1]["pending"] == 9 and history[-1]["failed"] == 1
 
 
-def test_a_killed_controller_resumes(fleet: Fleet) -> None:
+def a_killed_controller_resumes(fleet: Fleet) -> None:
     controller = subprocess.Popen(
         fleet.command(*fleet.deploy("v3.tar.gz", "--select", "site=b", "--canary", "1", "--step", "1")),
         stdout=subprocess.PIPE,
@@ -197,7 +200,7 @@ def page_rows(browser) -> dict[str, list[str]]:
     return dict(browser.execute_script(ROWS))
 
 
-def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path: Path, chromium) -> None:
+def the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path: Path, chromium: Any) -> None:
     """A real headless Chromium on ``edgevit-fleet dashboard``: every device, the last rollout, the charts."""
     http_port = free_port()
     page = subprocess.Popen(
@@ -234,7 +237,7 @@ def test_the_dashboard_shows_the_live_fleet_in_a_browser(fleet: Fleet, tmp_path:
         page.wait()
 
 
-def test_a_device_that_goes_offline_is_reported_not_waited_on(fleet: Fleet) -> None:
+def a_device_that_goes_offline_is_reported_not_waited_on(fleet: Fleet) -> None:
     controller = subprocess.Popen(
         fleet.command(
             *fleet.deploy("v3.tar.gz", "--select", "site=a", "--canary", "1", "--step", "100%", "--max-failures", "50%")
@@ -255,7 +258,7 @@ def test_a_device_that_goes_offline_is_reported_not_waited_on(fleet: Fleet) -> N
     assert fleet.status()["a-6"]["state"] == "offline"
 
 
-def test_rollback_by_selection(fleet: Fleet) -> None:
+def rollback_by_selection(fleet: Fleet) -> None:
     done = fleet.cli("rollback", "--select", "site=b")
     assert done.returncode == 0, done.stdout + done.stderr
     status = fleet.status()
@@ -263,7 +266,7 @@ def test_rollback_by_selection(fleet: Fleet) -> None:
     assert "b-1: rolled back" in done.stdout
 
 
-def test_a_second_rollback_leaves_rolled_back_devices_and_to_reapplies(fleet: Fleet) -> None:
+def a_second_rollback_leaves_rolled_back_devices_and_to_reapplies(fleet: Fleet) -> None:
     """After a rollback (an operator's or a halted rollout's), each device's previous engine is the bundle it was
     taken off: a plain rollback leaves it alone and says so; --to re-applies that bundle on purpose."""
     again = fleet.cli("rollback", "--select", "site=b")
@@ -274,3 +277,16 @@ def test_a_second_rollback_leaves_rolled_back_devices_and_to_reapplies(fleet: Fl
     reapplied = fleet.cli("rollback", "--select", "device=b-1", "--to", "vit-digits-v3")
     assert reapplied.returncode == 0 and "b-1: rolled back to vit-digits-v3" in reapplied.stdout, reapplied.stdout
     assert fleet.status()["b-1"]["active"] == "vit-digits-v3"
+
+
+def test_a_fleet_scenario(fleet: Fleet, demo_bundle: Path, tmp_path: Path, chromium: Any) -> None:
+    """Status, a staged rollout, a halt, a killed controller resumed, the dashboard, a device lost mid-wave,
+    and two rollbacks, in that order on one fleet."""
+    status_shows_every_device(fleet, demo_bundle)
+    a_good_rollout_reaches_every_selected_device(fleet)
+    a_bad_bundle_halts_after_the_canary_wave(fleet)
+    a_killed_controller_resumes(fleet)  # site b on v3: what the dashboard then shows
+    the_dashboard_shows_the_live_fleet_in_a_browser(fleet, tmp_path, chromium)
+    a_device_that_goes_offline_is_reported_not_waited_on(fleet)
+    rollback_by_selection(fleet)
+    a_second_rollback_leaves_rolled_back_devices_and_to_reapplies(fleet)
