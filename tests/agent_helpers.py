@@ -81,9 +81,11 @@ def summary(stdout: str) -> dict[str, Any]:
 
 
 def stop_agent(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    """SIGTERM (drain and flush), then the agent's (stdout, stderr)."""
+    """SIGTERM (drain and flush), then the agent's (stdout, stderr). The wait is systemd's default
+    TimeoutStopSec (90 s) plus margin: once, on a loaded machine, an agent whose canary had just been
+    rolled back took over 60 s to stop (not reproduced since; see the stop notes)."""
     proc.send_signal(signal.SIGTERM)
-    return proc.communicate(timeout=60)
+    return proc.communicate(timeout=120)
 
 
 def start_mosquitto(folder: Path, port: int, access: str = "allow_anonymous true\n") -> subprocess.Popen[bytes]:
