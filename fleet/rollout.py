@@ -43,7 +43,14 @@ from fleet.gates import failures_note, pooled_verdict, wave_alpha
 from fleet.link import BrokerLost, Device, FleetLink
 
 
-class TargetState(str, Enum):
+class _Named(str, Enum):
+    """A state that prints as its value: what rollout files, ``--json`` and the terminal show."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class TargetState(_Named):
     """Where one device stands in a rollout. The values are what rollout files and ``--json`` hold."""
 
     PENDING = "pending"
@@ -53,11 +60,8 @@ class TargetState(str, Enum):
     ROLLED_BACK = "rolled-back"
     SKIPPED = "skipped"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class RolloutState(str, Enum):
+class RolloutState(_Named):
     """Where a rollout stands; ``running`` and ``interrupted`` (resumable) hold its devices."""
 
     RUNNING = "running"
@@ -66,9 +70,6 @@ class RolloutState(str, Enum):
     HALTED = "halted"
     ROLLED_BACK = "rolled-back"
     ABANDONED = "abandoned"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 ACTIVE = (RolloutState.RUNNING, RolloutState.INTERRUPTED)
