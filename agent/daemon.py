@@ -12,6 +12,7 @@ standalone, printing live throughput and latency.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: config valid, {agent.bundle.bundle_id} verified and golden set reproduced")
         agent.close_engines()
         return 0
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints every thread's stack: what a stuck agent waits on
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
     signal.signal(signal.SIGHUP, lambda *_: agent.reload.set())

@@ -82,10 +82,19 @@ def summary(stdout: str) -> dict[str, Any]:
 
 def stop_agent(proc: subprocess.Popen[str]) -> tuple[str, str]:
     """SIGTERM (drain and flush), then the agent's (stdout, stderr). The wait is systemd's default
-    TimeoutStopSec (90 s) plus margin: once, on a loaded machine, an agent whose canary had just been
-    rolled back took over 60 s to stop (not reproduced since; see the stop notes)."""
+    TimeoutStopSec (90 s) plus margin; an agent that outlives it is asked for its threads' stacks
+    (SIGUSR1) so the failure names what it waited on."""
     proc.send_signal(signal.SIGTERM)
-    return proc.communicate(timeout=120)
+    try:
+        return proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(
+            f"the agent did not stop within 120 s of SIGTERM; its stderr ends:\n{err[-20000:]}"
+        ) from None
 
 
 def start_mosquitto(folder: Path, port: int, access: str = "allow_anonymous true\n") -> subprocess.Popen[bytes]:

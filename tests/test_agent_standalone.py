@@ -173,3 +173,26 @@ def test_shipped_configs_are_valid(name: str, monkeypatch) -> None:
         monkeypatch.setenv(variable, "example")
     config = load_config(Path(__file__).parents[1] / "configs" / name)
     assert config.canary.max_restarts >= 0 and config.state_dir.name in ("edgevit", "state")
+
+
+def test_a_swap_with_no_frames_coming_ends_when_the_agent_stops(
+    demo_bundle, signing_key, digits_video: Path, tmp_path: Path
+) -> None:
+    """The gap to the new engine's first result is only measured: a stopping agent does not wait for it
+    (with no frames coming it would wait out the whole swap timeout, past systemd's stop timeout)."""
+    import threading
+
+    from agent.config import load_config
+    from agent.stream.pipeline import Pipeline, Serving
+
+    config = load_config(
+        write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], [{"name": "a", "source": str(digits_video)}])
+    )
+    bundle = verify_bundle(demo_bundle, [load_public_key(signing_key[1])])
+    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 1)
+    pipeline = Pipeline(config, Serving.of(bundle, engine), [], lambda *_: None)  # not started: no frames
+    stopping = threading.Event()
+    threading.Timer(0.5, stopping.set).start()
+    started = time.monotonic()
+    swap = pipeline.swap(Serving.of(bundle, engine), stopping, timeout_s=60)
+    assert time.monotonic() - started < 10 and swap["gap_ms"] is None

@@ -76,7 +76,16 @@ class TooSlowHere(CandidateCheckError):
     """The candidate is slower than the serving engine here, now: not a verdict on the bundle."""
 
 
-REFUSALS = (BundleError, SignatureError, EngineError, CandidateCheckError, StoreError, MemoryShortage, OSError)
+REFUSALS = (
+    BundleError,
+    SignatureError,
+    EngineError,
+    CandidateCheckError,
+    LifecycleError,
+    StoreError,
+    MemoryShortage,
+    OSError,
+)
 
 
 def facts(bundle: Bundle) -> rules.BundleFacts:
@@ -328,7 +337,7 @@ class Lifecycle:
             serving, golden = self.open_checked(bundle)
             try:
                 latency = self._latency_check(serving)
-            except CandidateCheckError:
+            except (CandidateCheckError, LifecycleError):
                 serving.engine.close()
                 raise
         except TooSlowHere:
@@ -363,6 +372,8 @@ class Lifecycle:
         times: dict[str, list[float]] = {"candidate": [], "serving": []}
         rule = None
         for i in range(cfg.latency_runs):
+            if self._stop.is_set():  # not a verdict on the candidate: the deploy is simply not finished
+                raise LifecycleError("the agent is stopping")
             order = [("candidate", candidate.engine), ("serving", serving.engine)]
             with serving.engine.exclusive():
                 for name, engine in order if i % 2 == 0 else order[::-1]:
@@ -403,7 +414,7 @@ class Lifecycle:
         self.previous = Serving.of(old.bundle, old.engine)
         serving.shadow = self._shadow_of(self.previous, serving.bundle)
         try:
-            swap = self.pipeline.swap(serving)
+            swap = self.pipeline.swap(serving, self._stop)
         except (TimeoutError, ValueError) as exc:  # not swapped: the old engine still serves
             self._undo_canary(f"swap failed: {exc}")
             self._save()
@@ -535,7 +546,7 @@ class Lifecycle:
                 {"bundle_id": canary.bundle, "ok": False, "reason": reason, "figures": figures, "verdict": verdict},
             )
             return
-        swap = self.pipeline.swap(Serving.of(previous.bundle, previous.engine))
+        swap = self.pipeline.swap(Serving.of(previous.bundle, previous.engine), self._stop)
         self.previous = None
         if serving.shadow:
             serving.shadow.close()
@@ -572,7 +583,7 @@ class Lifecycle:
             self.state.active, self.state.previous = target, old.bundle.bundle_id
             self.state.bad.pop(target, None)
             self._save()
-            swap = self.pipeline.swap(serving)
+            swap = self.pipeline.swap(serving, self._stop)
         except (*REFUSALS, ValueError) as exc:
             self.events("rollback", {**context, "ok": False, "error": str(exc)})
             return

@@ -135,11 +135,13 @@ class Pipeline:
         self.policy.configure(batching.latency_budget_ms / 1e3, limit, batching.mode, batching.fixed_batch)
 
     # -- swapping engines --------------------------------------------------------------------------
-    def swap(self, serving: Serving, timeout_s: float = 60.0) -> dict[str, float | None]:
+    def swap(self, serving: Serving, cancel: threading.Event, timeout_s: float = 60.0) -> dict[str, float | None]:
         """Put ``serving`` in service between two batches; returns the pause and gap in ms.
 
         The caller has verified the engine; its input spec must be this pipeline's, because
-        cameras preprocess for it.
+        cameras preprocess for it. The gap (to the new engine's first result) is only measured:
+        with no frames coming it would wait ``timeout_s``, so ``cancel`` (the agent stopping) ends
+        that wait and the gap is reported as unknown.
         """
         if serving.bundle.input_spec != self.spec:
             raise ValueError(
@@ -151,16 +153,17 @@ class Pipeline:
                 self._apply_swap()
             elif not request.done.wait(timeout_s):
                 raise TimeoutError(f"the inference thread did not take the new engine within {timeout_s:g} s")
-        first_new = self._first_result_after(request, timeout_s)
+        first_new = self._first_result_after(request, cancel, timeout_s)
         gap = (first_new - request.last_old_result) if first_new else None
         return {"pause_ms": round(request.pause_s * 1e3, 3), "gap_ms": None if gap is None else round(gap * 1e3, 3)}
 
-    def _first_result_after(self, request: _Swap, timeout_s: float) -> float | None:
+    def _first_result_after(self, request: _Swap, cancel: threading.Event, timeout_s: float) -> float | None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.serving is request.serving:
             if self.last_batch_done > request.applied_at:
                 return self.last_batch_done
-            time.sleep(0.002)
+            if cancel.wait(0.002):
+                break
         return None
 
     def _apply_swap(self) -> None:
