@@ -67,6 +67,11 @@ class CameraConfig(Strict):
     rtsp_transport: Literal["auto", "tcp", "udp"] = Field(
         "auto", description="RTSP over TCP (through firewalls, no loss) or UDP (lower latency); FFmpeg backend"
     )
+    hw_decode: Literal["off", "vaapi", "mfx", "jetson", "nvcodec"] = Field(
+        "off",
+        description="decode on the device's video hardware: vaapi or mfx (Intel, through OpenCV's FFmpeg), "
+        "jetson (NVDEC through GStreamer's nvv4l2decoder), nvcodec (NVIDIA x86, GStreamer's nvcodec)",
+    )
     loop: bool = False
     fps: float = Field(0.0, ge=0, le=1000, description="cap on frames taken per second; 0 = every frame")
     stride: int = Field(1, ge=1, le=10_000, description="take every n-th decoded frame")

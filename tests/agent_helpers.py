@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -262,3 +263,43 @@ def device_over_mqtt(
         broker.terminate()
         broker.wait()
     assert operator.process.returncode == 0, err[-3000:]
+
+
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+def start_rtsp_server(port: int, *options: str) -> subprocess.Popen[bytes]:
+    """The test RTSP server (``tests/rtsp_server.py``) on ``port``, with its ``options`` (size, user, auth).
+    The system Python has the GStreamer bindings (.ci/run installs them)."""
+    proc = subprocess.Popen(
+        ["/usr/bin/python3", str(RTSP_SERVER), str(port), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc)
+    return proc
+
+
+@contextlib.contextmanager
+def dead_listener(port: int) -> Iterator[None]:
+    """A TCP port that accepts connections and never answers: a camera whose RTSP service hangs (a
+    half-dead device, a VLAN that swallows replies). Clients wait out their own timeouts."""
+    held: list[socket.socket] = []
+    server = socket.create_server(("127.0.0.1", port))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for conn in [*held, server]:
+            conn.close()

@@ -11,35 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_helpers import read_results, start_agent, stop_agent, wait_for_port, write_config
+from agent_helpers import read_results, start_agent, start_rtsp_server, stop_agent, write_config
 
 from conftest import free_port
 
-SERVER = Path(__file__).with_name("rtsp_server.py")
 PASSWORD = "Rtsp-Pw-42"
 
 
 def start_server(port: int, size: str = "320x240", auth: str = "digest") -> subprocess.Popen[bytes]:
-    """The RTSP server on ``port``; the system Python has the GStreamer bindings (.ci/run installs them)."""
-    proc = subprocess.Popen(
-        [
-            "/usr/bin/python3",
-            str(SERVER),
-            str(port),
-            "--size",
-            size,
-            "--user",
-            "admin",
-            "--password",
-            PASSWORD,
-            "--auth",
-            auth,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port, proc)
-    return proc
+    return start_rtsp_server(port, "--size", size, "--user", "admin", "--password", PASSWORD, "--auth", auth)
 
 
 @pytest.fixture

@@ -1,45 +1,47 @@
-"""One capture thread per camera: open, read, throttle, preprocess, hand over, recover.
+"""One camera: a thread in the agent that supervises the camera's decoder process and relays its frames.
 
-A camera that errors, ends or stalls (no frame for ``stall_timeout_s``) is reopened
-with exponential backoff and jitter, in its own thread, so the other cameras never
-notice. Files end (state ``ended``) unless ``loop`` is set. FFmpeg-backed sources
-get OpenCV's open/read timeouts so a dead network stream cannot block a read
-forever. For the other backends (GStreamer, V4L2) a read can block for good: the
-pipeline's supervisor asks :meth:`Camera.failure` and replaces a camera whose read
-is stuck or whose thread ended, abandoning the stuck thread (a capture released
-under a live read would abort the process) with its events silenced.
+Decoding happens in :mod:`agent.stream.decoder`, a process per camera, so one camera's open, hang
+or crash never delays another's (no lock in this process is held across a network open). This
+thread starts the decoder, hands it the settings on its stdin, and reads its messages: each frame
+(already preprocessed to the engine's input) goes into the frame queue, each state change becomes
+a camera event. A decoder that goes quiet for longer than it may (its open past
+``stall_timeout_s``, no frame past ``stall_timeout_s`` while connected), or that dies, is killed
+and restarted after a backoff that doubles per restart, up to a minute; its counters carry on.
+Files end (state ``ended``) unless ``loop`` is set. A ``region`` that does not fit the stream's
+frames is reported as the camera's error (state ``failed``) until the region is changed.
 
-An unexpected error inside the thread (an odd frame, a bug) is caught, reported as
-the camera's error and answered by reopening with backoff: it never ends the thread.
-A ``region`` that does not fit the stream's frames is reported as the camera's
-error (state ``failed``) and its frames are not used until the region is changed.
+The decoder's CPU time (every thread of its process: reading, FFmpeg's decoder threads,
+preprocessing) is the camera's cost in the metrics.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import random
+import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from enum import Enum
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
 
 from agent.config import CameraConfig, redact
-from agent.engine.preprocess import InputSpec, preprocess_into
+from agent.engine.preprocess import InputSpec
+from agent.stream.decoder import FRAME, HEADER, STATE
 from agent.stream.frames import FrameInfo, FrameQueue
 
 log = logging.getLogger("edgevit.camera")
 
-# OpenCV's FFmpeg backend takes per-open options (RTSP transport) only from this process-wide variable: it is
-# set, under a lock, only around the open of an RTSP camera with an explicit rtsp_transport
-FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
-_FFMPEG_OPTIONS_LOCK = threading.Lock()
-BACKENDS = {"auto": cv2.CAP_ANY, "ffmpeg": cv2.CAP_FFMPEG, "v4l2": cv2.CAP_V4L2, "gstreamer": cv2.CAP_GSTREAMER}
+START_TIMEOUT_S = 30.0  # a new decoder process imports OpenCV before its first message
+OPEN_GRACE_S = 2.0  # beyond the open timeout FFmpeg honours
+MAX_RESTART_DELAY_S = 60.0
+POLL_S = 0.2  # how soon a stop is noticed
 
 
 class CameraState(str, Enum):
@@ -52,6 +54,10 @@ class CameraState(str, Enum):
     STOPPED = "stopped"
 
 
+class Quiet(Exception):
+    """The decoder said nothing for longer than it may: the message says what it was doing."""
+
+
 def opencv_has_gstreamer() -> bool:
     """Whether this OpenCV was built with GStreamer (JetPack's is; pip's opencv-python wheels are not)."""
     for line in cv2.getBuildInformation().splitlines():
@@ -61,21 +67,23 @@ def opencv_has_gstreamer() -> bool:
 
 
 def unusable_sources(cameras: list[CameraConfig]) -> list[str]:
-    """Why cameras cannot be opened with this OpenCV, found before any thread starts."""
-    wants = [c for c in cameras if c.backend == "gstreamer" or (isinstance(c.source, str) and " ! " in c.source)]
+    """Why cameras cannot be opened with this OpenCV, found before any process starts."""
+    wants = [
+        c
+        for c in cameras
+        if c.backend == "gstreamer"
+        or c.hw_decode in ("jetson", "nvcodec")
+        or (isinstance(c.source, str) and " ! " in c.source)
+    ]
     if not wants or opencv_has_gstreamer():
         return []
     return [
         f"cameras.{c.name}: a GStreamer pipeline, but this OpenCV ({cv2.__version__}) was built without GStreamer "
         "(pip's opencv-python-headless has none). On Jetson use JetPack's OpenCV: apt install python3-opencv and "
-        "create the venv with --system-site-packages (see the README's Jetson section); elsewhere build OpenCV "
+        "create the venv with --system-site-packages (see docs/systemd-and-jetson.md); elsewhere build OpenCV "
         "with -DWITH_GSTREAMER=ON, or use an rtsp:// source with the FFmpeg backend"
         for c in wants
     ]
-
-
-def _is_file(source: str | int) -> bool:
-    return isinstance(source, str) and "://" not in source and "!" not in source and not source.startswith("/dev/")
 
 
 class Camera(threading.Thread):
@@ -87,196 +95,199 @@ class Camera(threading.Thread):
         on_event: Callable[[str, dict[str, Any]], None],
         replaces: Camera | None = None,
     ) -> None:
-        """``replaces``: the camera this one takes over from (its counters go on; it starts after a backoff)."""
+        """``replaces``: the camera whose thread ended unexpectedly; its counters go on."""
         super().__init__(name=f"camera-{config.name}", daemon=True)
         self.config = config
         self._spec, self._queue, self._on_event = spec, queue, on_event
-        self._scratch = np.empty((spec.height, spec.width, 3), np.uint8)
+        self._message = bytearray(HEADER.size + spec.height * spec.width * 3)
+        self._frame = np.frombuffer(self._message, np.uint8, offset=HEADER.size).reshape(spec.height, spec.width, 3)
         self._halt = threading.Event()
         self._settings_lock = threading.Lock()
-        self._abandoned = False
-        self._opening_since: float | None = None
+        self._decoder: subprocess.Popen[bytes] | None = None
         self.state = CameraState.CONNECTING
         self.error: str | None = None
+        self.decode: str | None = None  # how frames are decoded: software, vaapi, jetson (gstreamer)...
         self.decoded: int = replaces.decoded if replaces else 0
         # when this camera's first frame arrived (monotonic): the run's rates are counted from it
         self.first_frame: float | None = replaces.first_frame if replaces else None
+        self.last_frame = time.monotonic()
         # the camera side's cost, so an operator sees when it, not the engine, is the bottleneck
         self.decode_cpu_s: float = replaces.decode_cpu_s if replaces else 0.0
         self.preprocess_s: float = replaces.preprocess_s if replaces else 0.0
         self.preprocessed: int = replaces.preprocessed if replaces else 0
         self.reconnects: int = replaces.reconnects if replaces else 0
         self.restarts: int = replaces.restarts + 1 if replaces else 0
-        self._start_delay = min(2.0 ** (self.restarts - 1), 60.0) if replaces else 0.0
-        self.last_frame = time.monotonic() + self._start_delay
         self._seq: int = replaces._seq if replaces else 0
+        self._base = (self.decoded, self.reconnects, self.decode_cpu_s, self.preprocess_s, self.preprocessed)
 
     # -- control -------------------------------------------------------------------------------
     def stop(self) -> None:
         self._halt.set()
 
     def update(self, config: CameraConfig) -> None:
-        """Apply new throttling/region/pause settings; a new source needs a new Camera."""
+        """Apply new throttling/region/pause settings in the running decoder; a new source needs a new Camera."""
         with self._settings_lock:
             self.config = config
-
-    def abandon(self) -> None:
-        """Stop, and never speak again: a replacement reports for this camera from now on."""
-        self._abandoned = True
-        self._halt.set()
+            decoder = self._decoder
+            if decoder and decoder.stdin:
+                try:
+                    decoder.stdin.write(json.dumps(_settings(config)).encode() + b"\n")
+                    decoder.stdin.flush()
+                except OSError:  # the decoder is being restarted: the new one starts with these settings
+                    pass
 
     def failure(self, now: float) -> str | None:
-        """Why this camera's thread must be replaced, or None: it ended on its own, or a read is stuck."""
-        if self._halt.is_set() or self.ident is None:
+        """Why this camera must be replaced, or None: only when its thread ended (a bug) while it should run."""
+        if self._halt.is_set() or self.ident is None or self.is_alive():
             return None
-        if not self.is_alive():
-            return None if self.state in (CameraState.ENDED, CameraState.STOPPED) else "its thread ended"
-        # a file capped at a low fps waits 1/fps between reads on purpose
-        patience = self.config.stall_timeout_s + (1 / self.config.fps if self.config.fps else 0.0)
-        opening = self._opening_since
-        if opening is not None and now - opening > self.config.stall_timeout_s + 1.0:
-            return f"opening the source for {now - opening:.0f} s: the open is stuck"
-        if self.state in (CameraState.CONNECTED, CameraState.PAUSED, CameraState.FAILED):
-            if now - self.last_frame > patience + 1.0:  # a second beyond the read timeout FFmpeg honours
-                return f"no frame for {now - self.last_frame:.0f} s: a read is stuck"
-        return None
+        return None if self.state in (CameraState.ENDED, CameraState.STOPPED) else "its thread ended"
 
     # -- thread --------------------------------------------------------------------------------
     def _set_state(self, state: CameraState, error: str | None = None, **detail: object) -> None:
-        if self._abandoned:
-            return
         self.error = error
         if state != self.state:
             self.state = state
             extra = {"error": error} if error else {}
             self._on_event("camera", {"camera": self.config.name, "state": state.value, **extra, **detail})
 
-    def _open(self) -> cv2.VideoCapture:
-        source, backend = self.config.source, BACKENDS[self.config.backend]
-        timeout_ms = int(self.config.stall_timeout_s * 1000)
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-        transport = self.config.rtsp_transport
-        if transport == "auto" or not str(source).lower().startswith("rtsp"):
-            capture = cv2.VideoCapture(source, backend, params)  # no lock: a stuck open blocks no other camera
-        else:  # OpenCV reads FFmpeg's options from the environment while it opens: one such open at a time
-            if not _FFMPEG_OPTIONS_LOCK.acquire(timeout=self.config.stall_timeout_s):
-                raise OSError(f"cannot open {redact(str(source))!r}: another camera's RTSP open is still running")
-            try:
-                os.environ[FFMPEG_OPTIONS] = f"rtsp_transport;{transport}"
-                capture = cv2.VideoCapture(source, backend, params)
-            finally:
-                os.environ.pop(FFMPEG_OPTIONS, None)
-                _FFMPEG_OPTIONS_LOCK.release()
-        if not capture.isOpened():
-            capture.release()
-            raise OSError(f"cannot open {redact(str(source))!r}")
-        return capture
-
     def run(self) -> None:
-        self._halt.wait(self._start_delay)
-        delay = self.config.reconnect.initial_s
-        while not self._halt.is_set():
-            decoded = self.decoded
-            try:
-                outcome = self._session()
-            except Exception as exc:  # an odd frame or a bug: reported, then reopened; the thread goes on
-                log.exception("camera %s failed", self.config.name)
-                outcome = f"{type(exc).__name__}: {exc}"[:300]
-            if outcome == "ended":
-                self._set_state(CameraState.ENDED)
-                return
-            if outcome == "stopped":
-                break
-            if self.decoded > decoded:  # it worked for a while: start the backoff afresh
-                delay = self.config.reconnect.initial_s
-            self.reconnects += 1
-            self._set_state(CameraState.RECONNECTING, error=outcome)
-            delay = self._backoff(delay)
-        self._set_state(CameraState.STOPPED)
-
-    def _session(self) -> str:
-        """Open and read until it ends: 'stopped', 'ended', or why it must reopen."""
-        self._opening_since = time.monotonic()  # an open can block too (a FIFO, a GStreamer source)
         try:
-            capture = self._open()
-        except OSError as exc:
+            while not self._halt.is_set():
+                try:
+                    reason = self._serve_one_decoder()
+                except Exception as exc:  # a bug here: reported, and the decoder replaced like a stuck one
+                    log.exception("camera %s failed", self.config.name)
+                    reason = f"{type(exc).__name__}: {exc}"[:300]
+                if reason is None:
+                    break
+                self.restarts += 1
+                self._on_event(
+                    "camera",
+                    {"camera": self.config.name, "state": "restarting", "reason": reason, "restarts": self.restarts},
+                )
+                log.warning(
+                    "camera %s: %s; restarting its decoder (restart %d)", self.config.name, reason, self.restarts
+                )
+                self._halt.wait(min(2.0 ** (self.restarts - 1), MAX_RESTART_DELAY_S))
+        finally:
+            if self.state != CameraState.ENDED:
+                self._set_state(CameraState.STOPPED)
+
+    def _serve_one_decoder(self) -> str | None:
+        """Run one decoder process until the source ends or the camera stops (None), or until it must be
+        killed and restarted (why)."""
+        decoder = subprocess.Popen(
+            [sys.executable, "-m", "agent.stream.decoder", "--camera", self.config.name],  # the name, never the source
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert decoder.stdin is not None and decoder.stdout is not None
+        with self._settings_lock:
+            self._decoder = decoder
+            first = {"camera": _settings(self.config), "spec": asdict(self._spec)}
+            decoder.stdin.write(json.dumps(first).encode() + b"\n")
+            decoder.stdin.flush()
+        self._base = (self.decoded, self.reconnects, self.decode_cpu_s, self.preprocess_s, self.preprocessed)
+        try:
+            return self._relay(decoder.stdout)
+        except Quiet as exc:
             return str(exc)
+        except EOFError:
+            decoder.wait(5)
+            return f"its decoder exited (status {decoder.returncode})"
         finally:
-            self._opening_since = None
-        try:
-            self._set_state(CameraState.CONNECTED)
-            self.last_frame = time.monotonic()
-            outcome = self._read(capture)
-        finally:
-            if not self._abandoned:  # an abandoned thread leaves its capture to the process's end
-                capture.release()
-        return "stream ended or stalled" if outcome == "error" else outcome
-
-    def _backoff(self, delay: float) -> float:
-        reconnect = self.config.reconnect
-        self._halt.wait(delay * (1 + random.uniform(-reconnect.jitter, reconnect.jitter)))
-        return min(delay * 2, reconnect.max_s)
-
-    def _read(self, capture: cv2.VideoCapture) -> str:
-        """Read until stopped ('stopped'), the file ends ('ended') or the stream fails ('error')."""
-        is_file = _is_file(self.config.source)
-        next_due = 0.0
-        index = 0
-        while not self._halt.is_set():
-            cpu = time.thread_time()  # CPU, not wall: a live stream's read mostly waits for the next frame
-            ok, frame = capture.read()
-            now = time.monotonic()
-            self.decode_cpu_s += time.thread_time() - cpu
-            if self._halt.is_set():  # stopped or abandoned while the read was blocked
-                break
-            if not ok:
-                if is_file and self.config.loop and capture.set(cv2.CAP_PROP_POS_FRAMES, 0):
-                    continue
-                return "ended" if is_file else "error"
-            self.decoded += 1
-            self.last_frame = now
-            if self.first_frame is None:
-                self.first_frame = now
             with self._settings_lock:
-                config = self.config
-            index += 1
-            if config.paused:
-                self._set_state(CameraState.PAUSED)
-                continue
-            crop = self._crop(frame, config)
-            if crop is None:
-                continue
-            self._set_state(CameraState.CONNECTED)
-            if (index - 1) % config.stride:
-                continue
-            if config.fps:
-                if is_file:  # a file decodes far faster than real time: play it at the capped rate
-                    self._halt.wait(max(0.0, next_due - now))
-                elif now < next_due:  # a live source: drop what comes faster than the cap
+                self._decoder = None
+            decoder.kill()  # from inside a stuck read too: nothing of this process is shared with it
+            decoder.wait()
+            decoder.stdin.close()
+            decoder.stdout.close()
+
+    def _relay(self, pipe: IO[bytes]) -> str | None:
+        """Messages from the decoder into the queue and the camera's state until it ends or must go."""
+        doing, deadline = "starting", time.monotonic() + START_TIMEOUT_S
+        while True:
+            kind, size, captured = self._next_message(pipe, doing, deadline)
+            if kind is None:  # stopping
+                return None
+            now = time.monotonic()
+            config = self.config
+            if kind == STATE:
+                message = json.loads(bytes(self._message[HEADER.size : HEADER.size + size]))
+                state = message["state"]
+                if state == "ended":
+                    self._set_state(CameraState.ENDED)
+                    return None
+                if state == "opening":
+                    doing, deadline = "opening the source", now + config.stall_timeout_s + OPEN_GRACE_S
                     continue
-                next_due = max(next_due + 1.0 / config.fps, time.monotonic() - 1.0 / config.fps)
-            self._hand_over(crop)
-        return "stopped"
+                if state == "reconnecting":
+                    doing, deadline = "waiting to reconnect", now + message["retry_in_s"] + START_TIMEOUT_S
+                    self._set_state(CameraState.RECONNECTING, error=redact(str(message.get("error")))[:300])
+                    continue
+                self.decode = message.get("decode", self.decode)
+                error = message.get("error")
+                self._set_state(CameraState(state), error=redact(error) if error else None)
+            else:
+                self._count(now, captured if kind == FRAME else None)
+            patience = config.stall_timeout_s + (1 / config.fps if config.fps else 0.0) + 1.0
+            doing, deadline = "reading", max(now, self.last_frame) + patience
 
-    def _crop(self, frame: np.ndarray, config: CameraConfig) -> np.ndarray | None:
-        """The configured region of ``frame`` (a view), or None, with the camera failed, when it does not fit."""
-        if not config.region:
-            return frame
-        x, y, w, h = config.region
-        height, width = frame.shape[:2]
-        if x + w > width or y + h > height:
-            self._set_state(
-                CameraState.FAILED,
-                error=f"region {x},{y},{w},{h} does not fit the stream's {width}x{height} frames; set a region inside",
+    def _next_message(self, pipe: IO[bytes], doing: str, deadline: float) -> tuple[bytes | None, int, float]:
+        """The next message's kind, payload size and capture time, read into the message buffer."""
+        view = memoryview(self._message)
+        self._read_exact(pipe, view[: HEADER.size], doing, deadline)
+        if self._halt.is_set():
+            return None, 0, 0.0
+        kind, size, decoded, reconnects, cpu_s, preprocess_s, preprocessed, captured = HEADER.unpack_from(self._message)
+        if size > len(self._message) - HEADER.size:
+            raise Quiet(f"its decoder sent a {size}-byte message, larger than a frame")
+        self._read_exact(pipe, view[HEADER.size : HEADER.size + size], doing, time.monotonic() + START_TIMEOUT_S)
+        base_decoded, base_reconnects, base_cpu, base_pre, base_preprocessed = self._base
+        if decoded > self.decoded - base_decoded:
+            self.last_frame = time.monotonic()
+            if self.first_frame is None:
+                self.first_frame = self.last_frame
+        self.decoded = base_decoded + decoded
+        self.reconnects = base_reconnects + reconnects
+        self.decode_cpu_s = base_cpu + max(cpu_s - preprocess_s, 0.0)
+        self.preprocess_s = base_pre + preprocess_s
+        self.preprocessed = base_preprocessed + preprocessed
+        return kind, size, captured
+
+    def _read_exact(self, pipe: IO[bytes], view: memoryview, doing: str, deadline: float) -> None:
+        got = 0
+        while got < len(view):
+            if self._halt.is_set():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Quiet(self._quiet_reason(doing))
+            if not select.select([pipe], [], [], min(left, POLL_S))[0]:
+                continue
+            n = pipe.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise EOFError
+            got += n
+
+    def _quiet_reason(self, doing: str) -> str:
+        if doing == "reading":
+            return f"no frame for {time.monotonic() - self.last_frame:.0f} s: a read is stuck"
+        if doing == "opening the source":
+            return (
+                f"opening the source for more than {self.config.stall_timeout_s + OPEN_GRACE_S:g} s: the open is stuck"
             )
-            return None
-        return frame[y : y + h, x : x + w]
+        return f"its decoder said nothing while {doing}: it is stuck"
 
-    def _hand_over(self, frame: np.ndarray) -> None:
-        started = time.perf_counter()
-        preprocess_into(frame, self._spec, self._scratch, "BGR")
-        self.preprocess_s += time.perf_counter() - started
-        self.preprocessed += 1
+    def _count(self, now: float, captured: float | None) -> None:
+        if captured is None:  # a heartbeat: counters only
+            return
         self._seq += 1
-        info = FrameInfo(self.config.name, self._seq, time.time(), time.monotonic())
-        self._queue.put(info, self._scratch)
+        info = FrameInfo(self.config.name, self._seq, captured, now)
+        self._queue.put(info, self._frame)
+
+
+def _settings(config: CameraConfig) -> dict[str, Any]:
+    """What the decoder process needs, as JSON (the source with its credentials: stdin only)."""
+    return config.model_dump(mode="json")

@@ -94,11 +94,11 @@ class Metrics:
             before = {} if whole_run else self._previous.get(name, {})
             elapsed = max(state["active_s"], 1e-6) if whole_run else interval
             rates = {f"{k}_fps": round((v - before.get(k, 0)) / elapsed, 2) for k, v in counts.items()}
-            health = {k: state[k] for k in ("state", "error", "reconnects", "restarts", "active_s")}
+            health = {k: state[k] for k in ("state", "decode", "error", "reconnects", "restarts", "active_s")}
             cost, cost_before = state["cost"], before.get("cost", {})
             decoded = counts["decoded"] - before.get("decoded", 0)
             prepped = cost["preprocessed"] - cost_before.get("preprocessed", 0)
-            side = {  # per frame over the interval: decode CPU (the camera's thread) and preprocessing
+            side = {  # per frame over the interval: decode CPU (the decoder process) and preprocessing
                 "decode_cpu_ms": round((cost["decode_cpu_s"] - cost_before.get("decode_cpu_s", 0)) / decoded * 1e3, 3)
                 if decoded
                 else None,
@@ -186,7 +186,7 @@ class _Collector:
         reconnects = CounterMetricFamily("edgevit_camera_reconnects", "Camera reconnects", labels=["camera"])
         decode = CounterMetricFamily(
             "edgevit_camera_decode_cpu_seconds",
-            "CPU time the camera's thread spent reading and decoding",
+            "CPU time of the camera's decoder process (reading, FFmpeg's decoder threads), preprocessing excluded",
             labels=["camera"],
         )
         preprocess = CounterMetricFamily(
@@ -195,7 +195,9 @@ class _Collector:
             labels=["camera"],
         )
         restarts = CounterMetricFamily(
-            "edgevit_camera_restarts", "Camera threads replaced (ended, or a read stuck)", labels=["camera"]
+            "edgevit_camera_restarts",
+            "Camera decoders restarted (stuck in an open or a read, or exited)",
+            labels=["camera"],
         )
         connected = GaugeMetricFamily(
             "edgevit_camera_connected", "1 when the camera delivers frames", labels=["camera", "state"]

@@ -1,6 +1,7 @@
 """camera -> preprocess -> batcher -> engine -> results: the agent's data path, one way.
 
-Camera threads preprocess into the :class:`FrameQueue`; one inference thread asks the
+Each camera's decoder process decodes and preprocesses; its camera thread puts the frames
+into the :class:`FrameQueue`; one inference thread asks the
 :class:`BatchPolicy` for a batch size and wait, takes frames into a preallocated
 batch buffer, runs the engine, and hands results to the sinks. The inference thread
 also records when it last finished a batch: with frames waiting and no batch done
@@ -9,8 +10,8 @@ for too long, the pipeline is stalled and the systemd watchdog is no longer fed.
 Supervision: an unexpected error in an inference step is reported (``inference`` event,
 ``inference_failures`` metric) and the loop goes on after a backoff; the daemon calls
 :meth:`Pipeline.supervise` a few times a second, which restarts an inference thread that
-ended and replaces a camera whose thread ended or whose read is stuck. :meth:`healthy`
-is false while the inference thread is dead or makes no progress with frames waiting,
+ended and replaces a camera whose thread ended (a camera restarts its own stuck decoder).
+:meth:`healthy` is false while the inference thread is dead or makes no progress with frames waiting,
 so the systemd watchdog is not fed and the status says so.
 
 An engine swap is handed to the inference thread and happens between two batches:
@@ -43,7 +44,7 @@ from agent.stream.metrics import Metrics
 from agent.stream.results import ResultSink, make_results, top_k
 
 log = logging.getLogger("edgevit.pipeline")
-STOP_WAIT_S = 15.0  # longest a stop waits for one camera's read to return
+STOP_WAIT_S = 15.0  # longest a stop waits for one camera to kill its decoder
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -202,10 +203,8 @@ class Pipeline:
         """Stop cameras, finish the batch in flight (and, with ``drain``, what is queued), flush sinks."""
         for camera in self.cameras.values():
             camera.stop()
-        for camera in self.cameras.values():  # a capture released under a live read aborts the process
-            camera.join(timeout=min(camera.config.stall_timeout_s + 5, STOP_WAIT_S))
-            if camera.is_alive():  # a read stuck for good: leave it (and its capture) to the process's end
-                camera.abandon()
+        for camera in self.cameras.values():  # each kills its decoder process: no read can hold the stop
+            camera.join(timeout=STOP_WAIT_S)
         self._stop.set()
         self._thread.join(timeout=30)
         if drain and not self._thread.is_alive():  # a hung engine gets no more batches
@@ -230,7 +229,7 @@ class Pipeline:
 
     # -- supervision -----------------------------------------------------------------------------
     def supervise(self, now: float) -> None:
-        """Restart a dead inference thread; replace cameras whose thread ended or whose read is stuck."""
+        """Restart a dead inference thread; replace a camera whose thread ended (a bug: its decoder is its own)."""
         if not self._stop.is_set() and self._thread.ident is not None and not self._thread.is_alive():
             self.inference_restarts += 1
             self.events("inference", {"restarted": True, "restarts": self.inference_restarts})
@@ -240,7 +239,6 @@ class Pipeline:
             reason = camera.failure(now)
             if reason is None:
                 continue
-            camera.abandon()
             replacement = Camera(camera.config, self.spec, self.queue, self.events, replaces=camera)
             self.cameras[name] = replacement
             self.events(
@@ -336,6 +334,7 @@ class Pipeline:
             active = max(camera.last_frame, c.last_processed) - camera.first_frame if camera.first_frame else 0.0
             states[name] = {
                 "state": camera.state.value,
+                "decode": camera.decode,
                 "active_s": round(max(active, 0.0), 3),
                 "error": camera.error,
                 "reconnects": camera.reconnects,

@@ -1,0 +1,215 @@
+"""Cameras that cannot reach their stream against the ones that can, through the real agent.
+
+Four good cameras read the project's GStreamer RTSP server; 0, 2 or 4 "dead" cameras point at a TCP
+port that accepts and never answers. In each run the agent starts, the server is SIGKILLed once
+every good camera serves, and restarted 5 s later. Measured per scenario over ``--runs`` runs:
+
+- start-up: agent process start to each good camera's first result;
+- recovery: the server's return to each good camera's first result after it;
+- a good camera that never starts or recovers within ``--patience`` seconds is counted as such.
+
+Then throughput at 0 dead cameras, 4 x 720p, for ``--seconds``: processed frames/s and decode CPU
+per frame (the decoder's CPU outside preprocessing) from the agent's summary.
+
+``--agent-root`` runs the agent from another checkout (same virtual environment), to measure the
+code before a change beside the code after it.
+
+    python bench/camera_bench.py [--runs 3] [--agent-root PATH] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from agent_helpers import dead_listener, read_results, start_rtsp_server  # noqa: E402
+
+from builder.bundle.build import build_engine_bundle  # noqa: E402
+from builder.bundle.keys import keygen  # noqa: E402
+from builder.bundle.options import EngineOptions  # noqa: E402
+from builder.demo.train import CHECKPOINT_DIR  # noqa: E402
+from builder.export.job import export_checkpoint  # noqa: E402
+
+from conftest import free_port  # noqa: E402
+
+GOOD = 4
+# (dead cameras, their stall_timeout_s, rtsp_transport of every camera)
+SCENARIOS = [(0, 5, "auto"), (2, 5, "auto"), (2, 20, "auto"), (4, 5, "auto"), (4, 20, "auto"), (2, 20, "tcp")]
+
+
+def agent_config(work: Path, bundle: Path, public: Path, cameras: list[dict[str, Any]]) -> Path:
+    config = {
+        "device": "bench",
+        "state_dir": str(work / "state"),
+        "engine": {"bundle": str(bundle), "trusted_keys": [str(public)]},
+        "cameras": cameras,
+        "results": {"jsonl": str(work / "results.jsonl")},
+        "metrics": {"print_every_s": 0},
+    }
+    path = work / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (work / "results.jsonl").unlink(missing_ok=True)
+    return path
+
+
+def start_agent(config: Path, agent_root: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.daemon", "--config", str(config), "--log-level", "WARNING", *args],
+        cwd=agent_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def firsts(results: Path, cameras: set[str], since: float, patience: float) -> dict[str, float]:
+    deadline, seen = time.monotonic() + patience, {}
+    while time.monotonic() < deadline and set(seen) != cameras:
+        for r in read_results(results):
+            if r["camera"] in cameras and r["captured"] > since:
+                seen.setdefault(r["camera"], r["captured"] - since)
+        time.sleep(0.1)
+    return seen
+
+
+def one_run(work: Path, bundle: Path, public: Path, scenario: tuple[int, int, str], args: argparse.Namespace) -> dict:
+    dead, stall, transport = scenario
+    port, dead_port = free_port(), free_port()
+    good = {f"good{i}" for i in range(GOOD)}
+    common = {"rtsp_transport": transport, "fps": 10, "reconnect": {"initial_s": 0.5, "max_s": 5}}
+    cameras = [{"name": n, "source": f"rtsp://127.0.0.1:{port}/cam", "stall_timeout_s": 5, **common} for n in good]
+    cameras += [
+        {"name": f"dead{i}", "source": f"rtsp://127.0.0.1:{dead_port}/cam", "stall_timeout_s": stall, **common}
+        for i in range(dead)
+    ]
+    server = start_rtsp_server(port, "--size", "640x480")
+    results = work / "results.jsonl"
+    with dead_listener(dead_port):
+        started_at = time.time()
+        agent = start_agent(agent_config(work, bundle, public, cameras), args.agent_root)
+        try:
+            start = firsts(results, good, started_at, args.patience)
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            time.sleep(5)
+            server = start_rtsp_server(port, "--size", "640x480")
+            back_at = time.time()
+            recovery = firsts(results, good, back_at, args.patience)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.communicate()
+            server.kill()
+            server.wait()
+    return {"start_s": sorted(start.values()), "recovery_s": sorted(recovery.values()), "good": GOOD}
+
+
+def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace) -> dict:
+    """0 dead cameras, 4 x 720p at the server's 30 fps, every frame taken."""
+    port = free_port()
+    server = start_rtsp_server(port, "--size", "1280x720")
+    cameras = [
+        {"name": f"good{i}", "source": f"rtsp://127.0.0.1:{port}/cam", "rtsp_transport": "tcp"} for i in range(4)
+    ]
+    try:
+        agent = start_agent(
+            agent_config(work, bundle, public, cameras), args.agent_root, "--duration", str(args.seconds)
+        )
+        assert agent.stdout is not None
+        stdout = agent.stdout.read()
+        # the agent's CPU with every child it reaped (decoders, the engine worker): comparable across designs
+        _, _, usage = os.wait4(agent.pid, 0)
+    finally:
+        server.kill()
+        server.wait()
+    summary = next(json.loads(line)["summary"] for line in stdout.splitlines() if line.startswith('{"summary"'))
+    cams = summary["cameras"].values()
+    decoded = sum(c["decoded"] for c in cams)
+    return {
+        "agent_cpu_ms_per_frame": round((usage.ru_utime + usage.ru_stime) / max(decoded, 1) * 1e3, 3),
+        "processed_fps": round(sum(c["processed_fps"] for c in cams), 1),
+        "decoded_fps": round(sum(c["decoded_fps"] for c in cams), 1),
+        "decode_cpu_ms_per_frame": round(
+            sum((c["decode_cpu_ms"] or 0) * c["decoded"] for c in cams) / max(decoded, 1), 3
+        ),
+    }
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.1f}–{max(values):.1f}" if values else "—"
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--runs", type=int, default=3)
+    args.add_argument("--patience", type=float, default=60.0, help="seconds a good camera gets to start or recover")
+    args.add_argument("--seconds", type=float, default=20.0, help="length of the 4 x 720p throughput run")
+    args.add_argument("--agent-root", type=Path, default=ROOT, help="the checkout whose agent runs")
+    args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parsed = args.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        key, public, _ = keygen(work / "keys")
+        export = export_checkpoint(CHECKPOINT_DIR / "vit-digits.npz", work / "export")
+        bundle = build_engine_bundle(
+            export.model_path.parent, work / "bundle", key, EngineOptions(profile_seconds=0.2)
+        ).path
+        for scenario in SCENARIOS:
+            runs = []
+            for run in range(parsed.runs):
+                print(f"  {scenario}: run {run + 1}", file=sys.stderr, flush=True)
+                runs.append(one_run(work, bundle, public, scenario, parsed))
+            rows.append({"dead": scenario[0], "stall_s": scenario[1], "transport": scenario[2], "runs": runs})
+        flow = throughput(work, bundle, public, parsed)
+    lines = [
+        f"agent: {parsed.agent_root}; {GOOD} good cameras at 640x480, fps 10; {parsed.runs} runs per row; "
+        f"a camera not back within {parsed.patience:g} s counts as never",
+        "",
+        "| dead cameras | their stall_timeout_s | transport | good cameras' start-up s | never started "
+        "| recovery after the server's return s | never recovered | median recovery s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        start = [s for r in row["runs"] for s in r["start_s"]]
+        back = [s for r in row["runs"] for s in r["recovery_s"]]
+        expected = GOOD * len(row["runs"])
+        lines.append(
+            f"| {row['dead']} | {row['stall_s'] if row['dead'] else '—'} | {row['transport']} | {spread(start)} | "
+            f"{expected - len(start)} | {spread(back)} | {expected - len(back)} | "
+            f"{statistics.median(back) if back else float('nan'):.1f} |"
+        )
+    lines += [
+        "",
+        f"4 x 1280x720 at 30 fps, 0 dead cameras, {parsed.seconds:g} s: {flow['processed_fps']} frames/s processed, "
+        f"{flow['decoded_fps']} decoded; per decoded frame: {flow['decode_cpu_ms_per_frame']} ms decode CPU as the "
+        f"agent reports it, {flow['agent_cpu_ms_per_frame']} ms CPU of the agent and all its processes",
+    ]
+    table = "\n".join(lines) + "\n"
+    parsed.out.mkdir(parents=True, exist_ok=True)
+    name = "camera_bench" if parsed.agent_root == ROOT else "camera_bench_other"
+    (parsed.out / f"{name}.json").write_text(json.dumps({"rows": rows, "throughput": flow}, indent=2) + "\n")
+    (parsed.out / f"{name}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
