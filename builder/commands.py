@@ -20,7 +20,7 @@ from builder.bundle.build import BundleResult, build_engine_bundle
 from builder.bundle.keys import keygen
 from builder.bundle.options import EngineOptions
 from builder.bundle.pack import pack_bundle
-from builder.bundle.view import candidate_table, show_passport
+from builder.bundle.view import candidate_table, not_tried_lines, show_passport
 from builder.demo.evaluate import held_out_indices, held_out_top1
 from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
 from builder.demo.video import write_labelled_video
@@ -66,6 +66,8 @@ def _engine(export_dir: Path, out: Path, key: Path, options: EngineOptions, cons
         result = build_engine_bundle(export_dir, out, key, options, progress)
     title = f"{options.target} {options.precision}: {result.passport['evaluation_set']['description']}"
     console.print(candidate_table([c.summary() for c in result.candidates], result.chosen.label, title))
+    for line in not_tried_lines(result.passport.get("not_tried")):
+        console.print(line)
     ref = result.passport["accuracy"]["reference_top1"]
     if not result.bundle:
         console.print(

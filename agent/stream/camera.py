@@ -244,6 +244,8 @@ class Camera(threading.Thread):
         if size > len(self._message) - HEADER.size:
             raise Quiet(f"its decoder sent a {size}-byte message, larger than a frame")
         self._read_exact(pipe, view[HEADER.size : HEADER.size + size], doing, time.monotonic() + START_TIMEOUT_S)
+        if self._halt.is_set():  # stopping: what was read may be partial
+            return None, 0, 0.0
         base_decoded, base_reconnects, base_cpu, base_pre, base_preprocessed = self._base
         if decoded > self.decoded - base_decoded:
             self.last_frame = time.monotonic()

@@ -33,7 +33,7 @@ from builder.bundle.candidates import (
     rewritten,
 )
 from builder.bundle.document import write_signed_bundle, write_tensorrt_recipe
-from builder.bundle.options import EngineOptions, check_options, checked_tensorrt
+from builder.bundle.options import EngineOptions, check_options, checked_tensorrt, not_tried
 from builder.errors import BuildError, GateError
 from builder.evaluate.baseline import Baseline, baseline_misses, bundle_baseline, compare_with_baseline, is_bundle
 from builder.evaluate.datasets import evaluation_set, load_labels
@@ -98,11 +98,14 @@ def build_engine_bundle(
         if search and not any(not c.misses for c in candidates):
             tried = mixed_precision(search, candidates, evaluation)
         chosen = choose(candidates, options, tried)
+        skipped = not_tried(options, evaluation.device)
         against = _against(baseline, chosen, evaluation, labels) if baseline else None
         if options.target == "tensorrt" and options.precision == "int8":
             require_parsable(chosen.files[0], checked_tensorrt(options))  # the gated Q/DQ graph, before any device
             if tensorrt_version() is None:
-                report = write_tensorrt_recipe(out, chosen, candidates, evaluation_frames.description, options, against)
+                report = write_tensorrt_recipe(
+                    out, chosen, candidates, skipped, evaluation_frames.description, options, against
+                )
                 return BundleResult(out, chosen, candidates, report, bundle=False)
             with step(progress, "building TensorRT int8 plan from the gated Q/DQ graph"):
                 plan = build_plan(chosen.files[0], Path(tmp) / "model.plan", plan_settings(export, options))
@@ -122,6 +125,7 @@ def build_engine_bundle(
             key,
             chosen,
             candidates,
+            skipped,
             against,
         )
     return BundleResult(path, chosen, candidates, passport)

@@ -60,6 +60,7 @@ def write_tensorrt_recipe(
     out: Path,
     chosen: Candidate,
     candidates: list[Candidate],
+    skipped: list[dict[str, str]],
     evaluated_on: str,
     options: EngineOptions,
     baseline: dict[str, Any] | None,
@@ -83,6 +84,7 @@ def write_tensorrt_recipe(
         "accuracy_measured_with": "onnxruntime-cpu (Q/DQ as simulated quantization)",
         "gate": {**asdict(options.gate), "passed": not chosen.misses, "misses": chosen.misses},
         "candidates": [c.summary() for c in candidates],
+        "not_tried": skipped,
         "baseline": baseline,
         "parser_checked_for_tensorrt": options.tensorrt_version,
         "plan": "not built: this machine has no TensorRT. It is built on the device (TensorRT 10) with the same "
@@ -103,6 +105,7 @@ def write_signed_bundle(
     key: Any,
     chosen: Candidate,
     candidates: list[Candidate],
+    skipped: list[dict[str, str]],
     baseline: dict[str, Any] | None,
 ) -> tuple[Path, dict[str, Any]]:
     """The passport, manifest and signed bundle of the chosen candidate."""
@@ -141,6 +144,7 @@ def write_signed_bundle(
             "latency_measured": chosen.profile is not None,
         },
         "candidates": [c.summary() for c in candidates],
+        "not_tried": skipped,  # what this build machine left out, and what would add it
         "outputs": output_profile(chosen.logits),  # the agent's drift reference
         "baseline": baseline,  # what a canary against that engine should expect (builder.evaluate.baseline)
         "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.engine.device import DeviceInfo, full_range_int8_exact
+from agent.engine.device import BF16_FEATURES, DeviceInfo, full_range_int8_exact
 from builder.choices import (
     DEFAULT_TENSORRT,
     RUNTIMES,
@@ -98,3 +98,41 @@ def runtimes_for(options: EngineOptions) -> tuple[str, ...]:
     if options.runtime == "auto":
         return ("onnxruntime", "openvino") if openvino_engines.available() else ("onnxruntime",)
     return (options.runtime,)
+
+
+def not_tried(options: EngineOptions, device: DeviceInfo) -> list[dict[str, str]]:
+    """What this build leaves out because of this machine, each with what would add it: a runtime that is
+    not installed, a CPU feature that is missing. Shown under the candidate table and kept in the passport,
+    so that a slower bundle is never the silent result of a narrower install."""
+    lines = []
+    if options.target == "cpu" and options.runtime == "auto" and not openvino_engines.available():
+        lines.append(
+            {
+                "what": "OpenVINO candidates",
+                "why": "OpenVINO is not installed here",
+                "add": "pip install 'edgevit[openvino]'",
+            }
+        )
+    if options.target == "cpu" and options.precision == "int8" and not full_range_int8_exact(device):
+        if options.int8_cpu == "auto":
+            lines.append(
+                {
+                    "what": "INT8 with full 8-bit weights",
+                    "why": "this CPU has no VNNI or AMX, where they compute exactly (7-bit weights instead)",
+                    "add": "build on a CPU with VNNI or AMX, for the devices that have them",
+                }
+            )
+    if (
+        options.target == "cpu"
+        and "openvino" in runtimes_for(options)
+        and not device.cpu_features & BF16_FEATURES
+        and device.arch in ("x86_64", "AMD64")
+    ):
+        lines.append(
+            {
+                "what": "OpenVINO with BF16 float parts",
+                "why": "this CPU has no AVX512_BF16 or AMX",
+                "add": "build on a CPU with AVX512_BF16 or AMX for devices that have them",
+            }
+        )
+    return lines

@@ -61,6 +61,11 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     return table
 
 
+def not_tried_lines(entries: list[dict[str, str]] | None) -> list[str]:
+    """What a build left out because of its machine, one line each with what would add it."""
+    return [f"[yellow]not tried: {e['what']}: {e['why']}; {e['add']}[/]" for e in entries or []]
+
+
 def latency_table(built: list[dict], here: list[dict] | None) -> Table:
     """Latency per batch size as built; beside it, what this machine measured now (``--profile``)."""
     columns = ["batch", "img/s", "p50 ms", "p99 ms"]
@@ -124,3 +129,5 @@ def show_passport(console: Console, passport: dict[str, Any], here: dict | None 
         if here:
             console.print(f"peak RSS here {here['peak_rss_mib']:.0f} MiB (built: {passport['peak_rss_mib']:.0f} MiB)")
     console.print(candidate_table(passport["candidates"], engine["chosen"], "candidates"))
+    for line in not_tried_lines(passport.get("not_tried")):
+        console.print(line)
