@@ -90,9 +90,18 @@ class Candidate:
     measured_with: str = ""
     target: str | None = None  # the engine's own target where it differs from the build's (cpu-bf16)
     trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
+    choice: dict[str, Any] | None = None  # set on the one that ships: the rule, and the ties it broke
 
     def throughput(self) -> float:
         return self.profile["latency"][-1]["images_per_s"] if self.profile else 0.0
+
+    def noise(self) -> float:
+        """The throughput's relative 95 % half-interval (0 for profiles from before it was measured)."""
+        return self.profile["latency"][-1].get("rel_ci95", 0.0) if self.profile else 0.0
+
+    def accuracy_key(self) -> tuple[float, float]:
+        assert self.accuracy is not None  # measured
+        return self.accuracy.top1_agreement, -self.accuracy.max_abs_logit_error
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -295,12 +304,32 @@ def mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation:
     return ""
 
 
+TIE_RULE = (
+    "the fastest candidate inside the gate at the largest batch; candidates whose throughput is within the "
+    "measured noise of it (95 % intervals overlap) are ties, and of ties the more accurate ships "
+    "(top-1 agreement with FP32, then the smaller logit error)"
+)
+
+
+def tied(a: Candidate, b: Candidate) -> bool:
+    """Whether two candidates' throughputs cannot be told apart: their 95 % intervals overlap."""
+    ta, tb = a.throughput(), b.throughput()
+    return abs(ta - tb) <= ta * a.noise() + tb * b.noise()
+
+
 def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "") -> Candidate:
+    """The candidate that ships (:data:`TIE_RULE`); the choice and its ties are recorded on it."""
     passing = [c for c in candidates if not c.misses]
     if passing:
-        return max(passing, key=Candidate.throughput)
+        fastest = max(passing, key=Candidate.throughput)
+        ties = [c for c in passing if tied(c, fastest)]
+        chosen = max(ties, key=Candidate.accuracy_key)
+        chosen.choice = {"rule": TIE_RULE, "ties": [c.label for c in ties if c is not chosen]}
+        return chosen
     if options.accept_accuracy_loss:
-        return max(candidates, key=lambda c: c.accuracy.top1_agreement if c.accuracy else 0.0)
+        chosen = max(candidates, key=lambda c: c.accuracy.top1_agreement if c.accuracy else 0.0)
+        chosen.choice = {"rule": "none inside the gate: --accept-accuracy-loss ships the best top-1 agreement"}
+        return chosen
     details = "; ".join(f"{c.trial.recipe.detail if c.trial else c.label}: {', '.join(c.misses)}" for c in candidates)
     raise GateError(
         f"no bundle: every candidate is outside the accuracy budget ({details}{tried}); "

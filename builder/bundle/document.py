@@ -124,6 +124,7 @@ def write_signed_bundle(
             "target": target,
             "precision": options.precision,
             "chosen": chosen.label,
+            "choice": chosen.choice,
             "quantization": chosen.quantization,
             "rewrites": list(rewrites),
         },

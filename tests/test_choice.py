@@ -1,0 +1,40 @@
+"""Which candidate ships: the fastest inside the gate, and of candidates whose speeds are within the
+measured noise of each other, the more accurate (issue 11's 22.6 against 22.5 img/s shipped a logit
+error 10x the other's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.bundle.candidates import Candidate, choose
+from builder.bundle.options import EngineOptions
+from builder.evaluate.measure import Accuracy
+
+
+def candidate(label: str, images_per_s: float, rel_ci95: float, agreement: float, logit_error: float) -> Candidate:
+    accuracy = Accuracy(256, 0.99, 0.99, 0.0, agreement, logit_error, logit_error / 10)
+    profile = {"latency": [{"batch": 8, "images_per_s": images_per_s, "rel_ci95": rel_ci95}], "peak_rss_mib": 100}
+    return Candidate(label, "onnxruntime", [Path(label)], accuracy=accuracy, profile=profile)
+
+
+def test_within_the_noise_the_more_accurate_ships() -> None:
+    fast = candidate("int8 static", 22.6, 0.01, 0.996, 0.9)
+    exact = candidate("openvino int8", 22.5, 0.01, 0.996, 0.09)
+    chosen = choose([fast, exact], EngineOptions())
+    assert chosen is exact and chosen.choice is not None and chosen.choice["ties"] == ["int8 static"]
+    assert "more accurate ships" in chosen.choice["rule"]
+
+
+def test_beyond_the_noise_the_faster_ships() -> None:
+    fast = candidate("int8 static", 30.0, 0.01, 0.991, 0.9)
+    exact = candidate("openvino int8", 22.5, 0.01, 1.0, 0.09)
+    chosen = choose([fast, exact], EngineOptions())
+    assert chosen is fast and chosen.choice == {"rule": chosen.choice["rule"], "ties": []}
+
+
+def test_agreement_decides_before_logit_error_and_misses_never_ship() -> None:
+    a = candidate("a", 20.0, 0.05, 0.995, 0.5)
+    b = candidate("b", 20.5, 0.05, 0.999, 0.8)
+    outside = candidate("c", 40.0, 0.01, 0.95, 2.0)
+    outside.misses = ["top-1 agreement 95.0 % < 99 %"]
+    assert choose([a, b, outside], EngineOptions()) is b
