@@ -38,6 +38,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _export_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--resolution", type=_positive, help="input size in pixels (ViT only; default: the checkpoint's)")
     cmd.add_argument("--model", help="architecture name to check the file against, e.g. ViT-B_16, Mixer-B_16")
@@ -91,6 +98,12 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--labels", type=Path, help="class names: JSON list or one per line (default: eval folders)")
     cmd.add_argument(
         "--max-batch", type=_positive, default=8, help="largest batch the engine serves (the agent's batcher)"
+    )
+    cmd.add_argument(
+        "--max-memory",
+        type=_positive_float,
+        metavar="MiB",
+        help="ship only a candidate whose serving process peaked at or under this resident memory (measured)",
     )
     cmd.add_argument(
         "--quantization",

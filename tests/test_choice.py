@@ -38,3 +38,16 @@ def test_agreement_decides_before_logit_error_and_misses_never_ship() -> None:
     outside = candidate("c", 40.0, 0.01, 0.95, 2.0)
     outside.misses = ["top-1 agreement 95.0 % < 99 %"]
     assert choose([a, b, outside], EngineOptions()) is b
+
+
+def test_max_memory_rules_out_what_it_measures_over() -> None:
+    import pytest
+
+    from builder.errors import BuildError
+
+    lean = candidate("onnxruntime int8", 20.0, 0.01, 0.996, 0.5)
+    hungry = candidate("openvino int8", 30.0, 0.01, 0.996, 0.5)
+    hungry.over_memory = "peak RSS 894 MiB > --max-memory 600 MiB"
+    assert choose([lean, hungry], EngineOptions(max_memory=600)) is lean
+    with pytest.raises(BuildError, match="needs more memory .openvino int8: peak RSS 894 MiB"):
+        choose([hungry], EngineOptions(max_memory=600))

@@ -161,6 +161,8 @@ def test_a_candidate_is_loaded_beside_the_serving_engine_only_with_headroom(bund
         need = estimated_need_mib(bundle, serving)
         rss = worker.rss_mib()
         assert rss is not None and need >= rss > bundle.engine_path.stat().st_size / 2**20
+        # the same engine: its passport's figure, scaled by how this worker compares with it, is this worker
+        assert bundle.passport["peak_rss_mib"] and need == pytest.approx(rss, rel=0.05)
         check_headroom(bundle, serving, 16)  # this machine has room for a second tiny engine
         total = psutil.virtual_memory().total / 2**20  # more than can ever stay available
         with pytest.raises(MemoryShortage, match=r"swap.min_free_mib [\d.]+ must stay free"):

@@ -3,9 +3,12 @@
 A hot swap loads the candidate while the serving engine keeps running, and a canary
 keeps both loaded. On a small Jetson that second engine can push the device into the
 OOM killer, which may pick the agent itself. So the load is refused up front when the
-memory left afterwards would fall under ``swap.min_free_mib``. The serving engine's
-worker is the best guide to what an engine costs on this device; the candidate's need
-is that worker's resident memory, scaled up by the ratio of the two engine files.
+memory left afterwards would fall under ``swap.min_free_mib``. Where both passports hold
+the peak resident memory their builds measured (a process serving only that engine), the
+candidate's need is its figure scaled by how the serving worker here compares with its
+own figure (the device's allocator, runtime versions and GPU share differ from the build
+machine's). Otherwise the serving worker's resident memory scaled by the ratio of the two
+engine files is the guide.
 On Jetson, CPU and GPU share one memory, so the kernel's MemAvailable covers both.
 """
 
@@ -37,6 +40,9 @@ def estimated_need_mib(candidate: Bundle, serving: Serving) -> float:
     rss = serving.engine.memory_mib() if isinstance(serving.engine, WorkerEngine) else None  # GPU's share on Jetson
     if rss is None:
         return size / 2**20
+    measured, serving_measured = candidate.passport.get("peak_rss_mib"), serving.bundle.passport.get("peak_rss_mib")
+    if measured and serving_measured:
+        return float(measured) * rss / float(serving_measured)
     scale = size / max(serving.bundle.engine_path.stat().st_size, 1)
     return max(rss * max(scale, 1.0), size / 2**20)
 
@@ -50,7 +56,8 @@ def check_headroom(candidate: Bundle, serving: Serving, min_free_mib: float) -> 
     if available - need < min_free_mib:
         raise MemoryShortage(
             f"not enough memory to load {candidate.bundle_id} beside the serving engine: {available:.0f} MiB "
-            f"available, about {need:.0f} MiB needed (the serving engine's worker, scaled by engine size), and "
+            f"available, about {need:.0f} MiB needed (its passport's peak RSS, or engine size, scaled by the "
+            "serving engine's worker here), and "
             f"swap.min_free_mib {min_free_mib:g} must stay free; free memory, or install it as engine.bundle "
             "and restart"
         )

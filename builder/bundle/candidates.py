@@ -91,6 +91,7 @@ class Candidate:
     target: str | None = None  # the engine's own target where it differs from the build's (cpu-bf16)
     trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
     choice: dict[str, Any] | None = None  # set on the one that ships: the rule, and the ties it broke
+    over_memory: str | None = None  # why its measured peak RSS rules it out (--max-memory)
 
     def throughput(self) -> float:
         return self.profile["latency"][-1]["images_per_s"] if self.profile else 0.0
@@ -110,6 +111,7 @@ class Candidate:
             "quantization": self.quantization,
             "accuracy": asdict(self.accuracy) if self.accuracy else None,
             "gate_misses": self.misses,
+            "over_memory": self.over_memory,
             "latency": self.profile["latency"] if self.profile else None,
             "peak_rss_mib": self.profile["peak_rss_mib"] if self.profile else None,
             "measured_with": self.measured_with,
@@ -272,6 +274,9 @@ class Evaluation:
                     options.profile_seconds,
                     options.threads,
                 )
+            peak = c.profile["peak_rss_mib"]
+            if options.max_memory and peak > options.max_memory:
+                c.over_memory = f"peak RSS {peak:.0f} MiB > --max-memory {options.max_memory:g} MiB"
         return c
 
 
@@ -319,7 +324,11 @@ def tied(a: Candidate, b: Candidate) -> bool:
 
 def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "") -> Candidate:
     """The candidate that ships (:data:`TIE_RULE`); the choice and its ties are recorded on it."""
-    passing = [c for c in candidates if not c.misses]
+    inside_gate = [c for c in candidates if not c.misses]
+    passing = [c for c in inside_gate if not c.over_memory]
+    if inside_gate and not passing:
+        details = "; ".join(f"{c.label}: {c.over_memory}" for c in inside_gate)
+        raise BuildError(f"no bundle: every candidate inside the accuracy budget needs more memory ({details})")
     if passing:
         fastest = max(passing, key=Candidate.throughput)
         ties = [c for c in passing if tied(c, fastest)]

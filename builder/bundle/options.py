@@ -36,6 +36,7 @@ class EngineOptions:
     calib: str | None = None
     labels: Path | None = None
     max_batch: int = 8
+    max_memory: float | None = None  # MiB of peak RSS a candidate's serving process may reach (--max-memory)
     quantization: Quantization = "auto"
     calibration: Calibration = "minmax"
     smoothing: str = "auto"  # SmoothQuant α: auto (searched on held-aside calibration frames) | off | a value

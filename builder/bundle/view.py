@@ -48,7 +48,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     for c in candidates:
         a = c["accuracy"] or {}
         lines = [c["label"], f"[dim]{recipe(c['quantization'])}[/]" if c["quantization"] else ""]
-        lines += [f"[red]✗ {miss}[/]" for miss in c["gate_misses"]]
+        lines += [f"[red]✗ {miss}[/]" for miss in [*c["gate_misses"], *filter(None, [c.get("over_memory")])]]
         table.add_row(
             "▶" if c["label"] == chosen else "",
             "\n".join(line for line in lines if line),
@@ -56,7 +56,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
             f"{a['top1_agreement']:.1%}" if a else "-",
             f"{a['max_abs_logit_error']:.2g}" if a else "-",
             _rate(c["latency"][-1]["images_per_s"]) if c["latency"] else "-",
-            "pass" if not c["gate_misses"] else "[red]miss[/]",
+            "pass" if not c["gate_misses"] and not c.get("over_memory") else "[red]miss[/]",
         )
     return table
 
