@@ -187,3 +187,24 @@ def test_tensorrt_int8_recipe_is_gated_without_tensorrt(outlier_exports, signing
             signing_key[0],
             options(target="tensorrt", quantization="dynamic"),
         )
+
+
+def test_mixed_precision_is_searched_on_openvino_too(outlier_exports, signing_key, tmp_path) -> None:
+    """The same search on OpenVINO's candidate, judged by OpenVINO's own accuracy: where its all-INT8
+    graph misses the gate and nothing inside the gate (here NNCF's) is faster, OpenVINO keeps its
+    sensitive layers in float rather than the build falling back to another runtime."""
+    result = build_engine_bundle(
+        outlier_exports["vit-digits", 64], tmp_path / "b", signing_key[0], options(smoothing="off", runtime="openvino")
+    )
+    candidates = {c["label"]: c for c in result.passport["candidates"]}
+    speed = {label: c["latency"][-1]["images_per_s"] for label, c in candidates.items()}
+    static = candidates["openvino int8 static (minmax)"]
+    assert static["gate_misses"], speed
+    first = {label for label, c in candidates.items() if not (c["quantization"] or {}).get("float_layers")}
+    inside = [speed[label] for label in first if not candidates[label]["gate_misses"]]
+    mixed = [c for label, c in candidates.items() if label not in first and c["measured_with"].startswith("openvino")]
+    if speed["openvino int8 static (minmax)"] > max(inside, default=0.0):  # worth searching: it may win
+        assert mixed and mixed[0]["quantization"]["searched"][0]["float_layers"] == 0, list(candidates)
+    else:
+        assert not mixed, "a runtime slower than one inside the gate is not searched"
+    assert result.passport["gate"]["passed"]

@@ -94,9 +94,7 @@ def build_engine_bundle(
         candidates, search = make_candidates(source, options, Path(tmp), progress)
         for c in candidates:
             evaluation.measure(c)
-        tried = ""
-        if search and not any(not c.misses for c in candidates):
-            tried = mixed_precision(search, candidates, evaluation)
+        tried = mixed_precision(search, candidates, evaluation) if search else ""
         chosen = choose(candidates, options, tried)
         skipped = not_tried(options, evaluation.device)
         against = _against(baseline, chosen, evaluation, labels) if baseline else None

@@ -2,8 +2,9 @@
 
 For INT8 on the CPU the candidates are static Q/DQ (calibrated, its recipe searched) and dynamic
 quantization for ONNX Runtime, and OpenVINO's; each is measured on the evaluation set against the
-FP32 export. Of those inside the accuracy budget the fastest at the maximum batch ships; when every
-candidate misses, mixed precision keeps the fewest sensitive layers in float.
+FP32 export. Of those inside the accuracy budget the fastest at the maximum batch ships (ties to the
+more accurate); a runtime whose INT8 misses but would be the fastest gets mixed precision: the
+fewest sensitive layers in float, searched on that runtime.
 """
 
 from __future__ import annotations
@@ -158,13 +159,7 @@ def _int8_candidates(
     if "openvino" in runtimes and search is not None:
         target = openvino_engines.float_target(device)
         for static in [c for c in candidates if c.trial and c.trial.recipe.method == "static"]:
-            # the same searched Q/DQ graph, run by OpenVINO
-            path, changes = openvino_engines.qdq_for_openvino(static.files[0])
-            label = f"openvino {static.label}"
-            quantization = {**(static.quantization or {}), **changes}
-            candidates.append(
-                replace(static, label=label, backend="openvino", files=[path], quantization=quantization, target=target)
-            )
+            candidates.append(_on_openvino(static, target))
         with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
             files = openvino_engines.nncf_int8(export.model, search.ranges, work, flavour == "cpu-portable")
         nncf_recipe: dict[str, Any] = {
@@ -178,6 +173,14 @@ def _int8_candidates(
     if "onnxruntime" not in runtimes:
         candidates = [c for c in candidates if c.backend != "onnxruntime"]
     return candidates
+
+
+def _on_openvino(static: Candidate, target: str) -> Candidate:
+    """The same searched Q/DQ graph, as OpenVINO runs it best."""
+    path, changes = openvino_engines.qdq_for_openvino(static.files[0])
+    quantization = {**(static.quantization or {}), **changes}
+    label = f"openvino {static.label}"
+    return replace(static, label=label, backend="openvino", files=[path], quantization=quantization, target=target)
 
 
 def _from_trial(trial: Trial, options: EngineOptions) -> Candidate:
@@ -244,21 +247,21 @@ class Evaluation:
     reference: np.ndarray
     progress: Progress
 
-    def _logits(self, backend: str, target: str, path: Path, label: str) -> np.ndarray:
+    def logits_of(self, backend: str, target: str, path: Path, label: str) -> np.ndarray:
         batch = self.options.max_batch
         engine = open_engine(backend, target, path, batch, self.options.threads)
         found = logits(engine, self.images, batch, counter(self.progress, f"evaluating {label}"))
         engine.close()
         return found
 
-    def accuracy(self, path: Path) -> Accuracy:
-        """An ONNX Runtime CPU graph's accuracy on the evaluation set (for the mixed-precision search)."""
-        return compare(self.reference, self._logits("onnxruntime", "cpu", path, path.name), self.targets)
+    def accuracy(self, c: Candidate) -> Accuracy:
+        """A candidate's accuracy on the evaluation set in its own runtime, not profiled (for searches)."""
+        return compare(self.reference, self.logits_of(c.backend, c.target or "cpu", c.files[0], c.label), self.targets)
 
     def measure(self, c: Candidate) -> Candidate:
         options, batch = self.options, self.options.max_batch
         target, timed = _measure_target(options, c, self.device)
-        c.logits = self._logits(c.backend, target, c.files[0], c.label)
+        c.logits = self.logits_of(c.backend, target, c.files[0], c.label)
         c.accuracy = compare(self.reference, c.logits, self.targets)
         c.misses = options.gate.misses(c.accuracy)
         c.measured_with = f"{c.backend}-{target}"
@@ -281,25 +284,44 @@ class Evaluation:
 
 
 def mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation: Evaluation) -> str:
-    """When no candidate passes: the best-scoring one with its most sensitive layers in float.
+    """For each runtime whose all-INT8 candidates miss the gate and are faster than every candidate inside
+    it: the best-scoring one with its fewest most sensitive layers in float, searched on that runtime.
 
-    Appends the new candidate (measured) and returns what was tried, for a refusal message.
+    Float layers only slow a candidate down, so a runtime slower than one that passes is not searched.
+    Appends the new candidates (measured) and returns what was tried where nothing was found, for a
+    refusal message.
     """
-    start = max((c for c in candidates if c.trial), key=lambda c: c.trial.score.key())  # type: ignore[union-attr]
+    inside = max((c.throughput() for c in candidates if not c.misses), default=0.0)
+    tried = ""
+    for backend in ("onnxruntime", "openvino"):
+        own = [c for c in candidates if c.trial and c.backend == backend]
+        if not own or any(not c.misses for c in own):
+            continue
+        start = max(own, key=lambda c: c.trial.score.key())  # type: ignore[union-attr]
+        if inside and (not start.profile or start.throughput() <= inside):
+            continue
+        tried += _mixed_on(search, start, candidates, evaluation)
+    return tried
+
+
+def _mixed_on(search: Int8Search, start: Candidate, candidates: list[Candidate], evaluation: Evaluation) -> str:
     note(evaluation.progress, f"mixed precision: {start.label} misses the gate; keeping layers in float")
+
+    def variant(trial: Trial) -> Candidate:
+        made = _from_trial(trial, evaluation.options)
+        return _on_openvino(made, start.target or "cpu") if start.backend == "openvino" else made
 
     def passes(trial: Trial) -> str | None:
         if trial is start.trial:
             return "; ".join(start.misses)
-        misses = evaluation.options.gate.misses(evaluation.accuracy(trial.path))
-        return "; ".join(misses) or None
+        return "; ".join(evaluation.options.gate.misses(evaluation.accuracy(variant(trial)))) or None
 
     assert start.trial is not None  # chosen among candidates that have one
     try:
         trial = search.fewest_float_layers(start.trial, passes)
     except MixedPrecisionError as exc:
-        return f"; mixed precision: {exc}"
-    mixed = evaluation.measure(_from_trial(trial, evaluation.options))
+        return f"; mixed precision on {start.backend}: {exc}"
+    mixed = evaluation.measure(variant(trial))
     if mixed.profile and start.profile:
         mixed.quantization = {
             **(mixed.quantization or {}),
