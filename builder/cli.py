@@ -100,6 +100,15 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
         "--max-batch", type=_positive, default=8, help="largest batch the engine serves (the agent's batcher)"
     )
     cmd.add_argument(
+        "--batches",
+        type=_positive,
+        nargs="+",
+        default=(),
+        metavar="N",
+        help="batch sizes the device will serve (a one-camera box: 1); the speed a candidate is chosen by "
+        "(default: --max-batch)",
+    )
+    cmd.add_argument(
         "--max-memory",
         type=_positive_float,
         metavar="MiB",

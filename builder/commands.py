@@ -48,7 +48,7 @@ def _export_options(args: argparse.Namespace) -> ExportOptions:
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
-    return _options(EngineOptions, args, gate=Gate(args.max_drop, args.min_agreement))
+    return _options(EngineOptions, args, gate=Gate(args.max_drop, args.min_agreement), batches=tuple(args.batches))
 
 
 def _export(checkpoint: Path, out: Path, options: ExportOptions, console: Console) -> ExportResult:

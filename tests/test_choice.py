@@ -29,7 +29,8 @@ def test_beyond_the_noise_the_faster_ships() -> None:
     fast = candidate("int8 static", 30.0, 0.01, 0.991, 0.9)
     exact = candidate("openvino int8", 22.5, 0.01, 1.0, 0.09)
     chosen = choose([fast, exact], EngineOptions())
-    assert chosen is fast and chosen.choice == {"rule": chosen.choice["rule"], "ties": []}
+    assert chosen is fast and chosen.choice is not None and chosen.choice["ties"] == []
+    assert chosen.choice["batches"] == [8]
 
 
 def test_agreement_decides_before_logit_error_and_misses_never_ship() -> None:
@@ -51,3 +52,16 @@ def test_max_memory_rules_out_what_it_measures_over() -> None:
     assert choose([lean, hungry], EngineOptions(max_memory=600)) is lean
     with pytest.raises(BuildError, match="needs more memory .openvino int8: peak RSS 894 MiB"):
         choose([hungry], EngineOptions(max_memory=600))
+
+
+def test_a_one_camera_device_is_served_by_the_fastest_at_batch_1() -> None:
+    """`--batches 1`: the candidate fastest at 8 is not the one a single camera needs."""
+    wide = candidate("openvino int8", 30.0, 0.01, 0.996, 0.5)
+    narrow = candidate("onnxruntime int8", 20.0, 0.01, 0.996, 0.5)
+    wide.profile["latency"].insert(0, {"batch": 1, "images_per_s": 9.0, "rel_ci95": 0.01})  # type: ignore[index]
+    narrow.profile["latency"].insert(0, {"batch": 1, "images_per_s": 12.0, "rel_ci95": 0.01})  # type: ignore[index]
+    assert choose([wide, narrow], EngineOptions()) is wide
+    for c in (wide, narrow):
+        c.served = (1,)
+    chosen = choose([wide, narrow], EngineOptions(batches=(1,)))
+    assert chosen is narrow and chosen.choice is not None and chosen.choice["batches"] == [1]

@@ -93,13 +93,24 @@ class Candidate:
     trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
     choice: dict[str, Any] | None = None  # set on the one that ships: the rule, and the ties it broke
     over_memory: str | None = None  # why its measured peak RSS rules it out (--max-memory)
+    served: tuple[int, ...] = ()  # the batch sizes its speed is judged at (--batches; empty: the largest)
+
+    def _served_rows(self) -> list[dict[str, Any]]:
+        assert self.profile is not None
+        rows = [r for r in self.profile["latency"] if r["batch"] in self.served]
+        return rows or self.profile["latency"][-1:]
 
     def throughput(self) -> float:
-        return self.profile["latency"][-1]["images_per_s"] if self.profile else 0.0
+        """Images/s at the batch sizes the device will serve (``--batches``; default the largest): the
+        harmonic mean, as a device spending equal numbers of images at each size would see it."""
+        if not self.profile:
+            return 0.0
+        rows = self._served_rows()
+        return len(rows) / sum(1 / float(r["images_per_s"]) for r in rows)
 
     def noise(self) -> float:
         """The throughput's relative 95 % half-interval (0 for profiles from before it was measured)."""
-        return self.profile["latency"][-1].get("rel_ci95", 0.0) if self.profile else 0.0
+        return max(r.get("rel_ci95", 0.0) for r in self._served_rows()) if self.profile else 0.0
 
     def accuracy_key(self) -> tuple[float, float]:
         assert self.accuracy is not None  # measured
@@ -265,6 +276,7 @@ class Evaluation:
         c.accuracy = compare(self.reference, c.logits, self.targets)
         c.misses = options.gate.misses(c.accuracy)
         c.measured_with = f"{c.backend}-{target}"
+        c.served = options.batches
         if timed:
             batches = list(range(1, batch + 1))  # every size: the agent's batcher may pick any of them
             with step(self.progress, f"profiling {c.label} at batch sizes 1-{batch}"):
@@ -332,9 +344,9 @@ def _mixed_on(search: Int8Search, start: Candidate, candidates: list[Candidate],
 
 
 TIE_RULE = (
-    "the fastest candidate inside the gate at the largest batch; candidates whose throughput is within the "
-    "measured noise of it (95 % intervals overlap) are ties, and of ties the more accurate ships "
-    "(top-1 agreement with FP32, then the smaller logit error)"
+    "the fastest candidate inside the gate at the batch sizes the device serves; candidates whose "
+    "throughput is within the measured noise of it (95 % intervals overlap) are ties, and of ties the "
+    "more accurate ships (top-1 agreement with FP32, then the smaller logit error)"
 )
 
 
@@ -355,7 +367,11 @@ def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "")
         fastest = max(passing, key=Candidate.throughput)
         ties = [c for c in passing if tied(c, fastest)]
         chosen = max(ties, key=Candidate.accuracy_key)
-        chosen.choice = {"rule": TIE_RULE, "ties": [c.label for c in ties if c is not chosen]}
+        chosen.choice = {
+            "rule": TIE_RULE,
+            "ties": [c.label for c in ties if c is not chosen],
+            "batches": list(options.batches) or [options.max_batch],
+        }
         return chosen
     if options.accept_accuracy_loss:
         chosen = max(candidates, key=lambda c: c.accuracy.top1_agreement if c.accuracy else 0.0)

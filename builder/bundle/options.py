@@ -37,6 +37,7 @@ class EngineOptions:
     labels: Path | None = None
     max_batch: int = 8
     max_memory: float | None = None  # MiB of peak RSS a candidate's serving process may reach (--max-memory)
+    batches: tuple[int, ...] = ()  # the batch sizes the device will serve, speed is judged at (--batches)
     quantization: Quantization = "auto"
     calibration: Calibration = "minmax"
     smoothing: str = "auto"  # SmoothQuant α: auto (searched on held-aside calibration frames) | off | a value
@@ -81,6 +82,8 @@ def check_options(options: EngineOptions) -> None:
         raise BuildError(f"--precision {options.precision} is not offered for --target {options.target} ({allowed})")
     if options.max_batch < 1:
         raise BuildError("--max-batch must be at least 1")
+    if any(not 1 <= b <= options.max_batch for b in options.batches):
+        raise BuildError(f"--batches must lie within 1..--max-batch ({options.max_batch}), got {list(options.batches)}")
     parse_smoothing(options.smoothing)
     if options.runtime not in RUNTIMES:
         raise BuildError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {options.runtime!r}")

@@ -40,9 +40,10 @@ def _rate(images_per_s: float) -> str:
 def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     """The candidates of a build (their passport summaries), the one that ships marked."""
     table = Table(
-        "", "candidate", "top-1", "agree", "Δlogit", "img/s", "gate", title=title, box=box.SIMPLE_HEAD, caption=(
+        "", "candidate", "top-1", "agree", "Δlogit", "b1", "img/s", "gate", title=title, box=box.SIMPLE_HEAD,
+        caption=(
             "top-1 on the evaluation set; agree: top-1 agreement with FP32; Δlogit: max |logit error|; "
-            "img/s at the largest batch; ▶ ships"
+            "b1: img/s at batch 1; img/s at the largest batch; ▶ ships"
         ),
     )  # fmt: skip
     for c in candidates:
@@ -55,6 +56,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
             f"{a['engine_top1']:.1%}" if a else "-",
             f"{a['top1_agreement']:.1%}" if a else "-",
             f"{a['max_abs_logit_error']:.2g}" if a else "-",
+            _rate(c["latency"][0]["images_per_s"]) if c["latency"] else "-",
             _rate(c["latency"][-1]["images_per_s"]) if c["latency"] else "-",
             "pass" if not c["gate_misses"] and not c.get("over_memory") else "[red]miss[/]",
         )
