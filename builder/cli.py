@@ -162,7 +162,12 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
         help="TensorRT release whose ONNX parser rules a TensorRT-bound graph is checked against on a machine "
         "without TensorRT (JetPack 6.1/6.2: 10.3; 6.0: 8.6)",
     )
-    cmd.add_argument("--profile-seconds", type=float, default=1.0, help="time spent per batch size when profiling")
+    cmd.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=1.0,
+        help="longest time spent per batch size when profiling (sooner once the mean is known to ±1 %%)",
+    )
     cmd.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
@@ -192,7 +197,12 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--profile", action="store_true", help="re-measure the engine on this machine, beside the passport's figures"
     )
-    inspect.add_argument("--profile-seconds", type=float, default=1.0, help="time spent per batch size (--profile)")
+    inspect.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=1.0,
+        help="longest time spent per batch size (--profile; sooner once stable)",
+    )
     pack = commands.add_parser("pack", help="bundle folder -> reproducible .tar.gz for devices to download")
     pack.add_argument("bundle", type=Path, help="bundle folder (edgevit-build engine/build)")
     pack.add_argument("--out", type=Path, required=True, help="archive path (.tar.gz)")

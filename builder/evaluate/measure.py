@@ -80,7 +80,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) ->
 
 
 def profile_engine(
-    path: Path, backend: str, target: str, size: int, batches: list[int], min_seconds: float, threads: int | None
+    path: Path, backend: str, target: str, size: int, batches: list[int], max_seconds: float, threads: int | None
 ) -> dict:
     """Latency per batch size and peak RSS of a process serving only this engine."""
     command = [
@@ -96,8 +96,8 @@ def profile_engine(
         str(size),
         "--batches",
         *map(str, batches),
-        "--min-seconds",
-        str(min_seconds),
+        "--max-seconds",
+        str(max_seconds),
     ]
     if threads:
         command += ["--threads", str(threads)]
