@@ -56,6 +56,7 @@ bench: install
 	$(BIN)/python bench/int8_outlier_bench.py
 	$(BIN)/python bench/openvino_settings_bench.py
 	$(BIN)/python bench/agent_bench.py
+	$(BIN)/python bench/camera_bench.py
 	$(BIN)/python bench/swap_bench.py
 	$(BIN)/python bench/canary_bench.py
 	$(BIN)/python bench/fleet_bench.py

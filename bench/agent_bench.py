@@ -91,7 +91,14 @@ def raw_best(bundle: Path) -> float:
 
 
 def run_agent(
-    bundle: Path, public: Path, video: Path, cameras: int, batching: dict, seconds: float, work: Path
+    bundle: Path,
+    public: Path,
+    video: Path,
+    cameras: int,
+    batching: dict,
+    seconds: float,
+    work: Path,
+    agent_root: Path = ROOT,
 ) -> dict:
     cfg = {
         "device": "bench",
@@ -116,7 +123,7 @@ def run_agent(
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=agent_root,
         check=True,
     )
     summary = next(json.loads(line)["summary"] for line in proc.stdout.splitlines() if line.startswith('{"summary"'))
@@ -137,6 +144,8 @@ def main() -> None:
     args.add_argument("--budget-ms", type=float, default=100.0)
     args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args.add_argument("--only", help="measure only engines whose name contains this")
+    args.add_argument("--cameras", type=int, nargs="+", default=CAMERAS, help="camera counts to run")
+    args.add_argument("--agent-root", type=Path, default=ROOT, help="the checkout whose agent runs (same venv)")
     parsed = args.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +164,7 @@ def main() -> None:
                 "fixed 1": {"mode": "fixed", "fixed_batch": 1},
                 f"fixed {max_batch}": {"mode": "fixed", "fixed_batch": max_batch},
             }
-            for cameras in CAMERAS:
+            for cameras in parsed.cameras:
                 for mode, batching in modes.items():
                     print(f"  {name}: {cameras} cameras, {mode}", file=sys.stderr, flush=True)
                     measured = run_agent(
@@ -166,6 +175,7 @@ def main() -> None:
                         {**batching, "latency_budget_ms": parsed.budget_ms},
                         parsed.seconds,
                         work,
+                        parsed.agent_root,
                     )
                     rows.append(
                         {
@@ -190,8 +200,10 @@ def main() -> None:
         )
     table = "\n".join(lines) + "\n"
     parsed.out.mkdir(parents=True, exist_ok=True)
-    (parsed.out / "agent_bench.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (parsed.out / "agent_bench.md").write_text(table)
+    whole = not parsed.only and parsed.cameras == CAMERAS and parsed.agent_root == ROOT
+    name = "agent_bench" if whole else "agent_bench_partial"  # a partial run never replaces the whole table
+    (parsed.out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (parsed.out / f"{name}.md").write_text(table)
     print(table)
 
 

@@ -20,6 +20,7 @@ code before a change beside the code after it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -27,10 +28,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +71,15 @@ def agent_config(work: Path, bundle: Path, public: Path, cameras: list[dict[str,
 
 
 def start_agent(config: Path, agent_root: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent.daemon", "--config", str(config), "--log-level", "WARNING", *args],
-        cwd=agent_root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    """The agent; its log goes to ``agent.log`` beside its config (kept for the run's --logs copy)."""
+    with open(config.with_name("agent.log"), "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent.daemon", "--config", str(config), *args],
+            cwd=agent_root,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
 
 
 def firsts(results: Path, cameras: set[str], since: float, patience: float) -> dict[str, float]:
@@ -85,6 +90,13 @@ def firsts(results: Path, cameras: set[str], since: float, patience: float) -> d
                 seen.setdefault(r["camera"], r["captured"] - since)
         time.sleep(0.1)
     return seen
+
+
+def keep_log(work: Path, args: argparse.Namespace, name: str) -> None:
+    """The run's agent log into ``--logs``, to see why a camera did not start or recover."""
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        (work / "agent.log").rename(args.logs / f"{name}-{time.strftime('%H%M%S')}.log")
 
 
 def one_run(work: Path, bundle: Path, public: Path, scenario: tuple[int, int, str], args: argparse.Namespace) -> dict:
@@ -119,6 +131,7 @@ def one_run(work: Path, bundle: Path, public: Path, scenario: tuple[int, int, st
                 agent.communicate()
             server.kill()
             server.wait()
+    keep_log(work, args, f"dead{dead}-stall{stall}-{transport}")
     return {"start_s": sorted(start.values()), "recovery_s": sorted(recovery.values()), "good": GOOD}
 
 
@@ -134,16 +147,24 @@ def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace)
             agent_config(work, bundle, public, cameras), args.agent_root, "--duration", str(args.seconds)
         )
         assert agent.stdout is not None
+        memory: list[tuple[float, float]] = []  # (RSS, USS) MiB of each decoder process, mid-run
+        sampler = threading.Timer(args.seconds / 2 + 5, lambda: memory.extend(decoder_memory(agent.pid)))
+        sampler.start()
         stdout = agent.stdout.read()
+        sampler.cancel()
         # the agent's CPU with every child it reaped (decoders, the engine worker): comparable across designs
         _, _, usage = os.wait4(agent.pid, 0)
     finally:
         server.kill()
         server.wait()
+    keep_log(work, args, "throughput")
     summary = next(json.loads(line)["summary"] for line in stdout.splitlines() if line.startswith('{"summary"'))
     cams = summary["cameras"].values()
     decoded = sum(c["decoded"] for c in cams)
     return {
+        "decoders": len(memory),
+        "decoder_rss_mib": round(statistics.mean(m[0] for m in memory), 1) if memory else None,
+        "decoder_uss_mib": round(statistics.mean(m[1] for m in memory), 1) if memory else None,
         "agent_cpu_ms_per_frame": round((usage.ru_utime + usage.ru_stime) / max(decoded, 1) * 1e3, 3),
         "processed_fps": round(sum(c["processed_fps"] for c in cams), 1),
         "decoded_fps": round(sum(c["decoded_fps"] for c in cams), 1),
@@ -151,6 +172,17 @@ def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace)
             sum((c["decode_cpu_ms"] or 0) * c["decoded"] for c in cams) / max(decoded, 1), 3
         ),
     }
+
+
+def decoder_memory(agent_pid: int) -> list[tuple[float, float]]:
+    """Resident and unique (USS: what killing it would free) MiB of each of the agent's decoder processes."""
+    found = []
+    for child in psutil.Process(agent_pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "agent.stream.decoder" in child.cmdline():
+                info = child.memory_full_info()
+                found.append((info.rss / 2**20, info.uss / 2**20))
+    return found
 
 
 def spread(values: list[float]) -> str:
@@ -164,6 +196,12 @@ def main() -> None:
     args.add_argument("--seconds", type=float, default=20.0, help="length of the 4 x 720p throughput run")
     args.add_argument("--agent-root", type=Path, default=ROOT, help="the checkout whose agent runs")
     args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args.add_argument("--logs", type=Path, help="keep each run's agent log in this folder")
+    args.add_argument(
+        "--only",
+        help="run only the scenarios whose 'dead,stall,transport' contains this ('throughput': only that run); "
+        "a partial run prints its table and keeps no result file",
+    )
     parsed = args.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,13 +211,13 @@ def main() -> None:
         bundle = build_engine_bundle(
             export.model_path.parent, work / "bundle", key, EngineOptions(profile_seconds=0.2)
         ).path
-        for scenario in SCENARIOS:
+        for scenario in [s for s in SCENARIOS if not parsed.only or parsed.only in ",".join(map(str, s))]:
             runs = []
             for run in range(parsed.runs):
                 print(f"  {scenario}: run {run + 1}", file=sys.stderr, flush=True)
                 runs.append(one_run(work, bundle, public, scenario, parsed))
             rows.append({"dead": scenario[0], "stall_s": scenario[1], "transport": scenario[2], "runs": runs})
-        flow = throughput(work, bundle, public, parsed)
+        flow = throughput(work, bundle, public, parsed) if parsed.only in (None, "throughput") else None
     lines = [
         f"agent: {parsed.agent_root}; {GOOD} good cameras at 640x480, fps 10; {parsed.runs} runs per row; "
         f"a camera not back within {parsed.patience:g} s counts as never",
@@ -197,18 +235,27 @@ def main() -> None:
             f"{expected - len(start)} | {spread(back)} | {expected - len(back)} | "
             f"{statistics.median(back) if back else float('nan'):.1f} |"
         )
-    lines += [
-        "",
-        f"4 x 1280x720 at 30 fps, 0 dead cameras, {parsed.seconds:g} s: {flow['processed_fps']} frames/s processed, "
-        f"{flow['decoded_fps']} decoded; per decoded frame: {flow['decode_cpu_ms_per_frame']} ms decode CPU as the "
-        f"agent reports it, {flow['agent_cpu_ms_per_frame']} ms CPU of the agent and all its processes",
-    ]
+    if flow:
+        lines += [
+            "",
+            f"4 x 1280x720 at 30 fps, 0 dead cameras, {parsed.seconds:g} s: {flow['processed_fps']} frames/s "
+            f"processed, {flow['decoded_fps']} decoded; per decoded frame: {flow['decode_cpu_ms_per_frame']} ms "
+            f"decode CPU as the agent reports it, {flow['agent_cpu_ms_per_frame']} ms CPU of the agent and all "
+            "its processes",
+        ]
+        if flow["decoders"]:
+            lines.append(
+                f"{flow['decoders']} decoder processes: {flow['decoder_rss_mib']} MiB resident each, "
+                f"{flow['decoder_uss_mib']} MiB of it their own (USS; the rest is shared libraries)"
+            )
     table = "\n".join(lines) + "\n"
+    print(table)
+    if parsed.only:  # a partial run: nothing to keep as the bench's result
+        return
     parsed.out.mkdir(parents=True, exist_ok=True)
     name = "camera_bench" if parsed.agent_root == ROOT else "camera_bench_other"
     (parsed.out / f"{name}.json").write_text(json.dumps({"rows": rows, "throughput": flow}, indent=2) + "\n")
     (parsed.out / f"{name}.md").write_text(table)
-    print(table)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A real RTSP server for tests: GStreamer's gst-rtsp-server, run as its own process with the system Python.
 
     /usr/bin/python3 tests/rtsp_server.py PORT [--size 640x480] [--user U --password P [--auth basic|digest]]
-                                          [--protocols tcp|udp|both]
+                                          [--protocols tcp|udp|both] [--per-client]
 
 Serves a live H.264 test pattern at ``rtsp://127.0.0.1:PORT/cam`` (digest, or ``--auth basic``,
 authentication when a user is given) until killed. It needs Debian's python3-gi and
@@ -30,6 +30,9 @@ def main() -> None:
     args.add_argument("--password")
     args.add_argument("--auth", choices=["basic", "digest"], default="digest")
     args.add_argument("--protocols", choices=["tcp", "udp", "both"], default="both")
+    # one encoder for every client (cheap) or one per client: the shared media has been seen to wedge for
+    # every client when several set up at the same instant (bench/README.md, camera bench)
+    args.add_argument("--per-client", action="store_true", help="a media pipeline per client, not one shared")
     parsed = args.parse_args()
     Gst.init(None)
     width, height = parsed.size.split("x")
@@ -41,7 +44,7 @@ def main() -> None:
         f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},height={height},framerate=30/1 "
         "! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 ! rtph264pay name=pay0 pt=96 )"
     )
-    factory.set_shared(True)
+    factory.set_shared(not parsed.per_client)
     protocols = {
         "tcp": GstRtsp.RTSPLowerTrans.TCP,
         "udp": GstRtsp.RTSPLowerTrans.UDP,

@@ -19,7 +19,10 @@ PASSWORD = "Rtsp-Pw-42"
 
 
 def start_server(port: int, size: str = "320x240", auth: str = "digest") -> subprocess.Popen[bytes]:
-    return start_rtsp_server(port, "--size", size, "--user", "admin", "--password", PASSWORD, "--auth", auth)
+    # a pipeline per client: cameras open at once (a process each), which a shared media has been seen to wedge on
+    return start_rtsp_server(
+        port, "--size", size, "--user", "admin", "--password", PASSWORD, "--auth", auth, "--per-client"
+    )
 
 
 @pytest.fixture
