@@ -229,8 +229,9 @@ class Camera(threading.Thread):
                 self.decode = message.get("decode", self.decode)
                 error = message.get("error")
                 self._set_state(CameraState(state), error=redact(error) if error else None)
-            else:
-                self._count(now, captured if kind == FRAME else None)
+            elif kind == FRAME:  # a heartbeat only updated the counters
+                self._seq += 1
+                self._queue.put(FrameInfo(config.name, self._seq, captured, now), self._frame)
             patience = config.stall_timeout_s + (1 / config.fps if config.fps else 0.0) + 1.0
             doing, deadline = "reading", max(now, self.last_frame) + patience
 
@@ -281,13 +282,6 @@ class Camera(threading.Thread):
                 f"opening the source for more than {self.config.stall_timeout_s + OPEN_GRACE_S:g} s: the open is stuck"
             )
         return f"its decoder said nothing while {doing}: it is stuck"
-
-    def _count(self, now: float, captured: float | None) -> None:
-        if captured is None:  # a heartbeat: counters only
-            return
-        self._seq += 1
-        info = FrameInfo(self.config.name, self._seq, captured, now)
-        self._queue.put(info, self._frame)
 
 
 def _settings(config: CameraConfig) -> dict[str, Any]:

@@ -53,7 +53,7 @@ ACCELERATION_NAMES = {
 APPSINK = "videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=2 sync=false"
 
 
-def is_file(source: str | int) -> bool:
+def _is_file(source: str | int) -> bool:
     return isinstance(source, str) and "://" not in source and "!" not in source and not source.startswith("/dev/")
 
 
@@ -178,7 +178,7 @@ class Decoder:
 
     def _read(self, capture: cv2.VideoCapture) -> str:
         """Read until the file ends ('ended') or the stream fails (why)."""
-        file = is_file(self.settings["source"])
+        file = _is_file(self.settings["source"])
         next_due = 0.0
         index = 0
         state = "connected"
