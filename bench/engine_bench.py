@@ -210,17 +210,15 @@ def _child(flag: str, path: Path | str, seconds: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[dict, list[Path]]:
-    """What ``edgevit-build engine --target cpu --precision int8`` ships for this export, built by the builder."""
+def image_folders(export: Path, calibration: np.ndarray, work: Path, evaluation: int = 64) -> None:
+    """``work/eval`` (digit images in folders named by the FP32 export's own predictions: random weights
+    have no true labels), ``work/calib`` and ``work/labels.txt``, as a user hands them to the builder."""
     import cv2
 
     from agent.engine.runtimes import open_engine
-    from builder.bundle.build import build_engine_bundle
-    from builder.bundle.keys import keygen
-    from builder.bundle.options import EngineOptions
     from builder.demo.digits import digit_images
 
-    frames = digit_images(224)[0][100:164]
+    frames = digit_images(224)[0][100 : 100 + evaluation]
     reference = open_engine("onnxruntime", "cpu", export / "model.onnx", 8)
     predicted = np.concatenate([reference.run(frames[i : i + 8]) for i in range(0, len(frames), 8)]).argmax(-1)
     reference.close()
@@ -231,6 +229,15 @@ def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[d
         (work / "calib").mkdir(exist_ok=True)
         cv2.imwrite(str(work / "calib" / f"{i}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     (work / "labels.txt").write_text("\n".join(str(i) for i in range(1000)))
+
+
+def shipped_bundle(export: Path, calibration: np.ndarray, work: Path) -> tuple[dict, list[Path]]:
+    """What ``edgevit-build engine --target cpu --precision int8`` ships for this export, built by the builder."""
+    from builder.bundle.build import build_engine_bundle
+    from builder.bundle.keys import keygen
+    from builder.bundle.options import EngineOptions
+
+    image_folders(export, calibration, work)
     key = keygen(work / "keys")[0]
     options = EngineOptions(
         precision="int8",

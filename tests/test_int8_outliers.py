@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnxruntime.quantization.calibrate import load_tensors_data
 
 from builder.bundle.build import build_engine_bundle
 from builder.bundle.document import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT
@@ -26,7 +27,8 @@ from builder.evaluate.measure import Gate
 from builder.export.job import export_checkpoint
 from builder.export.onnx_export import read_metadata
 from builder.quantize.calibration import channel_absmax, observe
-from builder.quantize.precision import float_weight_ops
+from builder.quantize.int8_recipe import Int8Search, Recipe
+from builder.quantize.precision import float_weight_ops, quantize_static_int8
 from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
 from builder.rewrites.class_token import class_token_only
 
@@ -88,6 +90,46 @@ def test_smoothing_targets_and_exact_fold(outlier_exports) -> None:
     flattened = channel_absmax(smoothed, images, [t.norm for t in targets])
     for norm, peak in flattened.items():
         assert peak.max() / np.median(peak) < absmax[norm].max() / np.median(absmax[norm]) / 4
+
+
+def test_one_calibration_serves_every_smoothing_strength(outlier_exports, tmp_path) -> None:
+    """The search runs the calibrator once: a smoothed graph's ranges are worked out from the unsmoothed
+    graph's and match what the calibrator measures on the smoothed graph itself; smoothing after the shared
+    pre-quantization pass quantizes to the same engine as smoothing before it."""
+    export = outlier_exports["vit-digits", 64]
+    architecture = json.loads(read_metadata(export / "model.onnx")["edgevit.architecture"])
+    images = calibration("vit-digits")
+    rewritten = class_token_only(export / "model.onnx", tmp_path / "rewritten.onnx", architecture, images[:4])
+    assert rewritten is not None  # the last block's class-token Gather: a pass-through smoothing rescales
+    work = tmp_path / "search"
+    work.mkdir()
+    search = Int8Search(rewritten[0], images, work)
+    assert search.prepared is not None
+    search.build(Recipe("static"))  # the one calibration
+    ranges = search._ranges("minmax", 0.5)
+    assert ranges.is_file(), "worked out, before any recipe of that strength ran the calibrator"
+    worked_out = load_tensors_data(ranges)
+    smoothed = search.build(Recipe("static", alpha=0.5))
+    source = work / "smoothed.onnx"
+    onnx.save(smooth(onnx.load(str(search.prepared)), search.targets, search._factors(0.5)), str(source))
+    quantize_static_int8(source, tmp_path / "q.onnx", search.ranges, prepared=True, ranges=tmp_path / "measured.json")
+    measured = load_tensors_data(tmp_path / "measured.json")
+    assert set(worked_out.keys()) == set(measured.keys())
+    scaled = {name for t in search.targets for name in t.scaled}
+    assert scaled & set(measured.keys()), "the ranges the smoothing changes are among those calibrated"
+    for name, value in measured.items():
+        np.testing.assert_allclose(worked_out[name].range_value, value.range_value, rtol=1e-5, err_msg=name)
+    dynamic = search.build(Recipe("dynamic", alpha=0.5))
+    assert search.prepared_dynamic is not None
+    search.prepared = search.prepared_dynamic = None  # the fallback: smooth the export, then prepare it alone
+    alone = [search.build(Recipe(method, alpha=0.5)) for method in ("static", "dynamic")]
+    for shared, own in zip((smoothed, dynamic), alone, strict=True):
+        weights = [
+            {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer} for p in (shared, own)
+        ]
+        assert weights[0].keys() == weights[1].keys()
+        for name, value in weights[0].items():
+            np.testing.assert_array_equal(value, weights[1][name], err_msg=name)
 
 
 @pytest.mark.parametrize(("name", "strength"), [("vit-digits", 32), ("vit-digits", 128), ("mixer-digits", 128)])

@@ -27,6 +27,7 @@ from builder.evaluate.datasets import Frames, calibration_set
 from builder.evaluate.measure import Accuracy, compare, logits, profile_engine
 from builder.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
 from builder.export.verify import REPORT_FILE
+from builder.memory import release_freed_memory
 from builder.progress import counter, note, step
 from builder.quantize.int8_recipe import (
     Int8Search,
@@ -173,6 +174,7 @@ def _int8_candidates(
             candidates.append(_on_openvino(static, target))
         with step(progress, "quantizing INT8 with NNCF (model_type=TRANSFORMER)"):
             files = openvino_engines.nncf_int8(export.model, search.ranges, work, flavour == "cpu-portable")
+        release_freed_memory()
         nncf_recipe: dict[str, Any] = {
             "method": "nncf-transformer",
             "calibration": "nncf",
@@ -263,6 +265,7 @@ class Evaluation:
         engine = open_engine(backend, target, path, batch, self.options.threads)
         found = logits(engine, self.images, batch, counter(self.progress, f"evaluating {label}"))
         engine.close()
+        release_freed_memory()
         return found
 
     def accuracy(self, c: Candidate) -> Accuracy:
@@ -270,7 +273,9 @@ class Evaluation:
         return compare(self.reference, self.logits_of(c.backend, c.target or "cpu", c.files[0], c.label), self.targets)
 
     def measure(self, c: Candidate) -> Candidate:
-        options, batch = self.options, self.options.max_batch
+        """Accuracy on the evaluation set, and speed and memory at the batch sizes the choice looks at
+        (batch 1, the largest, and ``--batches``); :meth:`profile_every_size` completes the one that ships."""
+        options = self.options
         target, timed = _measure_target(options, c, self.device)
         c.logits = self.logits_of(c.backend, target, c.files[0], c.label)
         c.accuracy = compare(self.reference, c.logits, self.targets)
@@ -278,21 +283,31 @@ class Evaluation:
         c.measured_with = f"{c.backend}-{target}"
         c.served = options.batches
         if timed:
-            batches = list(range(1, batch + 1))  # every size: the agent's batcher may pick any of them
-            with step(self.progress, f"profiling {c.label} at batch sizes 1-{batch}"):
-                c.profile = profile_engine(
-                    c.files[0],
-                    c.backend,
-                    target,
-                    self.export.spec.height,
-                    batches,
-                    options.profile_seconds,
-                    options.threads,
-                )
-            peak = c.profile["peak_rss_mib"]
+            self._profile(c, target, sorted({1, options.max_batch, *options.batches}))
+            peak = c.profile["peak_rss_mib"]  # type: ignore[index]  # just measured
             if options.max_memory and peak > options.max_memory:
                 c.over_memory = f"peak RSS {peak:.0f} MiB > --max-memory {options.max_memory:g} MiB"
         return c
+
+    def profile_every_size(self, c: Candidate) -> None:
+        """The shipped candidate's profile at every batch size up to the largest: the agent's batcher may
+        pick any of them, and reads their latency from the passport."""
+        every = list(range(1, self.options.max_batch + 1))
+        if c.profile and [r["batch"] for r in c.profile["latency"]] != every:
+            self._profile(c, _measure_target(self.options, c, self.device)[0], every)
+
+    def _profile(self, c: Candidate, target: str, batches: list[int]) -> None:
+        sizes = f"{batches[0]}-{batches[-1]}" if len(batches) == batches[-1] else ", ".join(map(str, batches))
+        with step(self.progress, f"profiling {c.label} at batch sizes {sizes}"):
+            c.profile = profile_engine(
+                c.files[0],
+                c.backend,
+                target,
+                self.export.spec.height,
+                batches,
+                self.options.profile_seconds,
+                self.options.threads,
+            )
 
 
 def mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation: Evaluation) -> str:

@@ -3,6 +3,10 @@
 Calibration-time analyses (SmoothQuant's per-channel ranges, per-layer quantization
 sensitivity) need tensors that are not graph outputs. ONNX Runtime computes them anyway;
 naming them as extra outputs of a copy of the graph hands them back, batch by batch.
+
+Activation ranges are ONNX Runtime's own (its calibrator, kept in its calibration cache);
+:func:`rescaled_ranges` writes one with some tensors' ranges worked out here instead, for
+graphs that differ from a calibrated one only by an exact per-channel scaling.
 """
 
 from __future__ import annotations
@@ -13,6 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnxruntime.quantization.calibrate import (
+    CalibrationMethod,
+    TensorData,
+    TensorsData,
+    load_tensors_data,
+    save_tensors_data,
+)
 
 from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 
@@ -52,15 +63,43 @@ def observe(
     return np.concatenate(logits)
 
 
+def channel_ranges(
+    model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], batch_size: int = 8
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """min and max of each tensor per channel (the last axis), over all ``images``."""
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def visit(name: str, value: np.ndarray) -> None:
+        flat = value.reshape(-1, value.shape[-1])
+        low, high = flat.min(axis=0), flat.max(axis=0)
+        if name in found:
+            low, high = np.minimum(found[name][0], low), np.maximum(found[name][1], high)
+        found[name] = (low, high)
+
+    observe(model, images, tensors, visit, batch_size)
+    return found
+
+
 def channel_absmax(
     model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], batch_size: int = 8
 ) -> dict[str, np.ndarray]:
     """max |x| of each tensor per channel (the last axis), over all ``images``."""
-    found: dict[str, np.ndarray] = {}
+    return {name: np.maximum(-low, high) for name, (low, high) in channel_ranges(model, images, tensors).items()}
 
-    def visit(name: str, value: np.ndarray) -> None:
-        peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-        found[name] = np.maximum(found[name], peak) if name in found else peak
 
-    observe(model, images, tensors, visit, batch_size)
-    return found
+def rescaled_ranges(base: Path, dst: Path, ranges: dict[str, tuple[float, float]], known: set[str]) -> bool:
+    """Writes ``base`` (an ONNX Runtime min/max calibration cache) to ``dst`` with ``ranges`` in place of the
+    ranges of those tensors; False, writing nothing, when ``base`` names a tensor outside ``known`` (the graph
+    the ranges were worked out for), whose values could then not be vouched for."""
+    data = load_tensors_data(base)
+    if data.calibration_method != CalibrationMethod.MinMax or not set(data.keys()) <= known:
+        return False
+    changed = {}
+    for name, value in data.items():
+        low, high = value.range_value
+        if name in ranges:
+            low = np.asarray(ranges[name][0], low.dtype).reshape(low.shape)
+            high = np.asarray(ranges[name][1], high.dtype).reshape(high.shape)
+        changed[name] = TensorData(lowest=low, highest=high)
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, changed), dst)
+    return True

@@ -15,6 +15,13 @@ judges is never looked at here.
    gate itself (a pass/fail per count, found by doubling and bisection); which layers, in which
    order, comes from the calibration frames. At most :data:`MAX_FLOAT_SHARE` of the layers may
    stay float; past that the engine is hardly INT8 any more, and the build says so.
+
+Work is shared across the recipes of a search, since it dominates a build's time and memory: the
+export goes through ONNX Runtime's pre-quantization pass once (each smoothing is folded in after
+it), and its calibrator runs once per calibration method. Every recipe with the same calibration
+and smoothing reads the same ranges, the mixed-precision steps included, and with min/max
+calibration each smoothed graph's ranges are worked out exactly from the unsmoothed graph's
+(:func:`~builder.quantize.smoothing.smoothed_ranges`).
 """
 
 from __future__ import annotations
@@ -30,9 +37,17 @@ import onnx
 from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from builder.choices import Flavour
 from builder.errors import BuildError
-from builder.quantize.calibration import channel_absmax, observe
-from builder.quantize.precision import WEIGHT_OPS, quantize_dynamic_int8, quantize_static_int8, require_quantized
-from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
+from builder.memory import release_freed_memory
+from builder.quantize.calibration import channel_ranges, observe, rescaled_ranges
+from builder.quantize.precision import (
+    WEIGHT_OPS,
+    prepare,
+    prepare_for_dynamic,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+    require_quantized,
+)
+from builder.quantize.smoothing import balance, find_targets, smooth, smoothed_ranges, weight_maxima
 
 ALPHAS: tuple[float | None, ...] = (None, 0.5, 0.65, 0.8)
 MAX_FLOAT_SHARE = 0.5
@@ -105,26 +120,82 @@ class Int8Search:
             raise BuildError(f"INT8 needs at least 2 calibration images, got {len(calibration)}")
         self.model_path, self.work, self.op_types = model_path, work, op_types
         self._say = on_step or (lambda _: None)
-        self.model = onnx.load(str(model_path))
+        model = onnx.load(str(model_path))  # not kept: a build holds no more graphs than the step at hand
         self.ranges, self.holdout = calibration[0::2], calibration[1::2]
-        self.targets = find_targets(self.model)
+        self.targets = find_targets(model)
         self._say(f"measuring activations on {len(calibration)} calibration images")
-        self.absmax = channel_absmax(self.model, self.ranges, [t.norm for t in self.targets])
-        self.reference = observe(self.model, self.holdout, [], lambda *_: None)
+        self.channels = channel_ranges(model, self.ranges, [n for t in self.targets for n in t.scaled])
+        self.absmax = {t.norm: np.maximum(-self.channels[t.norm][0], self.channels[t.norm][1]) for t in self.targets}
+        self.reference = observe(model, self.holdout, [], lambda *_: None)
+        self._weight_max = weight_maxima(model, self.targets)
+        self._tensors = {name for node in model.graph.node for name in node.output}
+        self._shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        del model
+        self.prepared = self._prepared(prepare(self.model_path, work / "prepared.onnx"))
+        self.prepared_dynamic: Path | None = None  # made when the first dynamic recipe needs it
         self._count = 0
+        release_freed_memory()
+
+    def _prepared(self, path: Path) -> Path | None:
+        """``path`` (the export through ONNX Runtime's pre-quantization pass, shared by every recipe of a kind),
+        or None when the pass changed what smoothing rescales: then each smoothed graph is prepared on its own."""
+        shapes = {t.name: tuple(t.dims) for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+        rescaled = [name for t in self.targets for name in (t.scale, t.bias, *t.weights)]
+        if all(shapes.get(name) == self._shapes[name] for name in rescaled):
+            return path
+        path.unlink()
+        return None
 
     # -- building and scoring --------------------------------------------------------------------------
+    def _factors(self, alpha: float) -> dict[str, np.ndarray]:
+        return balance(self._weight_max, self.absmax, alpha)
+
     def _smoothed(self, alpha: float | None) -> onnx.ModelProto:
+        model = onnx.load(str(self.model_path))
+        return model if alpha is None or not self.targets else smooth(model, self.targets, self._factors(alpha))
+
+    def _source(self, method: str, alpha: float | None, source: Path) -> Path:
+        """The prepared graph a recipe quantizes: smoothed after the shared pass where it could be shared."""
+        preparing = prepare if method == "static" else prepare_for_dynamic
+        if method == "dynamic" and self.prepared_dynamic is None:
+            self.prepared_dynamic = self._prepared(preparing(self.model_path, self.work / "prepared-dynamic.onnx"))
+        shared = self.prepared if method == "static" else self.prepared_dynamic
+        if shared is None:
+            onnx.save(self._smoothed(alpha), str(source))
+            prepared = preparing(source, source.with_name(f"prepared-{source.name}"))
+            source.unlink()
+            return prepared
         if alpha is None or not self.targets:
-            return self.model
-        return smooth(self.model, self.targets, smoothing_factors(self.model, self.targets, self.absmax, alpha))
+            return shared
+        onnx.save(smooth(onnx.load(str(shared)), self.targets, self._factors(alpha)), str(source))
+        return source
+
+    def _ranges(self, calibration: str, alpha: float | None) -> Path:
+        """The activation-range file a static recipe reads, or writes when it is the first to need it.
+
+        Every recipe with the same calibration and smoothing shares one file (layers left in float do not
+        change the float graph's ranges). With min/max calibration, each smoothed graph's ranges are worked
+        out exactly from the unsmoothed graph's (:func:`~builder.quantize.smoothing.smoothed_ranges`), so the
+        frames run through the calibrator once per build.
+        """
+        alpha = alpha if self.targets else None
+        path = self.work / f"ranges-{calibration}-{alpha}.json"
+        base = self.work / f"ranges-{calibration}-None.json"
+        if alpha is None or path.exists() or not base.exists() or self.prepared is None:
+            return path
+        try:
+            scaled = smoothed_ranges(self.channels, self.targets, self._factors(alpha))
+        except ValueError:
+            return path
+        rescaled_ranges(base, path, scaled, self._tensors)  # or, where it cannot vouch for them, the calibrator runs
+        return path
 
     def build(self, recipe: Recipe) -> Path:
         """The recipe's engine file (under ``work``)."""
         self._count += 1
         source = self.work / f"source-{self._count}.onnx"
         dst = self.work / f"int8-{recipe.method}-{self._count}.onnx"
-        onnx.save(self._smoothed(recipe.alpha), str(source))
+        source = self._source(recipe.method, recipe.alpha, source)
         if recipe.method == "static":
             quantize_static_int8(
                 source,
@@ -134,10 +205,14 @@ class Int8Search:
                 recipe.flavour,
                 self.op_types,
                 exclude=recipe.float_layers,
+                prepared=True,
+                ranges=self._ranges(recipe.calibration, recipe.alpha),
             )
         else:
-            quantize_dynamic_int8(source, dst, exclude=recipe.float_layers, flavour=recipe.flavour)
-        source.unlink()
+            quantize_dynamic_int8(source, dst, exclude=recipe.float_layers, flavour=recipe.flavour, prepared=True)
+        if source not in (self.prepared, self.prepared_dynamic):
+            source.unlink()
+        release_freed_memory()
         if not recipe.float_layers:
             require_quantized(dst, self.op_types if recipe.method == "static" else ("Gemm", "MatMul"))
         return dst
@@ -148,6 +223,7 @@ class Int8Search:
         engine.close()
         error = np.abs(logits - self.reference).mean() / max(float(np.abs(self.reference).mean()), 1e-6)
         agreement = float((logits.argmax(-1) == self.reference.argmax(-1)).mean())
+        release_freed_memory()
         return Score(len(self.holdout), agreement, float(error))
 
     def _trial(self, recipe: Recipe) -> Trial:
@@ -169,11 +245,12 @@ class Int8Search:
                 t.path.unlink()
         return best
 
-    def layers(self) -> list[onnx.NodeProto]:
-        """The export's quantizable layers (their names are what ``float_layers`` holds)."""
-        initializers = {t.name for t in self.model.graph.initializer}
+    def layers(self, model: onnx.ModelProto) -> list[onnx.NodeProto]:
+        """The quantizable layers of ``model`` (the export, smoothed or not: their names are what
+        ``float_layers`` holds)."""
+        initializers = {t.name for t in model.graph.initializer}
         kinds = self.op_types or ("Gemm", "Conv", "MatMul")
-        return [n for n in self.model.graph.node if n.op_type in kinds and n.input[1] in initializers]
+        return [n for n in model.graph.node if n.op_type in kinds and n.input[1] in initializers]
 
     def sensitivity(self, alpha: float | None) -> dict[str, float]:
         """Per Dense layer: relative output error from fake-quantizing its input (u8) and weight (s8/channel).
@@ -183,10 +260,10 @@ class Int8Search:
         """
         model = self._smoothed(alpha)
         weights = {t.name: t for t in model.graph.initializer}
-        gemms = [n for n in self.layers() if n.op_type == "Gemm"]
+        gemms = [n for n in self.layers(model) if n.op_type == "Gemm"]
         inputs: dict[str, np.ndarray] = {}
         observe(model, self.ranges[:8], [n.input[0] for n in gemms], inputs.__setitem__, batch_size=8)
-        found = {n.name: 0.0 for n in self.layers()}
+        found = {n.name: 0.0 for n in self.layers(model)}
         for node in gemms:
             x = inputs[node.input[0]].reshape(-1, inputs[node.input[0]].shape[-1])
             w = onnx.numpy_helper.to_array(weights[node.input[1]])

@@ -75,10 +75,16 @@ class _Batches(CalibrationDataReader):
 
 def _pre_processed(model: ir.Model, tmp: Path) -> Path:
     """ONNX Runtime's recommended pre-quantization pass (shape inference, graph clean-up)."""
-    raw, prepared = tmp / "raw.onnx", tmp / "prepared.onnx"
+    raw = tmp / "raw.onnx"
     ir.save(model, raw)
-    quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
-    return prepared
+    return prepare(raw, tmp / "prepared.onnx")
+
+
+def prepare(src: Path, dst: Path) -> Path:
+    """``src`` through ONNX Runtime's pre-quantization pass, once for every recipe quantized from it
+    (``quantize_static_int8(..., prepared=True)``)."""
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst
 
 
 def _descendants(prepared: Path, exclude: tuple[str, ...]) -> list[str]:
@@ -103,17 +109,29 @@ def quantize_static_int8(
     flavour: str = "cpu",
     op_types: tuple[str, ...] = WEIGHT_OPS,
     on_batch: Callable[[int, int], None] | None = None,
-    batch_size: int = 8,
+    batch_size: int = 1,
     exclude: tuple[str, ...] = (),
+    prepared: bool = False,
+    ranges: Path | None = None,
 ) -> Path:
-    """QDQ INT8 model calibrated on ``calibration`` (preprocessed uint8 NHWC)."""
+    """QDQ INT8 model calibrated on ``calibration`` (preprocessed uint8 NHWC).
+
+    The calibrator runs the graph with its optimizations off and holds each intermediate of a batch
+    until its range is taken; one frame at a time keeps that memory down (a ViT-B/16 build's largest)
+    and costs no time. Min/max ranges do not depend on the batching.
+
+    ``prepared``: ``src`` already went through :func:`prepare`. ``ranges``: a file of activation ranges
+    (ONNX Runtime's calibration cache) that is read when it exists and written when it does not; the
+    ranges depend only on the float graph, the frames and ``method``, so recipes that differ in the
+    layers left float share one calibration.
+    """
     symmetric = flavour == "tensorrt"
     if flavour not in FLAVOURS:
         raise QuantizationError(f"unknown INT8 flavour {flavour!r}; one of {', '.join(FLAVOURS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = _pre_processed(ir.load(src), Path(tmp))
+        source = src if prepared else _pre_processed(ir.load(src), Path(tmp))
         quantize_static(
-            str(prepared),
+            str(source),
             str(dst),
             _Batches(calibration, batch_size, on_batch),
             quant_format=QuantFormat.QDQ,
@@ -123,7 +141,8 @@ def quantize_static_int8(
             per_channel=True,
             reduce_range=flavour == "cpu-portable",
             calibrate_method=CALIBRATION_METHODS[method],
-            nodes_to_exclude=_descendants(prepared, exclude),
+            nodes_to_exclude=_descendants(source, exclude),
+            calibration_cache_path=ranges,
             extra_options={
                 "ActivationSymmetric": symmetric,
                 "WeightSymmetric": True,
@@ -134,21 +153,32 @@ def quantize_static_int8(
     return dst
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, exclude: tuple[str, ...] = (), flavour: str = "cpu") -> Path:
-    """Dynamic INT8 (weights s8 ahead of time, activations u8 per batch) of every Dense layer."""
+def quantize_dynamic_int8(
+    src: Path, dst: Path, exclude: tuple[str, ...] = (), flavour: str = "cpu", prepared: bool = False
+) -> Path:
+    """Dynamic INT8 (weights s8 ahead of time, activations u8 per batch) of every Dense layer.
+
+    ``prepared``: ``src`` already went through :func:`prepare_for_dynamic`.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        model = ir.load(src)
-        gemm_to_matmul(model)
-        prepared = _pre_processed(model, Path(tmp))
+        source = src if prepared else prepare_for_dynamic(src, Path(tmp) / "prepared.onnx")
         quantize_dynamic(
-            str(prepared),
+            str(source),
             str(dst),
             weight_type=QuantType.QInt8,
             reduce_range=flavour == "cpu-portable",
             op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=_descendants(prepared, exclude),
+            nodes_to_exclude=_descendants(source, exclude),
         )
     return dst
+
+
+def prepare_for_dynamic(src: Path, dst: Path) -> Path:
+    """``src`` with its Dense layers as ``MatMul`` (all the dynamic quantizer touches), through :func:`prepare`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = ir.load(src)
+        gemm_to_matmul(model)
+        return _pre_processed(model, Path(tmp)).replace(dst)
 
 
 def float_weight_ops(path: Path) -> list[tuple[str, str]]:

@@ -38,6 +38,7 @@ class SmoothTarget:
     scale: str  # its scale and bias initializers
     bias: str
     weights: tuple[str, ...]  # the [in, out] weight initializers of the Gemms that read it
+    scaled: tuple[str, ...] = ()  # every tensor smoothing divides per channel: the norm's output and its pass-throughs
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -80,8 +81,10 @@ def find_targets(model: onnx.ModelProto) -> list[SmoothTarget]:
         channels = initializers[scale].dims[-1]
         norm_axis = _attribute(norm, "axis", -1)
         weights, frontier, foldable = [], [norm.output[0]], True
+        scaled = []
         while frontier and foldable:
             tensor = frontier.pop()
+            scaled.append(tensor)
             for reader in consumers[tensor]:
                 if reader.op_type == "Shape":
                     continue
@@ -96,7 +99,7 @@ def find_targets(model: onnx.ModelProto) -> list[SmoothTarget]:
                     foldable = False
         shared = any(len(consumers[name]) != 1 for name in (scale, bias, *weights))
         if foldable and weights and not shared:
-            targets.append(SmoothTarget(norm.output[0], scale, bias, tuple(weights)))
+            targets.append(SmoothTarget(norm.output[0], scale, bias, tuple(weights), tuple(scaled)))
     return targets
 
 
@@ -104,15 +107,27 @@ def smoothing_factors(
     model: onnx.ModelProto, targets: list[SmoothTarget], absmax: dict[str, np.ndarray], alpha: float
 ) -> dict[str, np.ndarray]:
     """Per target, ``s_c`` rounded to a power of two (see the module docstring)."""
+    return balance(weight_maxima(model, targets), absmax, alpha)
+
+
+def weight_maxima(model: onnx.ModelProto, targets: list[SmoothTarget]) -> dict[str, np.ndarray]:
+    """Per target, max |W_c| over the rows ``c`` of the weights that read its norm."""
     initializers = {t.name: t for t in model.graph.initializer}
-    factors = {}
-    for target in targets:
-        weight_max = np.max(
+    return {
+        target.norm: np.max(
             [np.abs(numpy_helper.to_array(initializers[w])).max(axis=1) for w in target.weights], axis=0
         )
-        x = np.maximum(absmax[target.norm], 1e-6)
-        s = x**alpha / np.maximum(weight_max, 1e-6) ** (1 - alpha)
-        factors[target.norm] = np.exp2(np.round(np.log2(np.clip(s, 2.0**-20, 2.0**20)))).astype(np.float32)
+        for target in targets
+    }
+
+
+def balance(weight_max: dict[str, np.ndarray], absmax: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
+    """``s_c`` from the activations' and weights' per-channel maxima, rounded to a power of two."""
+    factors = {}
+    for norm, weights in weight_max.items():
+        x = np.maximum(absmax[norm], 1e-6)
+        s = x**alpha / np.maximum(weights, 1e-6) ** (1 - alpha)
+        factors[norm] = np.exp2(np.round(np.log2(np.clip(s, 2.0**-20, 2.0**20)))).astype(np.float32)
     return factors
 
 
@@ -133,3 +148,24 @@ def smooth(model: onnx.ModelProto, targets: list[SmoothTarget], factors: dict[st
         for weight in target.weights:
             rescale(weight, s[:, None])
     return out
+
+
+def smoothed_ranges(
+    channels: dict[str, tuple[np.ndarray, np.ndarray]], targets: list[SmoothTarget], factors: dict[str, np.ndarray]
+) -> dict[str, tuple[float, float]]:
+    """The min and max of every tensor smoothing changes, in the smoothed graph, from each one's per-channel
+    min and max in the original (``channels``, which must hold every ``scaled`` tensor).
+
+    Exact: the smoothed tensor is the original divided per channel by a power of two, and every other
+    tensor of the graph is bit for bit what it was (see the module docstring), so a graph is calibrated
+    once for every smoothing strength.
+    """
+    found = {}
+    for target in targets:
+        s = factors[target.norm]
+        for name in target.scaled:
+            low, high = channels[name]
+            if low.shape != s.shape:
+                raise ValueError(f"{name} does not hold {target.norm}'s channels on its last axis")
+            found[name] = (float((low / s).min()), float((high / s).max()))
+    return found
