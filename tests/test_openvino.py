@@ -135,7 +135,7 @@ def test_hot_swap_from_onnxruntime_to_openvino_with_the_canary(
 
 
 def test_a_batch_splits_across_openvino_streams_with_the_same_logits(demo_exports) -> None:
-    """Each compiled size over 1 runs as one part per stream at once; one thread means one stream, unsplit."""
+    """A batch runs as single images, one per stream at once; one thread means one stream, one image at a time."""
     model = demo_exports["vit-digits"] / "model.onnx"
     images = digit_images(64)[0][:8]
     split, whole = OpenVINOEngine(model, "cpu", 8), OpenVINOEngine(model, "cpu", 8, threads=1)
