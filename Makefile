@@ -52,9 +52,11 @@ check: lint typecheck contracts
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[cpu,openvino,builder,dev,bench]'
 	$(BIN)/python bench/export_bench.py
+	$(BIN)/python bench/build_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/int8_outlier_bench.py
 	$(BIN)/python bench/openvino_settings_bench.py
+	$(BIN)/python bench/openvino_memory_bench.py
 	$(BIN)/python bench/agent_bench.py
 	$(BIN)/python bench/camera_bench.py
 	$(BIN)/python bench/swap_bench.py

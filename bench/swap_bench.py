@@ -9,7 +9,11 @@ machine, from the agent's ``swap`` events and its results:
 - pause: the inference thread busy swapping (the frames wait, none is dropped);
 - gap: the last result of the old engine to the first of the new, against the
   ordinary gap between consecutive batches while no swap happens (p50 and p99);
-- failed frames (must be 0) and the canary's figures.
+- failed frames (must be 0) and the canary's figures;
+- memory: the RSS of the agent and all its processes together (the engine workers), sampled
+  every 0.2 s: its median while serving with no deploy under way, and its peak while each
+  deploy loads, verifies, swaps and watches the candidate through the canary (the candidate,
+  the previous engine kept for a revert, and the shadow comparisons all live at once).
 
     python bench/swap_bench.py [--swaps 6] [--cameras 2] [--out bench/results]
 
@@ -23,11 +27,13 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -51,6 +57,32 @@ def _batch_gaps(results: list[dict]) -> np.ndarray:
     """Seconds between consecutive batch completions (capture time + latency, per batch)."""
     done = sorted({round(r["captured"] + r["latency_ms"] / 1e3, 4) for r in results})
     return np.diff(done)
+
+
+class TreeMemory:
+    """The RSS (MiB) of a process and its children together, sampled every 0.2 s on a thread of its own."""
+
+    def __init__(self, pid: int) -> None:
+        self.samples: list[tuple[float, float]] = []  # (monotonic time, MiB)
+        self._root, self._stop = psutil.Process(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                processes = [self._root, *self._root.children(recursive=True)]
+                total = sum(p.memory_info().rss for p in processes) / 2**20
+            except psutil.Error:  # a worker came or went while it was read
+                continue
+            self.samples.append((time.monotonic(), total))
+
+    def between(self, start: float, end: float) -> list[float]:
+        return [mib for at, mib in self.samples if start <= at <= end]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def main() -> None:
@@ -98,12 +130,18 @@ def main() -> None:
             client.connect("127.0.0.1", port)
             client.subscribe("edgevit/bench/events", qos=1)
             client.loop_start()
+            memory = TreeMemory(agent.pid)
             time.sleep(4)
             swaps = []
+            serving: list[float] = []  # the samples with no deploy under way
+            since = time.monotonic()
             active = 0  # the bundle the agent serves: a canary that reverts keeps the old one live
             for i in range(parsed.swaps):
                 bundle = bundles[1 - active]
                 command = {"id": f"swap-{i}", "cmd": "deploy", "bundle": {"path": str(bundle)}}
+                time.sleep(2)  # the engine that won settles before the next deploy
+                sent = time.monotonic()
+                serving += memory.between(since, sent)
                 client.publish("edgevit/bench/cmd", json.dumps(command), qos=1)
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline:
@@ -116,8 +154,15 @@ def main() -> None:
                 swap = next(e for e in events if e.get("command_id") == command["id"] and e["event"] == "swap")
                 outcome = done[0]["event"]
                 active = 1 - active if outcome == "commit" else active
+                since = time.monotonic()
                 swaps.append(
-                    {**swap, "outcome": outcome, "reason": done[0].get("reason"), "canary": done[0].get("figures", {})}
+                    {
+                        **swap,
+                        "outcome": outcome,
+                        "reason": done[0].get("reason"),
+                        "canary": done[0].get("figures", {}),
+                        "peak_rss_mib": max(memory.between(sent, since), default=0.0),
+                    }
                 )
                 print(
                     f"  swap {i + 1}: {swap['from']} -> {swap['to']}: {swap['pause_ms']} ms pause, "
@@ -126,6 +171,7 @@ def main() -> None:
                     flush=True,
                 )
             client.loop_stop()
+            memory.stop()
             agent.terminate()
             out, _ = agent.communicate(timeout=60)
         finally:  # a failed run leaves no agent or broker behind
@@ -150,13 +196,17 @@ def main() -> None:
         "batch_gap_ms_p99": float(np.percentile(gaps, 99)),
         "failed_frames": failed,
         "frames": len(results),
+        "serving_rss_mib_median": float(np.median(serving)),
+        "deploy_rss_mib_peak_max": max(s["peak_rss_mib"] for s in swaps),
     }
     table = (
         f"| cameras (30 fps) | swaps (committed) | pause ms median / max | swap gap ms median / max "
-        f"| ordinary batch gap ms p50 / p99 | failed frames |\n|---|---|---|---|---|---|\n"
+        f"| ordinary batch gap ms p50 / p99 | failed frames | RSS MiB serving / deploy peak |\n"
+        f"|---|---|---|---|---|---|---|\n"
         f"| {row['cameras']} | {row['swaps']} ({row['committed']}) | {row['pause_ms_median']:.2f} / "
         f"{row['pause_ms_max']:.2f} | {row['gap_ms_median']:.1f} / {row['gap_ms_max']:.1f} | "
-        f"{row['batch_gap_ms_p50']:.1f} / {row['batch_gap_ms_p99']:.1f} | {failed} of {len(results)} |\n"
+        f"{row['batch_gap_ms_p50']:.1f} / {row['batch_gap_ms_p99']:.1f} | {failed} of {len(results)} | "
+        f"{row['serving_rss_mib_median']:.0f} / {row['deploy_rss_mib_peak_max']:.0f} |\n"
     )
     parsed.out.mkdir(parents=True, exist_ok=True)
     (parsed.out / "swap_bench.json").write_text(json.dumps({"summary": row, "swaps": swaps}, indent=2) + "\n")
