@@ -1,7 +1,7 @@
 """OpenVINO engines for x86 CPUs: an ONNX (Q/DQ INT8 included) or OpenVINO IR model, compiled for one image.
 
 The model is compiled twice for a single image, and each compile holds its own copy of the
-weights (``bench/openvino_settings_bench.py`` measures the designs; figures in ``bench/results/``):
+weights (``bench/openvino_memory_bench.py`` measures the designs; figures in ``bench/results/``):
 
 - for OpenVINO's CPU *streams* (its THROUGHPUT mode: each stream runs one infer request on its
   own share of the cores). A batch of more than one image runs as single images, one per stream
@@ -11,8 +11,8 @@ weights (``bench/openvino_settings_bench.py`` measures the designs; figures in `
   would leave cores idle. Where OpenVINO runs one stream anyway (one thread), the first compile
   serves it.
 
-A compile per batch size (or per part of one) measured no faster and held a copy of the weights
-and the activations for each; a dynamic batch measured slower at every size.
+A compile per batch size measured no faster and held a copy of the weights and the activations
+for each; one compile for a dynamic batch measured slower at batch 8.
 
 Targets: ``cpu`` runs the float parts of the model in FP32; ``cpu-bf16`` in BF16 (what
 OpenVINO picks by default on CPUs with AVX-512 BF16 or AMX; a bundle built for it
