@@ -84,7 +84,12 @@ def channel_absmax(
     model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], batch_size: int = 8
 ) -> dict[str, np.ndarray]:
     """max |x| of each tensor per channel (the last axis), over all ``images``."""
-    return {name: np.maximum(-low, high) for name, (low, high) in channel_ranges(model, images, tensors).items()}
+    return absmax(channel_ranges(model, images, tensors, batch_size))
+
+
+def absmax(ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """max |x| per channel from per-channel (min, max)."""
+    return {name: np.maximum(-low, high) for name, (low, high) in ranges.items()}
 
 
 def rescaled_ranges(base: Path, dst: Path, ranges: dict[str, tuple[float, float]], known: set[str]) -> bool:

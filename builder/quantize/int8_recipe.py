@@ -38,7 +38,7 @@ from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from builder.choices import Flavour
 from builder.errors import BuildError
 from builder.memory import release_freed_memory
-from builder.quantize.calibration import channel_ranges, observe, rescaled_ranges
+from builder.quantize.calibration import absmax, channel_ranges, observe, rescaled_ranges
 from builder.quantize.precision import (
     WEIGHT_OPS,
     prepare,
@@ -125,7 +125,7 @@ class Int8Search:
         self.targets = find_targets(model)
         self._say(f"measuring activations on {len(calibration)} calibration images")
         self.channels = channel_ranges(model, self.ranges, [n for t in self.targets for n in t.scaled])
-        self.absmax = {t.norm: np.maximum(-self.channels[t.norm][0], self.channels[t.norm][1]) for t in self.targets}
+        self.absmax = absmax({t.norm: self.channels[t.norm] for t in self.targets})
         self.reference = observe(model, self.holdout, [], lambda *_: None)
         self._weight_max = weight_maxima(model, self.targets)
         self._tensors = {name for node in model.graph.node for name in node.output}

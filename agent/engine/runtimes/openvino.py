@@ -80,9 +80,9 @@ class OpenVINOEngine:
             if self.streams > 1:
                 whole = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **config})
             del model  # the compiled models hold what they need
-            # the whole-model request first, then one per stream (two per stream measured no faster)
-            self._requests = [whole.create_infer_request()]
-            self._requests += [per_stream.create_infer_request() for _ in range(self.streams)]
+            self._whole = whole.create_infer_request()
+            # one request per stream (two per stream measured no faster)
+            self._per_stream = [per_stream.create_infer_request() for _ in range(self.streams)]
             outputs = list(per_stream.outputs[0].get_partial_shape().get_min_shape())[1:]
             # allocated once: each batch fills it
             self._logits: np.ndarray = np.zeros((max_batch, *outputs), np.float32)
@@ -94,8 +94,8 @@ class OpenVINOEngine:
         if n > len(self._logits):
             raise EngineError(f"batch of {n} is over this engine's maximum of {len(self._logits)}")
         if n == 1:
-            self._requests[0].infer({0: images})
-            self._logits[0] = self._requests[0].get_output_tensor(0).data[0]
+            self._whole.infer({0: images})
+            self._logits[0] = self._whole.get_output_tensor(0).data[0]
         else:
             self._in_rounds(images)
         logits: np.ndarray = self._logits[:n].copy()
@@ -103,14 +103,14 @@ class OpenVINOEngine:
 
     def _in_rounds(self, images: np.ndarray) -> None:
         """Into ``_logits``: the images one per stream at once, round after round."""
-        streams = self._requests[1:]
-        for start in range(0, len(images), len(streams)):
-            part = range(start, min(len(images), start + len(streams)))
-            for request, i in zip(streams, part, strict=False):
+        for start in range(0, len(images), self.streams):
+            part = range(start, min(len(images), start + self.streams))
+            for request, i in zip(self._per_stream, part, strict=False):
                 request.start_async({0: images[i : i + 1]})
-            for request, i in zip(streams, part, strict=False):
+            for request, i in zip(self._per_stream, part, strict=False):
                 request.wait()
                 self._logits[i] = request.get_output_tensor(0).data[0]
 
     def close(self) -> None:
-        self._requests.clear()
+        self._per_stream.clear()
+        del self._whole
