@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine_bench import image_folders  # noqa: E402
 from export_bench import config  # noqa: E402
+from tree_memory import TreeMemory  # noqa: E402
 
 # A log line's step, by how its description starts; the first that matches names it.
 STEPS = (
@@ -82,7 +83,10 @@ def measure(name: str, work: Path, extra: list[str], logs: Path) -> dict[str, An
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
-        tree_peak, at = tree_rss_peak(proc)
+        memory = TreeMemory(proc.pid, every_s=0.5)
+        proc.wait()
+        memory.stop()
+        at, tree_peak = memory.peak()
         seconds = time.perf_counter() - start
         out.seek(0)
         log = out.read()
@@ -96,27 +100,10 @@ def measure(name: str, work: Path, extra: list[str], logs: Path) -> dict[str, An
         "wall_s": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "tree_peak_rss_mib": tree_peak,
-        "tree_peak_during": step_at(log, at),
+        "tree_peak_during": step_at(log, time.strftime("%H:%M:%S", time.localtime(at))),
         "steps_s": step_seconds(log),
         "chosen": passport["engine"]["chosen"],
     }
-
-
-def tree_rss_peak(proc: subprocess.Popen[bytes]) -> tuple[float, str]:
-    """Waits for ``proc``; the largest RSS of it and its children together (MiB, sampled every 0.5 s) and
-    the wall-clock time (HH:MM:SS) it was seen at."""
-    import psutil
-
-    root, peak, at = psutil.Process(proc.pid), 0.0, ""
-    while proc.poll() is None:
-        try:
-            total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
-        except psutil.Error:  # a child ended while it was read
-            continue
-        if total > peak:
-            peak, at = total, time.strftime("%H:%M:%S")
-        time.sleep(0.5)
-    return peak, at
 
 
 def step_at(log: str, at: str) -> str:

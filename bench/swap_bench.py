@@ -27,13 +27,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import psutil
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -41,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from broker import start_broker  # noqa: E402
+from tree_memory import TreeMemory  # noqa: E402
 
 from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
@@ -57,32 +56,6 @@ def _batch_gaps(results: list[dict]) -> np.ndarray:
     """Seconds between consecutive batch completions (capture time + latency, per batch)."""
     done = sorted({round(r["captured"] + r["latency_ms"] / 1e3, 4) for r in results})
     return np.diff(done)
-
-
-class TreeMemory:
-    """The RSS (MiB) of a process and its children together, sampled every 0.2 s on a thread of its own."""
-
-    def __init__(self, pid: int) -> None:
-        self.samples: list[tuple[float, float]] = []  # (monotonic time, MiB)
-        self._root, self._stop = psutil.Process(pid), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                processes = [self._root, *self._root.children(recursive=True)]
-                total = sum(p.memory_info().rss for p in processes) / 2**20
-            except psutil.Error:  # a worker came or went while it was read
-                continue
-            self.samples.append((time.monotonic(), total))
-
-    def between(self, start: float, end: float) -> list[float]:
-        return [mib for at, mib in self.samples if start <= at <= end]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -130,17 +103,17 @@ def main() -> None:
             client.connect("127.0.0.1", port)
             client.subscribe("edgevit/bench/events", qos=1)
             client.loop_start()
-            memory = TreeMemory(agent.pid)
+            memory = TreeMemory(agent.pid, every_s=0.2)
             time.sleep(4)
             swaps = []
             serving: list[float] = []  # the samples with no deploy under way
-            since = time.monotonic()
+            since = time.time()
             active = 0  # the bundle the agent serves: a canary that reverts keeps the old one live
             for i in range(parsed.swaps):
                 bundle = bundles[1 - active]
                 command = {"id": f"swap-{i}", "cmd": "deploy", "bundle": {"path": str(bundle)}}
                 time.sleep(2)  # the engine that won settles before the next deploy
-                sent = time.monotonic()
+                sent = time.time()
                 serving += memory.between(since, sent)
                 client.publish("edgevit/bench/cmd", json.dumps(command), qos=1)
                 deadline = time.monotonic() + 120
@@ -154,7 +127,7 @@ def main() -> None:
                 swap = next(e for e in events if e.get("command_id") == command["id"] and e["event"] == "swap")
                 outcome = done[0]["event"]
                 active = 1 - active if outcome == "commit" else active
-                since = time.monotonic()
+                since = time.time()
                 swaps.append(
                     {
                         **swap,
