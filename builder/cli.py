@@ -99,7 +99,8 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--max-batch", type=_positive, default=8, help="largest batch the engine serves (the agent's batcher)"
     )
-    cmd.add_argument(
+    served = cmd.add_mutually_exclusive_group()
+    served.add_argument(
         "--batches",
         type=_positive,
         nargs="+",
@@ -107,6 +108,13 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
         metavar="N",
         help="batch sizes the device will serve (a one-camera box: 1); the speed a candidate is chosen by "
         "(default: --max-batch)",
+    )
+    served.add_argument(
+        "--batch-mix",
+        type=Path,
+        metavar="FILE",
+        help="a serving device's agent metrics (its MQTT metrics JSON, exit summary or Prometheus text): "
+        "candidates are chosen by their speed at the batch sizes it ran, weighted by images",
     )
     cmd.add_argument(
         "--max-memory",

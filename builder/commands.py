@@ -16,6 +16,7 @@ from agent.engine.device import DeviceInfo
 from agent.engine.golden import check_golden
 from agent.engine.runtimes import EngineError, open_engine
 from agent.engine.signing import SignatureError, load_public_key
+from builder.bundle.batch_mix import read_batch_mix
 from builder.bundle.build import BundleResult, build_engine_bundle
 from builder.bundle.keys import keygen
 from builder.bundle.options import EngineOptions
@@ -48,7 +49,14 @@ def _export_options(args: argparse.Namespace) -> ExportOptions:
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
-    return _options(EngineOptions, args, gate=Gate(args.max_drop, args.min_agreement), batches=tuple(args.batches))
+    batches: tuple[int, ...] = tuple(args.batches)
+    shares: tuple[float, ...] = ()
+    if args.batch_mix:
+        mix = read_batch_mix(args.batch_mix, args.max_batch)
+        batches, shares = tuple(mix), tuple(mix.values())
+    return _options(
+        EngineOptions, args, gate=Gate(args.max_drop, args.min_agreement), batches=batches, batch_shares=shares
+    )
 
 
 def _export(checkpoint: Path, out: Path, options: ExportOptions, console: Console) -> ExportResult:

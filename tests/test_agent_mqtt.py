@@ -11,11 +11,13 @@ import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from agent_helpers import read_results, run_agent, start_agent, start_mosquitto, stop_agent, write_config
+import pytest
+from agent_helpers import read_results, run_agent, start_agent, start_mosquitto, stop_agent, summary, write_config
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.control.protocol import PROTOCOL_VERSION
+from builder.bundle.batch_mix import read_batch_mix
 
 from conftest import free_port
 
@@ -93,6 +95,27 @@ def test_results_metrics_status_over_mqtt(
     assert "edgevit_frame_latency_seconds_bucket" in scrape and "process_resident_memory_bytes" in scrape
     assert "edgevit_class_mix_distance" in scrape and 'edgevit_engine_info{bundle_id="vit-digits' in scrape
     check_grafana_dashboard(scrape)
+    check_batch_mix(scrape, last, summary(stdout), tmp_path)
+
+
+def check_batch_mix(scrape: str, payload: dict, exit_summary: dict, tmp_path: Path) -> None:
+    """The builder's --batch-mix reads what this agent wrote: its MQTT metrics payload and its exit summary,
+    each to the image shares of the batch sizes it counted, and its Prometheus text (scraped a moment
+    before, so its counts differ) to shares of the same sizes."""
+    for name, text, counts in [
+        ("metrics.json", json.dumps(payload), payload["batch_sizes"]),
+        ("summary.json", json.dumps({"summary": exit_summary}), exit_summary["batch_sizes"]),
+        ("scrape.txt", scrape, None),
+    ]:
+        (tmp_path / name).write_text(text)
+        mix = read_batch_mix(tmp_path / name, 8)
+        assert mix and sum(mix.values()) == pytest.approx(1.0), name
+        if counts is None:
+            assert set(mix) <= {int(b) for b in exit_summary["batch_sizes"]}
+            continue
+        images = {int(b): n * int(b) for b, n in counts.items()}
+        kept = {b: n for b, n in images.items() if n / sum(images.values()) >= 0.01}
+        assert mix == pytest.approx({b: n / sum(kept.values()) for b, n in kept.items()}), name
 
 
 def check_grafana_dashboard(scrape: str) -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from builder.bundle.batch_mix import read_batch_mix, shares_of
 from builder.bundle.candidates import Candidate, choose
-from builder.bundle.options import EngineOptions
+from builder.bundle.options import EngineOptions, served_mix
+from builder.errors import BuildError
 from builder.evaluate.measure import Accuracy
 
 
@@ -42,10 +46,6 @@ def test_agreement_decides_before_logit_error_and_misses_never_ship() -> None:
 
 
 def test_max_memory_rules_out_what_it_measures_over() -> None:
-    import pytest
-
-    from builder.errors import BuildError
-
     lean = candidate("onnxruntime int8", 20.0, 0.01, 0.996, 0.5)
     hungry = candidate("openvino int8", 30.0, 0.01, 0.996, 0.5)
     hungry.over_memory = "peak RSS 894 MiB > --max-memory 600 MiB"
@@ -62,6 +62,67 @@ def test_a_one_camera_device_is_served_by_the_fastest_at_batch_1() -> None:
     narrow.profile["latency"].insert(0, {"batch": 1, "images_per_s": 12.0, "rel_ci95": 0.01})  # type: ignore[index]
     assert choose([wide, narrow], EngineOptions()) is wide
     for c in (wide, narrow):
-        c.served = (1,)
+        c.served = {1: 1.0}
     chosen = choose([wide, narrow], EngineOptions(batches=(1,)))
     assert chosen is narrow and chosen.choice is not None and chosen.choice["batches"] == [1]
+
+
+def test_an_agents_batch_mix_weights_the_speed_by_images() -> None:
+    """`--batch-mix`: 300 batches of 1 and 100 of 8 are 300 and 800 images; the choice's speed is the
+    device's mean over its images, so the size carrying most of them decides."""
+    wide = candidate("openvino int8", 30.0, 0.01, 0.996, 0.5)
+    narrow = candidate("onnxruntime int8", 20.0, 0.01, 0.996, 0.5)
+    wide.profile["latency"].insert(0, {"batch": 1, "images_per_s": 9.0, "rel_ci95": 0.01})  # type: ignore[index]
+    narrow.profile["latency"].insert(0, {"batch": 1, "images_per_s": 12.0, "rel_ci95": 0.01})  # type: ignore[index]
+    mix = shares_of({"1": 300, "8": 100}, 8)
+    assert mix == pytest.approx({1: 300 / 1100, 8: 800 / 1100})
+    options = EngineOptions(batches=tuple(mix), batch_shares=tuple(mix.values()))
+    for c in (wide, narrow):
+        c.served = served_mix(options)
+    assert wide.throughput() == pytest.approx(1100 / (300 / 9 + 800 / 30))
+    chosen = choose([wide, narrow], options)
+    assert chosen is wide and chosen.choice is not None and chosen.choice["batch_mix"] == {"1": 0.2727, "8": 0.7273}
+    mostly_single = shares_of({"1": 3000, "8": 100, "3": 1}, 8)  # size 3: 3 images of 3803, left out
+    assert list(mostly_single) == [1, 8]
+    options = EngineOptions(batches=tuple(mostly_single), batch_shares=tuple(mostly_single.values()))
+    for c in (wide, narrow):
+        c.served = served_mix(options)
+    assert choose([wide, narrow], options) is narrow
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"batch_sizes": {"16": 4}}', r"batch size '16' is not within 1..--max-batch \(8\)"),
+        ('{"batch_sizes": {"-1": 4}}', "batch size '-1'"),
+        ('{"batch_sizes": {"2": -4}}', "the count of batch size 2 is '-4'"),
+        ('{"batch_sizes": {"2": true}}', "the count of batch size 2 is 'True'"),
+        ('{"batch_sizes": {"2": "1e999"}}', "the count of batch size 2"),
+        ('{"batch_sizes": {}}', "has not run a batch yet"),
+        ('{"summary": {"cameras": {}}}', "no 'batch_sizes'"),
+        ('{"batch_sizes": ' * 40 + "1" + "}" * 40, "nested deeper"),
+        ("# HELP nothing here\n", "neither an agent's metrics JSON nor Prometheus"),
+        ('edgevit_batches_total{size="4"} NaN\n', "the count of batch size 4 is 'NaN'"),
+        ("\x1b[2J" + "9" * (1 << 21), "is over 1048576 bytes"),
+    ],
+)
+def test_a_hostile_batch_mix_is_refused_naming_the_entry(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "metrics"
+    path.write_text(text)
+    with pytest.raises(BuildError, match=message):
+        read_batch_mix(path, 8)
+    with pytest.raises(BuildError, match="cannot read"):
+        read_batch_mix(tmp_path / "missing", 8)
+
+
+def test_the_cli_takes_the_batch_mix_or_batches_not_both(tmp_path: Path) -> None:
+    from builder.cli import parser
+    from builder.commands import _engine_options
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"batch_sizes": {"1": 40, "4": 10}}')
+    common = ["engine", "export", "--out", "bundle", "--eval", "demo", "--key", "k.key"]
+    options = _engine_options(parser().parse_args([*common, "--batch-mix", str(metrics)]))
+    assert options.batches == (1, 4) and options.batch_shares == pytest.approx((0.5, 0.5))
+    with pytest.raises(SystemExit):
+        parser().parse_args([*common, "--batch-mix", str(metrics), "--batches", "1"])

@@ -21,7 +21,7 @@ from agent.engine.bundle import PROVIDERS
 from agent.engine.device import DeviceInfo
 from agent.engine.preprocess import METADATA_KEY, InputSpec
 from agent.engine.runtimes import open_engine
-from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour, runtimes_for
+from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour, runtimes_for, served_mix
 from builder.errors import BuildError, GateError
 from builder.evaluate.datasets import Frames, calibration_set
 from builder.evaluate.measure import Accuracy, compare, logits, profile_engine
@@ -94,7 +94,7 @@ class Candidate:
     trial: Trial | None = None  # how an INT8 candidate was found: its recipe, held-aside score, search
     choice: dict[str, Any] | None = None  # set on the one that ships: the rule, and the ties it broke
     over_memory: str | None = None  # why its measured peak RSS rules it out (--max-memory)
-    served: tuple[int, ...] = ()  # the batch sizes its speed is judged at (--batches; empty: the largest)
+    served: dict[int, float] = field(default_factory=dict)  # batch size -> weight in its speed (served_mix)
 
     def _served_rows(self) -> list[dict[str, Any]]:
         assert self.profile is not None
@@ -102,12 +102,13 @@ class Candidate:
         return rows or self.profile["latency"][-1:]
 
     def throughput(self) -> float:
-        """Images/s at the batch sizes the device will serve (``--batches``; default the largest): the
-        harmonic mean, as a device spending equal numbers of images at each size would see it."""
+        """Images/s at the batch sizes the device will serve (:func:`served_mix`; default the largest): the
+        harmonic mean weighted by each size's share of the images, the mean speed such a device sees."""
         if not self.profile:
             return 0.0
         rows = self._served_rows()
-        return len(rows) / sum(1 / float(r["images_per_s"]) for r in rows)
+        weights = [self.served.get(r["batch"], 1.0) for r in rows]
+        return sum(weights) / sum(w / float(r["images_per_s"]) for w, r in zip(weights, rows, strict=True))
 
     def noise(self) -> float:
         """The throughput's relative 95 % half-interval (0 for profiles from before it was measured)."""
@@ -281,7 +282,7 @@ class Evaluation:
         c.accuracy = compare(self.reference, c.logits, self.targets)
         c.misses = options.gate.misses(c.accuracy)
         c.measured_with = f"{c.backend}-{target}"
-        c.served = options.batches
+        c.served = served_mix(options)
         if timed:
             self._profile(c, target, sorted({1, options.max_batch, *options.batches}))
             peak = c.profile["peak_rss_mib"]  # type: ignore[index]  # just measured
@@ -387,6 +388,8 @@ def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "")
             "ties": [c.label for c in ties if c is not chosen],
             "batches": list(options.batches) or [options.max_batch],
         }
+        if options.batch_shares:
+            chosen.choice["batch_mix"] = {str(b): round(w, 4) for b, w in served_mix(options).items()}
         return chosen
     if options.accept_accuracy_loss:
         chosen = max(candidates, key=lambda c: c.accuracy.top1_agreement if c.accuracy else 0.0)

@@ -38,6 +38,7 @@ class EngineOptions:
     max_batch: int = 8
     max_memory: float | None = None  # MiB of peak RSS a candidate's serving process may reach (--max-memory)
     batches: tuple[int, ...] = ()  # the batch sizes the device will serve, speed is judged at (--batches)
+    batch_shares: tuple[float, ...] = ()  # each of `batches`' share of the images (--batch-mix; empty: equal)
     quantization: Quantization = "auto"
     calibration: Calibration = "minmax"
     smoothing: str = "auto"  # SmoothQuant α: auto (searched on held-aside calibration frames) | off | a value
@@ -69,6 +70,14 @@ def cpu_flavour(options: EngineOptions, device: DeviceInfo) -> Flavour:
     if wanted == "auto":
         wanted = "vnni" if full_range_int8_exact(device) else "any"
     return "cpu" if wanted == "vnni" else "cpu-portable"
+
+
+def served_mix(options: EngineOptions) -> dict[int, float]:
+    """Batch size -> its weight in a candidate's speed: ``--batch-mix``'s image shares, else ``--batches``
+    weighted equally, else the largest batch alone."""
+    if options.batch_shares:
+        return dict(zip(options.batches, options.batch_shares, strict=True))
+    return dict.fromkeys(options.batches or (options.max_batch,), 1.0)
 
 
 def checked_tensorrt(options: EngineOptions) -> str:
