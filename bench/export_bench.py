@@ -21,14 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.export.architecture import MIXER_SIZES, VIT_SIZES, MixerConfig, ModelConfig, ViTConfig, parse_model_name  # noqa: E402
-
-
-def config(name: str) -> ModelConfig:
-    family, size, patch, _ = parse_model_name(name)
-    if family == "vit":
-        return ViTConfig(patch, *VIT_SIZES[size], num_classes=1000, image_size=224)
-    return MixerConfig(patch, *MIXER_SIZES[size], num_classes=1000, image_size=224)
+from builder.export.architecture import published_config  # noqa: E402
 
 
 def measure(name: str) -> dict[str, float | str]:
@@ -39,7 +32,7 @@ def measure(name: str) -> dict[str, float | str]:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"{name}.npz"
-        save_checkpoint(ckpt, init_params(config(name)))
+        save_checkpoint(ckpt, init_params(published_config(name)))
         start = time.perf_counter()
         result = export_checkpoint(ckpt, Path(tmp) / "onnx", ExportOptions())
         seconds = time.perf_counter() - start

@@ -45,9 +45,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+CHECKPOINT_HELP = "ViT, hybrid or Mixer .npz checkpoint (vision_transformer or big_vision layout)"
+
+
 def _export_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--resolution", type=_positive, help="input size in pixels (ViT only; default: the checkpoint's)")
-    cmd.add_argument("--model", help="architecture name to check the file against, e.g. ViT-B_16, Mixer-B_16")
+    cmd.add_argument(
+        "--model", help="architecture name to check the file against, e.g. ViT-B_16, R50+ViT-B_16, Mixer-B_16"
+    )
+    cmd.add_argument(
+        "--pool",
+        choices=["gap", "0"],
+        help="big_vision pooling where the file cannot show it (no cls, no MAP head): gap (default) or 0",
+    )
     cmd.add_argument("--opset", type=_positive, default=DEFAULT_OPSET, help="ONNX opset (TensorRT 10 reads <= 20)")
     cmd.add_argument(
         "--tolerance",
@@ -183,7 +193,9 @@ def parser() -> argparse.ArgumentParser:
     root = new_parser("edgevit-build", __doc__)
     commands = subcommands(root)
     export = commands.add_parser("export", help="checkpoint (.npz, published layout) -> verified ONNX")
-    export.add_argument("checkpoint", type=Path, help="ViT or Mixer .npz checkpoint in the published layout")
+    export.add_argument(
+        "checkpoint", type=Path, help="ViT, hybrid or Mixer .npz checkpoint (vision_transformer or big_vision layout)"
+    )
     export.add_argument("--out", type=Path, required=True, help="output folder (model.onnx, verification.json)")
     _export_arguments(export)
     engine = commands.add_parser("engine", help="verified export folder -> measured, gated, signed bundle")
@@ -191,7 +203,9 @@ def parser() -> argparse.ArgumentParser:
     engine.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     _engine_arguments(engine)
     build = commands.add_parser("build", help="export + engine in one step")
-    build.add_argument("checkpoint", type=Path, help="ViT or Mixer .npz checkpoint in the published layout")
+    build.add_argument(
+        "checkpoint", type=Path, help="ViT, hybrid or Mixer .npz checkpoint (vision_transformer or big_vision layout)"
+    )
     build.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     _export_arguments(build)
     _engine_arguments(build)

@@ -32,6 +32,7 @@ from builder.export.architecture import describe
 from builder.export.job import ExportOptions, ExportResult, export_checkpoint
 from builder.export.verify import REPORT_FILE
 from builder.progress import make_progress
+from fleet.text import markup
 
 Options = TypeVar("Options", ExportOptions, EngineOptions)
 # The demo's models run a batch in well under a millisecond: a quarter second per batch size is already
@@ -63,6 +64,13 @@ def _export(checkpoint: Path, out: Path, options: ExportOptions, console: Consol
     with make_progress(console) as progress:
         result = export_checkpoint(checkpoint, out, options, progress)
     console.print(f"[bold]{result.config.name}[/]: {describe(result.config)}")
+    for fix in result.fixes:
+        console.print(f"fixed an older layout: {markup(fix)}")
+    if result.ignored:
+        shown = ", ".join(result.ignored[:4]) + (
+            f" and {len(result.ignored) - 4} more" if len(result.ignored) > 4 else ""
+        )
+        console.print(f"left out {len(result.ignored)} tensors the image model does not use: {shown}")
     console.print(result.report.summary())
     for path in [*result.files, result.model_path.parent / REPORT_FILE]:
         console.print(f"wrote {path}")

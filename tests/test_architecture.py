@@ -12,15 +12,19 @@ import itertools
 import pytest
 
 from builder.errors import CheckpointError
+from builder.export.architecture import HYBRIDS as PUBLISHED_HYBRIDS
 from builder.export.architecture import (
     MIXER_SIZES,
     VIT_SIZES,
     MixerConfig,
     ModelConfig,
+    ModelName,
+    ResNetConfig,
     ViTConfig,
     infer_config,
     param_shapes,
     parse_model_name,
+    published_config,
 )
 
 
@@ -43,6 +47,19 @@ for name, classifier, representation, size in itertools.product(
     base = vit(s, int(patch), classifier=classifier, image_size=size // int(patch) * int(patch), num_classes=21843)
     CONFIGS.append(dataclasses.replace(base, representation_size=base.hidden_size if representation else None))
 CONFIGS += [mixer(s, p, image_size=224) for s, p in itertools.product(MIXER_SIZES, [16, 32])]
+HYBRIDS = {name: published_config(name) for name in PUBLISHED_HYBRIDS}
+# big_vision B/16 in its pooling forms, learned and sincos2d, headless, and SigLIP So400m/14's shape
+BIG_VISION = [
+    vit("B", 16, layout="big_vision", classifier=pool, posemb=posemb)
+    for pool, posemb in itertools.product(["gap", "map", "token"], ["learn", "sincos2d"])
+]
+BIG_VISION += [
+    vit("B", 16, layout="big_vision", classifier="map", num_classes=0, output="embeddings"),
+    vit("B", 16, layout="big_vision", classifier="gap", representation_size=768, image_size=384),
+    ViTConfig(14, 1152, 4304, 16, 27, 0, 224, "map", layout="big_vision", output="embeddings"),
+]
+CONFIGS += BIG_VISION
+CONFIGS += [*HYBRIDS.values(), vit("B", 1, image_size=384, resnet=ResNetConfig((3, 4, 9), 2.0))]
 
 
 @pytest.mark.parametrize(
@@ -55,6 +72,23 @@ def test_inferred_from_shapes(cfg: ModelConfig) -> None:
 @pytest.mark.parametrize("cfg", [vit("B", 16), vit("H", 14, classifier="gap"), mixer("L", 16)], ids=lambda c: c.name)
 def test_named_model_override_matches(cfg: ModelConfig) -> None:
     assert infer_config(param_shapes(cfg), model=cfg.name) == cfg
+
+
+@pytest.mark.parametrize("published", HYBRIDS)
+def test_hybrids_by_their_published_names(published: str) -> None:
+    cfg = HYBRIDS[published]
+    assert infer_config(param_shapes(cfg), model=published) == cfg
+    assert cfg.grid == 224 // 32 if published.startswith(("R+", "R26", "R50+ViT-L")) else cfg.grid == 14
+
+
+def test_a_hybrid_name_is_checked_against_the_file() -> None:
+    r50 = param_shapes(HYBRIDS["R50+ViT-B_16"])
+    with pytest.raises(CheckpointError, match=r"names a ResNet-26; the checkpoint holds ResNet-50 stages of 3\+4\+9"):
+        infer_config(r50, model="R26+ViT-B_16")
+    with pytest.raises(CheckpointError, match="names a plain ViT; the checkpoint holds a hybrid"):
+        infer_config(r50, model="ViT-B_16")
+    with pytest.raises(CheckpointError, match="names a hybrid; the checkpoint holds a plain ViT"):
+        infer_config(param_shapes(vit("B", 16)), model="R50+ViT-B_16")
 
 
 def test_named_model_override_reports_every_mismatch() -> None:
@@ -74,14 +108,16 @@ def test_named_model_of_other_family() -> None:
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("ViT-B_16", ("vit", "B", 16, False)),
-        ("B_16", ("vit", "B", 16, False)),
-        ("ViT-B_16-gap-norep", ("vit", "B", 16, True)),
-        ("Mixer-L_16", ("mixer", "L", 16, False)),
-        ("ViT-H/14", ("vit", "H", 14, False)),
+        ("ViT-B_16", ModelName("vit", "B", 16, False)),
+        ("B_16", ModelName("vit", "B", 16, False)),
+        ("ViT-B_16-gap-norep", ModelName("vit", "B", 16, True)),
+        ("Mixer-L_16", ModelName("mixer", "L", 16, False)),
+        ("ViT-H/14", ModelName("vit", "H", 14, False)),
+        ("R50+ViT-B_16", ModelName("vit", "B", 16, False, 50)),
+        ("R+ViT-Ti_16", ModelName("vit", "Ti", 16, False, 0)),
     ],
 )
-def test_parse_model_name(name: str, expected: tuple) -> None:
+def test_parse_model_name(name: str, expected: ModelName) -> None:
     assert parse_model_name(name) == expected
 
 
@@ -90,7 +126,7 @@ def test_parse_model_name(name: str, expected: tuple) -> None:
     [
         ("ResNet50", "not a known model name"),
         ("Mixer-Ti_16", "not a known model name"),
-        ("R50+ViT-B_16", "hybrid ResNet\\+ViT models are not supported"),
+        ("R50+Mixer-B_16", "not a known model name"),
     ],
 )
 def test_bad_model_names(name: str, message: str) -> None:
@@ -98,13 +134,18 @@ def test_bad_model_names(name: str, message: str) -> None:
         parse_model_name(name)
 
 
-def test_hybrid_checkpoint_is_named() -> None:
-    shapes = param_shapes(vit("B", 16)) | {
-        "conv_root/kernel": (7, 7, 3, 64),
-        "block1/unit1/conv1/kernel": (1, 1, 64, 64),
-    }
-    with pytest.raises(CheckpointError, match=r"hybrid ResNet\+ViT checkpoint \(found 2 ResNet tensors"):
+def test_a_hybrid_missing_a_unit_names_it() -> None:
+    shapes = {k: v for k, v in param_shapes(HYBRIDS["R50+ViT-B_16"]).items() if not k.startswith("block3/unit5/")}
+    with pytest.raises(
+        CheckpointError, match=r"does not match R50\+ViT-B_16 \(vision_transformer layout: ResNet-50 stages of 3\+4\+9 units"
+    ) as err:
         infer_config(shapes)
+    assert "missing key block3/unit5/conv1/kernel (expected shape [1, 1, 1024, 256])" in str(err.value)
+
+
+def test_resnet_tensors_without_a_vit_are_named() -> None:
+    with pytest.raises(CheckpointError, match="ResNet tensors such as conv_root/kernel, but no ViT after them"):
+        infer_config({"conv_root/kernel": (7, 7, 3, 64), "block1/unit1/conv1/kernel": (1, 1, 64, 64)})
 
 
 def test_unknown_family_lists_groups() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 
 from builder.errors import CheckpointError
+from builder.export.architecture import ViTConfig, describe
 from builder.export.checkpoint import canonical_names, read_checkpoint
-from builder.export.models import init_params
+from builder.export.models import init_params, jax_forward, prepared_params
+from builder.export.verify import sample_images
 
 from conftest import SMALL_MIXER, SMALL_VIT
 from reference_models import PUBLISHED_TO_LINEN
@@ -139,3 +142,86 @@ def test_unsupported_family(write_checkpoint: Writer) -> None:
     params = {"conv1/kernel": np.zeros((7, 7, 3, 8), np.float32), "fc/kernel": np.zeros((8, 10), np.float32)}
     with pytest.raises(CheckpointError, match="unsupported model family"):
         read_checkpoint(write_checkpoint(params))
+
+
+BIG_VISION_TOK = dataclasses.replace(SMALL_VIT, layout="big_vision", classifier="token")
+BIG_VISION_MAP = dataclasses.replace(SMALL_VIT, layout="big_vision", classifier="map")
+
+
+def _combined_posemb(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Older big_vision: posemb inside the encoder with a class-token row, added after the concatenation."""
+    params = dict(params)
+    row = np.full((1, 1, params["cls"].shape[-1]), 0.25, np.float32)
+    params["cls"] = params["cls"] - row
+    params["Transformer/pos_embedding"] = np.concatenate([row, params.pop("pos_embedding")], axis=1)
+    return params
+
+
+def _scanned(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """big_vision's scan=True: one stacked tensor per block parameter, Linen numbering."""
+    blocks = {k: v for k, v in params.items() if k.startswith("Transformer/encoderblock_")}
+    out = {k: v for k, v in params.items() if k not in blocks}
+    for key in {k.split("/", 2)[2] for k in blocks}:
+        stacked = [params[f"Transformer/encoderblock_{i}/{key}"] for i in range(SMALL_VIT.num_layers)]
+        out[to_linen(f"Transformer/encoderblock/{key}")] = np.stack(stacked)
+    return out
+
+
+def _inlined_map_head(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k.removeprefix("MAPHead_0/"): v for k, v in params.items()}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "variant", "fixes"),
+    [
+        (BIG_VISION_TOK, lambda p: {f"params/{to_linen(k)}": v for k, v in p.items()}, []),
+        (BIG_VISION_TOK, _combined_posemb, ["position embedding moved", "class token's position embedding added"]),
+        (BIG_VISION_TOK, _scanned, ["2 scanned encoder blocks split"]),
+        (BIG_VISION_MAP, _inlined_map_head, ["inlined MAP head moved under MAPHead_0"]),
+    ],
+    ids=["params-prefix", "combined-posemb", "scanned", "inlined-map-head"],
+)
+def test_big_vision_layouts_load_as_the_same_function(
+    write_checkpoint: Writer, cfg: ViTConfig, variant: Callable, fixes: list[str]
+) -> None:
+    """Each older layout big_vision's load() fixes reads as the same model: equal outputs in JAX."""
+    params = init_params(cfg)
+    ckpt = read_checkpoint(write_checkpoint(variant(params)))
+    assert ckpt.config == cfg and all(any(f.startswith(s) for f in ckpt.fixes) for s in fixes), ckpt.fixes
+    images = sample_images(2, cfg.image_size, seed=3)
+    expected = jax_forward(cfg, prepared_params(cfg, params))(images)
+    np.testing.assert_allclose(jax_forward(cfg, prepared_params(cfg, ckpt.params))(images), expected, atol=1e-5)
+
+
+def test_a_two_tower_file_yields_its_image_tower_as_an_embedding_model(write_checkpoint: Writer) -> None:
+    """SigLIP's layout: params/img/ (a MAP-head ViT whose head projects to the shared space), params/txt/, t, b."""
+    image = {f"params/img/{to_linen(k)}": v for k, v in init_params(BIG_VISION_MAP).items()}
+    text = {"params/txt/Embed_0/embedding": np.zeros((10, 8), np.float32), "params/t": np.ones(1, np.float32)}
+    ckpt = read_checkpoint(write_checkpoint(image | text))
+    assert ckpt.config == dataclasses.replace(BIG_VISION_MAP, output="embeddings")
+    assert sorted(ckpt.ignored) == ["params/t", "params/txt/Embed_0/embedding"]
+    assert ckpt.config.name.endswith("-map-embeddings") and "7-d embeddings" in describe(ckpt.config)
+
+
+def test_scanned_blocks_that_disagree_are_refused(write_checkpoint: Writer) -> None:
+    params = _scanned(init_params(BIG_VISION_TOK))
+    key = next(k for k in params if k.startswith("Transformer/encoderblock/"))
+    params[key] = params[key][:1]
+    with pytest.raises(CheckpointError, match=r"scanned encoder blocks .* disagree on the layer count: \[1, 2\]"):
+        read_checkpoint(write_checkpoint(params))
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [("0", None), ("gap", None), ("map", "--pool map: the checkpoint has no MAP head")],
+)
+def test_pooling_the_file_cannot_show_is_the_users(write_checkpoint: Writer, pool: str, message: str | None) -> None:
+    cfg = dataclasses.replace(BIG_VISION_TOK, classifier="gap")
+    path = write_checkpoint(init_params(cfg))
+    if message:
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(path, pool=pool)
+        return
+    assert read_checkpoint(path, pool=pool).config == dataclasses.replace(cfg, classifier=pool)
+    with pytest.raises(CheckpointError, match="--pool 0: the checkpoint's cls says token"):
+        read_checkpoint(write_checkpoint(init_params(BIG_VISION_TOK), name="tok.npz"), pool="0")

@@ -13,7 +13,7 @@ import pytest
 
 from agent.engine.preprocess import METADATA_KEY, InputSpec
 from builder.errors import VerificationError
-from builder.export.architecture import ModelConfig, ViTConfig, config_to_dict
+from builder.export.architecture import BIG_VISION_POSEMB, ModelConfig, ResNetConfig, ViTConfig, config_to_dict
 from builder.export.checkpoint import save_checkpoint
 from builder.export.job import ExportOptions, ExportResult, export_checkpoint
 from builder.export.models import init_params
@@ -30,18 +30,30 @@ FAMILIES: dict[str, ModelConfig] = {
     "vit-pre_logits": dataclasses.replace(SMALL_VIT, representation_size=24),
     "vit-patch14": dataclasses.replace(SMALL_VIT, patch_size=14, image_size=56),
     "mixer": SMALL_MIXER,
+    # R+ViT-Ti_16's shape (the root alone, then 4x4 patches) and R50+ViT-B_16's (stages, then 1x1 patches)
+    "hybrid-root": dataclasses.replace(SMALL_VIT, patch_size=4, resnet=ResNetConfig((), 0.5)),
+    "hybrid-staged": dataclasses.replace(SMALL_VIT, patch_size=1, resnet=ResNetConfig((2, 1), 0.5)),
+    # big_vision's models/vit.py: learned + gap, sincos2d + MAP head, class token, headless (embeddings)
+    "bv-gap": dataclasses.replace(SMALL_VIT, layout="big_vision", classifier="gap"),
+    "bv-map-sincos": dataclasses.replace(SMALL_VIT, layout="big_vision", classifier="map", posemb="sincos2d"),
+    "bv-tok": dataclasses.replace(SMALL_VIT, layout="big_vision", classifier="token", representation_size=24),
+    "bv-headless": dataclasses.replace(
+        SMALL_VIT, layout="big_vision", classifier="map", num_classes=0, output="embeddings"
+    ),
 }
 
 
 def export(tmp: Path, cfg: ModelConfig, options: ExportOptions = ExportOptions(), seed: int = 0) -> ExportResult:
     ckpt = tmp / "model.npz"
     save_checkpoint(ckpt, init_params(cfg, seed))
+    if isinstance(cfg, ViTConfig) and cfg.posemb == "sincos2d":  # the file holds no resolution
+        options = dataclasses.replace(options, resolution=options.resolution or cfg.image_size)
     return export_checkpoint(ckpt, tmp / "onnx", options)
 
 
 def run(model: Path, images: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"images": images})[0]
+    return session.run(None, {"images": images})[0]
 
 
 @pytest.fixture(scope="module", params=FAMILIES.values(), ids=FAMILIES.keys())
@@ -55,7 +67,7 @@ def test_parity_with_reference(exported: ExportResult, batch: int) -> None:
     images = sample_images(batch, cfg.image_size, seed=7)
     expected = reference_logits(cfg, init_params(cfg), images)
     got = run(exported.model_path, images)
-    assert got.shape == (batch, cfg.num_classes)
+    assert got.shape == (batch, cfg.out_dim if isinstance(cfg, ViTConfig) else cfg.num_classes)
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
@@ -76,11 +88,14 @@ def test_graph_contract(exported: ExportResult) -> None:
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [cfg.image_size, cfg.image_size, 3]
-    assert out.name == "logits" and out.type.tensor_type.shape.dim[1].dim_value == cfg.num_classes
+    vit = isinstance(cfg, ViTConfig)
+    name, width = ("embeddings", cfg.out_dim) if vit and cfg.output == "embeddings" else ("logits", cfg.num_classes)
+    assert out.name == name and out.type.tensor_type.shape.dim[1].dim_value == width
     ops = exported.report.op_histogram
     blocks = cfg.num_layers if isinstance(cfg, ViTConfig) else cfg.num_blocks
-    assert ops["LayerNormalization"] == (2 * blocks + 1)
-    assert ops["Gelu"] == blocks * (1 if isinstance(cfg, ViTConfig) else 2)
+    map_head = 1 if vit and cfg.classifier == "map" else 0  # its LayerNorm and MLP
+    assert ops["LayerNormalization"] == (2 * blocks + 1 + map_head)
+    assert ops["Gelu"] == blocks * (1 if vit else 2) + map_head
     assert "Einsum" not in ops, "dense layers must be Gemm/MatMul for quantizers and TensorRT"
     assert {i.name for i in model.graph.initializer} >= {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
 
@@ -100,6 +115,21 @@ def test_resolution_change(tmp_path: Path) -> None:
     assert result.config.image_size == 96 and result.input_spec.height == 96
     params = init_params(SMALL_VIT)
     params[POSEMB] = resize_posemb(params[POSEMB], 6, has_class_token=True)
+    images = sample_images(3, 96, seed=2)
+    expected = reference_logits(result.config, params, images)
+    np.testing.assert_allclose(run(result.model_path, images), expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bv-gap", "bv-map-sincos"])
+def test_big_vision_resolution_change(tmp_path: Path, kind: str) -> None:
+    """Learned: big_vision's resample_posemb (the grid zoomed, no class-token row); sincos2d: computed anew."""
+    cfg = FAMILIES[kind]
+    result = export(tmp_path, cfg, ExportOptions(resolution=96))
+    assert result.config.image_size == 96 and result.config.grid == 6
+    params = init_params(cfg)
+    if cfg.posemb == "learn":
+        params[BIG_VISION_POSEMB] = resize_posemb(params[BIG_VISION_POSEMB], 6, has_class_token=False)
     images = sample_images(3, 96, seed=2)
     expected = reference_logits(result.config, params, images)
     np.testing.assert_allclose(run(result.model_path, images), expected, atol=1e-4 * max(1.0, np.abs(expected).max()))

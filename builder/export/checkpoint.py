@@ -1,11 +1,12 @@
-"""Reading ``.npz`` checkpoints in the google-research/vision_transformer layout.
+"""Reading ``.npz`` checkpoints in the google-research/vision_transformer and big_vision layouts.
 
 The file is a zip of ``/``-joined parameter names. Files in the wild differ in two
 ways that carry no meaning, and both are normalised here so the rest of the builder
 sees one canonical naming (the pre-Linen numbering of the published files):
 a leading ``opt/target/`` prefix (flax optimizer checkpoints, whose ``opt/state``
 entries are dropped), and the Linen numbering produced by the original loader
-(``MultiHeadDotProductAttention_0``, ``LayerNorm_1``, ``MlpBlock_0``).
+(``MultiHeadDotProductAttention_0``, ``LayerNorm_1``, ``MlpBlock_0``), which big_vision uses
+too. big_vision's own prefixes and older layouts are :mod:`builder.export.big_vision`'s.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from agent.engine.bundle import file_digest
 from builder.errors import CheckpointError
+from builder.export import big_vision
 from builder.export.architecture import ModelConfig, Shape, infer_config
 
 TARGET_PREFIX = "opt/target/"
@@ -40,6 +42,7 @@ class Checkpoint:
     config: ModelConfig
     params: dict[str, np.ndarray]
     ignored: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)  # older big_vision layouts put right (builder.export.big_vision)
 
     @property
     def shapes(self) -> dict[str, Shape]:
@@ -96,22 +99,30 @@ def _read_member(archive: zipfile.ZipFile, member: str) -> np.ndarray:
 
 
 def read_checkpoint(
-    path: str | Path, model: str | None = None, on_tensor: Callable[[int, int], None] | None = None
+    path: str | Path,
+    model: str | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
+    pool: str | None = None,
 ) -> Checkpoint:
-    """Load, normalise and validate a checkpoint; ``on_tensor(done, total)`` reports progress."""
+    """Load, normalise and validate a checkpoint of either family's layout; ``on_tensor(done, total)`` reports
+    progress; ``pool`` is big_vision's pooling where the tensors cannot tell (``gap`` or ``0``)."""
     path = Path(path)
     with _open(path) as archive:
         members = [m for m in archive.namelist() if m.endswith(".npy")]
         if not members:
             raise CheckpointError(f"checkpoint {path} holds no arrays")
-        mapping, ignored = canonical_names([m.removesuffix(".npy") for m in members])
+        stripped, outside, layout = big_vision.strip_prefix([m.removesuffix(".npy") for m in members])
+        mapping, ignored = canonical_names(list(stripped.values()))
+        file_of = {name: member for member, name in stripped.items()}
         params: dict[str, np.ndarray] = {}
         for done, (name, canonical) in enumerate(mapping.items(), 1):
-            params[canonical] = _read_member(archive, name + ".npy")
+            params[canonical] = _read_member(archive, file_of[name] + ".npy")
             if on_tensor:
                 on_tensor(done, len(mapping))
-    config = infer_config({k: v.shape for k, v in params.items()}, model)
-    return Checkpoint(path, file_digest(path)["sha256"], config, params, ignored)
+    params = big_vision.fix_old_layouts(params, layout)
+    params = {canonical_names([k])[0][k]: v for k, v in params.items()}  # blocks a scanned file held
+    config = infer_config({k: v.shape for k, v in params.items()}, model, pool, layout.image_tower)
+    return Checkpoint(path, file_digest(path)["sha256"], config, params, outside + ignored, layout.fixes)
 
 
 def save_checkpoint(path: str | Path, params: Mapping[str, np.ndarray]) -> None:

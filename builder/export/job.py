@@ -24,6 +24,7 @@ from builder.progress import counter, step
 class ExportOptions:
     resolution: int | None = None
     model: str | None = None
+    pool: str | None = None  # big_vision's pooling where the file cannot show it: gap (default) or 0
     opset: int = DEFAULT_OPSET
     tolerance: float = DEFAULT_TOLERANCE
     samples: int = 8
@@ -38,6 +39,8 @@ class ExportResult:
     files: list[Path]
     input_spec: InputSpec
     report: VerificationReport
+    ignored: list[str]  # tensors of the file the model does not use (optimizer state, a text tower)
+    fixes: list[str]  # older layouts put right on reading
 
     @property
     def model_path(self) -> Path:
@@ -45,7 +48,7 @@ class ExportResult:
 
 
 def load(path: Path, options: ExportOptions, progress: Progress) -> Checkpoint:
-    return read_checkpoint(path, options.model, counter(progress, f"reading {path.name}"))
+    return read_checkpoint(path, options.model, counter(progress, f"reading {path.name}"), options.pool)
 
 
 def export_checkpoint(
@@ -60,6 +63,7 @@ def export_checkpoint(
     ckpt = load(Path(checkpoint), options, progress)
     cfg, params = at_resolution(ckpt.config, ckpt.params, options.resolution or ckpt.config.image_size)
     provenance = Provenance(ckpt.path.name, ckpt.sha256)
+    ignored, fixes = ckpt.ignored, ckpt.fixes
     spec = InputSpec(cfg.image_size, cfg.image_size, resize=options.resize, interpolation=options.interpolation)
     del ckpt
     prepared = prepared_params(cfg, params)  # one copy of the weights serves export and reference
@@ -73,4 +77,4 @@ def export_checkpoint(
         images = sample_images(options.samples, cfg.image_size)
         versions = {"jax": jax.__version__, "jax2onnx": version("jax2onnx")}
         report = verify_and_report(files, jax_forward(cfg, prepared), images, options.tolerance, versions)
-    return ExportResult(cfg, files, spec, report)
+    return ExportResult(cfg, files, spec, report, ignored, fixes)

@@ -1,6 +1,7 @@
 """JAX forward -> ONNX through jax2onnx, with the model's identity written into it.
 
-The graph takes ``images`` (uint8 RGB NHWC, dynamic batch) and returns ``logits``.
+The graph takes ``images`` (uint8 RGB NHWC, dynamic batch) and returns ``logits``, or
+``embeddings`` for a model without a classifier head (a headless ViT, a two-tower image encoder).
 Metadata properties (``edgevit.*``) carry the input spec, the architecture and the
 source checkpoint, so an ONNX file alone says how to feed it and where it came from.
 Weights stay inside ``model.onnx`` while the file is far from protobuf's 2 GiB
@@ -26,10 +27,16 @@ from jax2onnx import to_onnx
 from agent.engine.preprocess import METADATA_KEY as INPUT_SPEC_KEY
 from agent.engine.preprocess import InputSpec
 from builder.choices import DEFAULT_OPSET
-from builder.export.architecture import ModelConfig, config_to_dict
+from builder.export.architecture import ModelConfig, ViTConfig, config_to_dict
 from builder.export.tidy import tidy
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME = "images"
+
+
+def output_name(cfg: ModelConfig) -> str:
+    return "embeddings" if isinstance(cfg, ViTConfig) and cfg.output == "embeddings" else "logits"
+
+
 MODEL_FILE, EXTERNAL_DATA_FILE = "model.onnx", "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1536 << 20  # bytes of weights beyond which they go external
 METADATA_SCHEMA = "1"
@@ -68,7 +75,7 @@ def convert(cfg: ModelConfig, forward: Callable[[jax.Array], jax.Array], opset: 
         model_name=cfg.name,
         opset=opset,
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[output_name(cfg)],
         normalization_mode="prefer_native",
         return_mode="ir",
     )

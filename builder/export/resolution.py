@@ -1,4 +1,5 @@
-"""Changing a model's input resolution, as the original fine-tuning code does."""
+"""Changing a model's input resolution, as the original fine-tuning code does (both repositories zoom the
+learned grid bilinearly; a sincos2d embedding is computed for the new grid)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import numpy as np
 import scipy.ndimage
 
 from builder.errors import ResolutionError
-from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig, with_image_size
+from builder.export.architecture import (
+    BIG_VISION_POSEMB,
+    VIT_POSEMB,
+    MixerConfig,
+    ModelConfig,
+    ViTConfig,
+    with_image_size,
+)
 
-POSEMB = "Transformer/posembed_input/pos_embedding"
+POSEMB = VIT_POSEMB
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: int, has_class_token: bool) -> np.ndarray:
@@ -28,8 +36,10 @@ def at_resolution(
     """Config and params for ``image_size``; raises :class:`ResolutionError` when impossible."""
     if image_size == cfg.image_size:
         return cfg, params
-    if image_size <= 0 or image_size % cfg.patch_size:
-        raise ResolutionError(f"resolution {image_size} is not a positive multiple of the patch size {cfg.patch_size}")
+    if image_size <= 0 or image_size % cfg.pixels_per_patch:
+        raise ResolutionError(
+            f"resolution {image_size} is not a positive multiple of the patch size {cfg.pixels_per_patch}"
+        )
     if isinstance(cfg, MixerConfig):
         raise ResolutionError(
             f"{cfg.name} cannot change resolution: its token-mixing weights are tied to {cfg.num_tokens} tokens "
@@ -37,5 +47,9 @@ def at_resolution(
         )
     assert isinstance(cfg, ViTConfig)
     new = with_image_size(cfg, image_size)
+    if cfg.posemb == "sincos2d":  # computed for the new grid at export
+        return new, params
+    if cfg.layout == "big_vision":  # big_vision's resample_posemb: the same zoom, no class-token row
+        return new, {**params, BIG_VISION_POSEMB: resize_posemb(params[BIG_VISION_POSEMB], new.grid, False)}
     posemb = resize_posemb(params[POSEMB], new.grid, cfg.classifier == "token")
     return new, {**params, POSEMB: posemb}

@@ -12,7 +12,10 @@ time. The rules are onnx-tensorrt's, for the TensorRT release the bundle require
   never INT32 (ONNX Runtime's default bias quantization); scales are positive finite
   constants, one per tensor for activations, and per channel only for weights along
   their output-channel axis;
-- **uint8**: only the network input, and only into a Cast.
+- **uint8**: only the network input, and only into a Cast;
+- **hybrids' ResNet**: ``MaxPool`` without its indices output; ``GroupNormalization`` only
+  from opset 21, where its scale and bias are per channel (opset 18's are per group, which
+  is not what a GroupNorm layer computes; edgevit exports GroupNorm as primitive ops).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from onnx import TensorProto, numpy_helper
 
 from builder.errors import BuildError
 
-# onnx-tensorrt's importers that ViT/Mixer exports (and their Q/DQ forms) can contain; 10.x adds Gelu.
+# onnx-tensorrt's importers that ViT, hybrid and Mixer exports (and their Q/DQ forms) can contain; 10.x adds Gelu.
 _COMMON_OPS = frozenset(
     "Abs Add ArgMax Cast Clip Concat Constant ConstantOfShape Conv DequantizeLinear Div Einsum Equal Erf Exp "
-    "Expand Flatten Gather Gemm GlobalAveragePool Identity LayerNormalization MatMul Max Min Mul Neg Pad Pow "
+    "Expand Flatten Gather Gemm GlobalAveragePool GroupNormalization Identity LayerNormalization MatMul Max MaxPool "
+    "Min Mul Neg Pad Pow "
     "QuantizeLinear Range Reciprocal ReduceMax ReduceMean ReduceSum Relu Reshape Resize Shape Sigmoid Slice "
     "Softmax Split Sqrt Squeeze Sub Tanh Tile Transpose Unsqueeze Where".split()
 )
@@ -101,6 +105,11 @@ def check_graph(model: onnx.ModelProto, version: str) -> list[Problem]:
             problems.append(Problem(where, f"TensorRT {version}'s ONNX parser has no importer for {node.op_type}"))
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             problems += _check_qdq(node, where, constants, consumers)
+        if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+            problems.append(Problem(where, "MaxPool's indices output: TensorRT computes the pooled values only"))
+        if node.op_type == "GroupNormalization" and opset < 21:
+            problems.append(Problem(where, f"GroupNormalization at opset {opset} scales per group, not per channel "
+                                           "(opset 21 changed it); export GroupNorm as primitive ops"))  # fmt: skip
         if node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.UINT8 for a in node.attribute):
             problems.append(Problem(where, "casts to uint8: TensorRT takes uint8 only as a network input"))
     for tensor in graph.input:

@@ -54,7 +54,7 @@ def prepare(cfg: ModelConfig, params: Tree) -> Tree:
 
 
 def apply(cfg: ModelConfig, prepared: Tree, images: jax.Array) -> jax.Array:
-    """uint8 RGB NHWC images -> logits [batch, classes]."""
+    """uint8 RGB NHWC images -> logits [batch, classes] (embeddings [batch, width] for a headless ViT)."""
     return _module(cfg).apply(cfg, prepared, images)
 
 
@@ -100,7 +100,7 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
         leaf = key.rsplit("/", 1)[-1]
         if leaf in ("scale", "bias"):
             value = np.full(shape, 1.0 if leaf == "scale" else 0.0)
-        elif key in ("cls", "Transformer/posembed_input/pos_embedding"):
+        elif key in ("cls", "Transformer/posembed_input/pos_embedding", "pos_embedding", "MAPHead_0/probe"):
             value = 0.02 * rng.standard_normal(shape)
         else:
             value = rng.standard_normal(shape) / np.sqrt(_fan_in(key, shape))

@@ -44,9 +44,14 @@ def mlp_block(x: jax.Array, p: dict[str, Any]) -> jax.Array:
     return dense(gelu(dense(x, p["Dense_0"])), p["Dense_1"])
 
 
+def scale_pixels(images: jax.Array) -> jax.Array:
+    """uint8 -> [-1, 1], as the original input pipeline does; it lives in the graph."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
 def patch_embed(images: jax.Array, p: dict[str, Any], patch: int) -> jax.Array:
-    """uint8 RGB NHWC -> [batch, tokens, hidden]; scaling to [-1, 1] lives in the graph."""
-    x = images.astype(jnp.float32) / 127.5 - 1.0
+    """uint8 RGB NHWC -> [batch, tokens, hidden]."""
+    x = scale_pixels(images)
     x = (
         jax.lax.conv_general_dilated(
             x, p["kernel"], (patch, patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
