@@ -161,6 +161,19 @@ def _engine_arguments(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--max-drop", type=float, default=1.0, help="allowed top-1 drop, in points")
     cmd.add_argument("--min-agreement", type=float, default=0.99, help="required top-1 agreement with FP32")
+    cmd.add_argument(
+        "--min-cosine",
+        type=float,
+        default=0.99,
+        help="embedding models: required mean cosine similarity of the embeddings to FP32's",
+    )
+    cmd.add_argument(
+        "--references",
+        type=Path,
+        metavar="FILE.npz",
+        help="embedding models: reference embeddings ('names', 'vectors') results are scored against "
+        "(default: one prototype per class of --eval)",
+    )
     cmd.add_argument("--accept-accuracy-loss", action="store_true", help="ship even if outside the budget (recorded)")
     cmd.add_argument(
         "--baseline",

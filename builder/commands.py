@@ -16,6 +16,7 @@ from agent.engine.device import DeviceInfo
 from agent.engine.golden import check_golden
 from agent.engine.runtimes import EngineError, open_engine
 from agent.engine.signing import SignatureError, load_public_key
+from agent.engine.similarity import with_references
 from builder.bundle.batch_mix import read_batch_mix
 from builder.bundle.build import BundleResult, build_engine_bundle
 from builder.bundle.keys import keygen
@@ -56,7 +57,11 @@ def _engine_options(args: argparse.Namespace) -> EngineOptions:
         mix = read_batch_mix(args.batch_mix, args.max_batch)
         batches, shares = tuple(mix), tuple(mix.values())
     return _options(
-        EngineOptions, args, gate=Gate(args.max_drop, args.min_agreement), batches=batches, batch_shares=shares
+        EngineOptions,
+        args,
+        gate=Gate(args.max_drop, args.min_agreement, args.min_cosine),
+        batches=batches,
+        batch_shares=shares,
     )
 
 
@@ -121,8 +126,10 @@ def run_keygen(args: argparse.Namespace, console: Console) -> None:
 def run_inspect(args: argparse.Namespace, console: Console) -> None:
     try:
         bundle = verify_bundle(args.bundle, [load_public_key(p) for p in args.trust], DeviceInfo.probe())
-        engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1])
-        golden = check_golden(engine, bundle.golden_path, bundle.batch_range[1])
+        batch = bundle.batch_range[1]
+        engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, batch)
+        engine = with_references(engine, bundle.references_path, batch)
+        golden = check_golden(engine, bundle.golden_path, batch)
         engine.close()
     except (BundleError, SignatureError, EngineError) as exc:
         raise BuildError(str(exc)) from exc

@@ -4,8 +4,9 @@ Written after ``vit_jax/models_vit.py``, ``models_resnet.py``, ``models_mixer.py
 big_vision's ``models/vit.py``
 (inference path, dropout omitted), using flax.linen's own Conv, GroupNorm, max_pool,
 LayerNorm, MultiHeadDotProductAttention and gelu, with weight standardization applied
-to the kernel at every call as the original StdConv does, so the builder's hand-written forward pass is checked against the library
-the checkpoints were trained with rather than against itself.
+to the kernel at every call as the original StdConv does, so the builder's hand-written
+forward pass is checked against the library the checkpoints were trained with rather than
+against itself.
 """
 
 from __future__ import annotations

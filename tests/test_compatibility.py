@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from agent.control.protocol import PROTOCOL_VERSION
-from agent.engine.bundle import SCHEMA_VERSION, BundleError, validate_manifest
+from agent.engine.bundle import OLDEST_SCHEMA, SCHEMA_VERSION, BundleError, validate_manifest
 from fleet.commands import _table
 from fleet.link import Device
 from fleet.records import Event, Reply, Status
@@ -69,8 +69,33 @@ def test_the_agent_declares_its_protocol_in_every_status() -> None:
 
 @pytest.mark.parametrize(
     ("schema", "message"),
-    [(SCHEMA_VERSION + 1, "newer than this agent reads"), (SCHEMA_VERSION - 1, "older than this agent reads")],
+    [(SCHEMA_VERSION + 1, "newer than this agent reads"), (OLDEST_SCHEMA - 1, "older than this agent reads")],
 )
 def test_a_bundle_of_another_schema_is_refused_saying_which_side_to_update(schema: int, message: str) -> None:
     with pytest.raises(BundleError, match=message):
         validate_manifest({"schema": schema, "bundle_id": "x"})
+
+
+SCHEMA_1_MANIFEST = {
+    "schema": 1,
+    "bundle_id": "vit-digits-1-cpu-int8-509f7f60",
+    "engine": {"backend": "onnxruntime", "target": "cpu", "precision": "int8", "files": ["engine/model.onnx"],
+               "batch": {"min": 1, "opt": 8, "max": 8}},
+    "input": {"height": 64, "width": 64, "channels": "RGB", "layout": "NHWC", "dtype": "uint8",
+              "resize": "stretch", "interpolation": "linear"},
+    "requires": {},
+    "files": {name: {} for name in ["engine/model.onnx", "labels.json", "passport.json", "golden.npz"]},
+}  # fmt: skip
+
+
+def test_this_agent_reads_schema_1_classifiers_and_schema_2_embedding_models() -> None:
+    validate_manifest(SCHEMA_1_MANIFEST)
+    embeddings = {"kind": "embeddings", "width": 64, "references": 10}
+    schema_2 = {**SCHEMA_1_MANIFEST, "schema": 2, "output": embeddings}
+    with pytest.raises(BundleError, match="manifest 'files' does not list references.npz"):
+        validate_manifest(schema_2)
+    validate_manifest({**schema_2, "files": {**SCHEMA_1_MANIFEST["files"], "references.npz": {}}})
+    with pytest.raises(BundleError, match="an 'output' section, which needs schema 2"):
+        validate_manifest({**SCHEMA_1_MANIFEST, "output": embeddings})
+    with pytest.raises(BundleError, match="'output.kind' must be logits or embeddings"):
+        validate_manifest({**schema_2, "output": {"kind": "\x1b[2Jpoison"}})

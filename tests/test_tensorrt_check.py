@@ -96,6 +96,11 @@ def test_the_tensorrt_shape_of_int8_passes() -> None:
          "node qgemm (QGemm): op of domain com.microsoft"),
         (qdq_graph(extra=[helper.make_node("NonMaxSuppression", ["logits", "logits"], ["g"], name="nms")]), "10.3",
          "node nms (NonMaxSuppression): TensorRT 10.3's ONNX parser has no importer"),
+        (qdq_graph(extra=[helper.make_node("MaxPool", ["logits"], ["p", "i"], kernel_shape=[3], name="pool")]), "10.3",
+         "node pool (MaxPool): MaxPool's indices output"),
+        (qdq_graph(extra=[helper.make_node("GroupNormalization", ["logits", "b", "b"], ["n"], num_groups=3,
+                                           name="gn")], opset=18), "10.3",
+         "node gn (GroupNormalization): GroupNormalization at opset 18 scales per group"),
     ],
 )  # fmt: skip
 def test_each_broken_rule_is_named_with_its_node(model: onnx.ModelProto, version: str, expected: str) -> None:
@@ -103,15 +108,23 @@ def test_each_broken_rule_is_named_with_its_node(model: onnx.ModelProto, version
     assert any(p.startswith(expected) for p in found), found
 
 
+@pytest.mark.parametrize("model", ["vit-digits", "hybrid-digits"])
 def test_onnx_runtime_cpu_int8_is_refused_and_the_tensorrt_recipe_passes(
-    demo_exports: dict[str, Path], tmp_path: Path
+    demo_exports: dict[str, Path], tmp_path: Path, model: str
 ) -> None:
-    """ONNX Runtime's default INT8 (uint8 activations, INT32 biases) would fail at flash time; the recipe does not."""
-    export = demo_exports["vit-digits"] / "model.onnx"
+    """ONNX Runtime's default INT8 (uint8 activations, INT32 biases) would fail at flash time; the recipe does not,
+    and a hybrid's ResNet (convolutions, GroupNorm as primitive ops, the root's MaxPool) parses in both forms."""
+    export = demo_exports[model] / "model.onnx"
     calibration = digit_images(64)[0][:16]
     assert rules(onnx.load(export)) == []
+    ops = {n.op_type for n in onnx.load(export).graph.node}
+    assert model != "hybrid-digits" or {"Conv", "MaxPool"} <= ops and "GroupNormalization" not in ops
     trt = quantize_static_int8(export, tmp_path / "trt.onnx", calibration, flavour="tensorrt")
     assert rules(onnx.load(trt)) == []
+    nodes = onnx.load(trt).graph.node
+    made_by = {out: n.op_type for n in nodes for out in n.output}
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    assert all(made_by.get(n.input[0]) == made_by.get(n.input[1]) == "DequantizeLinear" for n in convs), "INT8 convs"
     cpu = quantize_static_int8(export, tmp_path / "cpu.onnx", calibration, flavour="cpu")
     found = rules(onnx.load(cpu))
     assert any("zero point of type UINT8" in p for p in found) and any("dequantizes INT32" in p for p in found)

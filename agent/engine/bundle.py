@@ -8,6 +8,7 @@ A bundle is a folder::
     labels.json        class names, index order
     passport.json      accuracy and latency measured at build time, and the gate's verdict
     golden.npz         preprocessed inputs with reference outputs, for on-device checks
+    references.npz     an embedding model's reference vectors, one per label (schema 2)
 
 :func:`verify_bundle` checks, in order: the signature against trusted keys, the
 manifest's schema, every file's size and sha256 (and that no unlisted file was
@@ -31,9 +32,12 @@ from agent.engine.device import DeviceInfo
 from agent.engine.preprocess import InputSpec, InputSpecError
 from agent.engine.signing import SignatureError, verify
 
-SCHEMA_VERSION = 1
+# Schema 2 adds the "output" section of embedding models (agent.engine.similarity); classifier bundles are still
+# written as schema 1, so that agents of earlier releases keep installing them.
+SCHEMA_VERSION = 2
+OLDEST_SCHEMA = 1
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
-LABELS, PASSPORT, GOLDEN = "labels.json", "passport.json", "golden.npz"
+LABELS, PASSPORT, GOLDEN, REFERENCES = "labels.json", "passport.json", "golden.npz", "references.npz"
 BACKENDS = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("tensorrt",), "openvino": ("cpu", "cpu-bf16")}
 PRECISIONS = ("fp32", "fp16", "int8")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -88,6 +92,17 @@ class Bundle:
     def golden_path(self) -> Path:
         return self.root / GOLDEN
 
+    @property
+    def references_path(self) -> Path | None:
+        """An embedding model's reference vectors; None for a classifier."""
+        output = self.manifest.get("output") or {}
+        return self.root / REFERENCES if output.get("kind") == "embeddings" else None
+
+
+def schema_of(manifest: dict[str, Any]) -> int:
+    """The schema a manifest needs: 2 where it has an ``output`` section, else 1."""
+    return 2 if "output" in manifest else OLDEST_SCHEMA
+
 
 def read_passport(root: Path) -> dict[str, Any]:
     """The passport of the bundle at ``root``, as built (reading it verifies nothing)."""
@@ -122,9 +137,9 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
             f"manifest schema {schema} is newer than this agent reads ({SCHEMA_VERSION}): update edgevit on this "
             f"device, or build the bundle with an edgevit that writes schema {SCHEMA_VERSION} (CHANGELOG.md)"
         )
-    if schema < SCHEMA_VERSION:
+    if schema < OLDEST_SCHEMA:
         raise BundleError(
-            f"manifest schema {schema} is older than this agent reads ({SCHEMA_VERSION}): rebuild the bundle "
+            f"manifest schema {schema} is older than this agent reads ({OLDEST_SCHEMA}): rebuild the bundle "
             "with this edgevit (CHANGELOG.md)"
         )
     _get(manifest, "bundle_id", str)
@@ -147,7 +162,20 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
         raise BundleError(f"manifest 'input': {exc}") from exc
     _get(manifest, "requires", dict)
     listed = _get(manifest, "files", dict)
-    for name in (*files, LABELS, PASSPORT, GOLDEN):
+    output = manifest.get("output")
+    if output is not None or schema >= 2:
+        kind = _get(manifest, "output.kind", str)
+        if kind not in ("logits", "embeddings"):
+            raise BundleError(f"manifest 'output.kind' must be logits or embeddings, got {kind[:40]!r}")
+        if schema < 2:
+            raise BundleError("manifest has an 'output' section, which needs schema 2")
+    for name in (
+        *files,
+        LABELS,
+        PASSPORT,
+        GOLDEN,
+        *([REFERENCES] if output and output["kind"] == "embeddings" else []),
+    ):
         if name not in listed:
             raise BundleError(f"manifest 'files' does not list {name}")
 

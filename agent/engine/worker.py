@@ -34,6 +34,7 @@ import psutil
 from agent.engine.bundle import Bundle
 from agent.engine.jetson import nvmap_mib, unified_memory
 from agent.engine.runtimes import EngineError, open_engine
+from agent.engine.similarity import with_references
 from agent.systemd import notify
 
 log = logging.getLogger("edgevit.worker")
@@ -70,6 +71,7 @@ class WorkerSpec:
     threads: int | None
     cache_dir: Path | None = None  # compiled engines kept across loads (OpenVINO, the TensorRT provider)
     precision: str = "fp32"
+    references: Path | None = None  # an embedding model's: the worker outputs similarities to them
 
     @classmethod
     def of(
@@ -93,6 +95,7 @@ class WorkerSpec:
             threads,
             cache_dir,
             bundle.manifest["engine"].get("precision", "fp32"),
+            bundle.references_path,
         )
 
     def inputs(self, path: Path, mode: Literal["r+", "w+"]) -> np.memmap[Any, np.dtype[np.uint8]]:
@@ -127,6 +130,7 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
         engine = open_engine(
             spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads, spec.cache_dir, spec.precision
         )
+        engine = with_references(engine, spec.references, spec.max_batch)
         inputs, outputs = spec.inputs(inputs_path, "r+"), spec.outputs(outputs_path, "r+")
     except Exception as exc:  # reported to the agent, which refuses the engine with this message
         conn.send(("error", str(exc)))

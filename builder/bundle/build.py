@@ -22,6 +22,7 @@ from rich.progress import Progress
 from agent.engine.device import DeviceInfo
 from agent.engine.runtimes import open_engine
 from agent.engine.signing import load_private_key
+from agent.engine.similarity import SimilarityHead
 from builder.bundle.candidates import (
     Candidate,
     Evaluation,
@@ -29,6 +30,7 @@ from builder.bundle.candidates import (
     choose,
     make_candidates,
     mixed_precision,
+    output_width,
     plan_settings,
     rewritten,
 )
@@ -38,6 +40,7 @@ from builder.errors import BuildError, GateError
 from builder.evaluate.baseline import Baseline, baseline_misses, bundle_baseline, compare_with_baseline, is_bundle
 from builder.evaluate.datasets import evaluation_set, load_labels
 from builder.evaluate.measure import logits
+from builder.evaluate.references import prototypes, read_references
 from builder.progress import counter, step
 from builder.targets.tensorrt_check import require_parsable
 from builder.targets.tensorrt_plan import build_plan, tensorrt_version
@@ -70,13 +73,22 @@ def build_engine_bundle(
     if out.exists():
         raise BuildError(f"{out} exists; choose another --out or remove it")
     export = Export.read(export_dir)
-    classes = int(export.architecture["num_classes"])
-    labels = load_labels(options.labels, export.source["checkpoint"], options.eval, classes)
+    embeddings = export.architecture.get("output") == "embeddings"
+    given = read_references(options.references, output_width(export.architecture)) if options.references else None
+    if options.references and not embeddings:
+        raise BuildError("--references is for embedding models; this export outputs logits")
+    classes = None if embeddings else int(export.architecture["num_classes"])
+    labels = given.names if given else load_labels(options.labels, export.source["checkpoint"], options.eval, classes)
     evaluation_frames = evaluation_set(options.eval, labels, export.source["checkpoint"])
     images = evaluation_frames.preprocessed(export.spec)
     reference = open_engine("onnxruntime", "cpu", export.model, options.max_batch, options.threads)
     reference_logits = logits(reference, images, options.max_batch, counter(progress, "evaluating the FP32 reference"))
     reference.close()
+    references = None
+    if embeddings:
+        references = given or prototypes(
+            reference_logits, evaluation_frames.labels, labels, evaluation_frames.description
+        )
     evaluation = Evaluation(
         export,
         options,
@@ -86,6 +98,7 @@ def build_engine_bundle(
         evaluation_frames.labels,
         reference_logits,
         progress,
+        SimilarityHead(references.vectors, options.max_batch) if references else None,
     )
     baseline = _baseline(options.baseline) if options.baseline else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +139,7 @@ def build_engine_bundle(
             candidates,
             skipped,
             against,
+            references,
         )
     return BundleResult(path, chosen, candidates, passport)
 

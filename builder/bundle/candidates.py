@@ -21,6 +21,7 @@ from agent.engine.bundle import PROVIDERS
 from agent.engine.device import DeviceInfo
 from agent.engine.preprocess import METADATA_KEY, InputSpec
 from agent.engine.runtimes import open_engine
+from agent.engine.similarity import SimilarityHead
 from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour, runtimes_for, served_mix
 from builder.errors import BuildError, GateError
 from builder.evaluate.datasets import Frames, calibration_set
@@ -75,6 +76,13 @@ class Export:
             json.loads(meta["edgevit.architecture"]),
             json.loads(meta["edgevit.source"]),
         )
+
+
+def output_width(architecture: dict[str, Any]) -> int:
+    """Width of an export's output: its classes, or a headless model's embedding."""
+    return int(
+        architecture.get("num_classes") or architecture.get("representation_size") or architecture["hidden_size"]
+    )
 
 
 @dataclass
@@ -153,7 +161,9 @@ def _int8_search(export: Export, options: EngineOptions, work: Path, progress: P
         raise BuildError("static INT8 needs --calib (a folder of images, or demo)")
     frames = calibration_set(options.calib, export.source["checkpoint"]).subset(options.calibration_images)
     op_types = ALL_OPS if options.quantize_ops == "all" else WEIGHT_OPS
-    return Int8Search(export.model, frames.preprocessed(export.spec), work, op_types, lambda text: note(progress, text))
+    embeddings = export.architecture.get("output") == "embeddings"
+    images = frames.preprocessed(export.spec)
+    return Int8Search(export.model, images, work, op_types, lambda text: note(progress, text), embeddings)
 
 
 def _int8_candidates(
@@ -250,7 +260,11 @@ def _measure_target(options: EngineOptions, candidate: Candidate, device: Device
 
 @dataclass
 class Evaluation:
-    """The evaluation set, the FP32 reference's logits on it, and how candidates are measured against them."""
+    """The evaluation set, the FP32 reference's outputs on it, and how candidates are measured against them.
+
+    An embedding model's outputs are embeddings; ``head`` scores them against the bundle's references, and a
+    candidate's ``logits`` are then those scores: what the device's worker outputs.
+    """
 
     export: Export
     options: EngineOptions
@@ -260,6 +274,12 @@ class Evaluation:
     targets: np.ndarray
     reference: np.ndarray
     progress: Progress
+    head: SimilarityHead | None = None
+
+    @property
+    def reference_scores(self) -> np.ndarray:
+        """The FP32 reference as the device's worker would output it."""
+        return self.head.scores(self.reference) if self.head else self.reference
 
     def logits_of(self, backend: str, target: str, path: Path, label: str) -> np.ndarray:
         batch = self.options.max_batch
@@ -271,15 +291,17 @@ class Evaluation:
 
     def accuracy(self, c: Candidate) -> Accuracy:
         """A candidate's accuracy on the evaluation set in its own runtime, not profiled (for searches)."""
-        return compare(self.reference, self.logits_of(c.backend, c.target or "cpu", c.files[0], c.label), self.targets)
+        outputs = self.logits_of(c.backend, c.target or "cpu", c.files[0], c.label)
+        return compare(self.reference, outputs, self.targets, self.head)
 
     def measure(self, c: Candidate) -> Candidate:
         """Accuracy on the evaluation set, and speed and memory at the batch sizes the choice looks at
         (batch 1, the largest, and ``--batches``); :meth:`profile_every_size` completes the one that ships."""
         options = self.options
         target, timed = _measure_target(options, c, self.device)
-        c.logits = self.logits_of(c.backend, target, c.files[0], c.label)
-        c.accuracy = compare(self.reference, c.logits, self.targets)
+        outputs = self.logits_of(c.backend, target, c.files[0], c.label)
+        c.accuracy = compare(self.reference, outputs, self.targets, self.head)
+        c.logits = self.head.scores(outputs) if self.head else outputs
         c.misses = options.gate.misses(c.accuracy)
         c.measured_with = f"{c.backend}-{target}"
         c.served = served_mix(options)

@@ -14,13 +14,14 @@ from typing import Any
 
 import onnx
 
-from agent.engine.bundle import PROVIDERS, SCHEMA_VERSION, file_digest
+from agent.engine.bundle import OLDEST_SCHEMA, PROVIDERS, file_digest, schema_of
 from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.stream.drift import output_profile
 from builder.bundle.candidates import Candidate, Evaluation, Export
 from builder.bundle.options import EngineOptions, cpu_flavour
 from builder.bundle.writer import write_bundle
 from builder.evaluate.measure import golden_set
+from builder.evaluate.references import References
 from builder.targets import openvino as openvino_engines
 
 TENSORRT_RECIPE_MODEL = "model-int8-qdq.onnx"
@@ -70,7 +71,7 @@ def write_tensorrt_recipe(
     out.mkdir()
     shutil.copy2(chosen.files[0], out / TENSORRT_RECIPE_MODEL)
     report = {
-        "schema": SCHEMA_VERSION,
+        "schema": OLDEST_SCHEMA,
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine": {
             "target": "tensorrt",
@@ -107,17 +108,24 @@ def write_signed_bundle(
     candidates: list[Candidate],
     skipped: list[dict[str, str]],
     baseline: dict[str, Any] | None,
+    references: References | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """The passport, manifest and signed bundle of the chosen candidate."""
+    """The passport, manifest and signed bundle of the chosen candidate (an embedding model's with its
+    references, which the device scores each embedding against)."""
     assert chosen.accuracy is not None and chosen.logits is not None  # a measured candidate
     device, batch = evaluation.device, options.max_batch
     engine_sha = file_digest(chosen.files[0])["sha256"]
     name = options.name or Path(export.source["checkpoint"]).stem
     target = chosen.target or options.target
     bundle_id = f"{name}-{options.version}-{target}-{options.precision}-{engine_sha[:8]}"
-    golden = golden_set(evaluation.images, evaluation.reference, chosen.logits, options.golden)
+    golden = golden_set(evaluation.images, evaluation.reference_scores, chosen.logits, options.golden)
+    output = (
+        {"kind": "embeddings", "width": int(references.vectors.shape[1]), "references": len(references.names)}
+        if references
+        else None
+    )
     passport = {
-        "schema": SCHEMA_VERSION,
+        "schema": 2 if output else OLDEST_SCHEMA,
         "bundle_id": bundle_id,
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine": {
@@ -149,9 +157,10 @@ def write_signed_bundle(
         "outputs": output_profile(chosen.logits),  # the agent's drift reference
         "baseline": baseline,  # what a canary against that engine should expect (builder.evaluate.baseline)
         "golden": {"images": len(golden["images"]), "allowed_error": float(golden["allowed_error"])},
+        **({"output": {**output, "references_from": references.origin}} if references and output else {}),
     }
     manifest = {
-        "schema": SCHEMA_VERSION,
+        "schema": OLDEST_SCHEMA,
         "bundle_id": bundle_id,
         "created": passport["built"],
         "model": {
@@ -172,5 +181,8 @@ def write_signed_bundle(
         "input": json.loads(export.spec.to_json()),
         "requires": engine_requirements(options, chosen, device),
         "accepted_accuracy_loss": bool(chosen.misses),
+        **({"output": output} if output else {}),
     }
-    return write_bundle(out, chosen.files, labels, passport, golden, manifest, key), passport
+    manifest["schema"] = schema_of(manifest)
+    vectors = references.vectors if references else None
+    return write_bundle(out, chosen.files, labels, passport, golden, manifest, key, vectors), passport

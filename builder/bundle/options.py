@@ -56,6 +56,7 @@ class EngineOptions:
     runtime: Runtime = "auto"
     tensorrt_version: str = DEFAULT_TENSORRT  # the parser rules a TensorRT-bound graph is checked against here
     baseline: Path | None = None  # the bundle or export this engine replaces (builder.evaluate.baseline)
+    references: Path | None = None  # an embedding model's reference embeddings (builder.evaluate.references)
     int8_cpu: Int8Cpu = "auto"
 
 

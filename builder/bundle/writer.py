@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.engine.bundle import GOLDEN, LABELS, MANIFEST, PASSPORT, SIGNATURE, file_digest
+from agent.engine.bundle import GOLDEN, LABELS, MANIFEST, PASSPORT, REFERENCES, SIGNATURE, file_digest
 from agent.engine.signing import sign
 from builder.errors import BuildError
 
@@ -31,8 +31,10 @@ def write_bundle(
     golden: dict[str, np.ndarray],
     manifest: dict[str, Any],
     key: Ed25519PrivateKey,
+    references: np.ndarray | None = None,
 ) -> Path:
-    """Assemble, hash, sign and atomically place a bundle at ``out`` (which must not exist)."""
+    """Assemble, hash, sign and atomically place a bundle at ``out`` (which must not exist); ``references``: an
+    embedding model's reference vectors, one per label."""
     if out.exists():
         raise BuildError(f"{out} exists; choose another --out or remove it")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -47,7 +49,12 @@ def write_bundle(
         (staging / PASSPORT).write_text(json.dumps(passport, indent=2, sort_keys=True) + "\n")
         with open(staging / GOLDEN, "wb") as fh:
             np.savez(fh, **golden)
-        files = {name: file_digest(staging / name) for name in [*engine_names, LABELS, PASSPORT, GOLDEN]}
+        documents = [LABELS, PASSPORT, GOLDEN]
+        if references is not None:
+            with open(staging / REFERENCES, "wb") as fh:
+                np.savez(fh, vectors=references.astype(np.float32))
+            documents.append(REFERENCES)
+        files = {name: file_digest(staging / name) for name in [*engine_names, *documents]}
         manifest = {**manifest, "engine": {**manifest["engine"], "files": engine_names}, "files": files}
         data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
         (staging / MANIFEST).write_bytes(data)

@@ -1,4 +1,4 @@
-"""Train the demo ViT and Mixer on digits and save them in the published layout.
+"""Train the demo ViT, hybrid ResNet+ViT and Mixer on digits and save them in the published layout.
 
 Reproducible: fixed seeds for init, split, shuffling and augmentation; XLA on CPU is
 deterministic for these ops. Run ``python -m builder.demo train`` to regenerate the
@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from builder.demo.digits import HELD_OUT_FRACTION, LABELS, SPLIT_SEED, digit_images, split_indices
-from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig, config_to_dict
+from builder.export.architecture import MixerConfig, ModelConfig, ResNetConfig, ViTConfig, config_to_dict
 from builder.export.checkpoint import save_checkpoint
 from builder.export.models import apply, flatten, init_params, jax_forward, prepare, prepared_params, unflatten
 
@@ -33,6 +33,18 @@ DEMO_MODELS: dict[str, ModelConfig] = {
         num_layers=4,
         num_classes=len(LABELS),
         image_size=IMAGE_SIZE,
+    ),
+    # R50+ViT-B_16's structure in small: two bottleneck stages (the second halves the resolution), then
+    # 2x2 patches on the feature map, the same 4x4 token grid as the ViT's
+    "hybrid-digits": ViTConfig(
+        patch_size=2,
+        hidden_size=64,
+        mlp_dim=128,
+        num_heads=4,
+        num_layers=2,
+        num_classes=len(LABELS),
+        image_size=IMAGE_SIZE,
+        resnet=ResNetConfig((1, 1), width_factor=0.5),
     ),
     "mixer-digits": MixerConfig(
         patch_size=16,

@@ -22,6 +22,7 @@ import numpy as np
 from agent.engine.bundle import MANIFEST, BundleError, file_digest, verify_bundle
 from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes import EngineError, open_engine
+from agent.engine.similarity import with_references
 from agent.lifecycle.canary import wilson
 from builder.errors import BuildError
 from builder.evaluate.datasets import Frames
@@ -41,6 +42,7 @@ class Baseline:
     engine: Path
     spec: InputSpec
     labels: list[str] | None
+    references: Path | None = None  # an embedding model's bundle: its engine is scored against them
 
 
 def bundle_baseline(path: Path) -> Baseline:
@@ -60,6 +62,7 @@ def bundle_baseline(path: Path) -> Baseline:
         bundle.engine_path,
         bundle.input_spec,
         bundle.labels,
+        bundle.references_path,
     )
 
 
@@ -83,6 +86,7 @@ def compare_with_baseline(
         )
     try:
         engine = open_engine(baseline.backend, baseline.target, baseline.engine, max_batch, threads)
+        engine = with_references(engine, baseline.references, max_batch)
     except EngineError as exc:
         raise BuildError(f"--baseline {baseline.name} cannot run on this machine: {exc}") from exc
     try:

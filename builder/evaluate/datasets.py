@@ -139,8 +139,9 @@ def calibration_set(spec: str, source_checkpoint: str) -> Frames:
     return image_folder(Path(spec))
 
 
-def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, classes: int) -> list[str]:
-    """Labels from a file (JSON list or one per line), the demo card, or the eval folder's class names."""
+def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, classes: int | None) -> list[str]:
+    """Labels from a file (JSON list or one per line), the demo card, or the eval folder's class names; ``classes``
+    None: any number (an embedding model's, whose references are made one per label)."""
     if path is not None:
         text = path.read_text()
         labels = (
@@ -154,6 +155,6 @@ def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, class
     else:
         labels = sorted(p.name for p in Path(eval_spec).iterdir() if p.is_dir()) if Path(eval_spec).is_dir() else []
         origin = f"the class folders of {eval_spec}"
-    if len(labels) != classes:
+    if classes is not None and len(labels) != classes:
         raise DatasetError(f"{len(labels)} labels from {origin}, but the model has {classes} classes (use --labels)")
     return labels

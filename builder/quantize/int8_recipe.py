@@ -37,6 +37,7 @@ import onnx
 from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 from builder.choices import Flavour
 from builder.errors import BuildError
+from builder.evaluate.measure import cosine
 from builder.memory import release_freed_memory
 from builder.quantize.calibration import absmax, channel_ranges, observe, rescaled_ranges
 from builder.quantize.precision import (
@@ -90,7 +91,7 @@ class Score:
     """A recipe against the FP32 export on the held-aside calibration frames."""
 
     images: int
-    agreement: float
+    agreement: float  # top-1 agreement; an embedding model's: mean cosine similarity of the embeddings
     mean_rel_logit_error: float
 
     def key(self) -> tuple[float, float]:
@@ -115,10 +116,12 @@ class Int8Search:
         work: Path,
         op_types: tuple[str, ...] = WEIGHT_OPS,
         on_step: Callable[[str], None] | None = None,
+        embeddings: bool = False,
     ) -> None:
         if len(calibration) < 2:  # one to set ranges, one held aside
             raise BuildError(f"INT8 needs at least 2 calibration images, got {len(calibration)}")
         self.model_path, self.work, self.op_types = model_path, work, op_types
+        self.embeddings = embeddings  # outputs are embeddings: agree by cosine, argmax means nothing
         self._say = on_step or (lambda _: None)
         model = onnx.load(str(model_path))  # not kept: a build holds no more graphs than the step at hand
         self.ranges, self.holdout = calibration[0::2], calibration[1::2]
@@ -222,7 +225,10 @@ class Int8Search:
         logits = np.concatenate([engine.run(self.holdout[i : i + 8]) for i in range(0, len(self.holdout), 8)])
         engine.close()
         error = np.abs(logits - self.reference).mean() / max(float(np.abs(self.reference).mean()), 1e-6)
-        agreement = float((logits.argmax(-1) == self.reference.argmax(-1)).mean())
+        if self.embeddings:
+            agreement = float(cosine(logits, self.reference).mean())
+        else:
+            agreement = float((logits.argmax(-1) == self.reference.argmax(-1)).mean())
         release_freed_memory()
         return Score(len(self.holdout), agreement, float(error))
 
