@@ -37,11 +37,11 @@ def int8_bundles(demo_run: tuple[Path, Any]) -> dict[str, Path]:
     demo, _ = demo_run
     return {
         "key": demo / "keys" / "edgevit.pub",
-        **{name: demo / "bundles" / f"{name}-cpu-int8" for name in ("vit-digits", "mixer-digits")},
+        **{name: demo / "bundles" / f"{name}-cpu-int8" for name in ("vit-digits", "hybrid-digits", "mixer-digits")},
     }
 
 
-@pytest.mark.parametrize("name", ["vit-digits", "mixer-digits"])
+@pytest.mark.parametrize("name", ["vit-digits", "hybrid-digits", "mixer-digits"])
 def test_int8_bundle_passes_gate_with_measured_drop(int8_bundles: dict[str, Path], name: str) -> None:
     bundle = verify_bundle(int8_bundles[name], [load_public_key(int8_bundles["key"])], DeviceInfo.probe())
     passport = bundle.passport
