@@ -27,14 +27,18 @@ fleet-demo: install
 fleet-demo-stop:
 	$(BIN)/python -m fleet.demo stop --out out/fleet-demo
 
+# Two workers, a test file each at a time (module fixtures stay in one process): the suite waits on agents,
+# brokers, streams and canary windows about as much as it computes.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
 test:
 	@scripts/system-deps
 	@$(MAKE) --no-print-directory install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 # The unit tier: no services, no demo build, under a minute (tests/conftest.py says what is integration).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration and not slow"
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) -q -m "not integration and not slow"
 
 # The checks CI runs before the tests (also in .pre-commit-config.yaml).
 lint: install

@@ -112,6 +112,11 @@ def test_dead_camera_at_start_is_retried_without_stopping_the_agent(
     cameras = file_and_stream(digits_video, "dead", url, stall_s=1, retry_s=(0.2, 1))
     agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
     time.sleep(5)
+    # the file camera's frames keep coming: waited for by count, not by time, since a busy machine (the suite
+    # runs two workers) slows its start
+    results, deadline = tmp_path / "results.jsonl", time.monotonic() + 60
+    while time.monotonic() < deadline and (results.read_text().count("\n") if results.exists() else 0) <= 50:
+        time.sleep(0.5)
     stdout, stderr = stop_agent(agent)
     stats = summary(stdout)["cameras"]
     assert stats["dead"]["reconnects"] >= 2 and stats["dead"]["processed"] == 0

@@ -59,6 +59,7 @@ BIG_VISION += [
     ViTConfig(14, 1152, 4304, 16, 27, 0, 224, "map", layout="big_vision", output="embeddings"),
 ]
 CONFIGS += BIG_VISION
+CONFIGS.append(ViTConfig(16, 10, 10, 2, 1, 1000, 224))  # vit_jax's "testing" configuration
 CONFIGS += [*HYBRIDS.values(), vit("B", 1, image_size=384, resnet=ResNetConfig((3, 4, 9), 2.0))]
 
 

@@ -192,3 +192,17 @@ def test_full_size_vit_ti16(tmp_path: Path) -> None:
     cfg = ViTConfig(16, 192, 768, 3, 12, 1000, 224)
     result = export(tmp_path, cfg, ExportOptions(model="ViT-Ti_16"))
     assert result.report.passed and result.config == cfg
+
+
+@pytest.mark.parametrize("pool", ["gap", "map", "token", "0"])
+def test_big_vision_poolings_match_the_reference_in_jax(pool: str) -> None:
+    """Every pooling in JAX against big_vision's restated model (the exports above cover all but ``0``, whose
+    graph is the class token's without the token)."""
+    from builder.export.models import jax_forward, prepared_params
+
+    cfg = dataclasses.replace(SMALL_VIT, layout="big_vision", classifier=pool)
+    params = init_params(cfg)
+    images = sample_images(2, cfg.image_size, seed=4)
+    expected = reference_logits(cfg, params, images)
+    got = jax_forward(cfg, prepared_params(cfg, params))(images)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))

@@ -18,7 +18,7 @@ from engine_variants import hang_on_bright_frames
 from agent.engine.bundle import Bundle, verify_bundle
 from agent.engine.headroom import MemoryShortage, check_headroom, estimated_need_mib
 from agent.engine.runtimes import EngineError, open_engine
-from agent.engine.worker import WorkerEngine, WorkerSpec
+from agent.engine.worker import BUFFER_PREFIX, WorkerEngine, WorkerSpec, remove_stale_buffers
 from agent.stream.pipeline import Serving
 
 
@@ -170,3 +170,19 @@ def test_a_candidate_is_loaded_beside_the_serving_engine_only_with_headroom(bund
         check_headroom(bundle, serving, 0)  # 0 turns the check off
     finally:
         worker.close()
+
+
+def test_stale_buffers_go_and_a_race_for_them_does_not_stop_an_agent(tmp_path: Path) -> None:
+    """Agents starting together race for one killed agent's buffers (the fleet demo starts three): removing
+    what another took first, or what cannot be removed, is not an error."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{BUFFER_PREFIX}{dead.stdout.strip()}-abc"
+    (stale / "inputs").parent.mkdir()
+    (stale / "inputs").write_bytes(b"x")
+    stuck = tmp_path / f"{BUFFER_PREFIX}{dead.stdout.strip()}-def"
+    (stuck / "a folder").mkdir(parents=True)  # unlink fails on it: left for the operator, the agent starts
+    live = tmp_path / f"{BUFFER_PREFIX}{os.getpid()}-ghi"
+    live.mkdir()
+    remove_stale_buffers(tmp_path)
+    assert not stale.exists() and stuck.exists() and live.exists()
+    remove_stale_buffers(tmp_path)  # again, as the second of two agents finds them gone

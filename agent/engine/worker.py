@@ -48,13 +48,18 @@ BUFFER_PREFIX = "edgevit-worker-"
 
 
 def remove_stale_buffers(folder: Path = BUFFER_DIR) -> None:
-    """Delete buffers left by agents that were killed (their pid is in the folder name)."""
+    """Delete buffers left by agents that were killed (their pid is in the folder name).
+
+    Best effort: agents starting together on one machine race for the same stale folders, and a folder
+    this agent cannot remove must not stop it from starting.
+    """
     for path in folder.glob(f"{BUFFER_PREFIX}*"):
         pid = path.name[len(BUFFER_PREFIX) :].split("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            for item in path.iterdir():
-                item.unlink(missing_ok=True)
-            path.rmdir()
+            with contextlib.suppress(OSError):
+                for item in path.iterdir():
+                    item.unlink(missing_ok=True)
+                path.rmdir()
 
 
 @dataclass(frozen=True)
