@@ -28,8 +28,9 @@ fleet-demo-stop:
 	$(BIN)/python -m fleet.demo stop --out out/fleet-demo
 
 # Two workers, a test file each at a time (module fixtures stay in one process): the suite waits on agents,
-# brokers, streams and canary windows about as much as it computes.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# brokers, streams and canary windows about as much as it computes. A failed test runs once more: a test
+# that times real processes can lose to the other worker's load; failing twice is failing (docs/testing.md).
+PYTEST_WORKERS ?= -n 2 --dist loadfile --reruns 1
 
 test:
 	@scripts/system-deps
