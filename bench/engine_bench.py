@@ -56,8 +56,18 @@ REFERENCE = "openvino-nncf-int8"  # the peer to beat
 HEAD_TO_HEAD_S = 60.0  # the bundle against the reference, alternating batches of 8
 
 
+def _resnet_positions(cfg: ViTConfig, key: str) -> int:
+    """Output positions of a hybrid's ResNet convolution: the root at 1/2, each stage at 1/4, 1/8, ...; a later
+    stage's first 1x1 runs before its stride."""
+    if key.startswith("conv_root/"):
+        return (cfg.image_size // 2) ** 2
+    stage, unit = (int(part.lstrip("blockunit")) for part in key.split("/")[:2])
+    side = cfg.image_size // 4 // 2 ** (stage - 1)
+    return (2 * side if stage > 1 and unit == 1 and "/conv1/" in key else side) ** 2
+
+
 def gemm_ops_per_image(cfg: ModelConfig) -> float:
-    """Multiply-adds x 2 of every matrix product in one forward pass (Dense, patch embedding, attention)."""
+    """Multiply-adds x 2 of every matrix product in one forward pass (Dense, convolutions, attention)."""
     tokens = cfg.num_tokens
     ops = 0.0
     for key, shape in param_shapes(cfg).items():
@@ -69,6 +79,10 @@ def gemm_ops_per_image(cfg: ModelConfig) -> float:
         rows = 1 if key.startswith(("head", "pre_logits")) else tokens
         if "token_mixing" in key:
             rows = cfg.hidden_dim  # token mixing multiplies across tokens, once per channel
+        if isinstance(cfg, ViTConfig) and key.startswith(("conv_root/", "block")):
+            rows = _resnet_positions(cfg, key)
+        if key.startswith("MAPHead_0/") and "/key/" not in key and "/value/" not in key:
+            rows = 1  # the probe's query, output and MLP: one token
         ops += 2 * rows * fan_in * fan_out
     if isinstance(cfg, ViTConfig):
         ops += cfg.num_layers * 2 * 2 * tokens * tokens * cfg.hidden_size  # q.k and attn.v
