@@ -112,7 +112,7 @@ def fleet(archives, demo_bundle, signing_key, digits_video, tmp_path_factory) ->
             )
             agents[name] = start_agent(config)
     fleet = Fleet(folder, port, f"http://127.0.0.1:{http_port}", agents)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # ten agents starting on two cores, beside the suite's other worker
     while time.monotonic() < deadline and len([d for d in fleet.status().values() if d["fps"]]) < len(agents):
         time.sleep(1)
     yield fleet
