@@ -128,7 +128,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> None:
         bundle = verify_bundle(args.bundle, [load_public_key(p) for p in args.trust], DeviceInfo.probe())
         batch = bundle.batch_range[1]
         engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, batch)
-        engine = with_references(engine, bundle.references_path, batch)
+        engine = with_references(engine, bundle.references_path)
         golden = check_golden(engine, bundle.golden_path, batch)
         engine.close()
     except (BundleError, SignatureError, EngineError) as exc:

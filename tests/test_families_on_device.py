@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from agent_helpers import read_results, run_agent, summary, write_config
 from agent.engine.bundle import REFERENCES, verify_bundle
 from agent.engine.runtimes import EngineError
 from agent.engine.signing import load_public_key
-from agent.engine.similarity import SCALE, SimilarityHead
+from agent.engine.similarity import SCALE, HeadedEngine, SimilarityHead
 from builder.bundle.build import build_engine_bundle
 from builder.bundle.options import EngineOptions
 from builder.demo.train import CHECKPOINT_DIR
@@ -41,19 +43,23 @@ def headless_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.model_path.parent
 
 
-@pytest.fixture(scope="module")
-def embedding_bundle(headless_export: Path, signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    options = EngineOptions(
+def dynamic_int8(**changes: Any) -> EngineOptions:
+    """ONNX Runtime's dynamic INT8 of the headless demo ViT, measured briefly: the quickest gated build."""
+    base = {"calibration_images": 64, "profile_seconds": 0.2}
+    return EngineOptions(
         precision="int8",
         eval="demo:vit-digits",
         calib="demo:vit-digits",
-        calibration_images=64,
-        profile_seconds=0.2,
         runtime="onnxruntime",
         quantization="dynamic",
+        **{**base, **changes},
     )
+
+
+@pytest.fixture(scope="module")
+def embedding_bundle(headless_export: Path, signing_key, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("embedding-bundle") / "bundle"
-    return build_engine_bundle(headless_export, out, signing_key[0], options).path
+    return build_engine_bundle(headless_export, out, signing_key[0], dynamic_int8()).path
 
 
 def test_the_bundle_is_gated_on_cosine_and_ships_its_references(embedding_bundle: Path, signing_key) -> None:
@@ -69,7 +75,7 @@ def test_the_bundle_is_gated_on_cosine_and_ships_its_references(embedding_bundle
     assert accuracy["mean_cosine"] >= passport["gate"]["min_cosine"] == 0.99 and accuracy["min_cosine"] > 0.9
     assert accuracy["reference_top1"] > 0.9, "the digits' class prototypes classify held-out digits"
     assert passport["output"]["references_from"].startswith("class prototypes of")
-    head = SimilarityHead.load(bundle.references_path, 8, width=64)
+    head = SimilarityHead.load(bundle.references_path, width=64)
     assert np.allclose(np.linalg.norm(head.vectors, axis=1), 1, atol=1e-5)
 
 
@@ -115,16 +121,7 @@ def test_the_agent_serves_a_hybrid(demo_run, digits_video: Path, tmp_path: Path)
 
 
 def test_a_cosine_budget_the_engine_misses_refuses_the_build(headless_export: Path, signing_key, tmp_path) -> None:
-    options = EngineOptions(
-        precision="int8",
-        eval="demo:vit-digits",
-        calib="demo:vit-digits",
-        calibration_images=16,
-        profile_seconds=0.1,
-        runtime="onnxruntime",
-        quantization="dynamic",
-        gate=Gate(min_cosine=0.999999),
-    )
+    options = dynamic_int8(calibration_images=16, profile_seconds=0.1, gate=Gate(min_cosine=0.999999))
     with pytest.raises(GateError, match="mean cosine similarity to FP32's embeddings is 0.9"):
         build_engine_bundle(headless_export, tmp_path / "bundle", signing_key[0], options)
 
@@ -144,13 +141,14 @@ def test_references_a_device_cannot_honour_are_refused(
     path = tmp_path / "references.npz"
     np.savez(path, vectors=vectors)
     with pytest.raises(EngineError, match=message):
-        SimilarityHead.load(path, 8, width)
+        SimilarityHead.load(path, width)
 
 
 def test_scores_are_scaled_cosine_similarities() -> None:
     vectors = np.eye(3, 4, dtype=np.float32)
-    head = SimilarityHead(vectors, 4)
+    head = SimilarityHead(vectors)
     embeddings = np.array([[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 5]], np.float32)
     expected = SCALE * np.array([[1, 0, 0], [0.5**0.5, 0.5**0.5, 0], [0, 0, 0]], np.float32)
-    np.testing.assert_allclose(head.apply(embeddings, np.empty((4, 3), np.float32)), expected, atol=1e-4)
+    engine = HeadedEngine(SimpleNamespace(run=lambda images: embeddings, close=lambda: None), head)
+    np.testing.assert_allclose(engine.run(np.zeros((3, 8, 8, 3), np.uint8)), expected, atol=1e-4)
     np.testing.assert_allclose(head.scores(embeddings), expected, atol=1e-4)

@@ -27,14 +27,13 @@ MAX_REFERENCES = 100_000
 
 
 class SimilarityHead:
-    """Unit reference vectors [references, width]; :meth:`apply` scores a batch of embeddings into ``out``."""
+    """Unit reference vectors [references, width]; :meth:`scores` turns a batch of embeddings into scores."""
 
-    def __init__(self, vectors: np.ndarray, max_batch: int) -> None:
+    def __init__(self, vectors: np.ndarray) -> None:
         self.vectors = np.ascontiguousarray(vectors, np.float32)
-        self._norms = np.empty((max_batch, 1), np.float32)
 
     @classmethod
-    def load(cls, path: Path, max_batch: int, width: int | None = None) -> SimilarityHead:
+    def load(cls, path: Path, width: int | None = None) -> SimilarityHead:
         """The references a bundle ships, checked: a finite float matrix of unit rows, ``width`` wide."""
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -47,42 +46,31 @@ class SimilarityHead:
             raise EngineError(f"{path.name}: references are {vectors.shape[1]} wide, the engine's output {width}")
         if not np.isfinite(vectors).all() or not np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3):
             raise EngineError(f"{path.name}: references must be finite unit vectors")
-        return cls(vectors, max_batch)
-
-    def apply(self, embeddings: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``SCALE`` x cosine similarity of each row of ``embeddings`` to each reference, written to ``out``."""
-        n = len(embeddings)
-        norms = self._norms[:n]
-        np.einsum("ij,ij->i", embeddings, embeddings, out=norms[:, 0])
-        np.sqrt(norms, out=norms)
-        np.maximum(norms, 1e-12, out=norms)
-        np.divide(SCALE, norms, out=norms)
-        np.matmul(embeddings, self.vectors.T, out=out[:n])
-        out[:n] *= norms
-        return out[:n]
+        return cls(vectors)
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
-        """:meth:`apply` into a new array (the builder's use: whole evaluation sets at once)."""
-        return SimilarityHead(self.vectors, len(embeddings)).apply(
-            embeddings.astype(np.float32), np.empty((len(embeddings), len(self.vectors)), np.float32)
-        )
+        """``SCALE`` x cosine similarity of each row of ``embeddings`` to each reference: a new array, as every
+        engine's output is."""
+        embeddings = embeddings.astype(np.float32, copy=False)
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        out: np.ndarray = embeddings @ self.vectors.T
+        out *= SCALE / np.maximum(norms, 1e-12)
+        return out
 
 
 class HeadedEngine:
     """An :class:`Engine` that outputs similarity scores to the references instead of the embedding."""
 
-    def __init__(self, engine: Engine, head: SimilarityHead, max_batch: int) -> None:
+    def __init__(self, engine: Engine, head: SimilarityHead) -> None:
         self.engine, self.head = engine, head
-        self._out = np.empty((max_batch, len(head.vectors)), np.float32)
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        scores: np.ndarray = self.head.apply(self.engine.run(images), self._out).copy()
-        return scores
+        return self.head.scores(self.engine.run(images))
 
     def close(self) -> None:
         self.engine.close()
 
 
-def with_references(engine: Engine, references: Path | None, max_batch: int) -> Engine:
+def with_references(engine: Engine, references: Path | None) -> Engine:
     """``engine`` as a bundle serves it: through its references when it has some."""
-    return engine if references is None else HeadedEngine(engine, SimilarityHead.load(references, max_batch), max_batch)
+    return engine if references is None else HeadedEngine(engine, SimilarityHead.load(references))

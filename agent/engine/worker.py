@@ -135,7 +135,7 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
         engine = open_engine(
             spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads, spec.cache_dir, spec.precision
         )
-        engine = with_references(engine, spec.references, spec.max_batch)
+        engine = with_references(engine, spec.references)
         inputs, outputs = spec.inputs(inputs_path, "r+"), spec.outputs(outputs_path, "r+")
     except Exception as exc:  # reported to the agent, which refuses the engine with this message
         conn.send(("error", str(exc)))

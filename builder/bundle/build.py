@@ -98,7 +98,7 @@ def build_engine_bundle(
         evaluation_frames.labels,
         reference_logits,
         progress,
-        SimilarityHead(references.vectors, options.max_batch) if references else None,
+        SimilarityHead(references.vectors) if references else None,
     )
     baseline = _baseline(options.baseline) if options.baseline else None
     out.parent.mkdir(parents=True, exist_ok=True)

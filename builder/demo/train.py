@@ -8,7 +8,7 @@ committed checkpoints (about a minute each on two cores).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +24,20 @@ from builder.export.models import apply, flatten, init_params, jax_forward, prep
 
 IMAGE_SIZE = 64
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+VIT_DIGITS = ViTConfig(
+    patch_size=16,
+    hidden_size=64,
+    mlp_dim=128,
+    num_heads=4,
+    num_layers=4,
+    num_classes=len(LABELS),
+    image_size=IMAGE_SIZE,
+)
 DEMO_MODELS: dict[str, ModelConfig] = {
-    "vit-digits": ViTConfig(
-        patch_size=16,
-        hidden_size=64,
-        mlp_dim=128,
-        num_heads=4,
-        num_layers=4,
-        num_classes=len(LABELS),
-        image_size=IMAGE_SIZE,
-    ),
+    "vit-digits": VIT_DIGITS,
     # R50+ViT-B_16's structure in small: two bottleneck stages (the second halves the resolution), then
     # 2x2 patches on the feature map, the same 4x4 token grid as the ViT's
-    "hybrid-digits": ViTConfig(
-        patch_size=2,
-        hidden_size=64,
-        mlp_dim=128,
-        num_heads=4,
-        num_layers=2,
-        num_classes=len(LABELS),
-        image_size=IMAGE_SIZE,
-        resnet=ResNetConfig((1, 1), width_factor=0.5),
-    ),
+    "hybrid-digits": replace(VIT_DIGITS, patch_size=2, num_layers=2, resnet=ResNetConfig((1, 1), width_factor=0.5)),
     "mixer-digits": MixerConfig(
         patch_size=16,
         hidden_dim=64,

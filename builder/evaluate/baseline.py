@@ -86,7 +86,7 @@ def compare_with_baseline(
         )
     try:
         engine = open_engine(baseline.backend, baseline.target, baseline.engine, max_batch, threads)
-        engine = with_references(engine, baseline.references, max_batch)
+        engine = with_references(engine, baseline.references)
     except EngineError as exc:
         raise BuildError(f"--baseline {baseline.name} cannot run on this machine: {exc}") from exc
     try:
