@@ -8,11 +8,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from test_export import FAMILIES, export
 
 from agent.engine.preprocess import InputSpec
 from agent.engine.runtimes import open_engine
 from builder.evaluate.datasets import calibration_set
+from builder.export.architecture import ViTConfig
 from builder.export.verify import sample_images
+from builder.quantize.calibration import channel_absmax, observe
+from builder.quantize.int8_recipe import Int8Search, Recipe
 from builder.quantize.precision import (
     CALIBRATION_METHODS,
     WEIGHT_OPS,
@@ -23,6 +27,7 @@ from builder.quantize.precision import (
     require_quantized,
     to_fp16,
 )
+from builder.quantize.smoothing import smooth, smoothing_factors
 from builder.rewrites.graph_passes import gemm_to_matmul
 
 
@@ -143,3 +148,33 @@ def test_fp16_keeps_uint8_in_and_float_out(demo_exports, tmp_path: Path) -> None
             np.testing.assert_array_equal(
                 onnx.numpy_helper.to_array(constants[name]), original[name.removesuffix("_fp32")]
             )
+
+
+@pytest.mark.parametrize("family", ["bv-map-sincos", "bv-headless", "hybrid-staged"])
+def test_smoothing_and_mixed_precision_reach_the_new_families(family: str, tmp_path: Path) -> None:
+    """big_vision's MAP head and the hybrids' convolutions go through the INT8 search a plain ViT goes through:
+    smoothing folds into the MAP head's two norms (the encoder's, read by its key/value Dense, and its own, read
+    by its MLP) bit for bit, and any layer, a convolution or the attention pooling's Dense, can stay in float."""
+    cfg = FAMILIES[family]
+    assert isinstance(cfg, ViTConfig)
+    model_path = export(tmp_path, cfg).model_path
+    model = onnx.load(str(model_path))
+    images = sample_images(16, cfg.image_size, seed=3)
+    (tmp_path / "search").mkdir()
+    search = Int8Search(model_path, images, tmp_path / "search", embeddings=cfg.output == "embeddings")
+    map_head = cfg.classifier == "map"
+    assert len(search.targets) == 2 * cfg.num_layers + (2 if map_head else 0)
+    absmax = channel_absmax(model, images, [t.norm for t in search.targets])
+    smoothed = smooth(model, search.targets, smoothing_factors(model, search.targets, absmax, 0.8))
+    before, after = (observe(m, images, [], lambda *_: None) for m in (model, smoothed))
+    np.testing.assert_array_equal(after, before)
+
+    kinds = {n.name: n.op_type for n in search.layers(model)}
+    # a convolution of the hybrid's ResNet; the last two Dense of a MAP model (in its attention pooling's MLP)
+    kept = (next(n for n, op in kinds.items() if op == "Conv"),) if cfg.resnet else tuple(list(kinds)[-2:])
+    engine = search.build(Recipe("static", alpha=0.8, float_layers=kept))
+    still_float = [name for _, name in float_weight_ops(engine)]
+    assert all(any(name.startswith(k) for name in still_float) for k in kept) and len(still_float) == len(kept)
+    convs = [sum(n.op_type == "Conv" for n in m.graph.node) for m in (model, onnx.load(str(engine)))]
+    assert convs[0] == convs[1]  # the other convolutions are quantized, none dropped
+    assert search.score(engine).agreement > 0.5
