@@ -29,6 +29,8 @@ from builder.export.architecture import ModelConfig, ViTConfig, published_config
 # big_vision models in its layout: B/16 with its MAP head (SigLIP's pooling) and SigLIP So400m/14's image tower
 BIG_VISION: dict[str, ModelConfig] = {
     "bv-B_16-map": ViTConfig(16, 768, 3072, 12, 12, 1000, 224, "map", layout="big_vision"),
+    # SigLIP B/16's image tower: the same encoder, headless
+    "bv-B_16-map-embeddings": ViTConfig(16, 768, 3072, 12, 12, 0, 224, "map", layout="big_vision", output="embeddings"),
     "bv-So400m_14-map-embeddings": ViTConfig(
         14, 1152, 4304, 16, 27, 0, 224, "map", layout="big_vision", output="embeddings"
     ),
