@@ -6,24 +6,33 @@ For each, measured in one run on this machine:
 
 - the raw engine's best images/s over a batch sweep (``agent.engine.profile``, own process);
 - the agent's processed frames/s, frame-to-result p99 and skipped/shed frames, with
-  adaptive batching and with fixed batch 1 and fixed maximum batch at the same load.
+  adaptive batching and with fixed batch 1 and fixed maximum batch at the same load;
+- where the CPU went while every camera ran: the engine's worker, the decoders, the agent
+  itself, and idle, in percent of all cores (read from /proc for half the run).
+
+``--repeat N`` makes N passes, each after measuring the raw engine again (a shared machine's
+speed drifts by tens of percent within minutes); a row is the pass with the median share of
+its raw figure, with the range of the shares beside it.
 
 The cameras are looping files paced at 30 fps (decode and resize run on the same two
 cores as the engine, as they would on a CPU-only box).
 
-    python bench/agent_bench.py [--seconds 8] [--budget-ms 100] [--out bench/results]
+    python bench/agent_bench.py [--seconds 8] [--budget-ms 100] [--repeat 1] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,24 +118,15 @@ def run_agent(
     }
     path = work / "agent.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.daemon",
-            "--config",
-            str(path),
-            "--duration",
-            str(seconds),
-            "--log-level",
-            "WARNING",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=agent_root,
-        check=True,
-    )
-    summary = next(json.loads(line)["summary"] for line in proc.stdout.splitlines() if line.startswith('{"summary"'))
+    command = [sys.executable, "-m", "agent.daemon", "--config", str(path), "--duration", str(seconds)]
+    with subprocess.Popen(
+        [*command, "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=agent_root
+    ) as proc:
+        split = cpu_split(proc.pid, cameras, seconds / 2)
+        out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"the agent failed ({proc.returncode}): {err[-2000:]}")
+    summary = next(json.loads(line)["summary"] for line in out.splitlines() if line.startswith('{"summary"'))
     cams = summary["cameras"].values()
     return {
         "processed_fps": sum(c["processed"] for c in cams) / seconds,
@@ -135,7 +135,61 @@ def run_agent(
         "shed": sum(c["shed"] for c in cams),
         "p99_ms": summary["latency"]["p99_ms"],
         "batches": summary["batch_sizes"],
+        "cpu_split": split,
     }
+
+
+def cpu_split(pid: int, cameras: int, window: float) -> dict[str, float]:
+    """Where the machine's CPU went while every camera ran: percent of all cores, over ``window`` seconds
+    that start 2 s after the last decoder did, for the engine's worker, the decoders, the agent itself
+    (relaying frames, batching, results) and nothing (idle, or other processes)."""
+    agent = psutil.Process(pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(_kind(p) == "decoders" for p in _tree(agent)) < cameras:
+        time.sleep(0.1)
+    time.sleep(2.0)
+    before, start = _cpu_by_kind(agent), time.monotonic()
+    time.sleep(window)
+    after, elapsed = _cpu_by_kind(agent), time.monotonic() - start
+    cores = psutil.cpu_count() or 1
+    split = {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / elapsed / cores * 100, 1) for k in KINDS}
+    split["idle"] = round(100 - sum(split.values()), 1)
+    return split
+
+
+KINDS = ("engine", "decoders", "agent")
+
+
+def _tree(agent: psutil.Process) -> list[psutil.Process]:
+    return [agent, *agent.children(recursive=True)]
+
+
+def _kind(process: psutil.Process) -> str:
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return "gone"
+    return "decoders" if "agent.stream.decoder" in command else "agent" if "agent.daemon" in command else "engine"
+
+
+def _cpu_by_kind(agent: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of each kind of process, children that were waited for excluded."""
+    found: dict[str, float] = {}
+    for process in _tree(agent):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        kind = _kind(process)
+        found[kind] = found.get(kind, 0.0) + times.user + times.system
+    return found
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The pass whose share of its own raw engine figure is the median, with every pass's share beside it."""
+    shares = [r["processed_fps"] / r["raw_best_ips"] for r in runs]
+    middle = sorted(range(len(runs)), key=lambda i: shares[i])[len(runs) // 2]
+    return {**runs[middle], "of_raw_median": statistics.median(shares), "of_raw": shares, "passes": runs}
 
 
 def main() -> None:
@@ -146,6 +200,7 @@ def main() -> None:
     args.add_argument("--only", help="measure only engines whose name contains this")
     args.add_argument("--cameras", type=int, nargs="+", default=CAMERAS, help="camera counts to run")
     args.add_argument("--agent-root", type=Path, default=ROOT, help="the checkout whose agent runs (same venv)")
+    args.add_argument("--repeat", type=int, default=1, help="passes; each row shows their median and range")
     parsed = args.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +211,6 @@ def main() -> None:
         for name, bundle in bundles(work, key).items():
             if parsed.only and parsed.only not in name:
                 continue
-            best = raw_best(bundle)
             engine = json.loads((bundle / "manifest.json").read_text())["engine"]
             label, max_batch = f"{name} ({engine['backend']} {engine['target']})", engine["batch"]["max"]
             modes = {
@@ -164,39 +218,38 @@ def main() -> None:
                 "fixed 1": {"mode": "fixed", "fixed_batch": 1},
                 f"fixed {max_batch}": {"mode": "fixed", "fixed_batch": max_batch},
             }
-            for cameras in parsed.cameras:
-                for mode, batching in modes.items():
-                    print(f"  {name}: {cameras} cameras, {mode}", file=sys.stderr, flush=True)
-                    measured = run_agent(
-                        bundle,
-                        public,
-                        video,
-                        cameras,
-                        {**batching, "latency_budget_ms": parsed.budget_ms},
-                        parsed.seconds,
-                        work,
-                        parsed.agent_root,
-                    )
-                    rows.append(
-                        {
-                            "engine": label,
-                            "cameras": cameras,
-                            "offered_fps": 30 * cameras,
-                            "mode": mode,
-                            "raw_best_ips": best,
-                            **measured,
-                        }
-                    )
+            runs: dict[tuple[int, str], list[dict]] = {}
+            for repeat in range(parsed.repeat):  # the raw engine again before each pass: the machine drifts
+                best = raw_best(bundle)
+                for cameras in parsed.cameras:
+                    for mode, batching in modes.items():
+                        print(f"  {name}: {cameras} cameras, {mode} ({repeat + 1})", file=sys.stderr, flush=True)
+                        measured = run_agent(
+                            bundle,
+                            public,
+                            video,
+                            cameras,
+                            {**batching, "latency_budget_ms": parsed.budget_ms},
+                            parsed.seconds,
+                            work,
+                            parsed.agent_root,
+                        )
+                        runs.setdefault((cameras, mode), []).append({"raw_best_ips": best, **measured})
+            for (cameras, mode), found in runs.items():
+                rows.append({"engine": label, "cameras": cameras, "offered_fps": 30 * cameras, "mode": mode,
+                             **median_run(found)})  # fmt: skip
     lines = [
         "| engine | cameras (30 fps) | mode | raw engine best img/s | agent frames/s | % of raw "
-        f"| p99 ms (budget {parsed.budget_ms:g}) | skipped | shed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| p99 ms (budget {parsed.budget_ms:g}) | skipped | shed | CPU %: engine / decoders / agent / idle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        spread = f" ({min(r['of_raw']):.0%}–{max(r['of_raw']):.0%})" if len(r["of_raw"]) > 1 else ""
+        cpu = r["cpu_split"]
         lines.append(
             f"| {r['engine']} | {r['cameras']} | {r['mode']} | {r['raw_best_ips']:.0f} | "
-            f"{r['processed_fps']:.1f} | {r['processed_fps'] / r['raw_best_ips']:.0%} | {r['p99_ms']} | "
-            f"{r['skipped']} | {r['shed']} |"
+            f"{r['processed_fps']:.1f} | {r['of_raw_median']:.0%}{spread} | {r['p99_ms']} | "
+            f"{r['skipped']} | {r['shed']} | {' / '.join(f'{cpu[k]:.0f}' for k in (*KINDS, 'idle'))} |"
         )
     table = "\n".join(lines) + "\n"
     parsed.out.mkdir(parents=True, exist_ok=True)
