@@ -296,7 +296,7 @@ def peer_gate(peer: Accuracy) -> Gate:
     return Gate(
         max_top1_drop_points=max(default.max_top1_drop_points, peer.top1_drop_points),
         min_top1_agreement=min(default.min_top1_agreement, peer.top1_agreement),
-        min_cosine=min(default.min_cosine, peer.mean_cosine or 1.0),
+        min_cosine=default.min_cosine if peer.mean_cosine is None else min(default.min_cosine, peer.mean_cosine),
     )
 
 
