@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,16 +153,21 @@ def jax_child(checkpoint: str, seconds: float) -> None:
     print(json.dumps({"latency": rows, "peak_rss_mib": peak_rss_mib()}))
 
 
-def openvino_child(model: str, seconds: float) -> None:
-    """Serve an OpenVINO model as its documentation shows: static batch, LATENCY hint, default precision."""
+def reference_request(model: Path | str, batch: int) -> Any:
+    """An OpenVINO model compiled as its documentation shows: static batch, LATENCY hint, default precision."""
     from agent.engine.runtimes.openvino import load_openvino
 
     core = load_openvino().Core()
+    ov_model = core.read_model(model)
+    ov_model.reshape({ov_model.inputs[0].any_name: [batch, 224, 224, 3]})
+    return core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+
+
+def openvino_child(model: str, seconds: float) -> None:
+    """Serve the reference (:func:`reference_request`) at each batch size and report like agent.engine.profile."""
     rows = []
     for batch in BATCHES:
-        ov_model = core.read_model(model)
-        ov_model.reshape({ov_model.inputs[0].any_name: [batch, 224, 224, 3]})
-        request = core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        request = reference_request(model, batch)
 
         def run(images: np.ndarray, request=request) -> np.ndarray:  # noqa: ANN001
             request.infer({0: images})
@@ -195,14 +201,10 @@ def head_to_head_child(spec: str, seconds: float) -> None:
     the agent opens it.
     """
     from agent.engine.runtimes import open_engine
-    from agent.engine.runtimes.openvino import load_openvino
 
     bundle_path, backend, target, reference = json.loads(spec)
     shipped = open_engine(backend, target, Path(bundle_path), 8)
-    core = load_openvino().Core()
-    model = core.read_model(reference)
-    model.reshape({model.inputs[0].any_name: [8, 224, 224, 3]})
-    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+    request = reference_request(reference, 8)
     images = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
     times = alternating(
         {"bundle": lambda: shipped.run(images), "reference": lambda: request.infer({0: images})}, seconds
@@ -260,12 +262,7 @@ def image_folders(
 
 def peer_outputs(model: Path, frames: np.ndarray) -> np.ndarray:
     """OpenVINO + NNCF's outputs on the evaluation frames, compiled as the reference is."""
-    from agent.engine.runtimes.openvino import load_openvino
-
-    core = load_openvino().Core()
-    ov_model = core.read_model(model)
-    ov_model.reshape({ov_model.inputs[0].any_name: [8, 224, 224, 3]})
-    request = core.compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+    request = reference_request(model, 8)
     found = []
     for i in range(0, len(frames), 8):
         request.infer({0: frames[i : i + 8]})
@@ -325,8 +322,15 @@ def shipped_bundle(export: Path, work: Path, calibration: np.ndarray, gate: Gate
         "recipe": chosen.quantization,
         "accuracy": _figures(chosen.accuracy),
         "gate": {"min_top1_agreement": gate.min_top1_agreement, "min_cosine": gate.min_cosine},
+        "ties": (chosen.choice or {}).get("ties", []),
         "candidates": [
-            {"label": c.label, **_figures(c.accuracy), "gate": not c.misses, "ips": c.throughput()}
+            {
+                "label": c.label,
+                **_figures(c.accuracy),
+                "logit_error": c.accuracy.mean_abs_logit_error,
+                "gate": not c.misses,
+                "ips": c.throughput(),
+            }
             for c in result.candidates
         ],
     }
