@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,17 +45,82 @@ def test_worker_matches_the_engine_in_process(bundle: Bundle) -> None:
         local.close()
 
 
-def test_a_killed_worker_fails_one_batch_then_restarts(bundle: Bundle) -> None:
+def test_a_killed_worker_fails_its_batches_in_flight_then_restarts(bundle: Bundle, tmp_path: Path) -> None:
+    """Killed mid-batch: that batch and the one queued behind it fail, and the next gets a fresh worker."""
+    hanging = hang_on_bright_frames(bundle.engine_path, tmp_path / "hangs.onnx")
+    worker = WorkerEngine(_spec(bundle, hanging), timeout_s=60)
+    white = np.full((1, worker.spec.height, worker.spec.width, 3), 255, np.uint8)
+    try:
+        expected = worker.run(white * 0)
+        hung, queued = worker.submit(white), worker.submit(white * 0)
+        time.sleep(0.5)  # the white frame is in the worker now
+        os.kill(worker.pid, signal.SIGKILL)
+        for ticket in (hung, queued):
+            with pytest.raises(EngineError, match=r"engine worker died \(exit -9\)"):
+                worker.collect(ticket)
+        np.testing.assert_array_equal(worker.run(white * 0), expected)
+        assert worker.restarts == 1
+    finally:
+        worker.close()
+
+
+def test_a_worker_killed_while_idle_costs_no_batch(bundle: Bundle) -> None:
+    """Its death is seen when it happens, not by the next batch: that batch goes to a fresh worker."""
     with np.load(bundle.golden_path) as golden:
         images = golden["images"][:2]
     worker = WorkerEngine(_spec(bundle))
     try:
         expected = worker.run(images)
         os.kill(worker.pid, signal.SIGKILL)
-        with pytest.raises(EngineError, match=r"engine worker died \(exit -9\)"):
-            worker.run(images)
+        deadline = time.monotonic() + 10
+        while worker.pid is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.pid is None
         np.testing.assert_array_equal(worker.run(images), expected)
         assert worker.restarts == 1
+    finally:
+        worker.close()
+
+
+def test_batches_queue_in_the_worker_and_end_in_order(bundle: Bundle) -> None:
+    """The pipeline submits the next batch while one runs: each ticket gets its own batch's logits,
+    and the time the worker measured is the engine's alone, not the wait behind the batch before."""
+    with np.load(bundle.golden_path) as golden:
+        images = golden["images"]
+    worker = WorkerEngine(_spec(bundle))
+    ended: list[int] = []
+    try:
+        expected = [worker.run(images[i : i + 2]) for i in range(0, 6, 2)]
+        tickets = [worker.submit(images[i : i + 2], lambda i=i: ended.append(i)) for i in range(0, 6, 2)]
+        for ticket, logits in reversed(list(zip(tickets, expected, strict=True))):  # any order of collecting
+            np.testing.assert_array_equal(worker.collect(ticket), logits)
+            assert 0 < ticket.seconds < time.monotonic() - ticket.submitted
+        assert ended == [0, 2, 4]
+    finally:
+        worker.close()
+
+
+def test_exclusive_waits_for_batches_in_flight_and_holds_off_other_threads(bundle: Bundle) -> None:
+    """The pre-swap latency comparison times the serving engine alone: what was queued ends first, and
+    the inference thread's next submit waits until the block is over."""
+    with np.load(bundle.golden_path) as golden:
+        images = golden["images"][:2]
+    worker = WorkerEngine(_spec(bundle))
+    try:
+        queued = [worker.submit(images), worker.submit(images)]
+        later: list[float] = []
+        with worker.exclusive():
+            assert all(t.done.is_set() for t in queued)
+            other = threading.Thread(target=lambda: later.append(worker.submit(images).submitted))
+            other.start()
+            other.join(0.3)
+            assert other.is_alive() and not later  # waiting for the block
+            inside = time.monotonic()
+            worker.run(images)
+        other.join(10)
+        assert later and later[0] > inside
+        for ticket in queued:
+            worker.collect(ticket)
     finally:
         worker.close()
 
@@ -63,7 +129,7 @@ def test_a_hung_batch_times_out_and_the_worker_is_replaced(bundle: Bundle, tmp_p
     hanging = hang_on_bright_frames(bundle.engine_path, tmp_path / "hangs.onnx")
     worker = WorkerEngine(_spec(bundle, hanging), timeout_s=1.0)
     try:
-        white = np.full((1, *worker._inputs.shape[1:]), 255, np.uint8)
+        white = np.full((1, worker.spec.height, worker.spec.width, 3), 255, np.uint8)
         with pytest.raises(EngineError, match="did not finish within 1 s"):
             worker.run(white)
         assert worker.run(white * 0).shape == (1, len(bundle.labels))
@@ -186,3 +252,53 @@ def test_stale_buffers_go_and_a_race_for_them_does_not_stop_an_agent(tmp_path: P
     remove_stale_buffers(tmp_path)
     assert not stale.exists() and stuck.exists() and live.exists()
     remove_stale_buffers(tmp_path)  # again, as the second of two agents finds them gone
+
+
+class _Collected:
+    """A result sink that keeps what it was handed."""
+
+    def __init__(self) -> None:
+        self.results: list[dict] = []
+
+    def emit(self, results: list[dict]) -> None:
+        self.results.extend(results)
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_pipeline_fills_the_next_batch_while_one_runs(
+    demo_bundle: Path, bundle: Bundle, signing_key, tmp_path: Path
+) -> None:
+    """A batch's results are handed on after the next batch is submitted, so the worker never waits for the
+    agent; each frame's result is its own, in order."""
+    from agent.config import load_config
+    from agent.stream.frames import FrameInfo
+    from agent.stream.pipeline import Pipeline
+
+    cameras = [{"name": name, "source": "rtsp://127.0.0.1:1/none"} for name in ("a", "b")]
+    batching = {"mode": "fixed", "fixed_batch": 2}  # no camera connects here: adaptive would run single frames
+    config = load_config(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras, batching=batching))
+    with np.load(bundle.golden_path) as golden:
+        images, expected = golden["images"][:6], golden["reference"][:6].argmax(axis=1)
+    worker = WorkerEngine(_spec(bundle))
+    sink = _Collected()
+    pipeline = Pipeline(config, Serving.of(bundle, worker), [sink], lambda *_: None)  # not started: no cameras
+    try:
+
+        def put(i: int) -> None:
+            now = time.monotonic()
+            pipeline.queue.put(FrameInfo("ab"[i % 2], i, time.time(), now), images[i])
+
+        put(0), put(1)
+        pipeline._step(timeout=1)
+        assert not sink.results and worker._in_flight  # submitted, not waited for
+        for i in range(2, 6, 2):
+            put(i), put(i + 1)
+            pipeline._step(timeout=1)
+            assert [r["seq"] for r in sink.results] == list(range(i))  # the batch before, handed on
+        pipeline._step(timeout=0)  # no frame waiting: the batch in flight is handed on
+        assert [r["seq"] for r in sink.results] == list(range(6))
+        assert [r["top"][0]["label"] for r in sink.results] == [bundle.labels[i] for i in expected]
+    finally:
+        worker.close()

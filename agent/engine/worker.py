@@ -1,12 +1,16 @@
 """Inference in a child process: an engine that crashes, hangs or leaks takes only its worker down.
 
-The agent and the worker share two memory-mapped buffers, allocated once: the input
-batch (uint8 NHWC at the bundle's maximum batch) and the output logits. The pipe
-between them carries only a batch size and a status, so a batch costs one memcpy in
-and one small copy out. A batch that does not return within ``timeout_s`` or a worker
-that dies is killed; the call raises :class:`EngineError` (counted by the caller as a
-failed batch). A worker whose resident memory has grown past ``max_rss_mib`` (checked
-after a batch, at most once a second) is killed once its batch's logits are out. In
+The agent and the worker share two memory-mapped buffers, allocated once: ``SLOTS`` input
+batches (uint8 NHWC at the bundle's maximum batch) and as many output logits. The pipe
+between them carries only a slot, a batch size and a status, so a batch costs one memcpy
+in and one small copy out. Batches can be submitted while others are in flight: the
+worker runs them in order, and starts the next the moment one ends, while the agent is
+still busy with the last one's results (:meth:`WorkerEngine.submit`,
+:meth:`WorkerEngine.collect`). A batch that does not end within ``timeout_s`` of its
+start, or a worker that dies, is killed; every batch in flight then raises
+:class:`EngineError` (counted by the caller as a failed batch). A worker whose resident
+memory has grown past ``max_rss_mib`` (checked after a batch with nothing else in flight,
+at most once a second) is killed once that batch's logits are out. In
 every case the next call starts a fresh worker. The worker exits as soon as the
 agent is gone (a thread watching its parent pid), so a hung engine never outlives a
 killed agent.
@@ -22,8 +26,9 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +50,7 @@ LOAD_NOTIFY_S = 10.0  # while an engine loads, systemd's start (or stop) timeout
 # Buffers live in RAM where the system has /dev/shm: never write batches to a Jetson's eMMC.
 BUFFER_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 BUFFER_PREFIX = "edgevit-worker-"
+SLOTS = 3  # the pipeline's batch in flight and the one queued behind it, and one synchronous run beside them
 
 
 def remove_stale_buffers(folder: Path = BUFFER_DIR) -> None:
@@ -104,10 +110,24 @@ class WorkerSpec:
         )
 
     def inputs(self, path: Path, mode: Literal["r+", "w+"]) -> np.memmap[Any, np.dtype[np.uint8]]:
-        return np.memmap(path, np.uint8, mode, shape=(self.max_batch, self.height, self.width, 3))
+        return np.memmap(path, np.uint8, mode, shape=(SLOTS, self.max_batch, self.height, self.width, 3))
 
     def outputs(self, path: Path, mode: Literal["r+", "w+"]) -> np.memmap[Any, np.dtype[np.float32]]:
-        return np.memmap(path, np.float32, mode, shape=(self.max_batch, self.classes))
+        return np.memmap(path, np.float32, mode, shape=(SLOTS, self.max_batch, self.classes))
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A batch submitted to a worker; ``done`` is set once its logits (or its error) are in."""
+
+    slot: int
+    n: int
+    submitted: float
+    notify: Callable[[], None] | None = None  # called from the receiving thread when the batch ends
+    done: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None  # monotonic: when the worker took it up (the batch before it ended)
+    seconds: float = 0.0  # the engine's own time for the batch, measured in the worker
+    error: str | None = None
 
 
 def _die_with_parent() -> None:
@@ -143,20 +163,28 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
     conn.send(("ready", os.getpid()))
     while True:
         try:
-            n = conn.recv()
+            request = conn.recv()
         except EOFError:
             return
-        if n is None:
+        if request is None:
             return
+        slot, n = request
+        started = time.perf_counter()
         try:
-            outputs[:n] = engine.run(inputs[:n])
-            conn.send(("ok", n))
+            outputs[slot, :n] = engine.run(inputs[slot, :n])
+            conn.send(("ok", slot, time.perf_counter() - started))
         except Exception as exc:  # a failed batch is the caller's to count; the worker keeps serving
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            conn.send(("error", slot, f"{type(exc).__name__}: {exc}"))
 
 
 class WorkerEngine:
-    """An :class:`~agent.engine.runtimes.Engine` whose runtime lives in a child process."""
+    """An :class:`~agent.engine.runtimes.Engine` whose runtime lives in a child process.
+
+    Two locks: ``_state`` guards the slots, the batches in flight and the process, and is
+    never held while waiting; ``_exclusive`` is held by :meth:`exclusive` across its block,
+    and by each submit, so another thread's submits wait while a block runs. A thread
+    receives the worker's replies, so a batch's end is seen while its submitter is busy.
+    """
 
     def __init__(
         self,
@@ -169,7 +197,11 @@ class WorkerEngine:
         self.max_rss_mib = max_rss_mib
 
         self.restarts = 0
-        self._lock = threading.RLock()  # exclusive() holds it across runs
+        self._exclusive = threading.RLock()
+        self._state = threading.Condition()
+        self._free = list(range(SLOTS))
+        self._in_flight: deque[Ticket] = deque()  # the worker answers in order
+        self._last_reply = 0.0  # monotonic: when the worker last ended a batch (the next one's start)
         self._dir = Path(tempfile.mkdtemp(prefix=f"{BUFFER_PREFIX}{os.getpid()}-", dir=BUFFER_DIR))
         self._inputs_path, self._outputs_path = self._dir / "inputs", self._dir / "outputs"
         self._inputs, self._outputs = spec.inputs(self._inputs_path, "w+"), spec.outputs(self._outputs_path, "w+")
@@ -212,18 +244,64 @@ class WorkerEngine:
         if status != "ready":
             process.join(5)
             raise EngineError(str(detail))
-        self._process, self._conn = process, parent
+        with self._state:
+            self._process, self._conn = process, parent
+        threading.Thread(target=self._receive, args=(parent, process), name="worker-replies", daemon=True).start()
         if self._unified:  # what the load took from shared DRAM beyond its RSS: the GPU's share (nvmap)
             taken = (available_before - psutil.virtual_memory().available) / 2**20
             self._gpu_at_load_mib = max(taken - (self.rss_mib() or 0.0), 0.0)
 
-    def _kill(self, why: str) -> EngineError:
+    def _receive(self, conn: Connection, process: mp.process.BaseProcess) -> None:
+        """The replying thread of one worker: ends each batch in flight, in order, until the pipe closes."""
+        while True:
+            try:
+                status, slot, detail = conn.recv()
+            except (EOFError, OSError):
+                with self._state:
+                    if self._conn is conn:  # it died on its own: every batch in flight fails with it
+                        process.join(5)
+                        log.error("engine worker died (exit %s); the next batch starts another", process.exitcode)
+                        self._drop(f"engine worker died (exit {process.exitcode})")
+                return
+            with self._state:
+                if self._conn is not conn or not self._in_flight:
+                    return  # killed meanwhile: its batches were failed by the kill
+                ticket = self._in_flight.popleft()
+                if ticket.slot != slot:  # cannot happen while the worker answers in order
+                    self._drop(f"engine worker answered for slot {slot}, expected {ticket.slot}")
+                    process.kill()
+                    return
+                self._last_reply = time.monotonic()
+                if self._in_flight:
+                    self._in_flight[0].started = self._last_reply
+                if status == "ok":
+                    ticket.seconds = float(detail)
+                else:
+                    ticket.error = str(detail)
+                self._end(ticket)
+
+    def _end(self, ticket: Ticket) -> None:
+        """With ``_state`` held."""
+        ticket.done.set()
+        self._state.notify_all()
+        if ticket.notify is not None:
+            ticket.notify()
+
+    def _drop(self, why: str) -> None:
+        """With ``_state`` held: the worker is gone; every batch in flight fails with ``why``."""
+        self._process = self._conn = None
+        while self._in_flight:
+            ticket = self._in_flight.popleft()
+            ticket.error = why
+            self._end(ticket)
+
+    def _kill(self, why: str) -> None:
+        """With ``_state`` held."""
         if self._process is not None:
             self._process.kill()
             self._process.join(5)
-        self._process = self._conn = None
+        self._drop(why)
         log.error("engine worker killed: %s", why)
-        return EngineError(why)
 
     def rss_mib(self) -> float | None:
         """The worker's resident memory (engine, runtime and buffers), or None while none runs."""
@@ -246,6 +324,7 @@ class WorkerEngine:
         return rss + (gpu if gpu is not None else self._gpu_at_load_mib)
 
     def _check_rss(self) -> None:
+        """With ``_state`` held and nothing in flight."""
         now = time.monotonic()
         if not self.max_rss_mib or now - self._rss_checked < RSS_CHECK_EVERY_S:
             return
@@ -256,47 +335,82 @@ class WorkerEngine:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """No other thread runs a batch on this worker inside the block (the caller's runs still do)."""
-        with self._lock:
+        """Inside the block this worker runs only the caller's batches: others' submits wait, and what
+        was in flight has ended."""
+        with self._exclusive:
+            with self._state:
+                self._await(lambda: not self._in_flight)
             yield
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """Copy the batch in, wait at most ``timeout_s``, return a copy of the logits."""
+    def submit(self, images: np.ndarray, notify: Callable[[], None] | None = None) -> Ticket:
+        """Copy the batch in and queue it behind the batches in flight; :meth:`collect` takes its logits."""
         n = len(images)
         if n > self.spec.max_batch:
             raise EngineError(f"batch of {n} exceeds the engine's maximum of {self.spec.max_batch}")
-        with self._lock:
+        with self._exclusive:
             if self._conn is None:
                 self.restarts += 1
                 self._start()
-            assert self._conn is not None and self._process is not None
-            self._inputs[:n] = images
+            with self._state:
+                self._state.wait_for(lambda: self._free)
+                slot = self._free.pop()
+            self._inputs[slot, :n] = images
+            with self._state:
+                ticket = Ticket(slot, n, time.monotonic(), notify)
+                if not self._in_flight:
+                    ticket.started = ticket.submitted
+                if self._conn is None:  # died since it started: the next submit starts another
+                    self._free.append(slot)
+                    raise EngineError("engine worker died")
+                self._in_flight.append(ticket)
+                try:
+                    self._conn.send((slot, n))
+                except OSError:
+                    self._kill("engine worker died")
+            return ticket
+
+    def collect(self, ticket: Ticket) -> np.ndarray:
+        """Wait for ``ticket``'s batch; a copy of its logits. A batch is given ``timeout_s`` from its start."""
+        with self._state:
             try:
-                self._conn.send(n)
-                if not self._conn.poll(self.timeout_s):
-                    raise self._kill(f"batch of {n} did not finish within {self.timeout_s:g} s")
-                status, detail = self._conn.recv()
-            except (EOFError, BrokenPipeError, ConnectionResetError):
-                self._process.join(5)
-                raise self._kill(f"engine worker died (exit {self._process.exitcode})") from None
-            if status != "ok":
-                raise EngineError(str(detail))
-            logits = np.array(self._outputs[:n])
-            self._check_rss()
-            return logits
+                self._await(ticket.done.is_set)
+                if ticket.error is not None:
+                    raise EngineError(ticket.error)
+                logits = np.array(self._outputs[ticket.slot, : ticket.n])
+                if not self._in_flight:
+                    self._check_rss()
+                return logits
+            finally:
+                self._free.append(ticket.slot)
+
+    def _await(self, ended: Callable[[], bool]) -> None:
+        """With ``_state`` held: wait until ``ended()``, killing the worker when the batch running
+        has had ``timeout_s`` since its start (the previous batch's end, or its own submit)."""
+        while not ended():
+            oldest = self._in_flight[0]
+            left = max(oldest.submitted, self._last_reply) + self.timeout_s - time.monotonic()
+            if left <= 0:
+                self._kill(f"batch of {oldest.n} did not finish within {self.timeout_s:g} s")
+            else:
+                self._state.wait(left)
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Copy the batch in, wait at most ``timeout_s`` once it starts, return a copy of the logits."""
+        return self.collect(self.submit(images))
 
     def close(self) -> None:
-        with self._lock:
+        with self._exclusive, self._state:
             if self._conn is not None and self._process is not None:
+                conn, process = self._conn, self._process
+                self._drop("the engine was closed")
                 try:
-                    self._conn.send(None)
+                    conn.send(None)
                 except OSError:
                     pass
-                self._process.join(5)
-                if self._process.is_alive():
-                    self._process.kill()
-                    self._process.join(5)
-            self._process = self._conn = None
+                process.join(5)
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
             for path in (self._inputs_path, self._outputs_path):
                 path.unlink(missing_ok=True)
             self._dir.rmdir()

@@ -12,6 +12,10 @@ and fits the budget; when none keeps up, the feasible batch with the highest
 throughput, and the frame queue sheds what cannot be served in time. The maximum
 wait is what the budget leaves after ``2 * L(b)``, never more than filling the batch
 takes. ``fixed`` mode keeps one batch size, for comparison.
+
+Beside the p99, the policy follows each batch size's typical (mean) latency: the
+pipeline takes the next batch's frames when the batch running is about to end, and
+a p99 would take them late.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class BatchPolicy:
     ) -> None:
         self._lock = threading.Lock()
         self._latency = dict(p99_by_batch)
+        self._typical: dict[int, float] = {}
         self.configure(budget_s, max_batch, mode, fixed_batch)
 
     def configure(self, budget_s: float, max_batch: int, mode: str, fixed_batch: int) -> None:
@@ -54,6 +59,7 @@ class BatchPolicy:
         """Start over from another engine's passport (a swap): the old measurements describe the old engine."""
         with self._lock:
             self._latency = dict(p99_by_batch)
+            self._typical = {}
 
     def latency(self, batch: int) -> float:
         """Predicted p99 seconds for ``batch``: measured or from the passport, else extrapolated linearly."""
@@ -69,6 +75,13 @@ class BatchPolicy:
             current = self.latency(batch)
             weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
             self._latency[batch] = current + weight * (seconds - current)
+            typical = self._typical.get(batch, seconds)
+            self._typical[batch] = typical + SMOOTHING * (seconds - typical)
+
+    def typical(self, batch: int) -> float:
+        """Mean seconds for ``batch`` as measured here; the p99 estimate until it has been run."""
+        with self._lock:
+            return self._typical.get(batch) or self.latency(batch)
 
     def decide(self, arrival_rate: float, sources: int) -> Decision:
         """``sources``: cameras delivering frames. Each has one pending slot (latest frame wins),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,18 +80,32 @@ class FrameQueue:
         with self._cond:
             return max((now - i.arrived for i in self._pending.values()), default=0.0)
 
-    def take(self, n: int, max_wait: float, shed_after: float, into: np.ndarray, timeout: float) -> list[FrameInfo]:
+    def wake(self) -> None:
+        """Make a waiting :meth:`take` look at its ``stop_waiting`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def take(
+        self,
+        n: int,
+        max_wait: float,
+        shed_after: float,
+        into: np.ndarray,
+        timeout: float,
+        stop_waiting: Callable[[], bool] = lambda: False,
+    ) -> list[FrameInfo]:
         """Up to ``n`` frames into ``into[:k]``, longest-waiting camera first.
 
         Waits up to ``timeout`` for a first frame, then up to ``max_wait`` (from the
-        oldest frame's arrival) for the batch to fill. Frames older than
+        oldest frame's arrival) for the batch to fill; either wait ends early once
+        ``stop_waiting()`` (checked when :meth:`wake` is called). Frames older than
         ``shed_after`` seconds are shed while fresher frames can take their place.
         """
         with self._cond:
-            if not self._cond.wait_for(lambda: self._pending, timeout):
+            if not self._cond.wait_for(lambda: self._pending or stop_waiting(), timeout) or not self._pending:
                 return []
             deadline = min(self._waiting_since[c] for c in self._pending) + max_wait
-            while len(self._pending) < n and (left := deadline - time.monotonic()) > 0:
+            while len(self._pending) < n and (left := deadline - time.monotonic()) > 0 and not stop_waiting():
                 self._cond.wait(left)
             now = time.monotonic()
             ordered = sorted(self._pending.values(), key=lambda i: self._waiting_since[i.camera])

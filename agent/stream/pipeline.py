@@ -2,10 +2,16 @@
 
 Each camera's decoder process decodes and preprocesses; its camera thread puts the frames
 into the :class:`FrameQueue`; one inference thread asks the
-:class:`BatchPolicy` for a batch size and wait, takes frames into a preallocated
-batch buffer, runs the engine, and hands results to the sinks. The inference thread
-also records when it last finished a batch: with frames waiting and no batch done
-for too long, the pipeline is stalled and the systemd watchdog is no longer fed.
+:class:`BatchPolicy` for a batch size and wait, takes frames into one of two
+preallocated batch buffers, submits the batch to the engine's worker, and hands the
+results of the batch before it to the sinks. Two batches are in flight: the worker
+starts the next the moment one ends, so the engine does not wait while the agent
+takes frames and hands results on. The next batch stops waiting for frames when the
+one running ends. During a canary the pipeline runs one batch at a time, so the
+shadow's and the held-back batches' timings compare engines under the same conditions.
+The inference thread also records when it last finished a batch: with frames waiting
+and no batch done for too long, the pipeline is stalled and the systemd watchdog is
+no longer fed.
 
 Supervision: an unexpected error in an inference step is reported (``inference`` event,
 ``inference_failures`` metric) and the loop goes on after a backoff; the daemon calls
@@ -36,15 +42,17 @@ from agent.config import AgentConfig, BatchingConfig, CameraConfig
 from agent.engine.bundle import Bundle
 from agent.engine.runtimes import Engine
 from agent.engine.shadow import Shadow
+from agent.engine.worker import Ticket, WorkerEngine
 from agent.stream.batching import BatchPolicy, Decision
 from agent.stream.camera import Camera, CameraState
 from agent.stream.drift import DriftMonitor
-from agent.stream.frames import FrameQueue
+from agent.stream.frames import FrameInfo, FrameQueue
 from agent.stream.metrics import Metrics
 from agent.stream.results import ResultSink, make_results, top_k
 
 log = logging.getLogger("edgevit.pipeline")
 STOP_WAIT_S = 15.0  # longest a stop waits for one camera to kill its decoder
+TAKE_LEAD_S = 0.003  # how long before the running batch's expected end the next one's frames are taken
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -75,6 +83,26 @@ class Serving:
 
 
 @dataclass
+class _InFlight:
+    """A batch the engine runs while the next one fills: what it takes to hand its results on."""
+
+    infos: list[FrameInfo]
+    images: np.ndarray  # its frames, in the batch buffer they were taken into (the shadow samples them)
+    serving: Serving
+    held_back: Shadow | None  # the previous engine serves this batch, to be timed
+    ticket: Ticket | None = None  # on a worker engine, until collected
+    logits: np.ndarray | None = None
+    seconds: float = 0.0  # the engine's own time for the batch
+
+    def ended(self) -> bool:
+        return self.ticket is None or self.ticket.done.is_set()
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
 class _Swap:
     serving: Serving
     done: threading.Event = field(default_factory=threading.Event)
@@ -90,7 +118,10 @@ class Pipeline:
         self.queue = FrameQueue([c.name for c in config.cameras], self.spec.height, self.spec.width)
         self.policy = BatchPolicy(1.0, passport_p99(serving.bundle), serving.bundle.batch_range[1])
         self.metrics = Metrics()
-        self._batch = np.empty((serving.bundle.batch_range[1], self.spec.height, self.spec.width, 3), np.uint8)
+        # two batch buffers: one runs on the engine while the next fills
+        self._batches = [self._batch_buffer(serving.bundle.batch_range[1]) for _ in range(2)]
+        self._slot = 0
+        self._in_flight: _InFlight | None = None
         self.cameras: dict[str, Camera] = {}
         self._decision = Decision(1, 0.0, 0.0)
         self._stop = threading.Event()
@@ -175,8 +206,8 @@ class Pipeline:
         started = time.monotonic()
         request.last_old_result = self.last_batch_done
         max_batch = request.serving.bundle.batch_range[1]
-        if max_batch > len(self._batch):
-            self._batch = np.empty((max_batch, self.spec.height, self.spec.width, 3), np.uint8)
+        if max_batch > len(self._batches[0]):
+            self._batches = [self._batch_buffer(max_batch) for _ in range(2)]
         self.serving = request.serving
         self.policy.relearn(passport_p99(request.serving.bundle))
         self._configure_batching(self._batching)
@@ -184,6 +215,9 @@ class Pipeline:
         request.applied_at = time.monotonic()
         request.pause_s = request.applied_at - started
         request.done.set()
+
+    def _batch_buffer(self, max_batch: int) -> np.ndarray:
+        return np.empty((max_batch, self.spec.height, self.spec.width, 3), np.uint8)
 
     def _add_camera(self, config: CameraConfig) -> None:
         self.queue.add_camera(config.name)
@@ -210,6 +244,7 @@ class Pipeline:
         if drain and not self._thread.is_alive():  # a hung engine gets no more batches
             while self.queue.depth():
                 self._step(timeout=0)
+            self._finish()
         for sink in self.sinks:
             sink.close()
 
@@ -249,43 +284,79 @@ class Pipeline:
 
     def _step(self, timeout: float) -> None:
         if self._swap is not None:
+            self._finish()  # the batch in flight is the old engine's
             self._apply_swap()
+        if self._in_flight is not None and self._in_flight.ended():
+            self._finish()
+        flight = self._in_flight
         now = time.monotonic()
         sources = sum(c.state == CameraState.CONNECTED for c in self.cameras.values())
         self._decision = decision = self.policy.decide(self.queue.arrivals.rate(now), sources)
         shed_after = max(self.policy.budget - self.policy.latency(decision.batch), 0.0)
-        infos = self.queue.take(decision.batch, decision.max_wait, shed_after, self._batch, timeout)
+        into = self._batches[self._slot]
+        stop_waiting = _never
+        if flight is not None and flight.ticket is not None:
+            # the next batch's frames are taken as the one running is about to end: fresh, and in time to
+            # start the moment it ends; they stop waiting to fill when it ends
+            ticket, stop_waiting = flight.ticket, flight.ended
+            if ticket.started is not None:
+                ticket.done.wait(ticket.started + self.policy.typical(ticket.n) - TAKE_LEAD_S - now)
+        infos = self.queue.take(decision.batch, decision.max_wait, shed_after, into, timeout, stop_waiting)
         if not infos:
+            self._finish()
             return
-        n, serving = len(infos), self.serving
+        serving = self.serving
         shadow = serving.shadow
         held_back = shadow if shadow is not None and shadow.holdback_due() else None  # the previous engine serves
-        engine = held_back.engine if held_back else serving.engine
-        started = time.monotonic()
+        submitted = self._submit(_InFlight(infos, into[: len(infos)], serving, held_back))
+        self._finish()  # the batch before, which the engine ended or is ending
+        self._in_flight, self._slot = submitted, 1 - self._slot
+        if shadow is not None:  # during a canary one batch at a time: both engines are timed alike
+            self._finish()
+
+    def _submit(self, flight: _InFlight) -> _InFlight | None:
+        """Start ``flight`` on its engine: queued behind the batch in flight on a worker, run now in process."""
+        engine = flight.held_back.engine if flight.held_back else flight.serving.engine
         try:
-            logits = engine.run(self._batch[:n])
+            if isinstance(engine, WorkerEngine):
+                flight.ticket = engine.submit(flight.images, self.queue.wake)
+            else:
+                started = time.monotonic()
+                flight.logits = engine.run(flight.images)
+                flight.seconds = time.monotonic() - started
         except Exception as exc:  # a failing engine must not kill the pipeline; every loss is counted
-            self.metrics.engine_errors += 1
-            if not held_back:
-                serving.errors += 1
-            for info in infos:
-                self.queue.counters[info.camera].failed += 1
-            bundle_id = held_back.bundle_id if held_back else serving.bundle.bundle_id
-            self.events("engine", {"bundle_id": bundle_id, "error": str(exc), "frames": n})
-            log.error("engine failed on a batch of %d: %s", n, exc)
+            self._failed(flight, exc)
+            return None
+        return flight
+
+    def _finish(self) -> None:
+        """Wait for the batch in flight, if any, and hand its results on."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
             return
+        try:
+            if flight.ticket is not None:
+                engine = flight.held_back.engine if flight.held_back else flight.serving.engine
+                assert isinstance(engine, WorkerEngine)
+                flight.logits, flight.seconds = engine.collect(flight.ticket), flight.ticket.seconds
+        except Exception as exc:  # as in _submit
+            self._failed(flight, exc)
+            return
+        assert flight.logits is not None
+        infos, serving, held_back, seconds = flight.infos, flight.serving, flight.held_back, flight.seconds
+        n = len(infos)
         done = time.monotonic()
-        idx, scores = top_k(logits, self.top_k)
+        idx, scores = top_k(flight.logits, self.top_k)
         if held_back:
-            held_back.record_holdback(n, done - started)
+            held_back.record_holdback(n, seconds)
             labels, engine_id = held_back.labels, held_back.bundle_id
         else:
-            self.policy.observe(n, done - started)
+            self.policy.observe(n, seconds)
             serving.batches += 1
             serving.frames += n
             serving.drift.observe(idx[:, 0], scores[:, 0])
-            if shadow is not None:
-                shadow.offer(self._batch[:n], idx[:, 0], scores[:, 0], [i.camera for i in infos], done - started)
+            if serving.shadow is not None:
+                serving.shadow.offer(flight.images, idx[:, 0], scores[:, 0], [i.camera for i in infos], seconds)
             labels, engine_id = serving.labels, serving.bundle.bundle_id
         results = make_results(infos, idx, scores, labels, engine_id, done, self.boot)
         for sink in self.sinks:
@@ -294,8 +365,18 @@ class Pipeline:
             counters = self.queue.counters[info.camera]
             counters.processed += 1
             counters.last_processed = done
-        self.metrics.record_batch(n, done - started, np.asarray([done - i.arrived for i in infos]))
+        self.metrics.record_batch(n, seconds, np.asarray([done - i.arrived for i in infos]))
         self.last_batch_done = done
+
+    def _failed(self, flight: _InFlight, exc: Exception) -> None:
+        self.metrics.engine_errors += 1
+        if not flight.held_back:
+            flight.serving.errors += 1
+        for info in flight.infos:
+            self.queue.counters[info.camera].failed += 1
+        bundle_id = flight.held_back.bundle_id if flight.held_back else flight.serving.bundle.bundle_id
+        self.events("engine", {"bundle_id": bundle_id, "error": str(exc), "frames": len(flight.infos)})
+        log.error("engine failed on a batch of %d: %s", len(flight.infos), exc)
 
     # -- state -----------------------------------------------------------------------------------
     def healthy(self, now: float, stall_after: float) -> bool:
