@@ -81,7 +81,7 @@ def build_engine_bundle(
     labels = given.names if given else load_labels(options.labels, export.source["checkpoint"], options.eval, classes)
     evaluation_frames = evaluation_set(options.eval, labels, export.source["checkpoint"])
     images = evaluation_frames.preprocessed(export.spec)
-    reference = open_engine("onnxruntime", "cpu", export.model, options.max_batch, options.threads)
+    reference = open_engine("onnxruntime", "cpu", export.model, options.max_batch, options.threads, split_batches=False)
     reference_logits = logits(reference, images, options.max_batch, counter(progress, "evaluating the FP32 reference"))
     reference.close()
     references = None

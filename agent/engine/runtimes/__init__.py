@@ -33,13 +33,15 @@ def open_engine(
     threads: int | None = None,
     cache_dir: Path | None = None,
     precision: str = "fp32",
+    split_batches: bool = True,
 ) -> Engine:
     """The engine a bundle names. ``cache_dir`` keeps runtimes' compiled forms across loads (OpenVINO,
-    ONNX Runtime's TensorRT provider); ``precision`` is the bundle's (the TensorRT provider's FP16)."""
+    ONNX Runtime's TensorRT provider); ``precision`` is the bundle's (the TensorRT provider's FP16);
+    ``split_batches`` off loads ONNX Runtime's CPU engine as one session, where only its logits matter."""
     if backend == "onnxruntime":
         from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path, target, threads, max_batch, precision, cache_dir)
+        return OnnxRuntimeEngine(path, target, threads, max_batch, precision, cache_dir, split_batches)
     if backend == "openvino":
         from agent.engine.runtimes.openvino import OpenVINOEngine
 

@@ -6,10 +6,20 @@ size, which on a Jetson takes minutes; :func:`tensorrt_provider_options` gives i
 engine and timing cache under the agent's state dir, one optimization profile covering
 the bundle's batch range (so no batch size triggers a rebuild), and FP16 when the
 bundle is FP16.
+
+Serving on the CPU, unless ``threads`` fixes the thread count, a batch of more than one image is
+split across *streams*, one part per core run at once on a single-threaded session: two
+threads inside one run spend much of each layer waiting for each other (with spinning
+off, as it must be beside the decoders), and separate runs do not. A batch of one image
+runs on a session with a thread per core, where a large model's layers do split well.
+The two sessions each hold the weights (``bench/worker_bench.py`` and the builder's
+profile measure the result).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +79,10 @@ class OnnxRuntimeEngine:
         max_batch: int = 8,
         precision: str = "fp32",
         cache_dir: Path | None = None,
+        split_batches: bool = False,
     ) -> None:
+        """``split_batches``: serve with streams (see the module); off, one session (the builder's
+        offline runs, which want logits, not speed)."""
         if target not in PROVIDERS:
             raise EngineError(f"ONNX Runtime has no target {target!r} (choose {', '.join(PROVIDERS)})")
         wanted = PROVIDERS[target][0]
@@ -80,27 +93,47 @@ class OnnxRuntimeEngine:
                 else ""
             )
             raise EngineError(f"{wanted} is not available in this ONNX Runtime ({ort.__version__}){hint}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: quantized graphs trigger benign initializer warnings
-        # Camera threads share the cores: idle ORT workers must sleep, not spin.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
         providers: list[str | tuple[str, dict[str, Any]]] = list(PROVIDERS[target])
         if target == "tensorrt-ep":
             name, shape = _model_input(path)
             providers[0] = (wanted, tensorrt_provider_options(name, shape, max_batch, precision, cache_dir))
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # ORT raises its own exception types for corrupt or unsupported models
-            raise EngineError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        cores = len(os.sched_getaffinity(0))
+        self.streams = cores if split_batches and target == "cpu" and not threads and cores > 1 else 1
+        self.session = self._session(path, providers, threads)
         if self.session.get_providers()[0] != wanted:  # ORT falls back to CPU silently
             raise EngineError(f"ONNX Runtime loaded {path} without {wanted}")
+        self._per_stream = self._session(path, providers, 1) if self.streams > 1 else self.session
+        self._pool = ThreadPoolExecutor(self.streams - 1, "ort-stream") if self.streams > 1 else None
         self.input_name = self.session.get_inputs()[0].name
 
+    @staticmethod
+    def _session(path: Path, providers: list[str | tuple[str, dict[str, Any]]], threads: int | None) -> Any:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: quantized graphs trigger benign initializer warnings
+        # Decoders and the agent share the cores: idle ORT workers must sleep, not spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for corrupt or unsupported models
+            raise EngineError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+
     def run(self, images: np.ndarray) -> np.ndarray:
-        logits: np.ndarray = self.session.run(None, {self.input_name: images})[0]
+        n = len(images)
+        if n == 1 or self._pool is None:
+            logits: np.ndarray = self.session.run(None, {self.input_name: images})[0]
+            return logits
+        bounds = np.linspace(0, n, min(n, self.streams) + 1).astype(int)
+        parts = [images[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        others = [self._pool.submit(self._run_part, part) for part in parts[1:]]
+        return np.concatenate([self._run_part(parts[0]), *(other.result() for other in others)])
+
+    def _run_part(self, images: np.ndarray) -> np.ndarray:
+        logits: np.ndarray = self._per_stream.run(None, {self.input_name: images})[0]
         return logits
 
     def close(self) -> None:
-        del self.session
+        if self._pool is not None:
+            self._pool.shutdown()
+        del self.session, self._per_stream
