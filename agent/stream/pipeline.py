@@ -94,6 +94,10 @@ class _InFlight:
     logits: np.ndarray | None = None
     seconds: float = 0.0  # the engine's own time for the batch
 
+    @property
+    def engine(self) -> Engine:
+        return self.held_back.engine if self.held_back else self.serving.engine
+
     def ended(self) -> bool:
         return self.ticket is None or self.ticket.done.is_set()
 
@@ -316,7 +320,7 @@ class Pipeline:
 
     def _submit(self, flight: _InFlight) -> _InFlight | None:
         """Start ``flight`` on its engine: queued behind the batch in flight on a worker, run now in process."""
-        engine = flight.held_back.engine if flight.held_back else flight.serving.engine
+        engine = flight.engine
         try:
             if isinstance(engine, WorkerEngine):
                 flight.ticket = engine.submit(flight.images, self.queue.wake)
@@ -336,7 +340,7 @@ class Pipeline:
             return
         try:
             if flight.ticket is not None:
-                engine = flight.held_back.engine if flight.held_back else flight.serving.engine
+                engine = flight.engine
                 assert isinstance(engine, WorkerEngine)
                 flight.logits, flight.seconds = engine.collect(flight.ticket), flight.ticket.seconds
         except Exception as exc:  # as in _submit

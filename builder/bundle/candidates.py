@@ -283,7 +283,7 @@ class Evaluation:
 
     def logits_of(self, backend: str, target: str, path: Path, label: str) -> np.ndarray:
         batch = self.options.max_batch
-        engine = open_engine(backend, target, path, batch, self.options.threads)
+        engine = open_engine(backend, target, path, batch, self.options.threads, split_batches=False)
         found = logits(engine, self.images, batch, counter(self.progress, f"evaluating {label}"))
         engine.close()
         release_freed_memory()

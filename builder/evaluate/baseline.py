@@ -85,7 +85,9 @@ def compare_with_baseline(
             f"...): agreement between the two is undefined"
         )
     try:
-        engine = open_engine(baseline.backend, baseline.target, baseline.engine, max_batch, threads)
+        engine = open_engine(
+            baseline.backend, baseline.target, baseline.engine, max_batch, threads, split_batches=False
+        )
         engine = with_references(engine, baseline.references)
     except EngineError as exc:
         raise BuildError(f"--baseline {baseline.name} cannot run on this machine: {exc}") from exc

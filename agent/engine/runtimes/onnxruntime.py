@@ -8,12 +8,11 @@ the bundle's batch range (so no batch size triggers a rebuild), and FP16 when th
 bundle is FP16.
 
 Serving on the CPU, unless ``threads`` fixes the thread count, a batch of more than one image is
-split across *streams*, one part per core run at once on a single-threaded session: two
-threads inside one run spend much of each layer waiting for each other (with spinning
-off, as it must be beside the decoders), and separate runs do not. A batch of one image
-runs on a session with a thread per core, where a large model's layers do split well.
-The two sessions each hold the weights (``bench/worker_bench.py`` and the builder's
-profile measure the result).
+split across *streams*, one part per core run at once on a single-threaded session. With
+spinning off (as it must be beside the decoders) that measured faster than one session
+with a thread per core (``bench/worker_bench.py``). A batch of one image has nothing to
+split and runs as before, on a session with a thread per core. The two sessions each
+hold the weights.
 """
 
 from __future__ import annotations
@@ -124,8 +123,7 @@ class OnnxRuntimeEngine:
         if n == 1 or self._pool is None:
             logits: np.ndarray = self.session.run(None, {self.input_name: images})[0]
             return logits
-        bounds = np.linspace(0, n, min(n, self.streams) + 1).astype(int)
-        parts = [images[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        parts = np.array_split(images, min(n, self.streams))
         others = [self._pool.submit(self._run_part, part) for part in parts[1:]]
         return np.concatenate([self._run_part(parts[0]), *(other.result() for other in others)])
 
