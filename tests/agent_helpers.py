@@ -222,6 +222,23 @@ class Operator:
             replies.append(reply)
         return replies
 
+    def wait_serving(self, timeout: float = 60) -> None:
+        """Until the agent answers a ping: it may still be loading its engine or connecting when a test starts,
+        and a command sent before it subscribed is lost. Replies to earlier pings are read and dropped."""
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ping = f"ready-{time.monotonic_ns()}"
+            self.client.publish(f"{self.base}/cmd", json.dumps({"id": ping, "cmd": "ping"}).encode(), qos=1)
+            try:
+                while self.replies.get(timeout=1)[1].get("id") != ping:
+                    pass
+                return
+            except queue.Empty:
+                continue
+        raise AssertionError(f"the agent did not answer a ping in {timeout} s")
+
     def wait_event(self, kind: str, timeout: float = 90, **match: Any) -> dict[str, Any]:
         """The first event of ``kind`` whose fields equal ``match``; fails with every event seen."""
         deadline = time.monotonic() + timeout
@@ -252,10 +269,10 @@ def device_over_mqtt(
         folder / "agent.yaml", bundle, public_key, cameras, mqtt={"host": "127.0.0.1", "port": port}, **sections
     )
     process = start_agent(config)
-    time.sleep(3)
     operator = Operator(port)
     operator.process, operator.folder = process, folder
     try:
+        operator.wait_serving()
         yield operator
     finally:
         _, err = stop_agent(operator.process)  # a test may have restarted the agent

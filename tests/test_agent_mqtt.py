@@ -65,7 +65,11 @@ def test_results_metrics_status_over_mqtt(
     subscriber = Subscriber(mosquitto, "fleet/test-box/#")
     agent = start_agent(config)
     try:
-        time.sleep(6)
+        deadline = time.monotonic() + 60  # the agent's start-up takes longer on a loaded machine
+        while time.monotonic() < deadline and (
+            len(subscriber.on("/metrics")) < 4 or len(subscriber.on("/door/result")) <= 50
+        ):
+            time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=5) as response:
             scrape = response.read().decode()
     finally:

@@ -6,7 +6,6 @@ import datetime
 import json
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def test_tls_password_and_signed_commands(secure_broker, demo_bundle, signing_ke
     operator = _operator(port, pki)
     key = load_private_key(private)
     try:
-        time.sleep(3)
+        operator.wait_serving()  # answered "unsigned", which is enough to know the agent listens
         signed = sign_command({"id": "ping-1", "cmd": "ping"}, key)
         assert operator.send(signed)["ok"], "TLS with client certificates and a password: the agent is reachable"
         replay = operator.send(signed)

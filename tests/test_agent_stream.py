@@ -142,9 +142,9 @@ def test_a_camera_stuck_in_a_blocking_call_is_replaced(demo_bundle, signing_key,
         tmp_path / "agent.yaml", demo_bundle, signing_key[1], [video], mqtt={"host": "127.0.0.1", "port": port}
     )
     agent = start_agent(config)
-    time.sleep(3)  # until the agent has subscribed to its command topic
     operator = Operator(port)
     try:
+        operator.wait_serving()
         deadline = time.monotonic() + 30
         while (
             operator.send({"id": f"s{time.monotonic_ns()}", "cmd": "status"})["result"]["cameras"]["video"]["state"]

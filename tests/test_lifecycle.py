@@ -311,7 +311,7 @@ def test_bundles_dropped_into_the_inbox(device: Operator, demo_bundle, bundles) 
     assert device.process.returncode == 0, err[-3000:]
     active = json.loads((folder / "state" / "engines.json").read_text())["active"]
     device.process = start_agent(folder / "agent.yaml")
-    time.sleep(3)
+    device.wait_serving()
     assert status(device)["engine"] == active, "the store's active engine, not engine.bundle, serves after a restart"
     inbox = folder / "inbox"
     pack_bundle(demo_bundle, inbox / ".incoming.tar.gz", None)

@@ -143,8 +143,10 @@ class MqttLink:
         with self._lock:
             self.connected = True
             self._cursor = 0  # resend what the broker has not acknowledged (paho resends its own in-flight)
-        client.publish(f"{self.base}/status", _json(self._status), qos=1, retain=True)
+        # subscribed first: the broker handles one client's packets in order, so whoever sees "online"
+        # can send a command that will be delivered
         client.subscribe(f"{self.base}/cmd", qos=1)
+        client.publish(f"{self.base}/status", _json(self._status), qos=1, retain=True)
         self._wake.set()
 
     @_guarded
