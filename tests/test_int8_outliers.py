@@ -15,10 +15,12 @@ import numpy as np
 import onnx
 import pytest
 from onnxruntime.quantization.calibrate import load_tensors_data
+from rich.console import Console
 
 from builder.bundle.build import build_engine_bundle
 from builder.bundle.document import TENSORRT_RECIPE_MODEL, TENSORRT_RECIPE_REPORT
 from builder.bundle.options import EngineOptions
+from builder.bundle.view import candidate_table
 from builder.demo.outliers import OUTLIER_CHANNELS, write_outlier_checkpoint
 from builder.demo.train import CHECKPOINT_DIR
 from builder.errors import BuildError, GateError
@@ -243,10 +245,16 @@ def test_mixed_precision_is_searched_on_openvino_too(outlier_exports, signing_ke
     static = candidates["openvino int8 static (minmax)"]
     assert static["gate_misses"], speed
     first = {label for label, c in candidates.items() if not (c["quantization"] or {}).get("float_layers")}
-    inside = [speed[label] for label in first if not candidates[label]["gate_misses"]]
     mixed = [c for label, c in candidates.items() if label not in first and c["measured_with"].startswith("openvino")]
-    if speed["openvino int8 static (minmax)"] > max(inside, default=0.0):  # worth searching: it may win
+    # the speeds the decision compared: the one that ships is profiled again afterwards
+    decision = static["quantization"]["mixed_precision"]
+    assert decision["searched"] == (decision["images_per_s"] > decision["fastest_inside_gate_images_per_s"]), speed
+    if decision["searched"]:  # worth searching: it may win
         assert mixed and mixed[0]["quantization"]["searched"][0]["float_layers"] == 0, list(candidates)
     else:
         assert not mixed, "a runtime slower than one inside the gate is not searched"
+    console = Console(width=200, record=True)
+    console.print(candidate_table(result.passport["candidates"], result.chosen.label, "candidates"))
+    said = "searched from here" if decision["searched"] else "not searched"
+    assert f"mixed precision {said}" in console.export_text()
     assert result.passport["gate"]["passed"]

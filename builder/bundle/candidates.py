@@ -338,6 +338,8 @@ def mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation:
     it: the best-scoring one with its fewest most sensitive layers in float, searched on that runtime.
 
     Float layers only slow a candidate down, so a runtime slower than one that passes is not searched.
+    The decision and the speeds it compared go in the starting candidate's ``quantization`` as
+    ``mixed_precision`` (the one that ships is profiled again later, so its figures change).
     Appends the new candidates (measured) and returns what was tried where nothing was found, for a
     refusal message.
     """
@@ -348,9 +350,17 @@ def mixed_precision(search: Int8Search, candidates: list[Candidate], evaluation:
         if not own or any(not c.misses for c in own):
             continue
         start = max(own, key=lambda c: c.trial.score.key())  # type: ignore[union-attr]
-        if inside and (not start.profile or start.throughput() <= inside):
-            continue
-        tried += _mixed_on(search, start, candidates, evaluation)
+        searched = not inside or (start.profile is not None and start.throughput() > inside)
+        start.quantization = {
+            **(start.quantization or {}),
+            "mixed_precision": {
+                "searched": searched,
+                "images_per_s": start.throughput(),
+                "fastest_inside_gate_images_per_s": inside,
+            },
+        }
+        if searched:
+            tried += _mixed_on(search, start, candidates, evaluation)
     return tried
 
 

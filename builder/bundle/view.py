@@ -37,6 +37,18 @@ def _rate(images_per_s: float) -> str:
     return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.1f}"
 
 
+def _mixed_precision_line(decision: dict[str, Any] | None) -> str:
+    """Why layers were, or were not, searched in float from this candidate."""
+    if not decision:
+        return ""
+    if decision["searched"]:
+        return "[dim]mixed precision searched from here[/]"
+    return (
+        f"[dim]mixed precision not searched: {_rate(decision['images_per_s'])} img/s, not faster than "
+        f"{_rate(decision['fastest_inside_gate_images_per_s'])} inside the gate[/]"
+    )
+
+
 def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     """The candidates of a build (their passport summaries), the one that ships marked."""
     table = Table(
@@ -50,6 +62,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
         a = c["accuracy"] or {}
         lines = [c["label"], f"[dim]{recipe(c['quantization'])}[/]" if c["quantization"] else ""]
         lines += [f"[red]✗ {miss}[/]" for miss in [*c["gate_misses"], *filter(None, [c.get("over_memory")])]]
+        lines.append(_mixed_precision_line((c["quantization"] or {}).get("mixed_precision")))
         table.add_row(
             "▶" if c["label"] == chosen else "",
             "\n".join(line for line in lines if line),
