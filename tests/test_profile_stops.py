@@ -13,12 +13,17 @@ import agent.engine.profile as profiling
 from agent.engine.profile import STABLE, profile
 
 
-def engine_taking(durations: itertools.cycle[float], monkeypatch: pytest.MonkeyPatch):
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+def engine_taking(durations: itertools.cycle[float], monkeypatch: pytest.MonkeyPatch, threads_busy: float = 1.0):
+    """An engine whose runs take ``durations`` of the test's clock, with ``threads_busy`` cores' worth of CPU."""
+    clock = SimpleNamespace(now=0.0, cpu=0.0)
+    monkeypatch.setattr(
+        profiling, "time", SimpleNamespace(perf_counter=lambda: clock.now, process_time=lambda: clock.cpu)
+    )
 
     def run(images: object) -> None:
-        clock.now += next(durations)
+        took = next(durations)
+        clock.now += took
+        clock.cpu += threads_busy * took
 
     return run
 
@@ -35,3 +40,10 @@ def test_an_erratic_engine_runs_until_stable_or_the_limit(monkeypatch: pytest.Mo
     assert erratic["rel_ci95"] > STABLE and 0.5 <= erratic["runs"] * 0.0105 < 0.55  # about 0.5 s of runs
     settling = profile(run, 8, 1, max_seconds=1000.0, min_runs=10)
     assert settling["rel_ci95"] <= STABLE < erratic["rel_ci95"] and settling["runs"] > erratic["runs"]
+
+
+def test_the_share_of_the_cores_an_engine_keeps_busy_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an engine leaves idle on its own bounds what a device can gain by giving it more of the cores."""
+    monkeypatch.setattr(profiling, "os", SimpleNamespace(sched_getaffinity=lambda pid: {0, 1, 2, 3}))
+    run = engine_taking(itertools.cycle([0.01]), monkeypatch, threads_busy=3.0)
+    assert profile(run, 8, 1, max_seconds=1.0, min_runs=10)["cpu_share"] == 0.75

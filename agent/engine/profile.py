@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ def profile(
         engine_run(images)
     times: list[float] = []
     total = squares = 0.0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while True:
         t0 = time.perf_counter()
         engine_run(images)
@@ -47,6 +48,7 @@ def profile(
         spread = 1.96 * np.sqrt(max(squares / n - mean * mean, 0.0) * n / (n - 1) / n) / mean
         if spread <= STABLE or time.perf_counter() - start >= max_seconds:
             break
+    cpu_share = (time.process_time() - cpu_start) / (time.perf_counter() - start) / len(os.sched_getaffinity(0))
     ms = np.asarray(times) * 1e3
     return {
         "batch": batch,
@@ -56,6 +58,9 @@ def profile(
         "runs": len(ms),
         # half the 95 % interval of the mean run time, relative to it: within it two engines are not told apart
         "rel_ci95": float(1.96 * ms.std(ddof=1) / np.sqrt(len(ms)) / ms.mean()),
+        # the share of this process's cores the engine kept busy: what it leaves idle, a device's
+        # decoders and agent may use without slowing it
+        "cpu_share": round(cpu_share, 3),
     }
 
 
