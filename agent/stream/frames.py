@@ -39,6 +39,11 @@ class CameraCounters:
     last_processed: float = 0.0  # monotonic time of the latest result
 
 
+def never() -> bool:
+    """A ``stop_waiting`` that never stops a :meth:`FrameQueue.take` early."""
+    return False
+
+
 class FrameQueue:
     def __init__(self, cameras: list[str], height: int, width: int) -> None:
         self._slots = {name: np.empty((height, width, 3), np.uint8) for name in cameras}
@@ -92,7 +97,7 @@ class FrameQueue:
         shed_after: float,
         into: np.ndarray,
         timeout: float,
-        stop_waiting: Callable[[], bool] = lambda: False,
+        stop_waiting: Callable[[], bool] = never,
     ) -> list[FrameInfo]:
         """Up to ``n`` frames into ``into[:k]``, longest-waiting camera first.
 

@@ -46,7 +46,7 @@ from agent.engine.worker import Ticket, WorkerEngine
 from agent.stream.batching import BatchPolicy, Decision
 from agent.stream.camera import Camera, CameraState
 from agent.stream.drift import DriftMonitor
-from agent.stream.frames import FrameInfo, FrameQueue
+from agent.stream.frames import FrameInfo, FrameQueue, never
 from agent.stream.metrics import Metrics
 from agent.stream.results import ResultSink, make_results, top_k
 
@@ -100,10 +100,6 @@ class _InFlight:
 
     def ended(self) -> bool:
         return self.ticket is None or self.ticket.done.is_set()
-
-
-def _never() -> bool:
-    return False
 
 
 @dataclass
@@ -298,7 +294,7 @@ class Pipeline:
         self._decision = decision = self.policy.decide(self.queue.arrivals.rate(now), sources)
         shed_after = max(self.policy.budget - self.policy.latency(decision.batch), 0.0)
         into = self._batches[self._slot]
-        stop_waiting = _never
+        stop_waiting = never
         if flight is not None and flight.ticket is not None:
             # the next batch's frames are taken as the one running is about to end: fresh, and in time to
             # start the moment it ends; they stop waiting to fill when it ends
