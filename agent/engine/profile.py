@@ -58,8 +58,7 @@ def profile(
         "runs": len(ms),
         # half the 95 % interval of the mean run time, relative to it: within it two engines are not told apart
         "rel_ci95": float(1.96 * ms.std(ddof=1) / np.sqrt(len(ms)) / ms.mean()),
-        # the share of this process's cores the engine kept busy: what it leaves idle, a device's
-        # decoders and agent may use without slowing it
+        # the share of this process's cores the engine kept busy: the rest it leaves idle on its own
         "cpu_share": round(cpu_share, 3),
     }
 

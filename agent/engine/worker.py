@@ -201,7 +201,6 @@ class WorkerEngine:
         self._state = threading.Condition()
         self._free = list(range(SLOTS))
         self._in_flight: deque[Ticket] = deque()  # the worker answers in order
-        self._last_reply = 0.0  # monotonic: when the worker last ended a batch (the next one's start)
         self._dir = Path(tempfile.mkdtemp(prefix=f"{BUFFER_PREFIX}{os.getpid()}-", dir=BUFFER_DIR))
         self._inputs_path, self._outputs_path = self._dir / "inputs", self._dir / "outputs"
         self._inputs, self._outputs = spec.inputs(self._inputs_path, "w+"), spec.outputs(self._outputs_path, "w+")
@@ -271,9 +270,8 @@ class WorkerEngine:
                     self._drop(f"engine worker answered for slot {slot}, expected {ticket.slot}")
                     process.kill()
                     return
-                self._last_reply = time.monotonic()
                 if self._in_flight:
-                    self._in_flight[0].started = self._last_reply
+                    self._in_flight[0].started = time.monotonic()
                 if status == "ok":
                     ticket.seconds = float(detail)
                 else:
@@ -388,7 +386,8 @@ class WorkerEngine:
         has had ``timeout_s`` since its start (the previous batch's end, or its own submit)."""
         while not ended():
             oldest = self._in_flight[0]
-            left = max(oldest.submitted, self._last_reply) + self.timeout_s - time.monotonic()
+            assert oldest.started is not None  # the batch running: set at its submit or at the last one's end
+            left = oldest.started + self.timeout_s - time.monotonic()
             if left <= 0:
                 self._kill(f"batch of {oldest.n} did not finish within {self.timeout_s:g} s")
             else:

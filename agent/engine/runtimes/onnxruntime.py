@@ -11,8 +11,8 @@ Serving on the CPU, unless ``threads`` fixes the thread count, a batch of more t
 split across *streams*, one part per core run at once on a single-threaded session. With
 spinning off (as it must be beside the decoders) that measured faster than one session
 with a thread per core (``bench/worker_bench.py``). A batch of one image has nothing to
-split and runs as before, on a session with a thread per core. The two sessions each
-hold the weights.
+split and runs on a second session, with a thread per core. The two sessions each hold
+the weights.
 """
 
 from __future__ import annotations
