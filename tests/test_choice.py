@@ -1,18 +1,21 @@
 """Which candidate ships: the fastest inside the gate, and of candidates whose speeds are within the
 measured noise of each other, the more accurate (issue 11's 22.6 against 22.5 img/s shipped a logit
-error 10x the other's)."""
+error 10x the other's). Close candidates are timed head to head, and that timing decides (issue 26:
+separate profiles shipped the slower of two recipes in two builds of three)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from builder.bundle.batch_mix import read_batch_mix, shares_of
-from builder.bundle.candidates import Candidate, choose
+from builder.bundle.candidates import Candidate, choose, contenders
 from builder.bundle.options import EngineOptions, served_mix
 from builder.errors import BuildError
 from builder.evaluate.measure import Accuracy
+from builder.evaluate.runoff import MIN_ROUNDS, RelativeSpeed, median_interval, relative_speeds, rounds, settled
 
 
 def candidate(label: str, images_per_s: float, rel_ci95: float, agreement: float, logit_error: float) -> Candidate:
@@ -88,6 +91,72 @@ def test_an_agents_batch_mix_weights_the_speed_by_images() -> None:
     for c in (wide, narrow):
         c.served = served_mix(options)
     assert choose([wide, narrow], options) is narrow
+
+
+def test_only_candidates_close_to_the_fastest_are_timed_head_to_head() -> None:
+    fastest = candidate("int8 dynamic", 100.0, 0.01, 0.996, 0.5)
+    close = candidate("int8 static", 85.0, 0.01, 0.996, 0.5)
+    far = candidate("openvino int8", 70.0, 0.01, 0.996, 0.5)
+    noisy = candidate("noisy", 70.0, 0.5, 0.996, 0.5)  # its interval reaches the fastest's
+    outside = candidate("outside", 99.0, 0.01, 0.9, 0.5)
+    outside.misses = ["top-1 agreement 90 % < 99 %"]
+    over = candidate("over", 99.0, 0.01, 0.996, 0.5)
+    over.over_memory = "peak RSS 900 MiB > --max-memory 600 MiB"
+    untimed = Candidate("tensorrt Q/DQ", "onnxruntime", [Path("q")], accuracy=fastest.accuracy)
+    assert contenders([fastest, close, far, noisy, outside, over, untimed]) == [fastest, close, noisy]
+
+
+def test_the_head_to_head_timing_overrules_separate_profiles() -> None:
+    """Profiled alone, static looked 5 % faster; head to head dynamic leads by 10 %, clear of the interval."""
+    static = candidate("int8 static", 105.0, 0.01, 0.998, 0.5)
+    dynamic = candidate("int8 dynamic", 100.0, 0.01, 0.996, 0.5)
+    static.runoff, dynamic.runoff = RelativeSpeed(0.9, 0.88, 0.92, 40), RelativeSpeed(1.0, 1.0, 1.0, 40)
+    chosen = choose([static, dynamic], EngineOptions())
+    assert chosen is dynamic and chosen.choice is not None and chosen.choice["ties"] == []
+    assert "head to head" in chosen.choice["rule"]
+    static.runoff = RelativeSpeed(0.97, 0.95, 1.01, 40)  # not told apart: the more accurate ships
+    chosen = choose([static, dynamic], EngineOptions())
+    assert chosen is static and chosen.choice is not None and chosen.choice["ties"] == ["int8 dynamic"]
+    assert static.summary()["head_to_head"] == {"speed_vs_fastest": 0.97, "interval": [0.95, 1.01], "rounds": 40}
+
+
+def test_paired_ratios_cancel_the_machines_drift() -> None:
+    """The machine slows 2x halfway; each round's ratio still says 'b is 10 % slower', and a interval that does
+    not reach 1 tells the two apart. The fastest is found whichever candidate comes first."""
+    drift = np.where(np.arange(40) < 20, 1.0, 2.0)
+    noise = 1 + 0.01 * np.sin(np.arange(40))
+    speeds = relative_speeds({"b": drift * noise * 1.1e-3, "a": drift * 1e-3})
+    assert speeds["a"] == RelativeSpeed(1.0, 1.0, 1.0, 40)
+    assert speeds["b"].ratio == pytest.approx(1 / 1.1, rel=0.02) and not speeds["b"].tied
+    assert settled({"b": drift * noise * 1.1e-3, "a": drift * 1e-3})
+    assert not settled({"b": list(1.1e-3 * noise[: MIN_ROUNDS - 1]), "a": [1e-3] * (MIN_ROUNDS - 1)})
+    close = np.random.default_rng(1).normal(1, 0.05, 40)  # 5 % spread around the same speed: tied, not known to 1 %
+    assert relative_speeds({"a": [1e-3] * 40, "c": 1e-3 * close})["c"].tied is True
+    assert not settled({"a": [1e-3] * 40, "c": 1e-3 * close})
+
+
+def test_the_median_interval_is_the_order_statistics() -> None:
+    median, low, high = median_interval(np.arange(100, dtype=float))
+    assert median == 49.5 and (low, high) == (40.0, 59.0)  # ranks 50 -/+ 9.8, the binomial 95 % interval
+    assert median_interval(np.array([3.0])) == (3.0, 3.0, 3.0)
+
+
+def test_an_engine_slowed_by_the_one_before_it_is_not_handicapped() -> None:
+    """'a' pays 5 ms on its first call after 'b' ran (another engine's threads still on the cores): a turn's
+    first call is untimed, so two engines of equal speed come out equal."""
+    import time
+
+    last: list[str] = [""]
+
+    def run(name: str) -> None:
+        if name == "a" and last[0] == "b":
+            time.sleep(0.005)
+        time.sleep(0.001)
+        last[0] = name
+
+    found = rounds({"a": {1: lambda: run("a")}, "b": {1: lambda: run("b")}}, {1: 1.0}, 0.0)
+    assert len(found["a"]) == len(found["b"]) == MIN_ROUNDS
+    assert relative_speeds(found)["a"].ratio > 0.9 and relative_speeds(found)["b"].ratio > 0.9
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from builder.demo.evaluate import held_out_indices
 from builder.demo.train import CHECKPOINT_DIR
 from builder.errors import BuildError, GateError
 from builder.evaluate.datasets import DatasetError
+from builder.evaluate.runoff import MIN_ROUNDS, relative_speeds, time_head_to_head
 
 FAST = {"profile_seconds": 0.05, "calibration_images": 64}
 
@@ -68,6 +69,14 @@ def test_int8_bundle_passes_gate_with_measured_drop(int8_bundles: dict[str, Path
     assert all(row["p99_ms"] >= row["p50_ms"] > 0 and row["images_per_s"] > 0 for row in passport["latency"])
     assert passport["peak_rss_mib"] > 0
     assert bundle.manifest["engine"]["precision"] == "int8" and bundle.manifest["engine"]["quantization"]
+    # close candidates are timed head to head, two or more at once; where they were, the one that ships led or tied
+    timed = [c for c in passport["candidates"] if c["head_to_head"]]
+    assert len(timed) != 1
+    if timed:
+        assert all(not c["gate_misses"] and c["head_to_head"]["rounds"] >= MIN_ROUNDS for c in timed)
+        assert max(c["head_to_head"]["speed_vs_fastest"] for c in timed) == 1.0
+        shipped = next(c for c in timed if c["label"] == passport["engine"]["chosen"])
+        assert shipped["head_to_head"]["interval"][1] >= 1.0
 
 
 @pytest.mark.parametrize("name", ["vit-digits", "mixer-digits"])
@@ -84,6 +93,21 @@ def test_passport_top1_is_what_the_engine_scores(int8_bundles: dict[str, Path], 
     predicted = np.concatenate([engine.run(frames[i : i + 8]) for i in range(0, len(frames), 8)]).argmax(-1)
     engine.close()
     assert float((predicted == labels[idx]).mean()) == pytest.approx(bundle.passport["accuracy"]["engine_top1"])
+
+
+def test_head_to_head_timing_runs_in_a_process_of_its_own(int8_bundles: dict[str, Path], tmp_path: Path) -> None:
+    """The builder's runoff on real engine files, at a batch mix: the same engine under two labels, each
+    round timing both; a file that is no engine fails the build, naming what was being timed."""
+    bundle = verify_bundle(int8_bundles["vit-digits"], [load_public_key(int8_bundles["key"])])
+    engine = (bundle.backend, bundle.target, bundle.engine_path)
+    times = time_head_to_head({"a": engine, "b": engine}, bundle.input_spec.height, {1: 0.5, 8: 0.5}, 0.2, None)
+    assert len(times["a"]) == len(times["b"]) >= MIN_ROUNDS and min(times["a"] + times["b"]) > 0
+    speeds = relative_speeds(times)
+    assert max(s.ratio for s in speeds.values()) == 1.0 and min(s.ratio for s in speeds.values()) > 0.5
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an engine")
+    with pytest.raises(BuildError, match="timing a, broken head to head failed"):
+        time_head_to_head({"a": engine, "broken": ("onnxruntime", "cpu", broken)}, 64, {8: 1.0}, 0.2, None)
 
 
 def test_golden_set_reproduces(int8_bundles: dict[str, Path]) -> None:

@@ -108,6 +108,7 @@ def build_engine_bundle(
         for c in candidates:
             evaluation.measure(c)
         tried = mixed_precision(search, candidates, evaluation) if search else ""
+        evaluation.runoff(candidates)
         chosen = choose(candidates, options, tried)
         skipped = not_tried(options, evaluation.device)
         against = _against(baseline, chosen, evaluation, labels) if baseline else None

@@ -26,6 +26,7 @@ from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour,
 from builder.errors import BuildError, GateError
 from builder.evaluate.datasets import Frames, calibration_set
 from builder.evaluate.measure import Accuracy, compare, logits, profile_engine
+from builder.evaluate.runoff import RelativeSpeed, relative_speeds, time_head_to_head
 from builder.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
 from builder.export.verify import REPORT_FILE
 from builder.memory import release_freed_memory
@@ -103,6 +104,7 @@ class Candidate:
     choice: dict[str, Any] | None = None  # set on the one that ships: the rule, and the ties it broke
     over_memory: str | None = None  # why its measured peak RSS rules it out (--max-memory)
     served: dict[int, float] = field(default_factory=dict)  # batch size -> weight in its speed (served_mix)
+    runoff: RelativeSpeed | None = None  # timed head to head against the other close candidates (contenders)
 
     def _served_rows(self) -> list[dict[str, Any]]:
         assert self.profile is not None
@@ -136,6 +138,7 @@ class Candidate:
             "over_memory": self.over_memory,
             "latency": self.profile["latency"] if self.profile else None,
             "peak_rss_mib": self.profile["peak_rss_mib"] if self.profile else None,
+            "head_to_head": self.runoff.as_dict() if self.runoff else None,
             "measured_with": self.measured_with,
         }
 
@@ -319,6 +322,26 @@ class Evaluation:
         if c.profile and [r["batch"] for r in c.profile["latency"]] != every:
             self._profile(c, _measure_target(self.options, c, self.device)[0], every)
 
+    def runoff(self, candidates: list[Candidate]) -> None:
+        """Times the :func:`contenders` head to head at the batch sizes served, in one process, and records
+        each one's speed relative to the fastest of them (:mod:`builder.evaluate.runoff`)."""
+        racing = contenders(candidates)
+        if len(racing) < 2:
+            return
+        engines = {c.label: (c.backend, _measure_target(self.options, c, self.device)[0], c.files[0]) for c in racing}
+        shares = served_mix(self.options)
+        with step(self.progress, f"timing {', '.join(engines)} head to head"):
+            times = time_head_to_head(
+                engines,
+                self.export.spec.height,
+                shares,
+                self.options.profile_seconds * len(racing) * len(shares),
+                self.options.threads,
+            )
+        speeds = relative_speeds(times)
+        for c in racing:
+            c.runoff = speeds[c.label]
+
     def _profile(self, c: Candidate, target: str, batches: list[int]) -> None:
         sizes = f"{batches[0]}-{batches[-1]}" if len(batches) == batches[-1] else ", ".join(map(str, batches))
         with step(self.progress, f"profiling {c.label} at batch sizes {sizes}"):
@@ -391,29 +414,51 @@ def _mixed_on(search: Int8Search, start: Candidate, candidates: list[Candidate],
     return ""
 
 
+RUNOFF_MARGIN = 0.2  # profiles this close to the fastest are timed head to head: wider than their drift
 TIE_RULE = (
     "the fastest candidate inside the gate at the batch sizes the device serves; candidates whose "
-    "throughput is within the measured noise of it (95 % intervals overlap) are ties, and of ties the "
-    "more accurate ships (top-1 agreement with FP32, then the smaller logit error)"
+    f"profiles come within {RUNOFF_MARGIN:.0%} of the fastest are timed head to head in one process, and "
+    "the fastest there leads; candidates whose speed cannot be told from the leader's (95 % intervals: "
+    "of the median paired ratio head to head, else of the profiles) are ties, and of ties the more "
+    "accurate ships (top-1 agreement with FP32, then the smaller logit error)"
 )
 
 
 def tied(a: Candidate, b: Candidate) -> bool:
-    """Whether two candidates' throughputs cannot be told apart: their 95 % intervals overlap."""
+    """Whether two candidates' profiled throughputs cannot be told apart: their 95 % intervals overlap."""
     ta, tb = a.throughput(), b.throughput()
     return abs(ta - tb) <= ta * a.noise() + tb * b.noise()
+
+
+def _eligible(candidates: list[Candidate]) -> list[Candidate]:
+    return [c for c in candidates if not c.misses and not c.over_memory]
+
+
+def contenders(candidates: list[Candidate]) -> list[Candidate]:
+    """The timed candidates that may ship whose profiles come within :data:`RUNOFF_MARGIN` of the fastest's
+    (or cannot be told from it): the ones a head-to-head timing may reorder."""
+    timed = [c for c in _eligible(candidates) if c.profile]
+    if not timed:
+        return []
+    fastest = max(timed, key=Candidate.throughput)
+    floor = (1 - RUNOFF_MARGIN) * fastest.throughput()
+    return [c for c in timed if c.throughput() >= floor or tied(c, fastest)]
 
 
 def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "") -> Candidate:
     """The candidate that ships (:data:`TIE_RULE`); the choice and its ties are recorded on it."""
     inside_gate = [c for c in candidates if not c.misses]
-    passing = [c for c in inside_gate if not c.over_memory]
+    passing = _eligible(candidates)
     if inside_gate and not passing:
         details = "; ".join(f"{c.label}: {c.over_memory}" for c in inside_gate)
         raise BuildError(f"no bundle: every candidate inside the accuracy budget needs more memory ({details})")
     if passing:
-        fastest = max(passing, key=Candidate.throughput)
-        ties = [c for c in passing if tied(c, fastest)]
+        raced = [c for c in passing if c.runoff]
+        if raced:
+            ties = [c for c in raced if c.runoff and c.runoff.tied]
+        else:
+            fastest = max(passing, key=Candidate.throughput)
+            ties = [c for c in passing if tied(c, fastest)]
         chosen = max(ties, key=Candidate.accuracy_key)
         chosen.choice = {
             "rule": TIE_RULE,

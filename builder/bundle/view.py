@@ -49,6 +49,17 @@ def _mixed_precision_line(decision: dict[str, Any] | None) -> str:
     )
 
 
+def _head_to_head_line(runoff: dict[str, Any] | None) -> str:
+    """How the candidate fared timed head to head against the other close ones (the choice's figure)."""
+    if not runoff:
+        return ""
+    low, high = runoff["interval"]
+    return (
+        f"[dim]head to head: {runoff['speed_vs_fastest']:.2f}× the fastest ({low:.2f}–{high:.2f}, "
+        f"{runoff['rounds']} rounds)[/]"
+    )
+
+
 def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     """The candidates of a build (their passport summaries), the one that ships marked."""
     table = Table(
@@ -63,6 +74,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
         lines = [c["label"], f"[dim]{recipe(c['quantization'])}[/]" if c["quantization"] else ""]
         lines += [f"[red]✗ {miss}[/]" for miss in [*c["gate_misses"], *filter(None, [c.get("over_memory")])]]
         lines.append(_mixed_precision_line((c["quantization"] or {}).get("mixed_precision")))
+        lines.append(_head_to_head_line(c.get("head_to_head")))
         table.add_row(
             "▶" if c["label"] == chosen else "",
             "\n".join(line for line in lines if line),
