@@ -19,7 +19,6 @@ from typing import Protocol
 import psutil
 
 from agent.engine.bundle import Bundle
-from agent.engine.runtimes import Engine
 from agent.engine.worker import WorkerEngine
 
 
@@ -27,7 +26,7 @@ class Serving(Protocol):
     """What the check reads of the engine in service (the pipeline's ``Serving``)."""
 
     bundle: Bundle
-    engine: Engine
+    engine: WorkerEngine
 
 
 class MemoryShortage(RuntimeError):
@@ -37,7 +36,7 @@ class MemoryShortage(RuntimeError):
 def estimated_need_mib(candidate: Bundle, serving: Serving) -> float:
     """MiB a worker for ``candidate`` is expected to take, judged by the serving worker."""
     size = candidate.engine_path.stat().st_size
-    rss = serving.engine.memory_mib() if isinstance(serving.engine, WorkerEngine) else None  # GPU's share on Jetson
+    rss = serving.engine.memory_mib()  # with its GPU share on a Jetson; None while no worker process runs
     if rss is None:
         return size / 2**20
     measured, serving_measured = candidate.passport.get("peak_rss_mib"), serving.bundle.passport.get("peak_rss_mib")

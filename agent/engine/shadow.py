@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.engine.runtimes import Engine
+from agent.engine.worker import WorkerEngine
 
 log = logging.getLogger("edgevit.shadow")
 MAX_PAIRS = 100_000  # latency pairs kept (the quantile bounds need no more); later ones are not recorded
@@ -60,7 +60,7 @@ def top1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Shadow:
     def __init__(
         self,
-        engine: Engine,
+        engine: WorkerEngine,
         bundle_id: str,
         labels: list[str],
         every: int,

@@ -362,7 +362,6 @@ class Lifecycle:
         assert self.pipeline is not None
         bundle, cfg = candidate.bundle, self.config.swap
         serving = self.pipeline.serving
-        assert isinstance(serving.engine, WorkerEngine)
         batch = max(
             1, min(self.pipeline.decision_summary()["batch"], bundle.batch_range[1], serving.bundle.batch_range[1])
         )

@@ -40,7 +40,6 @@ import numpy as np
 
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
 from agent.engine.bundle import Bundle
-from agent.engine.runtimes import Engine
 from agent.engine.shadow import Shadow
 from agent.engine.worker import Ticket, WorkerEngine
 from agent.stream.batching import BatchPolicy, Decision
@@ -67,7 +66,7 @@ class Serving:
     """The engine in service and what it did since it went live (the canary reads these)."""
 
     bundle: Bundle
-    engine: Engine
+    engine: WorkerEngine  # every engine serves from its own worker process
     labels: list[str]
     drift: DriftMonitor
     shadow: Shadow | None = None
@@ -77,7 +76,7 @@ class Serving:
     errors: int = 0
 
     @classmethod
-    def of(cls, bundle: Bundle, engine: Engine, shadow: Shadow | None = None) -> Serving:
+    def of(cls, bundle: Bundle, engine: WorkerEngine, shadow: Shadow | None = None) -> Serving:
         labels = bundle.labels
         return cls(bundle, engine, labels, DriftMonitor(bundle.passport.get("outputs"), len(labels)), shadow)
 
@@ -90,12 +89,12 @@ class _InFlight:
     images: np.ndarray  # its frames, in the batch buffer they were taken into (the shadow samples them)
     serving: Serving
     held_back: Shadow | None  # the previous engine serves this batch, to be timed
-    ticket: Ticket | None = None  # on a worker engine, until collected
+    ticket: Ticket | None = None  # the worker's, from submitted until collected
     logits: np.ndarray | None = None
     seconds: float = 0.0  # the engine's own time for the batch
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> WorkerEngine:
         return self.held_back.engine if self.held_back else self.serving.engine
 
     def ended(self) -> bool:
@@ -315,15 +314,9 @@ class Pipeline:
             self._finish()
 
     def _submit(self, flight: _InFlight) -> _InFlight | None:
-        """Start ``flight`` on its engine: queued behind the batch in flight on a worker, run now in process."""
-        engine = flight.engine
+        """Start ``flight`` on its engine's worker, queued behind the batch in flight there."""
         try:
-            if isinstance(engine, WorkerEngine):
-                flight.ticket = engine.submit(flight.images, self.queue.wake)
-            else:
-                started = time.monotonic()
-                flight.logits = engine.run(flight.images)
-                flight.seconds = time.monotonic() - started
+            flight.ticket = flight.engine.submit(flight.images, self.queue.wake)
         except Exception as exc:  # a failing engine must not kill the pipeline; every loss is counted
             self._failed(flight, exc)
             return None
@@ -336,9 +329,7 @@ class Pipeline:
             return
         try:
             if flight.ticket is not None:
-                engine = flight.engine
-                assert isinstance(engine, WorkerEngine)
-                flight.logits, flight.seconds = engine.collect(flight.ticket), flight.ticket.seconds
+                flight.logits, flight.seconds = flight.engine.collect(flight.ticket), flight.ticket.seconds
         except Exception as exc:  # as in _submit
             self._failed(flight, exc)
             return
