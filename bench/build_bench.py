@@ -7,8 +7,8 @@ predictions, as in ``engine_bench.py``). The build runs as a child process: its 
 peak RSS of the largest process of the build (the builder or one of the profiling processes it
 starts, as ``/usr/bin/time -v`` reports it), and the largest RSS of all its processes together (what
 the machine must hold; sampled every 0.5 s) with the step it happened in. The builder's own log lines
-carry a clock, so the time is also split by step (recipe search, evaluation, profiling, NNCF, mixed
-precision).
+carry a clock, so the time is also split by step (recipe search, evaluation, profiling, head to head,
+NNCF, mixed precision).
 
     python bench/build_bench.py [--models ViT-B_16 Mixer-B_16] [--out bench/results] [-- extra engine flags]
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ STEPS = (
     ("mixed precision", ("mixed precision", "trying ")),
     ("NNCF", ("quantizing INT8 with NNCF",)),
     ("profiling", ("profiling ",)),
+    ("head to head", ("timing ",)),
     ("evaluation", ("evaluating ",)),
 )
 LINE = re.compile(r"^(\d\d:\d\d:\d\d) (.*)$")
@@ -63,8 +63,10 @@ def step_seconds(log: str) -> dict[str, float]:
     return dict(totals)
 
 
-def measure(name: str, work: Path, extra: list[str], logs: Path) -> dict[str, Any]:
-    from builder.bundle.keys import keygen
+def prepare(name: str, work: Path) -> None:
+    """The checkpoint, its export and the image folders, in ``work``: run in a process of its own (JAX), since
+    Linux hands a process's peak RSS to the children it spawns (``ru_maxrss`` survives ``exec``), and the
+    build's largest-process figure would then be the export's."""
     from builder.demo.digits import digit_images
     from builder.export.checkpoint import save_checkpoint
     from builder.export.job import export_checkpoint
@@ -73,7 +75,13 @@ def measure(name: str, work: Path, extra: list[str], logs: Path) -> dict[str, An
     ckpt = work / f"{name}.npz"
     save_checkpoint(ckpt, init_params(config(name)))
     export_checkpoint(ckpt, work / "onnx")
-    image_folders(work / "onnx", digit_images(224)[0][:128], work)
+    image_folders(work / "onnx", digit_images(224)[0][:128], work, embeddings=False)
+
+
+def measure(name: str, work: Path, extra: list[str], logs: Path) -> dict[str, Any]:
+    from builder.bundle.keys import keygen
+
+    subprocess.run([sys.executable, __file__, "--prepare", name, str(work)], check=True)
     key = keygen(work / "keys")[0]
     command = [
         sys.executable, "-m", "builder.cli", "engine", str(work / "onnx"), "--out", str(work / "bundle"),
@@ -84,21 +92,22 @@ def measure(name: str, work: Path, extra: list[str], logs: Path) -> dict[str, An
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
         memory = TreeMemory(proc.pid, every_s=0.5)
-        proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)  # the build's own rusage: the preparing child is not in it
+        returncode = os.waitstatus_to_exitcode(status)
         memory.stop()
         at, tree_peak = memory.peak()
         seconds = time.perf_counter() - start
         out.seek(0)
         log = out.read()
     (logs / f"build_bench_{name}.log").write_text(log)
-    if proc.returncode != 0:
+    if returncode != 0:
         raise SystemExit(f"{name}: the build failed:\n{log[-2000:]}")
     passport = json.loads((work / "bundle" / "passport.json").read_text())
     return {
         "model": name,
         "flags": extra,
         "wall_s": seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
         "tree_peak_rss_mib": tree_peak,
         "tree_peak_during": step_at(log, time.strftime("%H:%M:%S", time.localtime(at))),
         "steps_s": step_seconds(log),
@@ -137,7 +146,11 @@ def main() -> None:
     args.add_argument("--models", nargs="+", default=["ViT-B_16", "Mixer-B_16"])
     args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args.add_argument("extra", nargs="*", help="more flags for edgevit-build engine (after --)")
+    args.add_argument("--prepare", nargs=2, metavar=("MODEL", "WORK"), help=argparse.SUPPRESS)
     parsed = args.parse_args()
+    if parsed.prepare:
+        prepare(parsed.prepare[0], Path(parsed.prepare[1]))
+        return
     parsed.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in parsed.models:  # one model per process: the peak RSS is that model's
