@@ -1,8 +1,8 @@
 """Close candidates timed head to head: one process, each in turn, judged by the median of paired ratios.
 
 Each candidate's profile (``agent.engine.profile``) runs alone in its own process, one after another,
-and a shared machine's speed drifts between two such profiles by more than close candidates differ
-(``bench/results/engine_bench_gate_missed*``): the builder shipped the slower of two INT8 recipes in
+and a shared machine's speed drifts between two such profiles by more than close candidates differ:
+in the previous release's gate-missed bench runs the builder shipped the slower of two INT8 recipes in
 two builds of three. Timed in turns in one process, every candidate sees the same moments of the
 machine, and the ratio of two consecutive turns cancels the drift.
 
@@ -89,9 +89,7 @@ def settled(seconds_per_image: Mapping[str, list[float] | np.ndarray]) -> bool:
     told apart from the fastest or known to within :data:`STABLE` of it."""
     if min(len(t) for t in seconds_per_image.values()) < MIN_ROUNDS:
         return False
-    return all(
-        not s.tied or s.high - s.low <= 2 * STABLE for s in relative_speeds(seconds_per_image).values() if s.ratio < 1
-    )
+    return all(not s.tied or s.high - s.low <= 2 * STABLE for s in relative_speeds(seconds_per_image).values())
 
 
 def rounds(
