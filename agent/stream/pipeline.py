@@ -89,16 +89,18 @@ class _InFlight:
     images: np.ndarray  # its frames, in the batch buffer they were taken into (the shadow samples them)
     serving: Serving
     held_back: Shadow | None  # the previous engine serves this batch, to be timed
-    ticket: Ticket | None = None  # the worker's, from submitted until collected
-    logits: np.ndarray | None = None
-    seconds: float = 0.0  # the engine's own time for the batch
+    ticket: Ticket  # the worker's, until collected
 
     @property
     def engine(self) -> WorkerEngine:
-        return self.held_back.engine if self.held_back else self.serving.engine
+        return _engine(self.serving, self.held_back)
 
     def ended(self) -> bool:
-        return self.ticket is None or self.ticket.done.is_set()
+        return self.ticket.done.is_set()
+
+
+def _engine(serving: Serving, held_back: Shadow | None) -> WorkerEngine:
+    return held_back.engine if held_back else serving.engine
 
 
 @dataclass
@@ -294,7 +296,7 @@ class Pipeline:
         shed_after = max(self.policy.budget - self.policy.latency(decision.batch), 0.0)
         into = self._batches[self._slot]
         stop_waiting = never
-        if flight is not None and flight.ticket is not None:
+        if flight is not None:
             # the next batch's frames are taken as the one running is about to end: fresh, and in time to
             # start the moment it ends; they stop waiting to fill when it ends
             ticket, stop_waiting = flight.ticket, flight.ended
@@ -307,37 +309,37 @@ class Pipeline:
         serving = self.serving
         shadow = serving.shadow
         held_back = shadow if shadow is not None and shadow.holdback_due() else None  # the previous engine serves
-        submitted = self._submit(_InFlight(infos, into[: len(infos)], serving, held_back))
+        submitted = self._submit(infos, into[: len(infos)], serving, held_back)
         self._finish()  # the batch before, which the engine ended or is ending
         self._in_flight, self._slot = submitted, 1 - self._slot
         if shadow is not None:  # during a canary one batch at a time: both engines are timed alike
             self._finish()
 
-    def _submit(self, flight: _InFlight) -> _InFlight | None:
-        """Start ``flight`` on its engine's worker, queued behind the batch in flight there."""
+    def _submit(
+        self, infos: list[FrameInfo], images: np.ndarray, serving: Serving, held_back: Shadow | None
+    ) -> _InFlight | None:
+        """Start a batch on its engine's worker, queued behind the batch in flight there."""
         try:
-            flight.ticket = flight.engine.submit(flight.images, self.queue.wake)
+            ticket = _engine(serving, held_back).submit(images, self.queue.wake)
         except Exception as exc:  # a failing engine must not kill the pipeline; every loss is counted
-            self._failed(flight, exc)
+            self._failed(infos, serving, held_back, exc)
             return None
-        return flight
+        return _InFlight(infos, images, serving, held_back, ticket)
 
     def _finish(self) -> None:
         """Wait for the batch in flight, if any, and hand its results on."""
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return
+        infos, serving, held_back = flight.infos, flight.serving, flight.held_back
         try:
-            if flight.ticket is not None:
-                flight.logits, flight.seconds = flight.engine.collect(flight.ticket), flight.ticket.seconds
+            logits, seconds = flight.engine.collect(flight.ticket), flight.ticket.seconds
         except Exception as exc:  # as in _submit
-            self._failed(flight, exc)
+            self._failed(infos, serving, held_back, exc)
             return
-        assert flight.logits is not None
-        infos, serving, held_back, seconds = flight.infos, flight.serving, flight.held_back, flight.seconds
         n = len(infos)
         done = time.monotonic()
-        idx, scores = top_k(flight.logits, self.top_k)
+        idx, scores = top_k(logits, self.top_k)
         if held_back:
             held_back.record_holdback(n, seconds)
             labels, engine_id = held_back.labels, held_back.bundle_id
@@ -359,15 +361,15 @@ class Pipeline:
         self.metrics.record_batch(n, seconds, np.asarray([done - i.arrived for i in infos]))
         self.last_batch_done = done
 
-    def _failed(self, flight: _InFlight, exc: Exception) -> None:
+    def _failed(self, infos: list[FrameInfo], serving: Serving, held_back: Shadow | None, exc: Exception) -> None:
         self.metrics.engine_errors += 1
-        if not flight.held_back:
-            flight.serving.errors += 1
-        for info in flight.infos:
+        if not held_back:
+            serving.errors += 1
+        for info in infos:
             self.queue.counters[info.camera].failed += 1
-        bundle_id = flight.held_back.bundle_id if flight.held_back else flight.serving.bundle.bundle_id
-        self.events("engine", {"bundle_id": bundle_id, "error": str(exc), "frames": len(flight.infos)})
-        log.error("engine failed on a batch of %d: %s", len(flight.infos), exc)
+        bundle_id = held_back.bundle_id if held_back else serving.bundle.bundle_id
+        self.events("engine", {"bundle_id": bundle_id, "error": str(exc), "frames": len(infos)})
+        log.error("engine failed on a batch of %d: %s", len(infos), exc)
 
     # -- state -----------------------------------------------------------------------------------
     def healthy(self, now: float, stall_after: float) -> bool:
