@@ -215,7 +215,6 @@ def head_to_head_child(spec: str, seconds: float) -> None:
             "ratio_median": float(np.median(reference_s / bundle)),
             "ratio_quartiles": [float(q) for q in np.percentile(reference_s / bundle, [25, 75])],
         }
-        del request
     print(json.dumps(found))
 
 
@@ -482,7 +481,7 @@ def gate_missed(seconds: float, work: Path) -> dict:
         "vs_fastest_plain": against,
         "fastest_plain": fastest,
         "shipped_vs_fastest_plain": against["bundle"],
-        "pairs": len(times["bundle"]),
+        "rounds": len(times["bundle"]),
         "plain_gate_misses": plain_misses,
     }
 
@@ -502,7 +501,7 @@ def gate_missed_markdown(missed: dict) -> str:
         "",
         f"The bundle ships **{missed['shipped']}** (agreement with FP32 {missed['agreement']:.2%}) at "
         f"**{missed['shipped_vs_fastest_plain']:.2f}×** the fastest runtime's plain INT8 ({missed['fastest_plain']}), "
-        f"median of the ratios of {missed['pairs']} rounds (each engine in turn, a turn's first batch untimed).",
+        f"median of the ratios of {missed['rounds']} rounds (each engine in turn, a turn's first batch untimed).",
     ]
     return "\n".join(lines) + "\n"
 
