@@ -59,7 +59,7 @@ def top1(bundle: Path, frames: np.ndarray) -> np.ndarray:
     batch = np.empty((len(frames), spec.height, spec.width, 3), np.uint8)
     for slot, frame in zip(batch, frames, strict=True):
         preprocess_into(frame, spec, slot, "BGR")
-    engine = open_engine(b.backend, b.target, b.engine_path, b.batch_range[1])
+    engine = open_engine(b.backend, b.target, b.engine_path, b.batch_range[1], images_per_stream=b.images_per_stream)
     n = b.batch_range[1]
     out = np.concatenate([engine.run(batch[i : i + n]).argmax(-1) for i in range(0, len(batch), n)])
     engine.close()

@@ -197,8 +197,8 @@ def head_to_head_child(spec: str, seconds: float) -> None:
     """
     from agent.engine.runtimes import open_engine
 
-    bundle_path, backend, target, reference = json.loads(spec)
-    shipped = open_engine(backend, target, Path(bundle_path), max(BATCHES))
+    bundle_path, backend, target, images_per_stream, reference = json.loads(spec)
+    shipped = open_engine(backend, target, Path(bundle_path), max(BATCHES), images_per_stream=images_per_stream)
     found = {}
     for batch in BATCHES:
         request = reference_request(reference, batch)
@@ -318,6 +318,8 @@ def shipped_bundle(export: Path, work: Path, calibration: np.ndarray, gate: Gate
         "chosen": chosen.label,
         "backend": chosen.backend,
         "target": chosen.target or "cpu",
+        "images_per_stream": chosen.images_per_stream,
+        "serving_layouts": chosen.layouts,
         "recipe": chosen.quantization,
         "accuracy": _figures(chosen.accuracy),
         "gate": {"min_top1_agreement": gate.min_top1_agreement, "min_cosine": gate.min_cosine},
@@ -383,12 +385,29 @@ def measure_model(name: str, seconds: float, work: Path, at_peer: bool) -> dict:
             elif engine == REFERENCE:
                 measured = _child("--openvino-child", paths[0], seconds)
             elif engine == "edgevit-bundle":
-                measured = profile_engine(paths[0], bundle["backend"], bundle["target"], 224, BATCHES, seconds, None)
+                measured = profile_engine(
+                    paths[0],
+                    bundle["backend"],
+                    bundle["target"],
+                    224,
+                    BATCHES,
+                    seconds,
+                    None,
+                    bundle["images_per_stream"],
+                )
             else:
                 measured = profile_engine(paths[0], "onnxruntime", "cpu", 224, BATCHES, seconds, None)
             passes[engine].append(measured)
     print(f"  {name}: the bundle and OpenVINO + NNCF head to head", file=sys.stderr, flush=True)
-    spec = json.dumps([str(bundle_files[0]), bundle["backend"], bundle["target"], str(files[REFERENCE][0])])
+    spec = json.dumps(
+        [
+            str(bundle_files[0]),
+            bundle["backend"],
+            bundle["target"],
+            bundle["images_per_stream"],
+            str(files[REFERENCE][0]),
+        ]
+    )
     head_to_head = _child("--head-to-head-child", spec, HEAD_TO_HEAD_S)
     results = {}
     for engine, runs in passes.items():
@@ -457,9 +476,17 @@ def gate_missed(seconds: float, work: Path) -> dict:
     result = build_engine_bundle(export.model_path.parent, work / "bundle", key, options)
     chosen = result.chosen
     target = chosen.target or "cpu"
-    engines = {name: open_engine(backend, t, path, 8) for name, (backend, t, path) in plain.items()}
+    # plain OpenVINO served in the bundle's layout: only the recipe differs
+    engines = {
+        name: open_engine(
+            backend, t, path, 8, images_per_stream=chosen.images_per_stream if backend == chosen.backend else 1
+        )
+        for name, (backend, t, path) in plain.items()
+    }
     shipped = json.loads((result.path / "manifest.json").read_text())["engine"]["files"][0]
-    engines["bundle"] = open_engine(chosen.backend, target, result.path / shipped, 8)
+    engines["bundle"] = open_engine(
+        chosen.backend, target, result.path / shipped, 8, images_per_stream=chosen.images_per_stream
+    )
     images = calibration[:8]
     times = alternating({name: (lambda e=e: e.run(images)) for name, e in engines.items()}, seconds)
     speed = {name: float(8 / np.median(t)) for name, t in times.items()}
@@ -510,6 +537,14 @@ def throughput(row: dict, engine: str, batch: int) -> float:
     return next(r["images_per_s"] for r in row["engines"][engine]["latency"] if r["batch"] == batch)
 
 
+def _layout_said(layouts: dict | None) -> str:
+    """The serving layouts the builder timed for an OpenVINO bundle, and the one it kept."""
+    if not layouts:
+        return ""
+    timed = ", ".join(f"{k}: {s['speed_vs_fastest']:.2f}×" for k, s in layouts["timed"].items())
+    return f" Serves {layouts['kept']} image(s) per CPU stream (the builder's head to head, per stream: {timed})."
+
+
 def markdown(rows: list[dict], ceiling: dict[str, float]) -> str:
     lines = [
         "| model | batch | engine | images/s | × JAX | × OpenVINO+NNCF | peak RSS MiB | RSS vs JAX | file MiB |",
@@ -550,6 +585,7 @@ def markdown(rows: list[dict], ceiling: dict[str, float]) -> str:
                 for c in b["candidates"]
             )
             + "."
+            + _layout_said(b.get("serving_layouts"))
         )
     lines.append("")
     lines.append(

@@ -58,7 +58,13 @@ def measure(bundle_path: Path, batch: int, seconds: float, repeat: int) -> dict:
     bundle = verify_bundle(bundle_path, None)
     spec = bundle.input_spec
     images = np.random.default_rng(0).integers(0, 256, (batch, spec.height, spec.width, 3), np.uint8)
-    local = open_engine(bundle.backend, bundle.target, bundle.engine_path, bundle.batch_range[1])
+    local = open_engine(
+        bundle.backend,
+        bundle.target,
+        bundle.engine_path,
+        bundle.batch_range[1],
+        images_per_stream=bundle.images_per_stream,
+    )
     one_session = None
     if bundle.backend == "onnxruntime":
         one_session = open_engine(

@@ -127,7 +127,9 @@ def run_inspect(args: argparse.Namespace, console: Console) -> None:
     try:
         bundle = verify_bundle(args.bundle, [load_public_key(p) for p in args.trust], DeviceInfo.probe())
         batch = bundle.batch_range[1]
-        engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, batch)
+        engine = open_engine(
+            bundle.backend, bundle.target, bundle.engine_path, batch, images_per_stream=bundle.images_per_stream
+        )
         engine = with_references(engine, bundle.references_path)
         golden = check_golden(engine, bundle.golden_path, batch)
         engine.close()
@@ -145,6 +147,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> None:
             batches,
             args.profile_seconds,
             None,
+            bundle.images_per_stream,
         )
     if args.json:
         print(json.dumps({"bundle_id": bundle.bundle_id, "signer": bundle.signer, "golden": asdict(golden),

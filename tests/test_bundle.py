@@ -116,6 +116,17 @@ def test_signed_but_malformed_manifest(bundle: Path, trusted, signing_key) -> No
         verify_bundle(bundle, trusted)
 
 
+@pytest.mark.parametrize("chunk", [0, 9, "4", True, 2])
+def test_signed_serving_layout_the_engine_cannot_honour(bundle: Path, trusted, signing_key, chunk) -> None:
+    """Images per stream: an integer within the batch range, and above 1 only for OpenVINO (this bundle's
+    engine is ONNX Runtime's)."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["engine"]["images_per_stream"] = chunk
+    resign(bundle, manifest, signing_key)
+    with pytest.raises(BundleError, match="manifest 'engine.images_per_stream'"):
+        verify_bundle(bundle, trusted)
+
+
 def test_signed_path_traversal(bundle: Path, trusted, signing_key) -> None:
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}

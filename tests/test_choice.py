@@ -12,6 +12,7 @@ import pytest
 
 from builder.bundle.batch_mix import read_batch_mix, shares_of
 from builder.bundle.candidates import Candidate, choose, contenders
+from builder.bundle.layout import fastest_layout, layouts_to_try
 from builder.bundle.options import EngineOptions, served_mix
 from builder.errors import BuildError
 from builder.evaluate.measure import Accuracy
@@ -118,6 +119,27 @@ def test_the_head_to_head_timing_overrules_separate_profiles() -> None:
     chosen = choose([static, dynamic], EngineOptions())
     assert chosen is static and chosen.choice is not None and chosen.choice["ties"] == ["int8 dynamic"]
     assert static.summary()["head_to_head"] == {"speed_vs_fastest": 0.97, "interval": [0.95, 1.01], "rounds": 40}
+
+
+def test_openvino_layouts_tried_are_those_two_chunks_fit_the_largest_batch_served() -> None:
+    assert layouts_to_try("openvino", {8: 1.0}) == [1, 2, 4]
+    assert layouts_to_try("openvino", {1: 0.5, 6: 0.5}) == [1, 2]
+    assert layouts_to_try("openvino", {16: 1.0}) == [1, 2, 4, 8]
+    assert layouts_to_try("openvino", {1: 1.0, 3: 0.0}) == []  # one size per stream: nothing to choose
+    assert layouts_to_try("onnxruntime", {8: 1.0}) == []  # only OpenVINO engines have a layout
+
+
+def test_the_layout_that_led_the_head_to_head_is_served_even_within_the_noise() -> None:
+    """Layouts give the same outputs: nothing but the speed estimate can break a tie."""
+
+    def speed(ratio: float, low: float, high: float) -> RelativeSpeed:
+        return RelativeSpeed(ratio, low, high, MIN_ROUNDS)
+
+    fastest = speed(1.0, 1.0, 1.0)
+    assert fastest_layout({1: speed(0.86, 0.84, 0.88), 2: speed(0.93, 0.9, 0.96), 4: fastest}) == 4
+    assert fastest_layout({1: speed(0.94, 0.91, 1.02), 2: speed(0.99, 0.97, 1.01), 4: fastest}) == 4
+    assert fastest_layout({1: fastest, 2: speed(0.9, 0.85, 0.95), 4: speed(0.8, 0.7, 0.9)}) == 1
+    assert fastest_layout({1: fastest, 2: fastest}) == 1
 
 
 def test_paired_ratios_cancel_the_machines_drift() -> None:

@@ -89,7 +89,9 @@ def test_passport_top1_is_what_the_engine_scores(int8_bundles: dict[str, Path], 
     frames = np.empty((len(idx), spec.height, spec.width, 3), np.uint8)
     for slot, i in zip(frames, idx, strict=True):
         preprocess_into(scans[i], spec, slot, "RGB")
-    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 8)  # whichever runtime shipped
+    engine = open_engine(  # whichever runtime shipped, as the agent serves it
+        bundle.backend, bundle.target, bundle.engine_path, 8, images_per_stream=bundle.images_per_stream
+    )
     predicted = np.concatenate([engine.run(frames[i : i + 8]) for i in range(0, len(frames), 8)]).argmax(-1)
     engine.close()
     assert float((predicted == labels[idx]).mean()) == pytest.approx(bundle.passport["accuracy"]["engine_top1"])
@@ -99,7 +101,7 @@ def test_head_to_head_timing_runs_in_a_process_of_its_own(int8_bundles: dict[str
     """The builder's runoff on real engine files, at a batch mix: the same engine under two labels, each
     round timing both; a file that is no engine fails the build, naming what was being timed."""
     bundle = verify_bundle(int8_bundles["vit-digits"], [load_public_key(int8_bundles["key"])])
-    engine = (bundle.backend, bundle.target, bundle.engine_path)
+    engine = (bundle.backend, bundle.target, bundle.engine_path, bundle.images_per_stream)
     times = time_head_to_head({"a": engine, "b": engine}, bundle.input_spec.height, {1: 0.5, 8: 0.5}, 0.2, None)
     assert len(times["a"]) == len(times["b"]) >= MIN_ROUNDS and min(times["a"] + times["b"]) > 0
     speeds = relative_speeds(times)
@@ -107,7 +109,7 @@ def test_head_to_head_timing_runs_in_a_process_of_its_own(int8_bundles: dict[str
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an engine")
     with pytest.raises(BuildError, match="timing a, broken head to head failed"):
-        time_head_to_head({"a": engine, "broken": ("onnxruntime", "cpu", broken)}, 64, {8: 1.0}, 0.2, None)
+        time_head_to_head({"a": engine, "broken": ("onnxruntime", "cpu", broken, 1)}, 64, {8: 1.0}, 0.2, None)
 
 
 def test_golden_set_reproduces(int8_bundles: dict[str, Path]) -> None:

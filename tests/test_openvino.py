@@ -15,6 +15,7 @@ from agent.engine.bundle import BundleError, verify_bundle
 from agent.engine.device import BF16_FEATURES, X86_INT8_FEATURES, DeviceInfo, full_range_int8_exact
 from agent.engine.golden import check_golden
 from agent.engine.preprocess import InputSpec
+from agent.engine.runtimes import EngineError
 from agent.engine.runtimes.openvino import OpenVINOEngine
 from agent.engine.signing import load_public_key
 from agent.engine.worker import WorkerEngine, WorkerSpec
@@ -44,6 +45,10 @@ def test_openvino_int8_candidates_are_built_and_gated(openvino_bundle: Path, sig
     assert labels["openvino int8 static (minmax)"]["quantization"]["dense_outputs"] == "float"
     assert passport["engine"]["rewrites"] == ["class-token-only last block"]  # every candidate was built from it
     assert bundle.backend == "openvino" and passport["gate"]["passed"]
+    chosen = labels[passport["engine"]["chosen"]]  # its serving layout timed at the batch served (8)
+    layouts = chosen["serving_layouts"]
+    assert set(layouts["timed"]) == {"1", "2", "4"} and layouts["timed"][str(layouts["kept"])]["interval"][1] >= 1
+    assert layouts["kept"] == chosen["images_per_stream"] == bundle.images_per_stream
     requires = bundle.manifest["requires"]
     assert requires["openvino"].startswith(">=")
     if full_range_int8_exact(DeviceInfo.probe()):  # built as this CPU runs it best: 8-bit weights, VNNI needed
@@ -68,6 +73,13 @@ def test_openvino_engine_in_the_worker_with_its_compile_cache(openvino_bundle: P
         finally:
             worker.close()
     assert any(cache.iterdir()), "OpenVINO's model cache is written under the state dir"
+    chunked = dataclasses.replace(WorkerSpec.of(bundle, bundle.target, None), images_per_stream=4)
+    worker = WorkerEngine(chunked, timeout_s=60)  # whichever layout the build kept, the agent serves 4 alike
+    try:
+        check = check_golden(worker, bundle.golden_path, bundle.batch_range[1])
+        assert check.passed, check.summary()
+    finally:
+        worker.close()
 
 
 def _frames(bundle, n: int):
@@ -135,20 +147,27 @@ def test_hot_swap_from_onnxruntime_to_openvino_with_the_canary(
 
 
 def test_a_batch_splits_across_openvino_streams_with_the_same_logits(demo_exports) -> None:
-    """A batch runs as single images, one per stream at once; one thread means one stream, one image at a time."""
+    """A batch runs in chunks, one per stream at once (a short last chunk padded); one thread means one
+    stream. Every layout gives every batch size the logits of one image at a time."""
     model = demo_exports["vit-digits"] / "model.onnx"
     images = digit_images(64)[0][:8]
-    split, whole = OpenVINOEngine(model, "cpu", 8), OpenVINOEngine(model, "cpu", 8, threads=1)
+    whole = OpenVINOEngine(model, "cpu", 8, threads=1)
+    layouts = {k: OpenVINOEngine(model, "cpu", 8, images_per_stream=k) for k in (1, 3, 4)}
     try:
         assert whole.streams == 1
         if (os.cpu_count() or 1) >= 2:
-            assert split.streams >= 2
+            assert all(engine.streams >= 2 for engine in layouts.values())
         for n in range(1, 9):
             expected = whole.run(images[:n])
-            np.testing.assert_allclose(split.run(images[:n]), expected, atol=1e-4 * np.abs(expected).max())
+            for engine in layouts.values():
+                got = engine.run(images[:n])
+                np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), err_msg=f"{n=}")
+        with pytest.raises(EngineError, match="images per stream"):
+            OpenVINOEngine(model, "cpu", 8, images_per_stream=9)
     finally:
-        split.close()
         whole.close()
+        for engine in layouts.values():
+            engine.close()
 
 
 def test_nncf_draws_nothing_of_its_own(demo_exports, tmp_path: Path, capfd) -> None:

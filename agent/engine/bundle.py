@@ -72,6 +72,11 @@ class Bundle:
         return self.root / str(self.manifest["engine"]["files"][0])
 
     @property
+    def images_per_stream(self) -> int:
+        """An OpenVINO engine's serving layout (the builder times it); 1 where the manifest names none."""
+        return int(self.manifest["engine"].get("images_per_stream", 1))
+
+    @property
     def batch_range(self) -> tuple[int, int]:
         batch = self.manifest["engine"]["batch"]
         return batch["min"], batch["max"]
@@ -156,6 +161,13 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
     low, high = _get(manifest, "engine.batch.min", int), _get(manifest, "engine.batch.max", int)
     if not 1 <= low <= high:
         raise BundleError(f"manifest 'engine.batch' range {low}..{high} is invalid")
+    if "images_per_stream" in manifest["engine"]:
+        chunk = _get(manifest, "engine.images_per_stream", int)
+        if not 1 <= chunk <= high or backend != "openvino" and chunk != 1:
+            raise BundleError(
+                f"manifest 'engine.images_per_stream' must lie within 1..{high} (above 1 for OpenVINO only), "
+                f"got {chunk}"
+            )
     try:
         InputSpec.from_dict(_get(manifest, "input", dict))
     except InputSpecError as exc:

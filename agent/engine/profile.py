@@ -88,8 +88,16 @@ def main() -> None:
     args.add_argument("--max-seconds", type=float, default=1.0, help="per batch size, if not stable sooner")
     args.add_argument("--min-runs", type=int, default=10)
     args.add_argument("--threads", type=int)
+    args.add_argument("--images-per-stream", type=int, default=1, help="an OpenVINO engine's serving layout")
     parsed = args.parse_args()
-    engine = open_engine(parsed.backend, parsed.target, parsed.engine, max(parsed.batches), parsed.threads)
+    engine = open_engine(
+        parsed.backend,
+        parsed.target,
+        parsed.engine,
+        max(parsed.batches),
+        parsed.threads,
+        images_per_stream=parsed.images_per_stream,
+    )
     rows = [profile(engine.run, parsed.size, b, parsed.max_seconds, parsed.min_runs) for b in parsed.batches]
     print(json.dumps({"latency": rows, "peak_rss_mib": peak_rss_mib()}))
 

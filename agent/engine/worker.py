@@ -83,6 +83,7 @@ class WorkerSpec:
     cache_dir: Path | None = None  # compiled engines kept across loads (OpenVINO, the TensorRT provider)
     precision: str = "fp32"
     references: Path | None = None  # an embedding model's: the worker outputs similarities to them
+    images_per_stream: int = 1  # the bundle's serving layout (OpenVINO)
 
     @classmethod
     def of(
@@ -107,6 +108,7 @@ class WorkerSpec:
             cache_dir,
             bundle.manifest["engine"].get("precision", "fp32"),
             bundle.references_path,
+            bundle.images_per_stream,
         )
 
     def inputs(self, path: Path, mode: Literal["r+", "w+"]) -> np.memmap[Any, np.dtype[np.uint8]]:
@@ -153,7 +155,14 @@ def _serve(conn: Connection, spec: WorkerSpec, inputs_path: Path, outputs_path: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its worker stops
     try:
         engine = open_engine(
-            spec.backend, spec.target, spec.engine_path, spec.max_batch, spec.threads, spec.cache_dir, spec.precision
+            spec.backend,
+            spec.target,
+            spec.engine_path,
+            spec.max_batch,
+            spec.threads,
+            spec.cache_dir,
+            spec.precision,
+            images_per_stream=spec.images_per_stream,
         )
         engine = with_references(engine, spec.references)
         inputs, outputs = spec.inputs(inputs_path, "r+"), spec.outputs(outputs_path, "r+")

@@ -126,6 +126,7 @@ def build_engine_bundle(
             chosen = evaluation.measure(Candidate("tensorrt int8", "tensorrt", [plan], quant))
             candidates.append(chosen)
             chosen = choose([chosen], options)
+        evaluation.serving_layout(chosen)
         evaluation.profile_every_size(chosen)
         path, passport = write_signed_bundle(
             out,

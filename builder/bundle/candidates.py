@@ -22,11 +22,12 @@ from agent.engine.device import DeviceInfo
 from agent.engine.preprocess import METADATA_KEY, InputSpec
 from agent.engine.runtimes import open_engine
 from agent.engine.similarity import SimilarityHead
+from builder.bundle import layout
 from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour, runtimes_for, served_mix
 from builder.errors import BuildError, GateError
 from builder.evaluate.datasets import Frames, calibration_set
 from builder.evaluate.measure import Accuracy, compare, logits, profile_engine
-from builder.evaluate.runoff import RelativeSpeed, relative_speeds, time_head_to_head
+from builder.evaluate.runoff import RelativeSpeed, Served, relative_speeds, time_head_to_head
 from builder.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
 from builder.export.verify import REPORT_FILE
 from builder.memory import release_freed_memory
@@ -105,6 +106,8 @@ class Candidate:
     over_memory: str | None = None  # why its measured peak RSS rules it out (--max-memory)
     served: dict[int, float] = field(default_factory=dict)  # batch size -> weight in its speed (served_mix)
     runoff: RelativeSpeed | None = None  # timed head to head against the other close candidates (contenders)
+    images_per_stream: int = 1  # how the agent serves it (OpenVINO: builder.bundle.layout)
+    layouts: dict[str, Any] | None = None  # the serving layouts timed for it, and the one kept
 
     def _served_rows(self) -> list[dict[str, Any]]:
         assert self.profile is not None
@@ -139,6 +142,8 @@ class Candidate:
             "latency": self.profile["latency"] if self.profile else None,
             "peak_rss_mib": self.profile["peak_rss_mib"] if self.profile else None,
             "head_to_head": self.runoff.as_dict() if self.runoff else None,
+            "images_per_stream": self.images_per_stream,
+            "serving_layouts": self.layouts,
             "measured_with": self.measured_with,
         }
 
@@ -315,11 +320,11 @@ class Evaluation:
                 c.over_memory = f"peak RSS {peak:.0f} MiB > --max-memory {options.max_memory:g} MiB"
         return c
 
-    def profile_every_size(self, c: Candidate) -> None:
+    def profile_every_size(self, c: Candidate, again: bool = False) -> None:
         """The shipped candidate's profile at every batch size up to the largest: the agent's batcher may
-        pick any of them, and reads their latency from the passport."""
+        pick any of them, and reads their latency from the passport. ``again``: even if it has one."""
         every = list(range(1, self.options.max_batch + 1))
-        if c.profile and [r["batch"] for r in c.profile["latency"]] != every:
+        if c.profile and (again or [r["batch"] for r in c.profile["latency"]] != every):
             self._profile(c, _measure_target(self.options, c, self.device)[0], every)
 
     def runoff(self, candidates: list[Candidate]) -> None:
@@ -328,19 +333,40 @@ class Evaluation:
         racing = contenders(candidates)
         if len(racing) < 2:
             return
-        engines = {c.label: (c.backend, _measure_target(self.options, c, self.device)[0], c.files[0]) for c in racing}
-        shares = served_mix(self.options)
+        engines = {c.label: self._served(c, c.images_per_stream) for c in racing}
         with step(self.progress, f"timing {', '.join(engines)} head to head"):
-            times = time_head_to_head(
-                engines,
-                self.export.spec.height,
-                shares,
-                self.options.profile_seconds * len(racing) * len(shares),
-                self.options.threads,
-            )
-        speeds = relative_speeds(times)
+            speeds = self._head_to_head(engines)
         for c in racing:
             c.runoff = speeds[c.label]
+
+    def serving_layout(self, c: Candidate) -> None:
+        """Times the shipped candidate's serving layouts head to head and keeps the fastest (:mod:`builder.bundle.
+        layout`), profiled at every batch size; a layout over ``--max-memory`` falls back to single images."""
+        sizes = layout.layouts_to_try(c.backend, served_mix(self.options))
+        if len(sizes) < 2 or not c.profile:
+            return
+        with step(self.progress, f"timing {c.label} served at {', '.join(map(str, sizes))} images per stream"):
+            speeds = self._head_to_head({layout.label(k): self._served(c, k) for k in sizes})
+        kept = layout.fastest_layout({k: speeds[layout.label(k)] for k in sizes})
+        c.layouts = {"rule": layout.RULE, "timed": {str(k): speeds[layout.label(k)].as_dict() for k in sizes}}
+        if kept != c.images_per_stream:
+            c.images_per_stream = kept
+            self.profile_every_size(c, again=True)
+            peak = c.profile["peak_rss_mib"]
+            if self.options.max_memory and peak > self.options.max_memory:
+                c.layouts["over_memory"] = {str(kept): f"peak RSS {peak:.0f} MiB > --max-memory"}
+                c.images_per_stream = 1
+                self.profile_every_size(c, again=True)
+        c.layouts["kept"] = c.images_per_stream
+
+    def _served(self, c: Candidate, images_per_stream: int) -> Served:
+        return c.backend, _measure_target(self.options, c, self.device)[0], c.files[0], images_per_stream
+
+    def _head_to_head(self, engines: dict[str, Served]) -> dict[str, RelativeSpeed]:
+        shares = served_mix(self.options)
+        seconds = self.options.profile_seconds * len(engines) * len(shares)
+        times = time_head_to_head(engines, self.export.spec.height, shares, seconds, self.options.threads)
+        return relative_speeds(times)
 
     def _profile(self, c: Candidate, target: str, batches: list[int]) -> None:
         sizes = f"{batches[0]}-{batches[-1]}" if len(batches) == batches[-1] else ", ".join(map(str, batches))
@@ -353,6 +379,7 @@ class Evaluation:
                 batches,
                 self.options.profile_seconds,
                 self.options.threads,
+                c.images_per_stream,
             )
 
 

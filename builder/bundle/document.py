@@ -177,6 +177,7 @@ def write_signed_bundle(
             "precision": options.precision,
             "quantization": chosen.quantization,
             "batch": {"min": 1, "opt": batch, "max": batch},
+            **({"images_per_stream": chosen.images_per_stream} if chosen.backend == "openvino" else {}),
         },
         "input": json.loads(export.spec.to_json()),
         "requires": engine_requirements(options, chosen, device),

@@ -12,6 +12,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from builder.bundle.layout import label
+
 
 def recipe(quantization: dict | None) -> str:
     """How a candidate was made, in a few words: method, calibration, smoothing, layers left in float."""
@@ -57,6 +59,14 @@ def _head_to_head_line(runoff: dict[str, Any] | None) -> str:
     return f"[dim]head to head {runoff['speed_vs_fastest']:.2f}× ({low:.2f}–{high:.2f})[/]"
 
 
+def _layout_line(layouts: dict[str, Any] | None) -> str:
+    """The serving layouts timed for the candidate that ships, each as a fraction of the fastest."""
+    if not layouts:
+        return ""
+    timed = ", ".join(f"{k}: {speed['speed_vs_fastest']:.2f}×" for k, speed in layouts["timed"].items())
+    return f"[dim]serves {label(layouts['kept'])} (timed: {timed})[/]"
+
+
 def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     """The candidates of a build (their passport summaries), the one that ships marked."""
     table = Table(
@@ -73,6 +83,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
         lines += [f"[red]✗ {miss}[/]" for miss in [*c["gate_misses"], *filter(None, [c.get("over_memory")])]]
         lines.append(_mixed_precision_line((c["quantization"] or {}).get("mixed_precision")))
         lines.append(_head_to_head_line(c.get("head_to_head")))
+        lines.append(_layout_line(c.get("serving_layouts")))
         table.add_row(
             "▶" if c["label"] == chosen else "",
             "\n".join(line for line in lines if line),

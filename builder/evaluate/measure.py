@@ -114,7 +114,14 @@ def compare(
 
 
 def profile_engine(
-    path: Path, backend: str, target: str, size: int, batches: list[int], max_seconds: float, threads: int | None
+    path: Path,
+    backend: str,
+    target: str,
+    size: int,
+    batches: list[int],
+    max_seconds: float,
+    threads: int | None,
+    images_per_stream: int = 1,
 ) -> dict:
     """Latency per batch size and peak RSS of a process serving only this engine."""
     command = [
@@ -132,6 +139,8 @@ def profile_engine(
         *map(str, batches),
         "--max-seconds",
         str(max_seconds),
+        "--images-per-stream",
+        str(images_per_stream),
     ]
     if threads:
         command += ["--threads", str(threads)]

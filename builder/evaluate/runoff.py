@@ -126,17 +126,20 @@ def _turn(run: Callable[[], object]) -> float:
             return took / count
 
 
+Served = tuple[str, str, Path, int]  # how an engine is opened: backend, target, file, images per stream
+
+
 def time_head_to_head(
-    engines: Mapping[str, tuple[str, str, Path]],
+    engines: Mapping[str, Served],
     size: int,
     shares: Mapping[int, float],
     max_seconds: float,
     threads: int | None,
 ) -> dict[str, list[float]]:
-    """:func:`rounds` of ``engines`` (label -> backend, target, file) in a process that serves only them,
-    as the agent opens them: the builder's own threads and memory stay out of the timing."""
+    """:func:`rounds` of ``engines`` (label -> :data:`Served`) in a process that serves only them, as the
+    agent opens them: the builder's own threads and memory stay out of the timing."""
     spec = {
-        "engines": {label: [backend, target, str(path)] for label, (backend, target, path) in engines.items()},
+        "engines": {label: [backend, target, str(path), k] for label, (backend, target, path, k) in engines.items()},
         "size": size,
         "shares": {str(b): w for b, w in shares.items()},
         "max_seconds": max_seconds,
@@ -151,8 +154,8 @@ def time_head_to_head(
 
 
 def main() -> None:
-    """SPEC: ``{"engines": {label: [backend, target, path]}, "size": pixels, "shares": {batch: weight},
-    "max_seconds": s, "threads": n | null}``. Engines open as the agent opens them."""
+    """SPEC: ``{"engines": {label: [backend, target, path, images_per_stream]}, "size": pixels,
+    "shares": {batch: weight}, "max_seconds": s, "threads": n | null}``. Engines open as the agent opens them."""
     from agent.engine.runtimes import open_engine
 
     spec = json.loads(sys.argv[1])
@@ -161,8 +164,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for b in shares}
     runs = {}
-    for label, (backend, target, path) in spec["engines"].items():
-        engine = open_engine(backend, target, path, batch, spec.get("threads"))
+    for label, (backend, target, path, chunk) in spec["engines"].items():
+        engine = open_engine(backend, target, path, batch, spec.get("threads"), images_per_stream=chunk)
         runs[label] = {b: (lambda e=engine, x=images[b]: e.run(x)) for b in shares}
     print(json.dumps(rounds(runs, shares, float(spec["max_seconds"]))))
 

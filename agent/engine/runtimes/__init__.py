@@ -34,10 +34,12 @@ def open_engine(
     cache_dir: Path | None = None,
     precision: str = "fp32",
     split_batches: bool = True,
+    images_per_stream: int = 1,
 ) -> Engine:
     """The engine a bundle names. ``cache_dir`` keeps runtimes' compiled forms across loads (OpenVINO,
     ONNX Runtime's TensorRT provider); ``precision`` is the bundle's (the TensorRT provider's FP16);
-    ``split_batches`` off loads ONNX Runtime's CPU engine as one session, where only its logits matter."""
+    ``split_batches`` off loads ONNX Runtime's CPU engine as one session, where only its logits matter;
+    ``images_per_stream`` is an OpenVINO engine's chunk per CPU stream (the bundle's serving layout)."""
     if backend == "onnxruntime":
         from agent.engine.runtimes.onnxruntime import OnnxRuntimeEngine
 
@@ -45,7 +47,7 @@ def open_engine(
     if backend == "openvino":
         from agent.engine.runtimes.openvino import OpenVINOEngine
 
-        return OpenVINOEngine(path, target, max_batch, threads, cache_dir)
+        return OpenVINOEngine(path, target, max_batch, threads, cache_dir, images_per_stream)
     if backend == "tensorrt":
         from agent.engine.runtimes.tensorrt import TensorRTEngine
 

@@ -14,6 +14,12 @@ weights (``bench/openvino_memory_bench.py`` measures the designs; figures in ``b
 A compile per batch size measured no faster and held a copy of the weights and the activations
 for each; one compile for a dynamic batch measured slower at batch 8.
 
+``images_per_stream`` > 1 compiles the per-stream model for that many images: a batch then runs as
+chunks of that size, one per stream, the last chunk padded. A larger chunk spends less of each layer
+waiting on its threads, so it can serve large batches faster, but it pads the sizes between; which
+layout serves a device best depends on the batch sizes it serves, so the builder times the layouts
+at those sizes and writes the fastest into the bundle (``engine.images_per_stream``).
+
 Targets: ``cpu`` runs the float parts of the model in FP32; ``cpu-bf16`` in BF16 (what
 OpenVINO picks by default on CPUs with AVX-512 BF16 or AMX; a bundle built for it
 requires such a CPU). Compiled models are cached under ``cache_dir`` (OpenVINO's model
@@ -58,9 +64,13 @@ class OpenVINOEngine:
         max_batch: int = 8,
         threads: int | None = None,
         cache_dir: Path | None = None,
+        images_per_stream: int = 1,
     ) -> None:
         if target not in PRECISION:
             raise EngineError(f"OpenVINO has no target {target!r} (choose {', '.join(PRECISION)})")
+        if not 1 <= images_per_stream <= max_batch:
+            raise EngineError(f"images per stream must lie within 1..{max_batch}, got {images_per_stream}")
+        self.chunk = images_per_stream
         core = load_openvino().Core()
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -72,20 +82,22 @@ class OpenVINOEngine:
             model = core.read_model(str(path))
             name = model.inputs[0].any_name
             shape = list(model.inputs[0].get_partial_shape().get_min_shape())[1:]
-            model.reshape({name: [1, *shape]})
+            model.reshape({name: [self.chunk, *shape]})
             # THROUGHPUT picks the stream count for this model, CPU and thread count
             per_stream = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **config})
             self.streams = max(1, int(per_stream.get_property("NUM_STREAMS")))
             whole = per_stream
-            if self.streams > 1:
+            if self.streams > 1 or self.chunk > 1:
+                model.reshape({name: [1, *shape]})
                 whole = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **config})
             del model  # the compiled models hold what they need
             self._whole = whole.create_infer_request()
             # one request per stream (two per stream measured no faster)
             self._per_stream = [per_stream.create_infer_request() for _ in range(self.streams)]
             outputs = list(per_stream.outputs[0].get_partial_shape().get_min_shape())[1:]
-            # allocated once: each batch fills it
+            # allocated once: each batch fills them (a short last chunk is padded in its stream's own buffer)
             self._logits: np.ndarray = np.zeros((max_batch, *outputs), np.float32)
+            self._padded = np.zeros((self.streams, self.chunk, *shape), np.uint8) if self.chunk > 1 else None
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for bad models
             raise EngineError(f"OpenVINO cannot load {path}: {exc}") from exc
 
@@ -102,14 +114,26 @@ class OpenVINOEngine:
         return logits
 
     def _in_rounds(self, images: np.ndarray) -> None:
-        """Into ``_logits``: the images one per stream at once, round after round."""
-        for start in range(0, len(images), self.streams):
-            part = range(start, min(len(images), start + self.streams))
-            for request, i in zip(self._per_stream, part, strict=False):
-                request.start_async({0: images[i : i + 1]})
+        """Into ``_logits``: the images in chunks of ``chunk``, one per stream at once, round after round."""
+        n, chunk = len(images), self.chunk
+        starts = range(0, n, chunk)
+        for first in range(0, len(starts), self.streams):
+            part = starts[first : first + self.streams]
+            for stream, (request, i) in enumerate(zip(self._per_stream, part, strict=False)):
+                request.start_async({0: self._chunk_of(images, i, stream)})
             for request, i in zip(self._per_stream, part, strict=False):
                 request.wait()
-                self._logits[i] = request.get_output_tensor(0).data[0]
+                end = min(n, i + chunk)
+                self._logits[i:end] = request.get_output_tensor(0).data[: end - i]
+
+    def _chunk_of(self, images: np.ndarray, i: int, stream: int) -> np.ndarray:
+        """Images ``i`` to ``i + chunk``; a short last chunk copied into the stream's padded buffer."""
+        if i + self.chunk <= len(images):
+            return images[i : i + self.chunk]
+        assert self._padded is not None  # a chunk of one image is never short
+        padded: np.ndarray = self._padded[stream]
+        padded[: len(images) - i] = images[i:]
+        return padded
 
     def close(self) -> None:
         self._per_stream.clear()
