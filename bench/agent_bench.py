@@ -98,7 +98,8 @@ def raw_best(bundle: Path) -> tuple[float, float]:
     engine = manifest["engine"]
     batches = list(range(1, engine["batch"]["max"] + 1))
     path, height = bundle / engine["files"][0], manifest["input"]["height"]
-    profile = profile_engine(path, engine["backend"], engine["target"], height, batches, 1.0, None)
+    chunk = engine.get("images_per_stream", 1)  # served as the agent serves it
+    profile = profile_engine(path, engine["backend"], engine["target"], height, batches, 1.0, None, chunk)
     best = max(profile["latency"], key=lambda row: row["images_per_s"])
     return float(best["images_per_s"]), 100 * float(best["cpu_share"])
 

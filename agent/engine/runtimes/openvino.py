@@ -1,24 +1,21 @@
-"""OpenVINO engines for x86 CPUs: an ONNX (Q/DQ INT8 included) or OpenVINO IR model, compiled for one image.
+"""OpenVINO engines for x86 CPUs: an ONNX (Q/DQ INT8 included) or OpenVINO IR model.
 
-The model is compiled twice for a single image, and each compile holds its own copy of the
-weights (``bench/openvino_memory_bench.py`` measures the designs; figures in ``bench/results/``):
+The model is compiled twice, and each compile holds its own copy of the weights
+(``bench/openvino_memory_bench.py`` measures the designs; figures in ``bench/results/``):
 
 - for OpenVINO's CPU *streams* (its THROUGHPUT mode: each stream runs one infer request on its
-  own share of the cores). A batch of more than one image runs as single images, one per stream
-  at once, in rounds: one request over every core spends part of every layer waiting for its
-  threads to meet, and the split measured faster at batch 2 and up.
+  own share of the cores), for ``images_per_stream`` images. A batch of more than one image runs
+  in chunks of that size, one per stream at once, in rounds, the last chunk padded: one request
+  over every core spends part of every layer waiting for its threads to meet, and the split
+  measured faster at batch 2 and up. A larger chunk waits less per image but pads the sizes
+  between, so which serves a device best depends on the batch sizes it serves: the builder
+  times the layouts there and the bundle names the fastest (``engine.images_per_stream``).
 - with the LATENCY hint, one request over every core, for a batch of one image, where splitting
-  would leave cores idle. Where OpenVINO runs one stream anyway (one thread), the first compile
-  serves it.
+  would leave cores idle. Where OpenVINO runs one stream of one image anyway (one thread), the
+  first compile serves it.
 
 A compile per batch size measured no faster and held a copy of the weights and the activations
 for each; one compile for a dynamic batch measured slower at batch 8.
-
-``images_per_stream`` > 1 compiles the per-stream model for that many images: a batch then runs as
-chunks of that size, one per stream, the last chunk padded. A larger chunk spends less of each layer
-waiting on its threads, so it can serve large batches faster, but it pads the sizes between; which
-layout serves a device best depends on the batch sizes it serves, so the builder times the layouts
-at those sizes and writes the fastest into the bundle (``engine.images_per_stream``).
 
 Targets: ``cpu`` runs the float parts of the model in FP32; ``cpu-bf16`` in BF16 (what
 OpenVINO picks by default on CPUs with AVX-512 BF16 or AMX; a bundle built for it
