@@ -41,6 +41,7 @@ from agent.lifecycle.failpoints import failpoint
 from agent.lifecycle.store import atomic_write
 from fleet.gates import failures_note, pooled_verdict, wave_alpha
 from fleet.link import BrokerLost, Device, FleetLink
+from fleet.records import Event
 
 
 class _Named(str, Enum):
@@ -76,6 +77,7 @@ ACTIVE = (RolloutState.RUNNING, RolloutState.INTERRUPTED)
 POLL_S = 0.25
 OUTCOMES_FLUSH_S = 1.0  # how often observed outcomes reach the journal while a wave is awaited
 REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
+VERDICT_GRACE_S = 5.0  # how long a committed device's canary verdict (its commit event) may trail its status
 BROKER_GRACE_S = 60.0  # a broker away longer than this interrupts the rollout (resumable)
 
 
@@ -400,15 +402,32 @@ class Runner:
             self._pending.append({"wave": rollout.wave})
             self._flush()
 
+    def _verdicts(self, wave: list[Target]) -> list[Event]:
+        """The wave's canary verdicts (commit and revert events), waiting up to :data:`VERDICT_GRACE_S` for the
+        commit of each device that succeeded: a success can be read off a device's status, which its events
+        (sent through the agent's outbox) may trail, and a wave weighed without them would skip its pooled
+        test. A verdict still missing after the grace is noted, and the wave is weighed without it."""
+        deadline = time.monotonic() + VERDICT_GRACE_S
+        while True:
+            found = {
+                t.device: [e for e in self.link.events_for(t.command_id) if e.kind in ("commit", "revert")]
+                for t in wave
+                if t.command_id
+            }
+            missing = [t.device for t in wave if t.state == TargetState.SUCCEEDED and not found.get(t.device)]
+            if not missing or time.monotonic() >= deadline:
+                break
+            self.link.wait_changes(POLL_S)
+        if missing:
+            self._note(
+                f"wave {wave[0].wave}: no canary verdict from {', '.join(sorted(missing))} within "
+                f"{VERDICT_GRACE_S:g} s of its status; weighed without"
+            )
+        return [e for events in found.values() for e in events]
+
     def _weigh(self, wave: list[Target]) -> str | None:
         """The wave's failures against chance, and its pooled agreement test; why to halt, if it must."""
-        events = [
-            e
-            for t in wave
-            if t.command_id
-            for e in self.link.events_for(t.command_id)
-            if e.kind in ("commit", "revert")
-        ]
+        events = self._verdicts(wave)
         alpha = wave_alpha(events)
         if alpha is None:
             return None

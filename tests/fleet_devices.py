@@ -3,8 +3,9 @@
 An honest device answers ``deploy`` as an agent does (a reply, then a ``commit`` event and a
 status showing the bundle active, committed); its ``behaviour`` changes that: ``dead`` never
 answers, ``liar`` publishes a status claiming the bundle without answering, ``refuses_rollback``
-answers rollbacks with an error. What a device sends is chosen by the test; nothing here is the
-agent's code.
+answers rollbacks with an error; ``verdict_lag_s`` publishes the committed status first and the
+``commit`` event that long after (an agent's events go through its outbox, its status does not).
+What a device sends is chosen by the test; nothing here is the agent's code.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ class SimulatedDevice:
         pool: list[list[int]] | None = None,
         labels: dict[str, str] | None = None,
         commit_after_s: float = 0.2,
+        verdict_lag_s: float = 0.0,
     ) -> None:
         self.name, self.behaviour, self.pool, self.active = name, behaviour, pool, "old"
-        self.labels, self.commit_after_s = labels or {"site": "lab"}, commit_after_s
+        self.labels, self.commit_after_s, self.verdict_lag_s = labels or {"site": "lab"}, commit_after_s, verdict_lag_s
         self.commands: list[dict[str, Any]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{name}", protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -74,6 +76,10 @@ class SimulatedDevice:
         event: dict[str, Any] = {"event": "commit", "bundle_id": "new", "command_id": command["id"]}
         if self.pool is not None:
             event |= {"verdict": {"alpha": 0.01}, "pool": {"limit": 0.976, "blocks": self.pool}}
+        if self.verdict_lag_s:
+            self.publish_status()
+            threading.Timer(self.verdict_lag_s, self.publish, ("events", event)).start()
+            return
         self.publish("events", event)
         self.publish_status()
 

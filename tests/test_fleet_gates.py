@@ -63,12 +63,16 @@ def test_pooling_finds_what_each_device_alone_does_not() -> None:
     assert pooled_verdict([event("d0")], 0.01) is None
 
 
-@pytest.mark.parametrize("agreement, halts", [(0.966, True), (0.996, False)])
+@pytest.mark.parametrize("agreement, halts, lag", [(0.966, True, 0.0), (0.996, False, 0.0), (0.966, True, 1.0)])
 def test_a_wave_whose_pooled_evidence_shows_a_regression_halts(
-    mosquitto: int, tmp_path: Path, agreement: float, halts: bool
+    mosquitto: int, tmp_path: Path, agreement: float, halts: bool, lag: float
 ) -> None:
+    """``lag``: each device's status shows the bundle committed a second before its verdict arrives; the
+    wave still waits for the verdicts it pools."""
     rng = np.random.default_rng(7)
-    devices = [SimulatedDevice(mosquitto, f"d{i:02d}", pool=blocks(rng, agreement)) for i in range(10)]
+    devices = [
+        SimulatedDevice(mosquitto, f"d{i:02d}", pool=blocks(rng, agreement), verdict_lag_s=lag) for i in range(10)
+    ]
     started = time.monotonic()
     done, lines = run_rollout(mosquitto, tmp_path, devices, "10", "100%", timeout_s=30)
     out = "\n".join(lines)

@@ -74,7 +74,8 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
         caption=(
             "top-1 on the evaluation set; agree: top-1 agreement with FP32; Δlogit: max |logit error|; "
             "b1: img/s at batch 1; img/s at the largest batch; head to head: speed against the fastest close "
-            "candidate, timed in turns in one process (95 % interval); ▶ ships"
+            "candidate, timed in turns in one process (95 % interval); serves: the OpenVINO engine's images per "
+            "CPU stream, each layout timed against the fastest the same way; ▶ ships"
         ),
     )  # fmt: skip
     for c in candidates:
