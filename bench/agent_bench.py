@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from export_bench import config  # noqa: E402
 
+from agent.engine.bundle import verify_bundle  # noqa: E402
 from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
 from builder.bundle.options import EngineOptions  # noqa: E402
@@ -94,12 +95,11 @@ def raw_best(bundle: Path) -> tuple[float, float]:
     """The bundle's engine alone, in whichever runtime it ships for (the builder may pick OpenVINO): its
     best images/s over the batch sweep, and the share of the cores it kept busy at that batch size.
     What the engine leaves idle by itself, the agent cannot use for it either."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    engine = manifest["engine"]
-    batches = list(range(1, engine["batch"]["max"] + 1))
-    path, height = bundle / engine["files"][0], manifest["input"]["height"]
-    chunk = engine.get("images_per_stream", 1)  # served as the agent serves it
-    profile = profile_engine(path, engine["backend"], engine["target"], height, batches, 1.0, None, chunk)
+    b = verify_bundle(bundle, None)
+    batches = list(range(1, b.batch_range[1] + 1))
+    profile = profile_engine(  # served as the agent serves it
+        b.engine_path, b.backend, b.target, b.input_spec.height, batches, 1.0, None, b.images_per_stream
+    )
     best = max(profile["latency"], key=lambda row: row["images_per_s"])
     return float(best["images_per_s"]), 100 * float(best["cpu_share"])
 

@@ -38,7 +38,7 @@ import canary_sim  # noqa: E402
 
 from agent.engine.bundle import verify_bundle  # noqa: E402
 from agent.engine.preprocess import preprocess_into  # noqa: E402
-from agent.engine.runtimes import open_engine  # noqa: E402
+from agent.engine.runtimes import open_bundle_engine  # noqa: E402
 
 
 def video_frames(path: Path) -> np.ndarray:
@@ -59,7 +59,7 @@ def top1(bundle: Path, frames: np.ndarray) -> np.ndarray:
     batch = np.empty((len(frames), spec.height, spec.width, 3), np.uint8)
     for slot, frame in zip(batch, frames, strict=True):
         preprocess_into(frame, spec, slot, "BGR")
-    engine = open_engine(b.backend, b.target, b.engine_path, b.batch_range[1], images_per_stream=b.images_per_stream)
+    engine = open_bundle_engine(b)
     n = b.batch_range[1]
     out = np.concatenate([engine.run(batch[i : i + n]).argmax(-1) for i in range(0, len(batch), n)])
     engine.close()

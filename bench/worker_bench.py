@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from agent_bench import bundles  # noqa: E402
 
 from agent.engine.bundle import verify_bundle  # noqa: E402
-from agent.engine.runtimes import Engine, open_engine  # noqa: E402
+from agent.engine.runtimes import Engine, open_bundle_engine, open_engine  # noqa: E402
 from agent.engine.worker import WorkerEngine, WorkerSpec  # noqa: E402
 from agent.stream.results import top_k  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
@@ -58,13 +58,7 @@ def measure(bundle_path: Path, batch: int, seconds: float, repeat: int) -> dict:
     bundle = verify_bundle(bundle_path, None)
     spec = bundle.input_spec
     images = np.random.default_rng(0).integers(0, 256, (batch, spec.height, spec.width, 3), np.uint8)
-    local = open_engine(
-        bundle.backend,
-        bundle.target,
-        bundle.engine_path,
-        bundle.batch_range[1],
-        images_per_stream=bundle.images_per_stream,
-    )
+    local = open_bundle_engine(bundle)
     one_session = None
     if bundle.backend == "onnxruntime":
         one_session = open_engine(

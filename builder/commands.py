@@ -14,7 +14,7 @@ from rich.console import Console
 from agent.engine.bundle import BundleError, verify_bundle
 from agent.engine.device import DeviceInfo
 from agent.engine.golden import check_golden
-from agent.engine.runtimes import EngineError, open_engine
+from agent.engine.runtimes import EngineError, open_bundle_engine
 from agent.engine.signing import SignatureError, load_public_key
 from agent.engine.similarity import with_references
 from builder.bundle.batch_mix import read_batch_mix
@@ -127,9 +127,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> None:
     try:
         bundle = verify_bundle(args.bundle, [load_public_key(p) for p in args.trust], DeviceInfo.probe())
         batch = bundle.batch_range[1]
-        engine = open_engine(
-            bundle.backend, bundle.target, bundle.engine_path, batch, images_per_stream=bundle.images_per_stream
-        )
+        engine = open_bundle_engine(bundle)
         engine = with_references(engine, bundle.references_path)
         golden = check_golden(engine, bundle.golden_path, batch)
         engine.close()

@@ -12,7 +12,7 @@ import pytest
 
 from builder.bundle.batch_mix import read_batch_mix, shares_of
 from builder.bundle.candidates import Candidate, choose, contenders
-from builder.bundle.layout import fastest_layout, layouts_to_try
+from builder.bundle.layout import fastest_layout, layouts_to_try, within_memory
 from builder.bundle.options import EngineOptions, served_mix
 from builder.errors import BuildError
 from builder.evaluate.measure import Accuracy
@@ -140,6 +140,12 @@ def test_the_layout_that_led_the_head_to_head_is_served_even_within_the_noise() 
     assert fastest_layout({1: speed(0.94, 0.91, 1.02), 2: speed(0.99, 0.97, 1.01), 4: fastest}) == 4
     assert fastest_layout({1: fastest, 2: speed(0.9, 0.85, 0.95), 4: speed(0.8, 0.7, 0.9)}) == 1
     assert fastest_layout({1: fastest, 2: fastest}) == 1
+
+
+def test_a_layout_over_max_memory_falls_back_to_single_images() -> None:
+    assert within_memory(4, 612.0, 600.0) == 1
+    assert within_memory(4, 590.0, 600.0) == 4
+    assert within_memory(4, 5000.0, None) == 4  # no --max-memory
 
 
 def test_paired_ratios_cancel_the_machines_drift() -> None:

@@ -16,7 +16,7 @@ from agent.engine.bundle import verify_bundle
 from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.engine.golden import check_golden
 from agent.engine.preprocess import preprocess_into
-from agent.engine.runtimes import open_engine
+from agent.engine.runtimes import open_bundle_engine
 from agent.engine.signing import load_public_key
 from builder.bundle.build import build_engine_bundle
 from builder.bundle.candidates import Candidate
@@ -89,9 +89,7 @@ def test_passport_top1_is_what_the_engine_scores(int8_bundles: dict[str, Path], 
     frames = np.empty((len(idx), spec.height, spec.width, 3), np.uint8)
     for slot, i in zip(frames, idx, strict=True):
         preprocess_into(scans[i], spec, slot, "RGB")
-    engine = open_engine(  # whichever runtime shipped, as the agent serves it
-        bundle.backend, bundle.target, bundle.engine_path, 8, images_per_stream=bundle.images_per_stream
-    )
+    engine = open_bundle_engine(bundle, 8)  # whichever runtime shipped, as the agent serves it
     predicted = np.concatenate([engine.run(frames[i : i + 8]) for i in range(0, len(frames), 8)]).argmax(-1)
     engine.close()
     assert float((predicted == labels[idx]).mean()) == pytest.approx(bundle.passport["accuracy"]["engine_top1"])
@@ -114,7 +112,7 @@ def test_head_to_head_timing_runs_in_a_process_of_its_own(int8_bundles: dict[str
 
 def test_golden_set_reproduces(int8_bundles: dict[str, Path]) -> None:
     bundle = verify_bundle(int8_bundles["vit-digits"], [load_public_key(int8_bundles["key"])])
-    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 8)
+    engine = open_bundle_engine(bundle, 8)
     check = check_golden(engine, bundle.golden_path, 8)
     assert check.passed and check.top1_agreement == 1.0
     with np.load(bundle.golden_path) as golden:
@@ -252,7 +250,7 @@ def test_tensorrt_plans(demo_exports, signing_key, tmp_path: Path, precision: st
         EngineOptions(target="tensorrt", precision=precision, calib="demo", **FAST),
     )
     bundle = verify_bundle(result.path, [load_public_key(signing_key[1])], device)
-    engine = open_engine(bundle.backend, bundle.target, bundle.engine_path, 8)
+    engine = open_bundle_engine(bundle, 8)
     assert check_golden(engine, bundle.golden_path, 8).passed
 
 

@@ -353,9 +353,9 @@ class Evaluation:
             c.images_per_stream = kept
             self.profile_every_size(c, again=True)
             peak = c.profile["peak_rss_mib"]
-            if self.options.max_memory and peak > self.options.max_memory:
+            c.images_per_stream = layout.within_memory(kept, peak, self.options.max_memory)
+            if c.images_per_stream != kept:
                 c.layouts["over_memory"] = {str(kept): f"peak RSS {peak:.0f} MiB > --max-memory"}
-                c.images_per_stream = 1
                 self.profile_every_size(c, again=True)
         c.layouts["kept"] = c.images_per_stream
 

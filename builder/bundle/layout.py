@@ -41,5 +41,11 @@ def fastest_layout(speeds: Mapping[int, RelativeSpeed]) -> int:
     return min(speeds, key=lambda size: (-speeds[size].ratio, size))
 
 
+def within_memory(kept: int, peak_rss_mib: float, max_memory_mib: float | None) -> int:
+    """The layout served once ``kept``'s profile has measured its peak RSS: single images where it is over
+    ``--max-memory`` (the candidate was chosen at single images, inside the limit)."""
+    return 1 if max_memory_mib and peak_rss_mib > max_memory_mib else kept
+
+
 def label(images_per_stream: int) -> str:
     return f"{images_per_stream} image{'s' if images_per_stream > 1 else ''} per stream"

@@ -8,9 +8,12 @@ Runtimes are imported only when asked for, so a CPU-only device needs no TensorR
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from agent.engine.bundle import Bundle
 
 
 class EngineError(RuntimeError):
@@ -53,3 +56,17 @@ def open_engine(
 
         return TensorRTEngine(path, max_batch)
     raise EngineError(f"unknown engine backend {backend!r}")
+
+
+def open_bundle_engine(bundle: Bundle, max_batch: int | None = None, threads: int | None = None) -> Engine:
+    """``bundle``'s engine in this process, served as its manifest says (runtime, target, OpenVINO's images per
+    stream), for up to ``max_batch`` images (default the bundle's maximum). The agent itself serves through
+    :class:`agent.engine.worker.WorkerEngine`; this is for tools and benches that must serve it alike."""
+    return open_engine(
+        bundle.backend,
+        bundle.target,
+        bundle.engine_path,
+        max_batch or bundle.batch_range[1],
+        threads,
+        images_per_stream=bundle.images_per_stream,
+    )
