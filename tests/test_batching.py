@@ -59,6 +59,30 @@ def test_measured_latency_moves_the_decision() -> None:
     assert p.decide(arrival_rate=300, sources=8).batch != before
 
 
+def test_a_slow_batch_does_not_keep_its_size_out_for_good() -> None:
+    """One slow batch of the size in use, then the smaller size it stepped down to runs at the passport's
+    speed: the larger size is tried again, though nothing measured it since."""
+    p = policy(budget_ms=40)
+    chosen = p.decide(arrival_rate=5000, sources=8).batch
+    p.observe(chosen, PROFILE[chosen] * 3)  # a preempted thread
+    smaller = p.decide(arrival_rate=5000, sources=8).batch
+    assert smaller < chosen
+    for _ in range(1000):
+        p.observe(smaller, PROFILE[smaller])
+    assert p.decide(arrival_rate=5000, sources=8).batch == chosen
+
+
+def test_the_typical_latency_is_each_sizes_own() -> None:
+    """The pipeline times the next batch's take by the running size's own mean: a batch of another size, slowed
+    more by the load, does not move it."""
+    p = policy()
+    for _ in range(50):
+        p.observe(8, PROFILE[8])
+    p.observe(1, PROFILE[1] * 10)
+    assert abs(p.typical(8) - PROFILE[8]) < 1e-9
+    assert p.typical(4) == p.latency(4)  # never run: the p99 estimate
+
+
 def test_batch_never_exceeds_the_cameras_delivering() -> None:
     assert policy(budget_ms=30).decide(arrival_rate=5000, sources=2).batch <= 2
     assert policy().decide(arrival_rate=5000, sources=0).batch == 1

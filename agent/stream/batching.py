@@ -6,16 +6,25 @@ A frame's worst latency is roughly: waiting for the batch in flight to finish
     worst(b) = 2 * L(b) + (b - 1) / arrival_rate
 
 ``L(b)`` starts from the passport's p99 for batch size ``b`` and follows what this
-device actually measures (an exponentially weighted estimate of the p99). The policy
-picks the smallest batch that keeps up with the arrival rate (with 10 % headroom)
-and fits the budget; when none keeps up, the feasible batch with the highest
-throughput, and the frame queue sheds what cannot be served in time. The maximum
-wait is what the budget leaves after ``2 * L(b)``, never more than filling the batch
-takes. ``fixed`` mode keeps one batch size, for comparison.
+device measures of that size (an exponentially weighted estimate of the p99: it rises
+at once with a slow batch and decays slowly). The policy runs only the sizes it picks,
+so a size whose estimate one slow batch raised (a preempted thread, a decoder's burst)
+would never be measured again, and a policy that stepped down from it would never step
+back up. Each batch of one size therefore moves every other size's estimate a little
+back toward its passport figure: an unused size is tried again once it looks feasible,
+and one slow batch then raises it again. The estimates stay per size because sizes
+differ in how much a loaded device slows them (one image over every core waits on both
+cores at every layer; a chunk per stream does not).
+
+The policy picks the smallest batch that keeps up with the arrival rate (with 10 %
+headroom) and fits the budget; when none keeps up, the feasible batch with the highest
+throughput, and the frame queue sheds what cannot be served in time. The maximum wait
+is what the budget leaves after ``2 * L(b)``, never more than filling the batch takes.
+``fixed`` mode keeps one batch size, for comparison.
 
 Beside the p99, the policy follows each batch size's typical (mean) latency: the
-pipeline takes the next batch's frames when the batch running is about to end, and
-a p99 would take them late.
+pipeline takes the next batch's frames when the batch running is about to end, and a
+p99 would take them late.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 
 HEADROOM = 1.1
 SMOOTHING = 0.1
+RELAX = 0.01  # per batch of another size: how far a size's p99 estimate returns toward its passport figure
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class BatchPolicy:
         fixed_batch: int = 1,
     ) -> None:
         self._lock = threading.Lock()
+        self._passport = dict(p99_by_batch)
         self._latency = dict(p99_by_batch)
         self._typical: dict[int, float] = {}
         self.configure(budget_s, max_batch, mode, fixed_batch)
@@ -58,6 +69,7 @@ class BatchPolicy:
     def relearn(self, p99_by_batch: dict[int, float]) -> None:
         """Start over from another engine's passport (a swap): the old measurements describe the old engine."""
         with self._lock:
+            self._passport = dict(p99_by_batch)
             self._latency = dict(p99_by_batch)
             self._typical = {}
 
@@ -70,10 +82,14 @@ class BatchPolicy:
         return self._latency[below] * batch / below
 
     def observe(self, batch: int, seconds: float) -> None:
-        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly)."""
+        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly); every other size's
+        estimate moves :data:`RELAX` of the way back toward its passport figure."""
         with self._lock:
             current = self.latency(batch)
             weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
+            for other, estimate in self._latency.items():
+                if other != batch and other in self._passport:
+                    self._latency[other] = estimate + RELAX * (self._passport[other] - estimate)
             self._latency[batch] = current + weight * (seconds - current)
             typical = self._typical.get(batch, seconds)
             self._typical[batch] = typical + SMOOTHING * (seconds - typical)
