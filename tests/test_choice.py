@@ -163,6 +163,13 @@ def test_paired_ratios_cancel_the_machines_drift() -> None:
     assert not settled({"a": [1e-3] * 40, "c": 1e-3 * close})
 
 
+def test_the_fastest_is_not_beaten_pairwise_though_it_trailed_against_the_first() -> None:
+    """Against the first candidate, b's median ratio leads c's; pairwise, c beats b (and the first)."""
+    speeds = relative_speeds({"a": [1.0, 1.0, 1.0], "b": [0.8, 0.8, 2.0], "c": [0.9, 0.7, 0.9]})
+    assert speeds["c"].ratio == 1.0
+    assert max(s.ratio for s in speeds.values()) == 1.0
+
+
 def test_the_median_interval_is_the_order_statistics() -> None:
     median, low, high = median_interval(np.arange(100, dtype=float))
     assert median == 49.5 and (low, high) == (40.0, 59.0)  # ranks 50 -/+ 9.8, the binomial 95 % interval
