@@ -88,7 +88,10 @@ def test_reload_applies_batching_without_restart(demo_bundle, signing_key, digit
         tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras, batching={"mode": "fixed", "fixed_batch": 1}
     )
     proc = start_agent(config)
-    time.sleep(3)
+    results = tmp_path / "results.jsonl"
+    deadline = time.monotonic() + 60  # a loaded runner can take seconds to start serving
+    while time.monotonic() < deadline and (not results.exists() or results.read_text().count("\n") < 20):
+        time.sleep(0.2)
     write_config(
         config,
         demo_bundle,
