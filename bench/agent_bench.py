@@ -197,6 +197,11 @@ def median_run(runs: list[dict]) -> dict:
     return {**runs[middle], "of_raw_median": statistics.median(shares), "of_raw": shares, "passes": runs}
 
 
+def main_batch(run: dict) -> int:
+    """The batch size that served the most images in a pass (the summary counts batches per size)."""
+    return max((int(size) for size in run["batches"]), key=lambda size: size * run["batches"][str(size)], default=0)
+
+
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args.add_argument("--seconds", type=float, default=8.0)
@@ -218,6 +223,11 @@ def main() -> None:
                 continue
             engine = json.loads((bundle / "manifest.json").read_text())["engine"]
             label, max_batch = f"{name} ({engine['backend']} {engine['target']})", engine["batch"]["max"]
+            # what the agent's batch policy starts from: the passport's p99 per batch size, and the layout
+            passport = {
+                "images_per_stream": engine.get("images_per_stream", 1),
+                "p99_ms": {row["batch"]: row["p99_ms"] for row in verify_bundle(bundle, None).passport["latency"]},
+            }
             modes = {
                 "adaptive": {"mode": "adaptive"},
                 "fixed 1": {"mode": "fixed", "fixed_batch": 1},
@@ -244,18 +254,19 @@ def main() -> None:
                         )
             for (cameras, mode), found in runs.items():
                 rows.append({"engine": label, "cameras": cameras, "offered_fps": 30 * cameras, "mode": mode,
-                             **median_run(found)})  # fmt: skip
+                             "passport": passport, **median_run(found)})  # fmt: skip
     lines = [
         "| engine | cameras (30 fps) | mode | raw engine best img/s (its CPU %) | agent frames/s | % of raw "
-        f"| p99 ms (budget {parsed.budget_ms:g}) | skipped | shed | CPU %: engine / decoders / agent / idle |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| p99 ms (budget {parsed.budget_ms:g}) | batch serving most images | skipped | shed "
+        "| CPU %: engine / decoders / agent / idle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spread = f" ({min(r['of_raw']):.0%}–{max(r['of_raw']):.0%})" if len(r["of_raw"]) > 1 else ""
         cpu = r["cpu_split"]
         lines.append(
             f"| {r['engine']} | {r['cameras']} | {r['mode']} | {r['raw_best_ips']:.0f} ({r['raw_cpu_pct']:.0f}) | "
-            f"{r['processed_fps']:.1f} | {r['of_raw_median']:.0%}{spread} | {r['p99_ms']} | "
+            f"{r['processed_fps']:.1f} | {r['of_raw_median']:.0%}{spread} | {r['p99_ms']} | {main_batch(r)} | "
             f"{r['skipped']} | {r['shed']} | {' / '.join(f'{cpu[k]:.0f}' for k in (*KINDS, 'idle'))} |"
         )
     table = "\n".join(lines) + "\n"

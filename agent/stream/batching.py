@@ -1,9 +1,20 @@
 """Choosing batch size and maximum wait from a latency budget, and adjusting them as load changes.
 
-A frame's worst latency is roughly: waiting for the batch in flight to finish
-(one batch latency), waiting for its own batch to fill, and its own batch latency::
+A frame's latency is the time it waits for its batch to start, then that batch's latency
+``L(b)``. It waits for the batch in flight to end (at most ``L(b)``) and for its batch to
+fill, at once: frames from the other cameras arrive during the batch in flight. Each camera
+has one pending slot (latest frame wins), so a frame still pending one camera interval
+``T = sources / arrival_rate`` after it arrived has been replaced, and the frame served in
+its place is younger. When a batch serves every pending frame (it keeps up with the arrival
+rate, or holds every camera), a frame waits for one batch at most; when it does not, the
+frame may be passed over for other cameras' until it is replaced, ``T`` at most::
 
-    worst(b) = 2 * L(b) + (b - 1) / arrival_rate
+    worst(b) = L(b) + max(held(b), (b - 1) / arrival_rate)
+    held(b)  = min(L(b), T) when batch b serves every pending frame, else T
+
+Charging twice a batch's latency instead (the batch in flight, then the frame's own) rules
+out, under overload, the large batches whose measured p99 fits the budget, and undercharges
+a batch of one, whose frames wait while other cameras' are served.
 
 ``L(b)`` starts from the passport's p99 for batch size ``b`` and follows what this
 device measures of that size (an exponentially weighted estimate of the p99: it rises
@@ -19,8 +30,8 @@ cores at every layer; a chunk per stream does not).
 The policy picks the smallest batch that keeps up with the arrival rate (with 10 %
 headroom) and fits the budget; when none keeps up, the feasible batch with the highest
 throughput, and the frame queue sheds what cannot be served in time. The maximum wait
-is what the budget leaves after ``2 * L(b)``, never more than filling the batch takes.
-``fixed`` mode keeps one batch size, for comparison.
+(from the oldest pending frame's arrival) is what the budget leaves after ``L(b)``, never
+more than filling the batch takes. ``fixed`` mode keeps one batch size, for comparison.
 
 Beside the p99, the policy follows each batch size's typical (mean) latency: the
 pipeline takes the next batch's frames when the batch running is about to end, and a
@@ -105,18 +116,32 @@ class BatchPolicy:
         with self._lock:
             if self.mode == "fixed":
                 b = self.fixed_batch
-                return Decision(b, max(0.0, self.budget - 2 * self.latency(b)), self._worst(b, arrival_rate))
+                return Decision(b, max(0.0, self.budget - self.latency(b)), self._worst(b, arrival_rate, sources))
             sizes = range(1, max(1, min(self.max_batch, sources)) + 1)
-            feasible = [b for b in sizes if self._worst(b, arrival_rate) <= self.budget] or [1]
+            feasible = [b for b in sizes if self._worst(b, arrival_rate, sources) <= self.budget] or [1]
             keeping_up = [b for b in feasible if b / self.latency(b) >= HEADROOM * arrival_rate]
             b = keeping_up[0] if keeping_up else max(feasible, key=lambda s: s / self.latency(s))
-            fill = (b - 1) / arrival_rate if arrival_rate > 0 else 0.0
-            max_wait = max(0.0, min(fill, self.budget - 2 * self.latency(b)))
-            return Decision(b, max_wait, self._worst(b, arrival_rate))
+            max_wait = max(0.0, min(_fill(b, arrival_rate), self.budget - self.latency(b)))
+            return Decision(b, max_wait, self._worst(b, arrival_rate, sources))
 
-    def _worst(self, batch: int, arrival_rate: float) -> float:
-        fill = (batch - 1) / arrival_rate if arrival_rate > 0 else 0.0
-        return 2 * self.latency(batch) + fill
+    def worst(self, batch: int, arrival_rate: float, sources: int) -> float:
+        """Predicted worst frame-to-result seconds for ``batch`` at this load (the module's docstring)."""
+        with self._lock:
+            return self._worst(batch, arrival_rate, sources)
+
+    def _worst(self, batch: int, arrival_rate: float, sources: int) -> float:
+        latency = self.latency(batch)
+        if arrival_rate <= 0:
+            return 2 * latency
+        interval = max(sources, 1) / arrival_rate  # a frame pending this long has been replaced
+        serves_all = batch >= sources or batch / latency >= arrival_rate
+        held = min(latency, interval) if serves_all else interval
+        return latency + max(held, _fill(batch, arrival_rate))
+
+
+def _fill(batch: int, arrival_rate: float) -> float:
+    """Seconds for ``batch`` frames to arrive, from the first."""
+    return (batch - 1) / arrival_rate if arrival_rate > 0 else 0.0
 
 
 class RateMeter:
