@@ -107,6 +107,26 @@ def test_the_typical_latency_is_each_sizes_own() -> None:
     assert p.typical(4) == p.latency(4)  # never run: the p99 estimate
 
 
+def test_throughput_is_judged_by_the_mean_latency() -> None:
+    """4 cameras offer 120 frames/s. One image over both cores runs in 6 ms on average, though its p99 is
+    11 ms; a batch of 4 fills one stream's chunk and leaves the other core idle (40 ms on average). Batch 1
+    keeps up by its mean and is taken; by its p99 (91 frames/s) it would lose to the padded batch."""
+    p = BatchPolicy(0.1, CHUNKED | {1: 0.011}, 8, mean_by_batch={1: 0.006, **{b: 0.040 for b in range(2, 9)}})
+    assert p.decide(arrival_rate=120, sources=4).batch == 1
+    assert p.typical(1) == 0.006  # the pipeline times the next take by it before batch 1 has run
+
+
+def test_a_size_slowed_once_is_ranked_by_its_passport_again() -> None:
+    """The mean follows the device, and returns toward the passport's while another size runs."""
+    p = BatchPolicy(0.1, CHUNKED, 8, mean_by_batch={1: 0.006, 8: 0.040})
+    for _ in range(30):
+        p.observe(1, 0.030)  # a burst of load slows batch 1
+    assert p.typical(1) > 0.02
+    for _ in range(1000):
+        p.observe(8, 0.040)
+    assert abs(p.typical(1) - 0.006) < 1e-3
+
+
 def test_batch_never_exceeds_the_cameras_delivering() -> None:
     assert policy(budget_ms=30).decide(arrival_rate=5000, sources=2).batch <= 2
     assert policy().decide(arrival_rate=5000, sources=0).batch == 1

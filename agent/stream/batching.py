@@ -29,13 +29,17 @@ cores at every layer; a chunk per stream does not).
 
 The policy picks the smallest batch that keeps up with the arrival rate (with 10 %
 headroom) and fits the budget; when none keeps up, the feasible batch with the highest
-throughput, and the frame queue sheds what cannot be served in time. The maximum wait
+throughput, and the frame queue sheds what cannot be served in time. Throughput is judged
+by each size's typical (mean) latency, not its p99: the two differ most where one image
+runs over every core, and a p99 ranks that size below a padded larger batch that leaves a
+core idle. The maximum wait
 (from the oldest pending frame's arrival) is what the budget leaves after ``L(b)``, never
 more than filling the batch takes. ``fixed`` mode keeps one batch size, for comparison.
 
-Beside the p99, the policy follows each batch size's typical (mean) latency: the
-pipeline takes the next batch's frames when the batch running is about to end, and a
-p99 would take them late.
+Beside the p99, the policy follows each batch size's typical (mean) latency, from the
+passport's images/s and then as measured here (relaxed toward the passport like the p99):
+the pipeline also takes the next batch's frames when the batch running is about to end, and
+a p99 would take them late.
 """
 
 from __future__ import annotations
@@ -64,11 +68,10 @@ class BatchPolicy:
         max_batch: int,
         mode: str = "adaptive",
         fixed_batch: int = 1,
+        mean_by_batch: dict[int, float] | None = None,
     ) -> None:
         self._lock = threading.Lock()
-        self._passport = dict(p99_by_batch)
-        self._latency = dict(p99_by_batch)
-        self._typical: dict[int, float] = {}
+        self.relearn(p99_by_batch, mean_by_batch)
         self.configure(budget_s, max_batch, mode, fixed_batch)
 
     def configure(self, budget_s: float, max_batch: int, mode: str, fixed_batch: int) -> None:
@@ -77,12 +80,13 @@ class BatchPolicy:
             self.budget, self.max_batch, self.mode = budget_s, max_batch, mode
             self.fixed_batch = min(fixed_batch, max_batch)
 
-    def relearn(self, p99_by_batch: dict[int, float]) -> None:
+    def relearn(self, p99_by_batch: dict[int, float], mean_by_batch: dict[int, float] | None = None) -> None:
         """Start over from another engine's passport (a swap): the old measurements describe the old engine."""
         with self._lock:
             self._passport = dict(p99_by_batch)
             self._latency = dict(p99_by_batch)
-            self._typical = {}
+            self._passport_typical = {**p99_by_batch, **(mean_by_batch or {})}  # the p99 where no mean was measured
+            self._typical = dict(self._passport_typical)
 
     def latency(self, batch: int) -> float:
         """Predicted p99 seconds for ``batch``: measured or from the passport, else extrapolated linearly."""
@@ -98,17 +102,21 @@ class BatchPolicy:
         with self._lock:
             current = self.latency(batch)
             weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
-            for other, estimate in self._latency.items():
-                if other != batch and other in self._passport:
-                    self._latency[other] = estimate + RELAX * (self._passport[other] - estimate)
+            for estimates, passport in ((self._latency, self._passport), (self._typical, self._passport_typical)):
+                for other, estimate in estimates.items():
+                    if other != batch and other in passport:
+                        estimates[other] = estimate + RELAX * (passport[other] - estimate)
             self._latency[batch] = current + weight * (seconds - current)
             typical = self._typical.get(batch, seconds)
             self._typical[batch] = typical + SMOOTHING * (seconds - typical)
 
     def typical(self, batch: int) -> float:
-        """Mean seconds for ``batch`` as measured here; the p99 estimate until it has been run."""
+        """Mean seconds for ``batch``: as measured here, else the passport's, else the p99 estimate."""
         with self._lock:
-            return self._typical.get(batch) or self.latency(batch)
+            return self._mean(batch)
+
+    def _mean(self, batch: int) -> float:
+        return self._typical.get(batch) or self.latency(batch)
 
     def decide(self, arrival_rate: float, sources: int) -> Decision:
         """``sources``: cameras delivering frames. Each has one pending slot (latest frame wins),
@@ -119,8 +127,8 @@ class BatchPolicy:
                 return Decision(b, max(0.0, self.budget - self.latency(b)), self._worst(b, arrival_rate, sources))
             sizes = range(1, max(1, min(self.max_batch, sources)) + 1)
             feasible = [b for b in sizes if self._worst(b, arrival_rate, sources) <= self.budget] or [1]
-            keeping_up = [b for b in feasible if b / self.latency(b) >= HEADROOM * arrival_rate]
-            b = keeping_up[0] if keeping_up else max(feasible, key=lambda s: s / self.latency(s))
+            keeping_up = [b for b in feasible if b / self._mean(b) >= HEADROOM * arrival_rate]
+            b = keeping_up[0] if keeping_up else max(feasible, key=lambda s: s / self._mean(s))
             max_wait = max(0.0, min(_fill(b, arrival_rate), self.budget - self.latency(b)))
             return Decision(b, max_wait, self._worst(b, arrival_rate, sources))
 
@@ -134,7 +142,7 @@ class BatchPolicy:
         if arrival_rate <= 0:
             return 2 * latency
         interval = max(sources, 1) / arrival_rate  # a frame pending this long has been replaced
-        serves_all = batch >= sources or batch / latency >= arrival_rate
+        serves_all = batch >= sources or batch / self._mean(batch) >= arrival_rate
         held = min(latency, interval) if serves_all else interval
         return latency + max(held, _fill(batch, arrival_rate))
 

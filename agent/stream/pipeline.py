@@ -61,6 +61,12 @@ def passport_p99(bundle: Bundle) -> dict[int, float]:
     return {row["batch"]: row["p99_ms"] / 1e3 for row in rows}
 
 
+def passport_mean(bundle: Bundle) -> dict[int, float]:
+    """Batch size -> mean seconds from the passport (its images/s); empty where it was not measured."""
+    rows = bundle.passport.get("latency") or []
+    return {row["batch"]: row["batch"] / row["images_per_s"] for row in rows if row.get("images_per_s")}
+
+
 @dataclass
 class Serving:
     """The engine in service and what it did since it went live (the canary reads these)."""
@@ -117,7 +123,12 @@ class Pipeline:
         self.serving, self.sinks, self.events = serving, sinks, events
         self.spec = serving.bundle.input_spec
         self.queue = FrameQueue([c.name for c in config.cameras], self.spec.height, self.spec.width)
-        self.policy = BatchPolicy(1.0, passport_p99(serving.bundle), serving.bundle.batch_range[1])
+        self.policy = BatchPolicy(
+            1.0,
+            passport_p99(serving.bundle),
+            serving.bundle.batch_range[1],
+            mean_by_batch=passport_mean(serving.bundle),
+        )
         self.metrics = Metrics()
         # two batch buffers: one runs on the engine while the next fills
         self._batches = [self._batch_buffer(serving.bundle.batch_range[1]) for _ in range(2)]
@@ -210,7 +221,7 @@ class Pipeline:
         if max_batch > len(self._batches[0]):
             self._batches = [self._batch_buffer(max_batch) for _ in range(2)]
         self.serving = request.serving
-        self.policy.relearn(passport_p99(request.serving.bundle))
+        self.policy.relearn(passport_p99(request.serving.bundle), passport_mean(request.serving.bundle))
         self._configure_batching(self._batching)
         self._swap = None
         request.applied_at = time.monotonic()
