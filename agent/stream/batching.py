@@ -97,8 +97,8 @@ class BatchPolicy:
         return self._latency[below] * batch / below
 
     def observe(self, batch: int, seconds: float) -> None:
-        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly); every other size's
-        estimate moves :data:`RELAX` of the way back toward its passport figure."""
+        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly) and the mean; every
+        other size's estimates move :data:`RELAX` of the way back toward their passport figures."""
         with self._lock:
             current = self.latency(batch)
             weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
