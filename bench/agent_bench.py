@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from export_bench import config  # noqa: E402
 
 from agent.engine.bundle import verify_bundle  # noqa: E402
+from agent.stream.pipeline import passport_p99  # noqa: E402
 from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
 from builder.bundle.options import EngineOptions  # noqa: E402
@@ -224,9 +225,10 @@ def main() -> None:
             engine = json.loads((bundle / "manifest.json").read_text())["engine"]
             label, max_batch = f"{name} ({engine['backend']} {engine['target']})", engine["batch"]["max"]
             # what the agent's batch policy starts from: the passport's p99 per batch size, and the layout
+            verified = verify_bundle(bundle, None)
             passport = {
-                "images_per_stream": engine.get("images_per_stream", 1),
-                "p99_ms": {row["batch"]: row["p99_ms"] for row in verify_bundle(bundle, None).passport["latency"]},
+                "images_per_stream": verified.images_per_stream,
+                "p99_ms": {size: seconds * 1e3 for size, seconds in passport_p99(verified).items()},
             }
             modes = {
                 "adaptive": {"mode": "adaptive"},
