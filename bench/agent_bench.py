@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from export_bench import config  # noqa: E402
 
 from agent.engine.bundle import verify_bundle  # noqa: E402
-from agent.stream.pipeline import passport_p99  # noqa: E402
+from agent.stream.pipeline import PassportLatency  # noqa: E402
 from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
 from builder.bundle.options import EngineOptions  # noqa: E402
@@ -224,11 +224,13 @@ def main() -> None:
                 continue
             engine = json.loads((bundle / "manifest.json").read_text())["engine"]
             label, max_batch = f"{name} ({engine['backend']} {engine['target']})", engine["batch"]["max"]
-            # what the agent's batch policy starts from: the passport's p99 per batch size, and the layout
+            # what the agent's batch policy starts from: the passport's p99 and mean per batch size, and the layout
             verified = verify_bundle(bundle, None)
+            latency = PassportLatency.of(verified)
             passport = {
                 "images_per_stream": verified.images_per_stream,
-                "p99_ms": {size: seconds * 1e3 for size, seconds in passport_p99(verified).items()},
+                "p99_ms": {size: seconds * 1e3 for size, seconds in latency.p99.items()},
+                "mean_ms": {size: seconds * 1e3 for size, seconds in latency.mean.items()},
             }
             modes = {
                 "adaptive": {"mode": "adaptive"},

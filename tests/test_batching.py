@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.engine.bundle import verify_bundle
 from agent.stream.batching import BatchPolicy
 from agent.stream.frames import FrameInfo, FrameQueue
+from agent.stream.pipeline import PassportLatency
 
 # an engine whose batch costs 4 ms + 2 ms per image (p99)
 PROFILE = {b: 0.004 + 0.002 * b for b in range(1, 9)}
@@ -179,3 +184,33 @@ def test_take_waits_for_the_batch_to_fill_until_max_wait() -> None:
     queue.put(frame("a", 2), np.zeros((1, 1, 3), np.uint8))
     assert len(queue.take(2, 0.1, 10.0, np.zeros((2, 1, 1, 3), np.uint8), timeout=0.1)) == 1
     assert 0.08 <= time.monotonic() - start < 0.5
+
+
+def test_passport_latency_rows_the_policy_cannot_use_are_passed_over(demo_bundle: Path, tmp_path: Path) -> None:
+    """The passport is signed but a builder wrote it: a row with a batch size outside the bundle's range or
+    a figure that is not a finite positive number is passed over, and a passport with no usable row starts
+    the policy from a neutral guess instead of stopping the pipeline's start."""
+    root = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, root)
+    bundle = verify_bundle(root, None)
+    low, high = bundle.batch_range
+    rows = [
+        {"batch": low, "p99_ms": 4.0, "images_per_s": 500.0},
+        {"batch": low + 1, "p99_ms": "fast", "images_per_s": float("nan")},
+        {"batch": high, "p99_ms": 6.0, "images_per_s": -3},
+        {"batch": high + 1, "p99_ms": 9.0, "images_per_s": 100.0},
+        {"batch": True, "p99_ms": 1.0},
+        {"batch": "2", "p99_ms": 1.0},
+        {"batch": low + 1, "p99_ms": float("inf")},
+        "a row",
+        None,
+    ]
+    (root / "passport.json").write_text(json.dumps({**bundle.passport, "latency": rows}))
+    latency = PassportLatency.of(bundle)
+    assert latency.p99 == {low: 0.004, high: 0.006} and latency.mean == {low: low / 500.0}
+    for broken in ("fast", [], None, {"batch": 1}):
+        (root / "passport.json").write_text(json.dumps({**bundle.passport, "latency": broken}))
+        latency = PassportLatency.of(bundle)
+        assert latency.p99 == latency.mean == {}
+        decision = BatchPolicy(0.1, latency.p99, high, mean_by_batch=latency.mean).decide(arrival_rate=30, sources=1)
+        assert decision.batch == 1

@@ -57,7 +57,7 @@ from agent.lifecycle.failpoints import failpoint
 from agent.lifecycle.fetch import BundleRef, fetch
 from agent.lifecycle.store import Canary, EngineStore, Mark, StoreError
 from agent.stream.drift import DriftMonitor
-from agent.stream.pipeline import EventSink, Pipeline, Serving, passport_p99
+from agent.stream.pipeline import EventSink, PassportLatency, Pipeline, Serving
 
 log = logging.getLogger("edgevit.lifecycle")
 PRE_SWAP_QUANTILE = 0.5  # the candidate's median against the serving engine's: a few pairs show 2x
@@ -392,8 +392,8 @@ class Lifecycle:
             time.sleep(times["serving"][-1])  # the inference thread serves between pairs
         assert rule is not None
         figures: dict[str, Any] = {"batch": batch, "pairs": len(times["candidate"]), "test": rule.public()}
-        if bundle.passport.get("latency"):
-            figures["passport_p99_ms"] = round(passport_p99(bundle).get(int(batch), 0) * 1e3, 3)
+        if (passport_p99 := PassportLatency.of(bundle).p99.get(int(batch))) is not None:
+            figures["passport_p99_ms"] = round(passport_p99 * 1e3, 3)
         if rule.verdict == rules.REGRESSION:
             raise TooSlowHere(
                 f"{bundle.bundle_id} is slower than the serving engine at batch {batch} here: {rule.detail}"

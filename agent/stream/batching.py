@@ -51,6 +51,7 @@ from dataclasses import dataclass
 HEADROOM = 1.1
 SMOOTHING = 0.1
 RELAX = 0.01  # per batch of another size: how far a size's p99 estimate returns toward its passport figure
+NEUTRAL_P99_S = 0.010  # where the passport measured nothing: replaced by the first batches' own times
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,9 @@ class BatchPolicy:
             self.fixed_batch = min(fixed_batch, max_batch)
 
     def relearn(self, p99_by_batch: dict[int, float], mean_by_batch: dict[int, float] | None = None) -> None:
-        """Start over from another engine's passport (a swap): the old measurements describe the old engine."""
+        """Start over from another engine's passport (a swap): the old measurements describe the old engine.
+        A passport that measured nothing starts from a neutral guess, which the first batches replace."""
+        p99_by_batch = p99_by_batch or {1: NEUTRAL_P99_S}
         with self._lock:
             self._passport = dict(p99_by_batch)
             self._latency = dict(p99_by_batch)

@@ -29,6 +29,7 @@ engine to first result of the new) are measured and reported.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -55,16 +56,37 @@ TAKE_LEAD_S = 0.003  # how long before the running batch's expected end the next
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
-def passport_p99(bundle: Bundle) -> dict[int, float]:
-    """Batch size -> p99 seconds from the passport; a neutral guess when it was not measured there."""
-    rows = bundle.passport.get("latency") or [{"batch": 1, "p99_ms": 10.0}]
-    return {row["batch"]: row["p99_ms"] / 1e3 for row in rows}
+@dataclass(frozen=True)
+class PassportLatency:
+    """The bundle's speed as its passport measured it: p99 and mean seconds per batch size, where the
+    batch policy starts from."""
+
+    p99: dict[int, float]
+    mean: dict[int, float]  # from the rows' images/s; a size without one is ranked by its p99
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> PassportLatency:
+        """The passport's latency rows that hold a batch size within the bundle's range and finite positive
+        figures; the rest are passed over. The passport is signed, but a builder wrote it: a faulty figure
+        costs the policy its head start, never the pipeline its start. With no usable p99, a neutral guess."""
+        low, high = bundle.batch_range
+        rows = bundle.passport.get("latency")
+        p99: dict[int, float] = {}
+        mean: dict[int, float] = {}
+        for row in rows if isinstance(rows, list) else []:
+            size = row.get("batch") if isinstance(row, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+                continue
+            if (ms := _positive(row.get("p99_ms"))) is not None:
+                p99[size] = ms / 1e3
+            if (rate := _positive(row.get("images_per_s"))) is not None:
+                mean[size] = size / rate
+        return cls(p99, mean)
 
 
-def passport_mean(bundle: Bundle) -> dict[int, float]:
-    """Batch size -> mean seconds from the passport (its images/s); empty where it was not measured."""
-    rows = bundle.passport.get("latency") or []
-    return {row["batch"]: row["batch"] / row["images_per_s"] for row in rows if row.get("images_per_s")}
+def _positive(value: object) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None  # type: ignore[arg-type]
 
 
 @dataclass
@@ -125,9 +147,9 @@ class Pipeline:
         self.queue = FrameQueue([c.name for c in config.cameras], self.spec.height, self.spec.width)
         self.policy = BatchPolicy(
             1.0,
-            passport_p99(serving.bundle),
+            (passport := PassportLatency.of(serving.bundle)).p99,
             serving.bundle.batch_range[1],
-            mean_by_batch=passport_mean(serving.bundle),
+            mean_by_batch=passport.mean,
         )
         self.metrics = Metrics()
         # two batch buffers: one runs on the engine while the next fills
@@ -221,7 +243,8 @@ class Pipeline:
         if max_batch > len(self._batches[0]):
             self._batches = [self._batch_buffer(max_batch) for _ in range(2)]
         self.serving = request.serving
-        self.policy.relearn(passport_p99(request.serving.bundle), passport_mean(request.serving.bundle))
+        passport = PassportLatency.of(request.serving.bundle)
+        self.policy.relearn(passport.p99, passport.mean)
         self._configure_batching(self._batching)
         self._swap = None
         request.applied_at = time.monotonic()
