@@ -77,6 +77,7 @@ ACTIVE = (RolloutState.RUNNING, RolloutState.INTERRUPTED)
 POLL_S = 0.25
 OUTCOMES_FLUSH_S = 1.0  # how often observed outcomes reach the journal while a wave is awaited
 REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
+VERDICT_KINDS = ("commit", "revert")  # the events that carry a device's canary verdict
 VERDICT_GRACE_S = 5.0  # how long a committed device's canary verdict (its commit event) may trail its status
 BROKER_GRACE_S = 60.0  # a broker away longer than this interrupts the rollout (resumable)
 
@@ -121,6 +122,9 @@ class Target:
     command_id: str | None = None
     sent_at: float | None = None
     detail: str = ""
+    # its canary verdict (commit or revert event: kind, alpha, pool), kept until its wave is weighed: the
+    # event is not retained, so a controller killed before the weighing would otherwise lose it
+    verdict: dict[str, Any] | None = None
 
 
 @dataclass
@@ -235,6 +239,7 @@ _JOURNAL_FIELDS: dict[str, Callable[[Any], bool]] = {  # what a target's journal
     "command_id": _optional(str),
     "sent_at": _optional((int, float)),
     "detail": lambda v: isinstance(v, str),
+    "verdict": lambda v: v is None or (isinstance(v, dict) and v.get("event") in VERDICT_KINDS),
 }
 
 
@@ -357,7 +362,9 @@ class Runner:
         for t in rollout.targets:
             by_wave.setdefault(t.wave, []).append(t)
         attempted = failed = 0
-        for w in range(rollout.wave):  # a resumed rollout: the waves already done
+        for w in range(rollout.wave):  # a resumed rollout: the waves already done, and weighed
+            for target in by_wave.get(w, []):
+                target.verdict = None
             attempted += len(by_wave.get(w, []))
             failed += sum(t.state == TargetState.FAILED for t in by_wave.get(w, []))
         while rollout.state == RolloutState.RUNNING:
@@ -374,6 +381,8 @@ class Runner:
             attempted += len(wave)
             failed += sum(t.state == TargetState.FAILED for t in wave)
             pooled = self._weigh(wave)
+            for target in wave:  # weighed: the journal keeps them until the next wave is under way
+                target.verdict = None
             self.link.forget([t.command_id for t in wave if t.command_id])
             over = 100 * failed / attempted > rollout.max_failures_pct
             if over or pooled:
@@ -406,24 +415,39 @@ class Runner:
         """The wave's canary verdicts (commit and revert events), waiting up to :data:`VERDICT_GRACE_S` for the
         commit of each device that succeeded: a success can be read off a device's status, which its events
         (sent through the agent's outbox) may trail, and a wave weighed without them would skip its pooled
-        test. A verdict still missing after the grace is noted, and the wave is weighed without it."""
+        test. A verdict still missing after the grace is noted, and the wave is weighed without it. Verdicts
+        read before a resume come from the journal: the broker does not send an event twice."""
         deadline = time.monotonic() + VERDICT_GRACE_S
         while True:
-            found = {
-                t.device: [e for e in self.link.events_for(t.command_id) if e.kind in ("commit", "revert")]
-                for t in wave
-                if t.command_id
-            }
-            missing = [t.device for t in wave if t.state == TargetState.SUCCEEDED and not found.get(t.device)]
+            for target in wave:
+                if target.verdict is None and (found := self._verdict_of(target)):
+                    target.verdict = found
+                    self._changed(target)
+            missing = [t.device for t in wave if t.state == TargetState.SUCCEEDED and t.verdict is None]
             if not missing or time.monotonic() >= deadline:
                 break
             self.link.wait_changes(POLL_S)
+        self._flush()
         if missing:
             self._note(
                 f"wave {wave[0].wave}: no canary verdict from {', '.join(sorted(missing))} within "
                 f"{VERDICT_GRACE_S:g} s of its status; weighed without"
             )
-        return [e for events in found.values() for e in events]
+        return [event for t in wave if t.verdict and (event := Event.of(t.device, t.verdict))]
+
+    def _verdict_of(self, target: Target) -> dict[str, Any] | None:
+        """The target's canary verdict as the link read it, in its event's form: what the journal keeps, and
+        :meth:`Event.of <fleet.records.Event.of>` reads back as it reads a device's (a journal is input too)."""
+        found = [e for e in self.link.events_for(target.command_id or "") if e.kind in VERDICT_KINDS]
+        if not found:
+            return None
+        event = found[-1]
+        return {
+            "event": event.kind,
+            "command_id": event.command_id,
+            "verdict": {"alpha": event.alpha},
+            "pool": event.pool,
+        }
 
     def _weigh(self, wave: list[Target]) -> str | None:
         """The wave's failures against chance, and its pooled agreement test; why to halt, if it must."""
@@ -529,6 +553,7 @@ class Runner:
                 result = self.outcome(target) if target else None
                 if target and result:
                     target.state, target.detail = result
+                    target.verdict = self._verdict_of(target) or target.verdict
                     self._changed(target)
                     self._note(f"wave {target.wave}: {target.device} {target.state}: {target.detail}")
                     del waiting[name]
@@ -545,6 +570,7 @@ class Runner:
                 check += [n for n, t in waiting.items() if time.time() - (t.sent_at or 0.0) > timeout]
                 due = min((t.sent_at or 0.0 for t in waiting.values()), default=0.0) + timeout
         self._flush()
+        failpoint("outcomes-journaled")
 
     def _roll_back(self, targets: list[Target]) -> int:
         """Roll the updated devices back; how many reached the engine they had before."""

@@ -15,11 +15,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.link import Broker, FleetLink
 from fleet.rollout import Rollout, Runner
+
+
+def blocks(rng: np.random.Generator, agreement: float, count: int = 150, frames: int = 15) -> list[list[int]]:
+    """Canary evidence as an agent sends it: ``count`` blocks of ``frames`` frames, each agreeing at ``agreement``."""
+    return [[frames, int(a)] for a in rng.binomial(frames, agreement, count)]
 
 
 class SimulatedDevice:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_devices import SimulatedDevice, run_rollout
+from fleet_devices import SimulatedDevice, blocks, run_rollout
 
 from fleet.gates import binomial_tail, chance_failures, failures_note, pool_of, pooled_verdict, wave_alpha
 from fleet.records import Event
@@ -47,10 +47,6 @@ def test_device_evidence_is_read_as_hostile_input() -> None:
         assert pool_of(event(**bad)) is None, bad
     assert wave_alpha([event(verdict={"alpha": 0.01}), event(verdict={"alpha": "x"}), event(verdict=5)]) == 0.01
     assert wave_alpha([event()]) is None
-
-
-def blocks(rng: np.random.Generator, agreement: float, count: int = 150, frames: int = 15) -> list[list[int]]:
-    return [[frames, int(a)] for a in rng.binomial(frames, agreement, count)]
 
 
 def test_pooling_finds_what_each_device_alone_does_not() -> None:

@@ -19,9 +19,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_devices import SimulatedDevice, run_rollout
+from fleet_devices import SimulatedDevice, blocks, run_rollout
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
@@ -279,6 +280,34 @@ def test_a_controller_killed_at_each_journal_step_resumes_to_the_truth(mosquitto
     for device in devices:
         ids = {c["id"] for c in device.commands}
         assert len(ids) == 1, f"{device.name} was sent one command, perhaps twice: {device.commands}"
+
+
+def test_a_resumed_controller_pools_the_verdicts_it_read_before_it_was_killed(mosquitto: int, tmp_path: Path) -> None:
+    """The devices' commit events are sent once: the controller, killed once every outcome of the wave is
+    journaled and before it weighs the wave, pools their evidence after resuming, and halts on the
+    regression that only the pooled test finds. The journal's verdicts are read back as hostile input."""
+    rng = np.random.default_rng(7)
+    devices = [SimulatedDevice(mosquitto, f"d{i:02d}", pool=blocks(rng, 0.966)) for i in range(10)]
+    state = tmp_path / "state"
+    try:
+        deploy = ["deploy", str(archive(tmp_path)), "--url", "http://x/new.tar.gz", "--canary", "10", "--step", "100%",
+                  "--timeout", "30"]  # fmt: skip
+        killed = fleet_cli(mosquitto, state, *deploy, env={"EDGEVIT_FAILPOINT": "outcomes-journaled"})
+        out, err = killed.communicate(timeout=120)
+        assert killed.returncode == -signal.SIGKILL and "pooled" not in out, out + err
+        journal = next((state / "rollouts").glob("*.journal"))
+        with open(journal, "a", encoding="utf-8") as damage:  # a verdict of the wrong shape is not replayed
+            damage.write(json.dumps({"target": "d00", "verdict": {"event": "deploy"}}) + "\n")
+        resumed = fleet_cli(mosquitto, state, "resume")
+        out, err = resumed.communicate(timeout=120)
+    finally:
+        for device in devices:
+            device.close()
+    assert "no canary verdict" not in out, out + err
+    assert "wave 0: pooled canary evidence, 1500 blocks" in out and "a regression at alpha 0.01" in out, out + err
+    assert "halted after wave 0: the devices' pooled canary evidence shows a regression" in out
+    log = json.loads(next((state / "rollouts").glob("*.json")).read_text())["log"]
+    assert any(line.endswith(".journal: 1 damaged lines skipped") for line in log), log
 
 
 def test_one_driver_per_device(mosquitto: int, tmp_path: Path) -> None:

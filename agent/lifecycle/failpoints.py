@@ -13,7 +13,7 @@ import os
 import signal
 
 STEPS = ("install-copied", "before-state", "after-state", "after-swap", "before-commit", "after-commit")
-FLEET_STEPS = ("deploys-intended", "deploys-published", "wave-done")  # a rollout's journal steps
+FLEET_STEPS = ("deploys-intended", "deploys-published", "outcomes-journaled", "wave-done")  # a rollout's journal steps
 
 
 class FailpointError(RuntimeError):
