@@ -68,7 +68,8 @@ class PassportLatency:
     def of(cls, bundle: Bundle) -> PassportLatency:
         """The passport's latency rows that hold a batch size within the bundle's range and finite positive
         figures; the rest are passed over. The passport is signed, but a builder wrote it: a faulty figure
-        costs the policy its head start, never the pipeline its start. With no usable p99, a neutral guess."""
+        costs the policy its head start, never the pipeline its start (with none usable, it starts from its
+        neutral guess)."""
         low, high = bundle.batch_range
         rows = bundle.passport.get("latency")
         p99: dict[int, float] = {}
