@@ -122,8 +122,8 @@ class Target:
     command_id: str | None = None
     sent_at: float | None = None
     detail: str = ""
-    # its canary verdict (commit or revert event: kind, alpha, pool), kept until its wave is weighed: the
-    # event is not retained, so a controller killed before the weighing would otherwise lose it
+    # its canary verdict, as the commit or revert event's payload (event, command_id, verdict, pool), kept until
+    # its wave is weighed: the event is not retained, so a controller killed before the weighing would lose it
     verdict: dict[str, Any] | None = None
 
 
