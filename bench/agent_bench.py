@@ -4,16 +4,18 @@ Two engines: the demo ViT INT8 bundle (64 px) and ViT-Ti/16 INT8 at 224 px (rand
 weights, built with ``--accept-accuracy-loss`` since only its speed matters here).
 For each, measured in one run on this machine:
 
-- the raw engine's best images/s over a batch sweep (``agent.engine.profile``, own process), and the
-  share of all cores it kept busy at that batch size on its own;
+- the raw engine's images/s at its best batch size (found by a sweep with ``agent.engine.profile``,
+  own process, before each pass), measured right before and right after each agent run; a run's
+  share is its frames/s over the mean of the two. The share of all cores the engine kept busy at
+  that batch size on its own is from the sweep;
 - the agent's processed frames/s, frame-to-result p99 and skipped/shed frames, with
   adaptive batching and with fixed batch 1 and fixed maximum batch at the same load;
 - where the CPU went while every camera ran: the engine's worker, the decoders, the agent
   itself, and idle, in percent of all cores (read from /proc for half the run).
 
-``--repeat N`` makes N passes, each after measuring the raw engine again (a shared machine's
-speed drifts by tens of percent within minutes); a row is the pass with the median share of
-its raw figure, with the range of the shares beside it.
+``--repeat N`` makes N passes (a shared machine's speed drifts by tens of percent within
+minutes); a row is the pass with the median share of its raw figure, with the range of the
+shares beside it.
 
 The cameras are looping files paced at 30 fps (decode and resize run on the same two
 cores as the engine, as they would on a CPU-only box).
@@ -92,17 +94,31 @@ def bundles(work: Path, key: Path) -> dict[str, Path]:
     return out
 
 
-def raw_best(bundle: Path) -> tuple[float, float]:
-    """The bundle's engine alone, in whichever runtime it ships for (the builder may pick OpenVINO): its
-    best images/s over the batch sweep, and the share of the cores it kept busy at that batch size.
+def best_batch(bundle: Path) -> tuple[int, float]:
+    """The batch size at which the bundle's engine alone serves the most images/s over a sweep, in whichever
+    runtime it ships for (the builder may pick OpenVINO), and the share of the cores it kept busy there.
     What the engine leaves idle by itself, the agent cannot use for it either."""
     b = verify_bundle(bundle, None)
-    batches = list(range(1, b.batch_range[1] + 1))
+    best = max(_raw(bundle, list(range(1, b.batch_range[1] + 1)), 1.0), key=lambda row: row["images_per_s"])
+    return int(best["batch"]), 100 * float(best["cpu_share"])
+
+
+def raw_at(bundle: Path, batch: int) -> float:
+    """The engine alone at one batch size, images/s: taken right before and right after each agent run, so
+    the share compares the agent with the machine as it was then (its speed drifts by tens of percent within
+    minutes, as much as the gap a share is read for)."""
+    return float(_raw(bundle, [batch], RAW_BRACKET_S)[0]["images_per_s"])
+
+
+RAW_BRACKET_S = 2.0
+
+
+def _raw(bundle: Path, batches: list[int], seconds: float) -> list[dict]:
+    b = verify_bundle(bundle, None)
     profile = profile_engine(  # served as the agent serves it
-        b.engine_path, b.backend, b.target, b.input_spec.height, batches, 1.0, None, b.images_per_stream
+        b.engine_path, b.backend, b.target, b.input_spec.height, batches, seconds, None, b.images_per_stream
     )
-    best = max(profile["latency"], key=lambda row: row["images_per_s"])
-    return float(best["images_per_s"]), 100 * float(best["cpu_share"])
+    return list(profile["latency"])
 
 
 def run_agent(
@@ -193,7 +209,7 @@ def _cpu_by_kind(agent: psutil.Process) -> dict[str, float]:
 
 def median_run(runs: list[dict]) -> dict:
     """The pass whose share of its own raw engine figure is the median, with every pass's share beside it."""
-    shares = [r["processed_fps"] / r["raw_best_ips"] for r in runs]
+    shares = [r["processed_fps"] / r["raw_ips"] for r in runs]
     middle = sorted(range(len(runs)), key=lambda i: shares[i])[len(runs) // 2]
     return {**runs[middle], "of_raw_median": statistics.median(shares), "of_raw": shares, "passes": runs}
 
@@ -238,11 +254,12 @@ def main() -> None:
                 f"fixed {max_batch}": {"mode": "fixed", "fixed_batch": max_batch},
             }
             runs: dict[tuple[int, str], list[dict]] = {}
-            for repeat in range(parsed.repeat):  # the raw engine again before each pass: the machine drifts
-                best, raw_cpu = raw_best(bundle)
+            for repeat in range(parsed.repeat):  # the sweep again before each pass: the machine drifts
+                batch, raw_cpu = best_batch(bundle)
                 for cameras in parsed.cameras:
                     for mode, batching in modes.items():
                         print(f"  {name}: {cameras} cameras, {mode} ({repeat + 1})", file=sys.stderr, flush=True)
+                        before = raw_at(bundle, batch)
                         measured = run_agent(
                             bundle,
                             public,
@@ -253,14 +270,17 @@ def main() -> None:
                             work,
                             parsed.agent_root,
                         )
+                        bracket = [before, raw_at(bundle, batch)]
                         runs.setdefault((cameras, mode), []).append(
-                            {"raw_best_ips": best, "raw_cpu_pct": raw_cpu, **measured}
-                        )
+                            {"raw_ips": statistics.mean(bracket), "raw_bracket_ips": bracket,
+                             "raw_batch": batch, "raw_cpu_pct": raw_cpu, **measured}
+                        )  # fmt: skip
             for (cameras, mode), found in runs.items():
                 rows.append({"engine": label, "cameras": cameras, "offered_fps": 30 * cameras, "mode": mode,
                              "passport": passport, **median_run(found)})  # fmt: skip
     lines = [
-        "| engine | cameras (30 fps) | mode | raw engine best img/s (its CPU %) | agent frames/s | % of raw "
+        "| engine | cameras (30 fps) | mode | raw engine img/s around the run (batch; its CPU %) "
+        "| agent frames/s | % of raw "
         f"| p99 ms (budget {parsed.budget_ms:g}) | batch serving most images | skipped | shed "
         "| CPU %: engine / decoders / agent / idle |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -269,7 +289,8 @@ def main() -> None:
         spread = f" ({min(r['of_raw']):.0%}–{max(r['of_raw']):.0%})" if len(r["of_raw"]) > 1 else ""
         cpu = r["cpu_split"]
         lines.append(
-            f"| {r['engine']} | {r['cameras']} | {r['mode']} | {r['raw_best_ips']:.0f} ({r['raw_cpu_pct']:.0f}) | "
+            f"| {r['engine']} | {r['cameras']} | {r['mode']} | {r['raw_ips']:.0f} "
+            f"({r['raw_batch']}; {r['raw_cpu_pct']:.0f}) | "
             f"{r['processed_fps']:.1f} | {r['of_raw_median']:.0%}{spread} | {r['p99_ms']} | {main_batch(r)} | "
             f"{r['skipped']} | {r['shed']} | {' / '.join(f'{cpu[k]:.0f}' for k in (*KINDS, 'idle'))} |"
         )
