@@ -27,7 +27,7 @@ from builder.bundle.options import EngineOptions, checked_tensorrt, cpu_flavour,
 from builder.errors import BuildError, GateError
 from builder.evaluate.datasets import Frames, calibration_set
 from builder.evaluate.measure import Accuracy, compare, logits, profile_engine
-from builder.evaluate.runoff import RelativeSpeed, Served, relative_speeds, time_head_to_head
+from builder.evaluate.runoff import NEGLIGIBLE, RelativeSpeed, Served, relative_speeds, time_head_to_head
 from builder.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, read_metadata
 from builder.export.verify import REPORT_FILE
 from builder.memory import release_freed_memory
@@ -446,8 +446,9 @@ TIE_RULE = (
     "the fastest candidate inside the gate at the batch sizes the device serves; candidates whose "
     f"profiles come within {RUNOFF_MARGIN:.0%} of the fastest are timed head to head in one process, and "
     "the fastest there leads; candidates whose speed cannot be told from the leader's (95 % intervals: "
-    "of the median paired ratio head to head, else of the profiles) are ties, and of ties the more "
-    "accurate ships (top-1 agreement with FP32, then the smaller logit error)"
+    "of the median paired ratio head to head, else of the profiles) and whose median (else profile) is "
+    f"within {NEGLIGIBLE:.0%} of it are ties, and of ties the more accurate ships (top-1 agreement with "
+    "FP32, then the smaller logit error)"
 )
 
 
@@ -455,6 +456,12 @@ def tied(a: Candidate, b: Candidate) -> bool:
     """Whether two candidates' profiled throughputs cannot be told apart: their 95 % intervals overlap."""
     ta, tb = a.throughput(), b.throughput()
     return abs(ta - tb) <= ta * a.noise() + tb * b.noise()
+
+
+def even(a: Candidate, fastest: Candidate) -> bool:
+    """A profiled tie the choice gives to accuracy (:data:`TIE_RULE`): not told apart from the fastest, and
+    within :data:`~builder.evaluate.runoff.NEGLIGIBLE` of its throughput."""
+    return tied(a, fastest) and a.throughput() >= (1 - NEGLIGIBLE) * fastest.throughput()
 
 
 def _eligible(candidates: list[Candidate]) -> list[Candidate]:
@@ -482,10 +489,10 @@ def choose(candidates: list[Candidate], options: EngineOptions, tried: str = "")
     if passing:
         raced = [c for c in passing if c.runoff]
         if raced:
-            ties = [c for c in raced if c.runoff and c.runoff.tied]
+            ties = [c for c in raced if c.runoff and c.runoff.even]
         else:
             fastest = max(passing, key=Candidate.throughput)
-            ties = [c for c in passing if tied(c, fastest)]
+            ties = [c for c in passing if even(c, fastest)]
         chosen = max(ties, key=Candidate.accuracy_key)
         chosen.choice = {
             "rule": TIE_RULE,

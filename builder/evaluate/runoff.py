@@ -35,6 +35,9 @@ from builder.errors import BuildError
 TURN_S = 0.02  # timed batches per turn: enough that one slow batch does not decide a round
 MIN_ROUNDS = 10  # the fewest rounds whose median's 95 % interval (order statistics) is defined
 STABLE = 0.01  # a ratio known to within ±1 % changes no choice: profiling more cannot help
+# A slower median than this is not given up for accuracy, even where the interval still reaches the fastest:
+# a build's few rounds of a large model's one-second batches leave an interval that wide at a 0.8 ratio
+NEGLIGIBLE = 0.05
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class RelativeSpeed:
     def tied(self) -> bool:
         """Not told apart from the fastest: the interval reaches 1."""
         return self.high >= 1.0
+
+    @property
+    def even(self) -> bool:
+        """A tie the choice gives to accuracy: not told apart, and its median within :data:`NEGLIGIBLE`."""
+        return self.tied and self.ratio >= 1 - NEGLIGIBLE
 
     def as_dict(self) -> dict[str, Any]:
         return {"speed_vs_fastest": round(self.ratio, 4), "interval": [round(self.low, 4), round(self.high, 4)],
