@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from export_bench import config  # noqa: E402
 
-from agent.engine.bundle import verify_bundle  # noqa: E402
+from agent.engine.bundle import Bundle, verify_bundle  # noqa: E402
 from agent.stream.pipeline import PassportLatency  # noqa: E402
 from builder.bundle.build import build_engine_bundle  # noqa: E402
 from builder.bundle.keys import keygen  # noqa: E402
@@ -58,6 +58,7 @@ from builder.export.job import export_checkpoint  # noqa: E402
 from builder.export.models import init_params  # noqa: E402
 
 CAMERAS = [1, 2, 4, 8]
+RAW_BRACKET_S = 2.0  # the engine alone before and after each run, at its best batch size
 
 
 def bundles(work: Path, key: Path) -> dict[str, Path]:
@@ -94,27 +95,22 @@ def bundles(work: Path, key: Path) -> dict[str, Path]:
     return out
 
 
-def best_batch(bundle: Path) -> tuple[int, float]:
+def best_batch(b: Bundle) -> tuple[int, float]:
     """The batch size at which the bundle's engine alone serves the most images/s over a sweep, in whichever
     runtime it ships for (the builder may pick OpenVINO), and the share of the cores it kept busy there.
     What the engine leaves idle by itself, the agent cannot use for it either."""
-    b = verify_bundle(bundle, None)
-    best = max(_raw(bundle, list(range(1, b.batch_range[1] + 1)), 1.0), key=lambda row: row["images_per_s"])
+    best = max(_raw(b, list(range(1, b.batch_range[1] + 1)), 1.0), key=lambda row: row["images_per_s"])
     return int(best["batch"]), 100 * float(best["cpu_share"])
 
 
-def raw_at(bundle: Path, batch: int) -> float:
+def raw_at(b: Bundle, batch: int) -> float:
     """The engine alone at one batch size, images/s: taken right before and right after each agent run, so
     the share compares the agent with the machine as it was then (its speed drifts by tens of percent within
     minutes, as much as the gap a share is read for)."""
-    return float(_raw(bundle, [batch], RAW_BRACKET_S)[0]["images_per_s"])
+    return float(_raw(b, [batch], RAW_BRACKET_S)[0]["images_per_s"])
 
 
-RAW_BRACKET_S = 2.0
-
-
-def _raw(bundle: Path, batches: list[int], seconds: float) -> list[dict]:
-    b = verify_bundle(bundle, None)
+def _raw(b: Bundle, batches: list[int], seconds: float) -> list[dict]:
     profile = profile_engine(  # served as the agent serves it
         b.engine_path, b.backend, b.target, b.input_spec.height, batches, seconds, None, b.images_per_stream
     )
@@ -255,11 +251,11 @@ def main() -> None:
             }
             runs: dict[tuple[int, str], list[dict]] = {}
             for repeat in range(parsed.repeat):  # the sweep again before each pass: the machine drifts
-                batch, raw_cpu = best_batch(bundle)
+                batch, raw_cpu = best_batch(verified)
                 for cameras in parsed.cameras:
                     for mode, batching in modes.items():
                         print(f"  {name}: {cameras} cameras, {mode} ({repeat + 1})", file=sys.stderr, flush=True)
-                        before = raw_at(bundle, batch)
+                        before = raw_at(verified, batch)
                         measured = run_agent(
                             bundle,
                             public,
@@ -270,7 +266,7 @@ def main() -> None:
                             work,
                             parsed.agent_root,
                         )
-                        bracket = [before, raw_at(bundle, batch)]
+                        bracket = [before, raw_at(verified, batch)]
                         runs.setdefault((cameras, mode), []).append(
                             {"raw_ips": statistics.mean(bracket), "raw_bracket_ips": bracket,
                              "raw_batch": batch, "raw_cpu_pct": raw_cpu, **measured}

@@ -36,7 +36,7 @@ TURN_S = 0.02  # timed batches per turn: enough that one slow batch does not dec
 MIN_ROUNDS = 10  # the fewest rounds whose median's 95 % interval (order statistics) is defined
 STABLE = 0.01  # a ratio known to within ±1 % changes no choice: profiling more cannot help
 # A slower median than this is not given up for accuracy, even where the interval still reaches the fastest:
-# a build's few rounds of a large model's one-second batches leave an interval that wide at a 0.8 ratio
+# a build's few rounds of a large model's one-second batches leave intervals wide enough to tie a 1.2x gap
 NEGLIGIBLE = 0.05
 
 
