@@ -177,6 +177,13 @@ def test_paired_ratios_cancel_the_machines_drift() -> None:
     assert not settled({"a": [1e-3] * 40, "c": 1e-3 * close})
 
 
+def test_candidates_that_beat_each_other_in_a_circle_read_level_not_above_the_fastest() -> None:
+    """Each beats the next pairwise (rock, paper, scissors): none leads, and no figure reads above 1."""
+    speeds = relative_speeds({"a": [1.0, 2.0, 3.0], "b": [2.0, 3.0, 1.0], "c": [3.0, 1.0, 2.0]})
+    assert max(s.ratio for s in speeds.values()) == 1.0
+    assert all(s.tied for s in speeds.values() if s.ratio == 1.0)
+
+
 def test_the_fastest_is_not_beaten_pairwise_though_it_trailed_against_the_first() -> None:
     """Against the first candidate, b's median ratio leads c's; pairwise, c beats b (and the first)."""
     speeds = relative_speeds({"a": [1.0, 1.0, 1.0], "b": [0.8, 0.8, 2.0], "c": [0.9, 0.7, 0.9]})

@@ -80,8 +80,9 @@ def relative_speeds(seconds_per_image: Mapping[str, list[float] | np.ndarray]) -
 
     Ratios are taken against a first reference, the fastest is the candidate with the highest median,
     and every candidate is then measured against it pairwise. A median of ratios is not transitive: where
-    one candidate beats that fastest pairwise, it becomes the fastest (at most once per candidate), so
-    no figure reads above 1 unless the candidates beat each other in a circle.
+    one candidate beats that fastest pairwise, it becomes the fastest (at most once per candidate). Where
+    candidates beat each other in a circle, none leads: one that still beats the fastest pairwise reads
+    1, level with it, so no figure reads above 1.
     """
     times = {label: np.asarray(t, dtype=np.float64) for label, t in seconds_per_image.items()}
     reference = next(iter(times.values()))
@@ -94,7 +95,7 @@ def relative_speeds(seconds_per_image: Mapping[str, list[float] | np.ndarray]) -
     speeds = {}
     for label, own in times.items():
         ratio, low, high = median_interval(times[fastest] / own)
-        speeds[label] = RelativeSpeed(ratio, low, high, len(own))
+        speeds[label] = RelativeSpeed(min(ratio, 1.0), low, high, len(own))
     speeds[fastest] = RelativeSpeed(1.0, 1.0, 1.0, len(times[fastest]))
     return speeds
 
