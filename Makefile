@@ -62,6 +62,7 @@ bench: install
 	$(BIN)/python bench/int8_outlier_bench.py
 	$(BIN)/python bench/openvino_settings_bench.py
 	$(BIN)/python bench/openvino_memory_bench.py
+	$(BIN)/python bench/row_split_bench.py
 	$(BIN)/python bench/worker_bench.py
 	$(BIN)/python bench/agent_bench.py
 	$(BIN)/python bench/camera_bench.py

@@ -320,6 +320,7 @@ def shipped_bundle(export: Path, work: Path, calibration: np.ndarray, gate: Gate
         "target": chosen.target or "cpu",
         "images_per_stream": chosen.images_per_stream,
         "serving_layouts": chosen.layouts,
+        "row_split": chosen.row_split,
         "recipe": chosen.quantization,
         "accuracy": _figures(chosen.accuracy),
         "gate": {"min_top1_agreement": gate.min_top1_agreement, "min_cosine": gate.min_cosine},
@@ -545,6 +546,18 @@ def _layout_said(layouts: dict | None) -> str:
     return f" Serves {layouts['kept']} image(s) per CPU stream (the builder's head to head, per stream: {timed})."
 
 
+def _row_split_said(split: dict | None) -> str:
+    """Whether the builder split the bundle's Dense layers by rows for the threads, and what it timed."""
+    if not split:
+        return ""
+    timed = split["timed_at_batch_1"]
+    ratio = timed["split"]["speed_vs_fastest"] / timed["as built"]["speed_vs_fastest"]
+    return (
+        f" Dense layers split at row {split['first_rows']} for {split['threads']} threads: {ratio:.2f}× the graph "
+        f"as built at batch 1 in the builder's head to head, {'kept' if split['kept'] else 'not kept'}."
+    )
+
+
 def markdown(rows: list[dict], ceiling: dict[str, float]) -> str:
     lines = [
         "| model | batch | engine | images/s | × JAX | × OpenVINO+NNCF | peak RSS MiB | RSS vs JAX | file MiB |",
@@ -586,6 +599,7 @@ def markdown(rows: list[dict], ceiling: dict[str, float]) -> str:
             )
             + "."
             + _layout_said(b.get("serving_layouts"))
+            + _row_split_said(b.get("row_split"))
         )
     lines.append("")
     lines.append(

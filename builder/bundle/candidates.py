@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
+import psutil
 from rich.progress import Progress
 
 from agent.engine.bundle import PROVIDERS
@@ -41,6 +43,7 @@ from builder.quantize.int8_recipe import (
 )
 from builder.quantize.precision import ALL_OPS, WEIGHT_OPS, quantize_dynamic_int8, to_fp16
 from builder.rewrites.class_token import class_token_only
+from builder.rewrites.row_split import split_rows
 from builder.targets import openvino as openvino_engines
 from builder.targets.tensorrt_check import require_parsable
 from builder.targets.tensorrt_plan import PlanSettings, build_plan
@@ -108,6 +111,7 @@ class Candidate:
     runoff: RelativeSpeed | None = None  # timed head to head against the other close candidates (contenders)
     images_per_stream: int = 1  # how the agent serves it (OpenVINO: builder.bundle.layout)
     layouts: dict[str, Any] | None = None  # the serving layouts timed for it, and the one kept
+    row_split: dict[str, Any] | None = None  # its Dense layers split by rows for the threads: timed, kept or not
 
     def _served_rows(self) -> list[dict[str, Any]]:
         assert self.profile is not None
@@ -144,6 +148,7 @@ class Candidate:
             "head_to_head": self.runoff.as_dict() if self.runoff else None,
             "images_per_stream": self.images_per_stream,
             "serving_layouts": self.layouts,
+            "row_split": self.row_split,
             "measured_with": self.measured_with,
         }
 
@@ -266,6 +271,13 @@ def _measure_target(options: EngineOptions, candidate: Candidate, device: Device
     return options.target, True
 
 
+ROW_SPLIT_RULE = (
+    "OpenVINO engines: each chain of Dense layers split into the most rows a whole number of 32-row blocks "
+    "per thread and the rest, kept where its outputs on the evaluation set are the same and it leads a head "
+    "to head at batch 1"
+)
+
+
 @dataclass
 class Evaluation:
     """The evaluation set, the FP32 reference's outputs on it, and how candidates are measured against them.
@@ -359,11 +371,48 @@ class Evaluation:
                 self.profile_every_size(c, again=True)
         c.layouts["kept"] = c.images_per_stream
 
+    def row_split(self, c: Candidate) -> None:
+        """Splits a measured OpenVINO candidate's Dense layers by rows for this CPU's threads
+        (:mod:`builder.rewrites.row_split`) where the split gives the same outputs on the evaluation set and
+        leads a head to head at batch 1, the one size served over every thread at once; the candidate is then
+        profiled again, before the choice."""
+        if c.backend != "openvino" or len(c.files) != 1 or c.files[0].suffix != ".onnx" or c.logits is None:
+            return
+        threads = self.options.threads or psutil.cpu_count(logical=False) or 1
+        model = ir.load(c.files[0])
+        first = split_rows(model, threads)
+        if first is None:
+            return
+        path = c.files[0].with_name(f"{c.files[0].stem}-rows.onnx")
+        ir.save(model, path)
+        del model
+        split = replace(c, files=[path])
+        with step(self.progress, f"timing {c.label} with its Dense layers split at row {first} for {threads} threads"):
+            speeds = self._head_to_head({"as built": self._served(c, 1), "split": self._served(split, 1)}, {1: 1.0})
+        outputs = self.logits_of(c.backend, _measure_target(self.options, c, self.device)[0], path, c.label)
+        same = bool(np.array_equal(self.head.scores(outputs) if self.head else outputs, c.logits))
+        kept = same and speeds["split"].ratio > speeds["as built"].ratio
+        c.row_split = {
+            "rule": ROW_SPLIT_RULE,
+            "first_rows": first,
+            "threads": threads,
+            "same_outputs": same,
+            "timed_at_batch_1": {label: speed.as_dict() for label, speed in speeds.items()},
+            "kept": kept,
+        }
+        if kept and c.profile:
+            c.files = [path]
+            self._profile(
+                c, _measure_target(self.options, c, self.device)[0], [r["batch"] for r in c.profile["latency"]]
+            )
+
     def _served(self, c: Candidate, images_per_stream: int) -> Served:
         return c.backend, _measure_target(self.options, c, self.device)[0], c.files[0], images_per_stream
 
-    def _head_to_head(self, engines: dict[str, Served]) -> dict[str, RelativeSpeed]:
-        shares = served_mix(self.options)
+    def _head_to_head(
+        self, engines: dict[str, Served], shares: dict[int, float] | None = None
+    ) -> dict[str, RelativeSpeed]:
+        shares = shares or served_mix(self.options)
         seconds = self.options.profile_seconds * len(engines) * len(shares)
         times = time_head_to_head(engines, self.export.spec.height, shares, seconds, self.options.threads)
         return relative_speeds(times)

@@ -67,6 +67,19 @@ def _layout_line(layouts: dict[str, Any] | None) -> str:
     return f"[dim]serves {label(layouts['kept'])} (timed: {timed})[/]"
 
 
+def _row_split_line(split: dict[str, Any] | None) -> str:
+    """Whether the candidate that ships had its Dense layers split by rows for the threads, and why."""
+    if not split:
+        return ""
+    timed = (
+        split["timed_at_batch_1"]["split"]["speed_vs_fastest"]
+        / split["timed_at_batch_1"]["as built"]["speed_vs_fastest"]
+    )
+    outcome = "kept" if split["kept"] else "not kept" + ("" if split["same_outputs"] else ": outputs differ")
+    where = f"at row {split['first_rows']} for {split['threads']} threads"
+    return f"[dim]Dense layers split {where}: {timed:.2f}× at batch 1, {outcome}[/]"
+
+
 def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
     """The candidates of a build (their passport summaries), the one that ships marked."""
     table = Table(
@@ -85,6 +98,7 @@ def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:
         lines.append(_mixed_precision_line((c["quantization"] or {}).get("mixed_precision")))
         lines.append(_head_to_head_line(c.get("head_to_head")))
         lines.append(_layout_line(c.get("serving_layouts")))
+        lines.append(_row_split_line(c.get("row_split")))
         table.add_row(
             "▶" if c["label"] == chosen else "",
             "\n".join(line for line in lines if line),
