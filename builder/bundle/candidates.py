@@ -376,7 +376,9 @@ class Evaluation:
         (:mod:`builder.rewrites.row_split`) where the split gives the same outputs on the evaluation set and
         leads a head to head at batch 1, the one size served over every thread at once; the candidate is then
         profiled again, before the choice."""
-        if c.backend != "openvino" or len(c.files) != 1 or c.files[0].suffix != ".onnx" or c.logits is None:
+        if c.backend != "openvino" or len(c.files) != 1 or c.files[0].suffix != ".onnx":
+            return
+        if c.profile is None or c.logits is None:  # not measured here: nothing to time or compare against
             return
         threads = self.options.threads or psutil.cpu_count(logical=False) or 1
         model = ir.load(c.files[0])
@@ -386,10 +388,11 @@ class Evaluation:
         path = c.files[0].with_name(f"{c.files[0].stem}-rows.onnx")
         ir.save(model, path)
         del model
+        target = _measure_target(self.options, c, self.device)[0]
         split = replace(c, files=[path])
         with step(self.progress, f"timing {c.label} with its Dense layers split at row {first} for {threads} threads"):
             speeds = self._head_to_head({"as built": self._served(c, 1), "split": self._served(split, 1)}, {1: 1.0})
-        outputs = self.logits_of(c.backend, _measure_target(self.options, c, self.device)[0], path, c.label)
+        outputs = self.logits_of(c.backend, target, path, c.label)
         same = bool(np.array_equal(self.head.scores(outputs) if self.head else outputs, c.logits))
         kept = same and speeds["split"].ratio > speeds["as built"].ratio
         c.row_split = {
@@ -400,11 +403,11 @@ class Evaluation:
             "timed_at_batch_1": {label: speed.as_dict() for label, speed in speeds.items()},
             "kept": kept,
         }
-        if kept and c.profile:
-            c.files = [path]
-            self._profile(
-                c, _measure_target(self.options, c, self.device)[0], [r["batch"] for r in c.profile["latency"]]
-            )
+        if not kept:
+            path.unlink()
+            return
+        c.files = [path]
+        self._profile(c, target, [r["batch"] for r in c.profile["latency"]])
 
     def _served(self, c: Candidate, images_per_stream: int) -> Served:
         return c.backend, _measure_target(self.options, c, self.device)[0], c.files[0], images_per_stream
