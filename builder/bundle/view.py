@@ -71,13 +71,9 @@ def _row_split_line(split: dict[str, Any] | None) -> str:
     """Whether the candidate that ships had its Dense layers split by rows for the threads, and why."""
     if not split:
         return ""
-    timed = (
-        split["timed_at_batch_1"]["split"]["speed_vs_fastest"]
-        / split["timed_at_batch_1"]["as built"]["speed_vs_fastest"]
-    )
     outcome = "kept" if split["kept"] else "not kept" + ("" if split["same_outputs"] else ": outputs differ")
     where = f"at row {split['first_rows']} for {split['threads']} threads"
-    return f"[dim]Dense layers split {where}: {timed:.2f}× at batch 1, {outcome}[/]"
+    return f"[dim]Dense layers split {where}: {split['speed_vs_as_built']:.2f}× at batch 1, {outcome}[/]"
 
 
 def candidate_table(candidates: list[dict], chosen: str, title: str) -> Table:

@@ -10,8 +10,8 @@ gives the threads equal shares of the bulk; the remainder is a small layer of it
 
 Every output row is computed from its own input row by the same operations, so the outputs are the
 same; the build checks that on the evaluation images and times the split against the graph as it was
-(:meth:`builder.bundle.candidates.Evaluation.row_split`). OpenVINO reads the slices and the join as
-views of one buffer, so nothing is copied.
+(:meth:`builder.bundle.candidates.Evaluation.row_split`), whose head to head includes whatever the slices
+and the join cost.
 """
 
 from __future__ import annotations
