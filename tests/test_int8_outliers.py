@@ -29,7 +29,7 @@ from builder.evaluate.measure import Gate
 from builder.export.job import export_checkpoint
 from builder.export.onnx_export import read_metadata
 from builder.quantize.calibration import channel_absmax, observe
-from builder.quantize.int8_recipe import Int8Search, Recipe
+from builder.quantize.int8_recipe import ALPHAS, Int8Search, Recipe, Score, smoothed_enough
 from builder.quantize.precision import float_weight_ops, quantize_static_int8
 from builder.quantize.smoothing import find_targets, smooth, smoothing_factors
 from builder.rewrites.class_token import class_token_only
@@ -145,6 +145,23 @@ def test_int8_ships_within_the_default_gate(outlier_exports, signing_key, tmp_pa
         assert recipe["smoothing_alpha"] is not None, "the outliers are smoothed"
         naive = next(s for s in recipe["searched"] if s["alpha"] is None)
         assert recipe["holdout"]["mean_rel_logit_error"] < naive["mean_rel_logit_error"] / 3
+        scores = [Score(s["images"], s["agreement"], s["mean_rel_logit_error"]) for s in recipe["searched"]]
+        assert [s["alpha"] for s in recipe["searched"]] == list(ALPHAS[: len(scores)])  # weakest first
+        assert not any(smoothed_enough(scores[:k]) for k in range(len(scores)))  # stopped at the first chance
+        assert len(scores) == len(ALPHAS) or smoothed_enough(scores)
+
+
+def test_the_smoothing_search_stops_at_the_first_strength_that_does_not_help() -> None:
+    def scores(*errors: float, agreement: float = 1.0) -> list[Score]:
+        return [Score(64, agreement, e) for e in errors]
+
+    assert not smoothed_enough([])
+    assert not smoothed_enough(scores(0.3))
+    assert not smoothed_enough(scores(0.3, 0.1))  # smoothing helped: a stronger one may help more
+    assert smoothed_enough(scores(0.3, 0.1, 0.2))  # past the best strength
+    assert smoothed_enough(scores(0.1, 0.1))  # no better is not worth another
+    assert not smoothed_enough([Score(64, 0.9, 0.1), Score(64, 0.95, 0.2)])  # agreement first
+    assert smoothed_enough([Score(64, 0.95, 0.1), Score(64, 0.9, 0.05)])
 
 
 def test_naive_int8_misses_where_smoothing_ships(outlier_exports, signing_key, tmp_path) -> None:

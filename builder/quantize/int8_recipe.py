@@ -5,8 +5,9 @@ SmoothQuant's per-channel maxima), the rest is held aside to *score* recipes aga
 export, by top-1 agreement first and logit error second. The evaluation set that the gate
 judges is never looked at here.
 
-1. **Smoothing** (:mod:`builder.quantize.smoothing`): each α of :data:`ALPHAS` (``None`` = no
-   smoothing) is folded into the export, quantized and scored; the best-scoring α wins, so a
+1. **Smoothing** (:mod:`builder.quantize.smoothing`): the α of :data:`ALPHAS` (``None`` = no
+   smoothing), weakest first, are each folded into the export, quantized and scored, until one
+   scores no better than the one before (:func:`smoothed_enough`); the best-scoring α wins, so a
    model without outlier channels keeps its unsmoothed recipe when that scores best.
 2. **Mixed precision**, when every candidate still misses the gate: every quantized layer's
    sensitivity is measured on calibration frames (the relative error its own INT8 input and
@@ -50,7 +51,7 @@ from builder.quantize.precision import (
 )
 from builder.quantize.smoothing import balance, find_targets, smooth, smoothed_ranges, weight_maxima
 
-ALPHAS: tuple[float | None, ...] = (None, 0.5, 0.65, 0.8)
+ALPHAS: tuple[float | None, ...] = (None, 0.5, 0.65, 0.8)  # weakest migration first: see smoothed_enough
 MAX_FLOAT_SHARE = 0.5
 
 
@@ -238,10 +239,13 @@ class Int8Search:
 
     # -- the searches -----------------------------------------------------------------------------------
     def best_smoothing(self, recipe: Recipe, alphas: tuple[float | None, ...] = ALPHAS) -> Trial:
-        """``recipe`` with the α of ``alphas`` that scores best (``None`` alone if nothing can be smoothed)."""
+        """``recipe`` with the α of ``alphas`` that scores best (``None`` alone if nothing can be smoothed),
+        scored in order until :func:`smoothed_enough`."""
         alphas = alphas if self.targets else (None,)
-        trials = []
+        trials: list[Trial] = []
         for alpha in alphas:
+            if smoothed_enough([t.score for t in trials]):
+                break
             self._say(f"scoring {replace(recipe, alpha=alpha).detail}")
             trials.append(self._trial(replace(recipe, alpha=alpha)))
         best = max(trials, key=lambda t: t.score.key())
@@ -322,6 +326,18 @@ class Int8Search:
             if count not in (0, k):
                 trial.path.unlink(missing_ok=True)
         return best
+
+
+def smoothed_enough(scores: list[Score]) -> bool:
+    """Whether the smoothing search can stop: the last strength scored no better than the one before it.
+
+    Migrating more of an activation's range into the weights first shrinks the activations' quantization
+    error, then grows the weights'. The search assumes one best strength between, as the SmoothQuant
+    paper's α sweep shows: once a stronger α stops helping, a still stronger one does not help either.
+    Each α scored costs a quantized graph and a pass over the held-aside frames, the largest share of a
+    build's time.
+    """
+    return len(scores) > 1 and scores[-1].key() <= scores[-2].key()
 
 
 class MixedPrecisionError(BuildError):
