@@ -107,7 +107,6 @@ def build_engine_bundle(
         candidates, search = make_candidates(source, options, Path(tmp), progress)
         for c in candidates:
             evaluation.measure(c)
-            evaluation.row_split(c)
         tried = mixed_precision(search, candidates, evaluation) if search else ""
         evaluation.runoff(candidates)
         chosen = choose(candidates, options, tried)

@@ -315,8 +315,9 @@ class Evaluation:
         return compare(self.reference, outputs, self.targets, self.head)
 
     def measure(self, c: Candidate) -> Candidate:
-        """Accuracy on the evaluation set, and speed and memory at the batch sizes the choice looks at
-        (batch 1, the largest, and ``--batches``); :meth:`profile_every_size` completes the one that ships."""
+        """Accuracy on the evaluation set, the :meth:`row_split` where it is kept, and speed and memory at the
+        batch sizes the choice looks at (batch 1, the largest, and ``--batches``); :meth:`profile_every_size`
+        completes the one that ships."""
         options = self.options
         target, timed = _measure_target(options, c, self.device)
         outputs = self.logits_of(c.backend, target, c.files[0], c.label)
@@ -326,6 +327,7 @@ class Evaluation:
         c.measured_with = f"{c.backend}-{target}"
         c.served = served_mix(options)
         if timed:
+            self.row_split(c, target)
             self._profile(c, target, sorted({1, options.max_batch, *options.batches}))
             peak = c.profile["peak_rss_mib"]  # type: ignore[index]  # just measured
             if options.max_memory and peak > options.max_memory:
@@ -334,10 +336,20 @@ class Evaluation:
 
     def profile_every_size(self, c: Candidate, again: bool = False) -> None:
         """The shipped candidate's profile at every batch size up to the largest: the agent's batcher may
-        pick any of them, and reads their latency from the passport. ``again``: even if it has one."""
-        every = list(range(1, self.options.max_batch + 1))
-        if c.profile and (again or [r["batch"] for r in c.profile["latency"]] != every):
-            self._profile(c, _measure_target(self.options, c, self.device)[0], every)
+        pick any of them, and reads their latency from the passport. The sizes its profile holds are kept
+        (the peak RSS is the larger of the two processes'); ``again`` profiles every size anew (the engine
+        changed)."""
+        if not c.profile:
+            return
+        known = {} if again else {r["batch"]: r for r in c.profile["latency"]}
+        missing = [b for b in range(1, self.options.max_batch + 1) if b not in known]
+        if not missing:
+            return
+        earlier = c.profile["peak_rss_mib"]
+        self._profile(c, _measure_target(self.options, c, self.device)[0], missing)
+        if known:
+            rows = sorted([*known.values(), *c.profile["latency"]], key=lambda r: r["batch"])
+            c.profile = {**c.profile, "latency": rows, "peak_rss_mib": max(earlier, c.profile["peak_rss_mib"])}
 
     def runoff(self, candidates: list[Candidate]) -> None:
         """Times the :func:`contenders` head to head at the batch sizes served, in one process, and records
@@ -371,14 +383,12 @@ class Evaluation:
                 self.profile_every_size(c, again=True)
         c.layouts["kept"] = c.images_per_stream
 
-    def row_split(self, c: Candidate) -> None:
-        """Splits a measured OpenVINO candidate's Dense layers by rows for this CPU's threads
-        (:mod:`builder.rewrites.row_split`) where the split gives the same outputs on the evaluation set and
-        leads a head to head at batch 1, the one size served over every thread at once; the candidate is then
-        profiled again, before the choice."""
-        if c.backend != "openvino" or len(c.files) != 1 or c.files[0].suffix != ".onnx":
-            return
-        if c.profile is None or c.logits is None:  # not measured here: nothing to time or compare against
+    def row_split(self, c: Candidate, target: str) -> None:
+        """Splits an OpenVINO candidate's Dense layers by rows for this CPU's threads (:mod:`builder.rewrites.
+        row_split`) where the split gives the same outputs on the evaluation set as ``c.logits`` and leads a
+        head to head at batch 1, the one size served over every thread at once. Runs before the candidate's
+        profile, which is then the kept graph's."""
+        if c.backend != "openvino" or len(c.files) != 1 or c.files[0].suffix != ".onnx" or c.logits is None:
             return
         threads = self.options.threads or psutil.cpu_count(logical=False) or 1
         model = ir.load(c.files[0])
@@ -388,7 +398,6 @@ class Evaluation:
         path = c.files[0].with_name(f"{c.files[0].stem}-rows.onnx")
         ir.save(model, path)
         del model
-        target = _measure_target(self.options, c, self.device)[0]
         split = replace(c, files=[path])
         with step(self.progress, f"timing {c.label} with its Dense layers split at row {first} for {threads} threads"):
             speeds = self._head_to_head({"as built": self._served(c, 1), "split": self._served(split, 1)}, {1: 1.0})
@@ -405,11 +414,10 @@ class Evaluation:
             "speed_vs_as_built": round(gain, 4),
             "kept": kept,
         }
-        if not kept:
+        if kept:
+            c.files = [path]
+        else:
             path.unlink()
-            return
-        c.files = [path]
-        self._profile(c, target, [r["batch"] for r in c.profile["latency"]])
 
     def _served(self, c: Candidate, images_per_stream: int) -> Served:
         return c.backend, _measure_target(self.options, c, self.device)[0], c.files[0], images_per_stream
@@ -423,7 +431,8 @@ class Evaluation:
         return relative_speeds(times)
 
     def _profile(self, c: Candidate, target: str, batches: list[int]) -> None:
-        sizes = f"{batches[0]}-{batches[-1]}" if len(batches) == batches[-1] else ", ".join(map(str, batches))
+        contiguous = len(batches) > 2 and batches == list(range(batches[0], batches[-1] + 1))
+        sizes = f"{batches[0]}-{batches[-1]}" if contiguous else ", ".join(map(str, batches))
         with step(self.progress, f"profiling {c.label} at batch sizes {sizes}"):
             c.profile = profile_engine(
                 c.files[0],
