@@ -197,21 +197,28 @@ def test_the_median_interval_is_the_order_statistics() -> None:
     assert median_interval(np.array([3.0])) == (3.0, 3.0, 3.0)
 
 
-def test_an_engine_slowed_by_the_one_before_it_is_not_handicapped() -> None:
+@pytest.mark.parametrize("shares", [{1: 1.0}, {8: 0.5, 1: 0.5}, {8: 1.0}])
+def test_an_engine_slowed_by_the_one_before_it_is_not_handicapped(shares: dict[int, float]) -> None:
     """'a' pays 5 ms on its first call after 'b' ran (another engine's threads still on the cores): a turn's
-    first call is untimed, so two engines of equal speed come out equal."""
+    first call, of one image whatever sizes are timed, is untimed, so two engines of equal speed come out
+    equal."""
     import time
 
     last: list[str] = [""]
+    calls: list[tuple[str, int]] = []
 
-    def run(name: str) -> None:
+    def run(name: str, batch: int) -> None:
         if name == "a" and last[0] == "b":
             time.sleep(0.005)
         time.sleep(0.001)
         last[0] = name
+        calls.append((name, batch))
 
-    found = rounds({"a": {1: lambda: run("a")}, "b": {1: lambda: run("b")}}, {1: 1.0}, 0.0)
+    sizes = {1, *shares}
+    engines = {name: {b: lambda name=name, b=b: run(name, b) for b in sizes} for name in "ab"}  # type: ignore[misc]
+    found = rounds(engines, shares, 0.0)
     assert len(found["a"]) == len(found["b"]) == MIN_ROUNDS
+    assert calls[0] == ("a", 1) and (8 not in shares or calls[1] == ("a", 8))  # untimed: one image
     assert relative_speeds(found)["a"].ratio > 0.9 and relative_speeds(found)["b"].ratio > 0.9
 
 

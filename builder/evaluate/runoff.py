@@ -6,10 +6,12 @@ in the previous release's gate-missed bench runs the builder shipped the slower 
 two builds of three. Timed in turns in one process, every candidate sees the same moments of the
 machine, and the ratio of two consecutive turns cancels the drift.
 
-A turn is one untimed batch, then timed batches for at least :data:`TURN_S`. The first batch after
-another engine pays for that engine's worker threads, still spinning on the cores (OpenVINO's longer
-than ONNX Runtime's); timed, it handicaps whichever candidate follows OpenVINO. The order of the
-candidates rotates each round, for what the untimed batch does not absorb.
+An engine's turn is one untimed batch, then, at each batch size timed, batches for at least
+:data:`TURN_S`. The first batch after another engine pays for that engine's worker threads, still
+spinning on the cores (OpenVINO's longer than ONNX Runtime's); timed, it handicaps whichever candidate
+follows OpenVINO. The untimed batch is of one image: the spinning stops after a while of its own,
+which a run of one image covers as a batch's does, at a fraction of the cost on a large model. The
+order of the candidates rotates each round, for what the untimed batch does not absorb.
 
 ``python -m builder.evaluate.runoff SPEC`` runs one (SPEC: JSON, see :func:`main`) and prints, per
 candidate, its seconds per image in each round. :func:`relative_speeds` turns those into the figures a
@@ -115,7 +117,8 @@ def rounds(
     until: Callable[[dict[str, list[float]]], bool] = settled,
 ) -> dict[str, list[float]]:
     """Seconds per image of each candidate in each round: ``runs[label][batch]`` runs one batch of that size,
-    ``shares`` weighs each size by its share of the images served (the device's mean speed). Rounds go on
+    ``shares`` weighs each size by its share of the images served (the device's mean speed). The smallest
+    size of ``runs[label]`` (which may hold sizes ``shares`` does not) opens each turn, untimed. Rounds go on
     until ``until`` holds or ``max_seconds`` have passed, and at least :data:`MIN_ROUNDS` are made."""
     order = list(runs)
     found: dict[str, list[float]] = {label: [] for label in order}
@@ -123,6 +126,7 @@ def rounds(
     start = time.perf_counter()
     while True:
         for label in order:
+            runs[label][min(runs[label])]()  # untimed (see the module docstring)
             found[label].append(sum(w / total * _turn(runs[label][b]) / b for b, w in shares.items()))
         order = order[1:] + order[:1]
         made = len(found[order[0]])
@@ -131,8 +135,7 @@ def rounds(
 
 
 def _turn(run: Callable[[], object]) -> float:
-    """Seconds per batch over one turn (see the module docstring)."""
-    run()
+    """Seconds per batch over batches for at least :data:`TURN_S`."""
     count, t0 = 0, time.perf_counter()
     while True:
         run()
@@ -178,11 +181,11 @@ def main() -> None:
     shares = {int(b): float(w) for b, w in spec["shares"].items()}
     size, batch = int(spec["size"]), max(shares)
     rng = np.random.default_rng(0)
-    images = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for b in shares}
+    images = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for b in {1, *shares}}
     runs = {}
     for label, (backend, target, path, chunk) in spec["engines"].items():
         engine = open_engine(backend, target, path, batch, spec.get("threads"), images_per_stream=chunk)
-        runs[label] = {b: (lambda e=engine, x=images[b]: e.run(x)) for b in shares}
+        runs[label] = {b: (lambda e=engine, x=x: e.run(x)) for b, x in images.items()}  # 1: the untimed batch
     print(json.dumps(rounds(runs, shares, float(spec["max_seconds"]))))
 
 
