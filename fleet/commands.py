@@ -172,8 +172,12 @@ def bundle_reference(archive: Path, url: str) -> tuple[str, dict[str, Any]]:
         with tarfile.open(archive, "r:*") as tar:
             member = next(m for m in tar.getmembers() if m.isfile() and Path(m.name).name == MANIFEST)
             manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-    except (OSError, tarfile.TarError, StopIteration, ValueError) as exc:
-        raise FleetError(f"{archive} is not a bundle archive (edgevit-build pack makes one): {exc}") from exc
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("bundle_id"), str):
+            raise ValueError(f"its {MANIFEST} names no bundle_id")
+    except (OSError, tarfile.TarError, StopIteration, ValueError, RecursionError) as exc:
+        raise FleetError(
+            f"{archive} is not a bundle archive (edgevit-build pack makes one): {str(exc)[:200]}"
+        ) from None
     digest = file_digest(archive)
     return manifest["bundle_id"], {"url": url, "sha256": digest["sha256"], "size": digest["bytes"]}
 

@@ -182,7 +182,7 @@ class Rollout:
                 target.state = TargetState(target.state)
                 if not isinstance(target.device, str):
                     raise ValueError("a target of an unknown shape")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise RolloutFileError(f"{path.name} cannot be read: {str(exc)[:200]}") from None
         journal = path.with_suffix(".journal")
         if journal.exists():
@@ -197,7 +197,7 @@ class Rollout:
         """Apply one journal line; False when it is not one this controller writes."""
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # damage nested thousands deep raises the latter
             return False
         if not isinstance(entry, dict):
             return False

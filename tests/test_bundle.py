@@ -102,10 +102,18 @@ def test_unlisted_file(bundle: Path, trusted) -> None:
         verify_bundle(bundle, trusted)
 
 
-def test_garbled_signature(bundle: Path, trusted) -> None:
-    (bundle / SIGNATURE).write_text("not json")
+@pytest.mark.parametrize("text", ["not json", "[" * 100_000, '{"key_id": 1' + "0" * 5000 + "}"])
+def test_garbled_signature(bundle: Path, trusted, text: str) -> None:
+    (bundle / SIGNATURE).write_text(text)  # not JSON; nested past the parser's recursion; a 5000-digit number
     with pytest.raises(BundleError, match="signature file is malformed"):
         verify_bundle(bundle, trusted)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"schema": 1' + "0" * 5000 + "}"])
+def test_an_unsigned_manifest_nested_too_deep_or_too_long_a_number_is_refused(bundle: Path, text: str) -> None:
+    (bundle / MANIFEST).write_text(text)
+    with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
+        verify_bundle(bundle, None)  # no signature check: the operator's explicit choice
 
 
 def test_signed_but_malformed_manifest(bundle: Path, trusted, signing_key) -> None:

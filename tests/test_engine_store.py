@@ -125,9 +125,10 @@ def test_store_installs_once_and_state_is_atomic(demo_bundle: Path, signing_key,
     assert store.installed() == [bundle.bundle_id] and not (tmp_path / "state" / "engines" / ".incoming-x-1").exists()
 
 
-def test_unreadable_state_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000])
+def test_unreadable_state_is_named(tmp_path: Path, text: str) -> None:
     store = EngineStore(tmp_path)
-    store.state_path.write_text("{not json")
+    store.state_path.write_text(text)
     with pytest.raises(RuntimeError, match="engines.json is unreadable"):
         store.load()
 

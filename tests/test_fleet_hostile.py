@@ -138,15 +138,18 @@ def test_damaged_journals_and_files_are_named_and_the_rest_carries_on(tmp_path: 
     with open(path.with_suffix(".journal"), "ab") as journal:
         journal.write(os.urandom(300).replace(b"\n", b"") + b"\n")  # random bytes
         journal.write(b'{"target": "d1", "state": 5}\n{"target": "nobody"}\n[1, 2]\n{"wave": "x"}\n')
+        journal.write(b"[" * 100_000 + b"\n")  # nested past the parser's recursion limit
         journal.write(b'{"target": "d1", "state": "succ')  # torn by a crash
     loaded = Rollout.load(path)
     assert loaded.targets[0].state == "sent" and loaded.targets[1].state == "pending"
-    assert loaded.log[-1].endswith("journal: 5 damaged lines skipped")
+    assert loaded.log[-1].endswith("journal: 6 damaged lines skipped")
     (tmp_path / "rollouts" / "00000000-empty.json").write_bytes(b"")
     (tmp_path / "rollouts" / "00000001-list.json").write_text("[1, 2, 3]")
+    (tmp_path / "rollouts" / "00000002-deep.json").write_bytes(b'{"a": ' * 100_000)
     rollouts, problems = list_rollouts(tmp_path)
     assert [r.id for r in rollouts] == [loaded.id]
-    assert sorted(p.split(" ")[0] for p in problems) == ["00000000-empty.json", "00000001-list.json"]
+    unread = ["00000000-empty.json", "00000001-list.json", "00000002-deep.json"]
+    assert sorted(p.split(" ")[0] for p in problems) == unread
     with pytest.raises(RolloutFileError, match="00000000-empty.json cannot be read"):
         Rollout.load(tmp_path / "rollouts" / "00000000-empty.json")
     done = subprocess.run([sys.executable, "-m", "fleet.cli", "history", "--state-dir", str(tmp_path)],

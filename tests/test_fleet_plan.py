@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,14 @@ def test_bundle_reference(demo_bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "not.tar.gz").write_bytes(b"junk")
     with pytest.raises(FleetError, match="is not a bundle archive"):
         bundle_reference(tmp_path / "not.tar.gz", "http://x")
+    for name, manifest in [("list", b"[1]"), ("deep", b"[" * 100_000), ("nameless", b'{"bundle_id": 5}')]:
+        archive = tmp_path / f"{name}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            member = tarfile.TarInfo("b/manifest.json")
+            member.size = len(manifest)
+            tar.addfile(member, io.BytesIO(manifest))
+        with pytest.raises(FleetError, match="is not a bundle archive"):
+            bundle_reference(archive, "http://x")
 
 
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -289,8 +289,8 @@ def verify_bundle(root: Path, trusted_keys: list[Ed25519PublicKey] | None, devic
             raise BundleError(f"bundle {root.name}: {exc}") from exc
     try:
         manifest = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"bundle {root.name}: {MANIFEST} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not JSON, an integer of thousands of digits, nested too deep
+        raise BundleError(f"bundle {root.name}: {MANIFEST} is not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(manifest, dict):
         raise BundleError(f"bundle {root.name}: {MANIFEST} must be a JSON object")
     validate_manifest(manifest)

@@ -80,8 +80,8 @@ class InputSpec:
     def from_json(cls, text: str) -> InputSpec:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputSpecError(f"input spec is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # not JSON, an integer of thousands of digits, nested too deep
+            raise InputSpecError(f"input spec is not valid JSON: {str(exc)[:200]}") from exc
         if not isinstance(data, dict):
             raise InputSpecError("input spec must be a JSON object")
         return cls.from_dict(data)

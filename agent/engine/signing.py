@@ -64,8 +64,8 @@ def verify(
     try:
         document = json.loads(signature_document)
         kid, signature = document["key_id"], base64.b64decode(document["signature"], validate=True)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SignatureError(f"signature file is malformed: {exc}") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # the latter: nested thousands deep
+        raise SignatureError(f"signature file is malformed: {str(exc)[:200]}") from exc
     keys = {key_id(k): k for k in trusted}
     if kid not in keys:
         known = ", ".join(sorted(keys)) or "none"

@@ -127,7 +127,7 @@ class EngineStore:
             return EngineState()
         try:
             return EngineState.from_json(json.loads(self.state_path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise StoreError(f"the state file {self.state_path} is unreadable: {exc}") from exc
 
     def save(self, state: EngineState) -> None:
