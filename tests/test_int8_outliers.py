@@ -152,8 +152,8 @@ def test_int8_ships_within_the_default_gate(outlier_exports, signing_key, tmp_pa
 
 
 def test_the_smoothing_search_stops_at_the_first_strength_that_does_not_help() -> None:
-    def scores(*errors: float, agreement: float = 1.0) -> list[Score]:
-        return [Score(64, agreement, e) for e in errors]
+    def scores(*errors: float) -> list[Score]:
+        return [Score(64, 1.0, e) for e in errors]
 
     assert not smoothed_enough([])
     assert not smoothed_enough(scores(0.3))
