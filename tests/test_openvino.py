@@ -4,7 +4,10 @@ and refused by a device that lacks what the engine needs (issue 11). Real OpenVI
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +183,19 @@ def test_nncf_draws_nothing_of_its_own(demo_exports, tmp_path: Path, capfd) -> N
     assert all(f.is_file() for f in files)
     out, err = capfd.readouterr()
     assert "Statistics collection" not in out + err and "━" not in out + err
+
+
+def test_the_profile_times_once_the_sizes_that_run_the_same_requests(demo_exports) -> None:
+    """The real profile of an engine serving 4 images per stream: 2 and 3 run the request 4 runs, 5 to 7 the two
+    that 8 runs; their rows share those timings and say so, and every size up to 8 has its row."""
+    model = demo_exports["vit-digits"] / "model.onnx"
+    command = [sys.executable, "-m", "agent.engine.profile", str(model), "--backend", "openvino", "--size", "64"]
+    command += ["--batches", *map(str, range(1, 9)), "--images-per-stream", "4", "--min-runs", "3"]
+    command += ["--max-seconds", "0.05"]
+    rows = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["latency"]
+    assert [r["batch"] for r in rows] == list(range(1, 9))
+    assert {r["batch"]: r.get("timed_at") for r in rows} == {1: None, 2: 4, 3: 4, 4: None, 5: 8, 6: 8, 7: 8, 8: None}
+    by_size = {r["batch"]: r for r in rows}
+    assert by_size[6]["p99_ms"] == by_size[8]["p99_ms"] and by_size[6]["images_per_s"] * 8 == pytest.approx(
+        by_size[8]["images_per_s"] * 6
+    )

@@ -5,12 +5,14 @@ drives, so the rule is checked exactly, whatever the machine's load."""
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 
 import agent.engine.profile as profiling
-from agent.engine.profile import STABLE, profile
+from agent.engine.profile import STABLE, profile, shared_row, timed_sizes
+from agent.engine.runtimes.openvino import requests_for
 
 
 def engine_taking(durations: itertools.cycle[float], monkeypatch: pytest.MonkeyPatch, threads_busy: float = 1.0):
@@ -47,3 +49,14 @@ def test_the_share_of_the_cores_an_engine_keeps_busy_is_measured(monkeypatch: py
     monkeypatch.setattr(profiling, "os", SimpleNamespace(sched_getaffinity=lambda pid: {0, 1, 2, 3}))
     run = engine_taking(itertools.cycle([0.01]), monkeypatch, threads_busy=3.0)
     assert profile(run, 8, 1, max_seconds=1.0, min_runs=10)["cpu_share"] == 0.75
+
+
+def test_sizes_that_run_the_same_requests_share_one_timing() -> None:
+    """With 4 images per stream, batches of 2 to 4 run one padded request and 5 to 8 two: each group is timed at
+    its largest size; one image runs on its own compile; an engine that says nothing has every size timed."""
+    requests = partial(requests_for, chunk=4)
+    assert timed_sizes(list(range(1, 9)), requests) == {1: 1, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+    assert timed_sizes([2, 3, 5, 6, 7], requests) == {2: 3, 3: 3, 5: 7, 6: 7, 7: 7}  # only the sizes asked for
+    assert timed_sizes([1, 2, 3], None) == {1: 1, 2: 2, 3: 3}
+    row = {"batch": 4, "images_per_s": 40.0, "p50_ms": 100.0, "p99_ms": 110.0, "runs": 10}
+    assert shared_row(row, 2) == {**row, "batch": 2, "images_per_s": 20.0, "timed_at": 4}

@@ -121,7 +121,8 @@ def latency_table(built: list[dict], here: list[dict] | None) -> Table:
     table = Table(*columns, title="latency per batch size", box=box.SIMPLE_HEAD)
     now = {row["batch"]: row for row in here or []}
     for row in built:
-        cells = [str(row["batch"]), _rate(row["images_per_s"]), f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
+        shared = f" (timed at {row['timed_at']})" if "timed_at" in row else ""
+        cells = [f"{row['batch']}{shared}", _rate(row["images_per_s"]), f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
         if here is not None:
             mine = now.get(row["batch"])
             cells += (

@@ -53,6 +53,13 @@ def load_openvino() -> ModuleType:
     return openvino  # type: ignore[no-any-return]  # OpenVINO ships no type information
 
 
+def requests_for(n: int, chunk: int) -> int:
+    """How many per-stream requests of ``chunk`` images a batch of ``n`` runs (0: one image, on the whole-core
+    compile). Sizes with the same count run the same requests on the same shapes, a short chunk padded, so they
+    take the same time: the profile times one of them (:func:`agent.engine.profile.timed_sizes`)."""
+    return 0 if n == 1 else -(-n // chunk)
+
+
 class OpenVINOEngine:
     def __init__(
         self,
@@ -109,6 +116,10 @@ class OpenVINOEngine:
             self._in_rounds(images)
         logits: np.ndarray = self._logits[:n].copy()
         return logits
+
+    def requests(self, n: int) -> int:
+        """:func:`requests_for` this engine's chunk."""
+        return requests_for(n, self.chunk)
 
     def _in_rounds(self, images: np.ndarray) -> None:
         """Into ``_logits``: the images in chunks of ``chunk``, one per stream at once, round after round."""
