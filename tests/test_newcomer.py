@@ -154,6 +154,18 @@ def test_passport_fits_80_columns(demo_bundle: Path) -> None:
     assert "1.00×" in text  # the re-measured column beside the built one
 
 
+def test_a_latency_row_timed_at_another_size_says_so() -> None:
+    from builder.bundle.view import latency_table
+
+    rows = [{"batch": b, "images_per_s": 10.0, "p50_ms": 1.0, "p99_ms": 2.0} for b in (1, 4)]
+    rows.insert(1, {**rows[1], "batch": 3, "images_per_s": 7.5, "timed_at": 4})
+    console = Console(record=True, width=80, color_system=None)
+    console.print(latency_table(rows, None))
+    text = console.export_text()
+    assert "3 (as 4)" in text and "(as N): same requests, timed at N" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
 def _snapshot(cameras: dict[str, str]) -> dict:
     cams = {n: {"processed_fps": 10.0, "skipped": 1, "shed": 0, "state": state} for n, state in cameras.items()}
     return {"cameras": cams, "latency": {"p50_ms": 123.45, "p99_ms": 1234.56}, "decision": {"batch": 8}}

@@ -119,9 +119,11 @@ def latency_table(built: list[dict], here: list[dict] | None) -> Table:
     if here is not None:
         columns += ["here img/s", "here p99", "here/built"]
     table = Table(*columns, title="latency per batch size", box=box.SIMPLE_HEAD)
+    if any("timed_at" in row for row in built):
+        table.caption = "(as N): same requests, timed at N"
     now = {row["batch"]: row for row in here or []}
     for row in built:
-        shared = f" (timed at {row['timed_at']})" if "timed_at" in row else ""
+        shared = f" (as {row['timed_at']})" if "timed_at" in row else ""
         cells = [f"{row['batch']}{shared}", _rate(row["images_per_s"]), f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}"]
         if here is not None:
             mine = now.get(row["batch"])
