@@ -16,10 +16,9 @@ import math
 from collections.abc import Iterable
 
 from agent.lifecycle.canary import Rule, pooled_agreement
-from fleet.records import Event, number
+from fleet.records import Event
 
 CHANCE_LEVEL = 0.01  # failures beyond what chance gives with this probability are called "more than chance"
-MAX_POOLED_BLOCKS = 10_000  # per device, read from its event
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
@@ -61,19 +60,8 @@ def wave_alpha(events: Iterable[Event]) -> float | None:
 
 
 def pool_of(event: Event) -> tuple[float, list[tuple[int, int]]] | None:
-    """A device's agreement evidence from its commit or revert event, read as hostile input."""
-    limit, blocks = number(event.pool.get("limit")), event.pool.get("blocks")
-    if limit is None or not 0 < limit <= 1 or not isinstance(blocks, list):
-        return None
-    read = []
-    for block in blocks[:MAX_POOLED_BLOCKS]:
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) for x in block)):
-            return None
-        frames, agreeing = block
-        if not 0 <= agreeing <= frames:
-            return None
-        read.append((frames, agreeing))
-    return limit, read
+    """A device's agreement evidence from its commit or revert event (:class:`fleet.records.Pool` read it)."""
+    return (event.pool.limit, list(event.pool.blocks)) if event.pool else None
 
 
 def pooled_verdict(events: list[Event], alpha: float) -> Rule | None:

@@ -91,6 +91,39 @@ def protocol_of(payload: dict[str, Any]) -> int:
     return version if isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= 1000 else 1
 
 
+MAX_POOLED_BLOCKS = 10_000  # per event: far more time blocks than one canary window yields
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A device's canary agreement evidence: the limit its rule held the new engine to and, per time block,
+    (frames, agreeing). Read as hostile input, and only this is kept of what the device sent: events are
+    held for the rollout and journaled, so junk beside the evidence would cost memory and disk per device."""
+
+    limit: float
+    blocks: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, value: Any) -> Pool | None:
+        raw = mapping(value)
+        limit, blocks = number(raw.get("limit")), raw.get("blocks")
+        if limit is None or not 0 < limit <= 1 or not isinstance(blocks, list):
+            return None
+        read = []
+        for block in blocks[:MAX_POOLED_BLOCKS]:
+            if not (isinstance(block, list) and len(block) == 2 and all(isinstance(x, int) for x in block)):
+                return None
+            frames, agreeing = block
+            if not 0 <= agreeing <= frames:
+                return None
+            read.append((frames, agreeing))
+        return cls(limit, tuple(read))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event payload's form, which :meth:`of` reads back (a journal is input too)."""
+        return {"limit": self.limit, "blocks": [list(block) for block in self.blocks]}
+
+
 @dataclass(frozen=True)
 class Event:
     """A lifecycle event of one device about one command."""
@@ -101,7 +134,7 @@ class Event:
     ok: bool | None = None
     reason: str | None = None  # a revert's reason, a refusal's error
     alpha: float | None = None  # the canary's, from its verdict
-    pool: dict[str, Any] = field(default_factory=dict)  # canary evidence for pooling (fleet.gates reads it)
+    pool: Pool | None = None  # canary evidence for pooling (fleet.gates reads it)
 
     @classmethod
     def of(cls, device: str, payload: dict[str, Any]) -> Event | None:
@@ -116,7 +149,7 @@ class Event:
             ok if isinstance(ok, bool) else None,
             text(payload.get("reason")) or text(payload.get("error")),
             number(mapping(payload.get("verdict")).get("alpha")),
-            mapping(payload.get("pool")),
+            Pool.of(payload.get("pool")),
         )
 
 

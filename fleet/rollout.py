@@ -446,7 +446,7 @@ class Runner:
             "event": event.kind,
             "command_id": event.command_id,
             "verdict": {"alpha": event.alpha},
-            "pool": event.pool,
+            "pool": event.pool.as_dict() if event.pool else {},
         }
 
     def _weigh(self, wave: list[Target]) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 from fleet_devices import SimulatedDevice, blocks, run_rollout
 
 from fleet.gates import binomial_tail, chance_failures, failures_note, pool_of, pooled_verdict, wave_alpha
-from fleet.records import Event
+from fleet.records import Event, Pool
 
 
 def test_chance_explains_a_few_false_reverts_in_a_large_wave() -> None:
@@ -45,6 +45,10 @@ def test_device_evidence_is_read_as_hostile_input() -> None:
         {"pool": {"limit": float("nan"), "blocks": []}},
     ):
         assert pool_of(event(**bad)) is None, bad
+    # only the evidence is kept of what the device sent: the controller holds events and journals verdicts
+    padded = event(pool={"limit": 0.98, "blocks": [[15, 15]], "junk": "x" * 100_000, "more": [[0] * 1000]})
+    assert padded.pool is not None and padded.pool.as_dict() == {"limit": 0.98, "blocks": [[15, 15]]}
+    assert Pool.of(padded.pool.as_dict()) == padded.pool  # a journal's verdict reads back the same
     assert wave_alpha([event(verdict={"alpha": 0.01}), event(verdict={"alpha": "x"}), event(verdict=5)]) == 0.01
     assert wave_alpha([event()]) is None
 
