@@ -15,7 +15,7 @@ from agent.engine.runtimes import open_engine
 from builder.evaluate.datasets import calibration_set
 from builder.export.architecture import ViTConfig
 from builder.export.verify import sample_images
-from builder.quantize.calibration import channel_absmax, observe
+from builder.quantize.calibration import channel_absmax, channel_ranges, observe
 from builder.quantize.int8_recipe import Int8Search, Recipe
 from builder.quantize.precision import (
     CALIBRATION_METHODS,
@@ -164,6 +164,10 @@ def test_smoothing_and_mixed_precision_reach_the_new_families(family: str, tmp_p
     search = Int8Search(model_path, images, tmp_path / "search", embeddings=cfg.output == "embeddings")
     map_head = cfg.classifier == "map"
     assert len(search.targets) == 2 * cfg.num_layers + (2 if map_head else 0)
+    # the ranges and the held-aside reference come from one session: the figures two sessions give
+    np.testing.assert_array_equal(search.reference, observe(model, search.holdout, [], lambda *_: None))
+    alone = channel_ranges(model, search.ranges, list(search.channels))
+    assert all(np.array_equal(alone[n][i], search.channels[n][i]) for n in alone for i in (0, 1)) and alone
     absmax = channel_absmax(model, images, [t.norm for t in search.targets])
     smoothed = smooth(model, search.targets, smoothing_factors(model, search.targets, absmax, 0.8))
     before, after = (observe(m, images, [], lambda *_: None) for m in (model, smoothed))

@@ -37,8 +37,10 @@ def observe(
     tensors: Iterable[str],
     visit: Callable[[str, np.ndarray], None],
     batch_size: int = 8,
+    visited: int | None = None,
 ) -> np.ndarray:
-    """Run ``images`` through ``model``; ``visit(name, value)`` sees each of ``tensors`` per batch.
+    """Run ``images`` through ``model``; ``visit(name, value)`` sees each of ``tensors`` per batch of the first
+    ``visited`` images (all by default); the rest run for their logits alone, in the same session.
 
     Returns the model's own first output (the logits) for all images.
     """
@@ -47,18 +49,21 @@ def observe(
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
+    # the weights are nearly all of it, and summing theirs is quick where the whole graph's size is not
+    external = sum(t.ByteSize() for t in copy.graph.initializer) > _EXTERNAL_ABOVE
+    seen = len(images) if visited is None else visited
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "observe.onnx"
-        onnx.save(copy, str(path), save_as_external_data=copy.ByteSize() > _EXTERNAL_ABOVE)
+        onnx.save(copy, str(path), save_as_external_data=external)
         del copy
         engine = OnnxRuntimeEngine(path)
-        wanted = [graph_outputs[0], *names]
         logits = []
-        for start in range(0, len(images), batch_size):
-            values = engine.session.run(wanted, {engine.input_name: images[start : start + batch_size]})
-            logits.append(values[0])
-            for name, value in zip(names, values[1:], strict=True):
-                visit(name, value)
+        for first, last, wanted in ((0, seen, [graph_outputs[0], *names]), (seen, len(images), graph_outputs[:1])):
+            for start in range(first, last, batch_size):
+                values = engine.session.run(wanted, {engine.input_name: images[start : min(start + batch_size, last)]})
+                logits.append(values[0])
+                for name, value in zip(wanted[1:], values[1:], strict=True):
+                    visit(name, value)
         engine.close()
     return np.concatenate(logits)
 
@@ -67,6 +72,14 @@ def channel_ranges(
     model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], batch_size: int = 8
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """min and max of each tensor per channel (the last axis), over all ``images``."""
+    return channel_ranges_and_logits(model, images, tensors, images[:0], batch_size)[0]
+
+
+def channel_ranges_and_logits(
+    model: onnx.ModelProto, images: np.ndarray, tensors: Iterable[str], then: np.ndarray, batch_size: int = 8
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """:func:`channel_ranges` of ``images``, and the logits of ``then`` from the same copy of the graph and
+    session: a large model's copy, its file and its session cost seconds each."""
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def visit(name: str, value: np.ndarray) -> None:
@@ -76,8 +89,8 @@ def channel_ranges(
             low, high = np.minimum(found[name][0], low), np.maximum(found[name][1], high)
         found[name] = (low, high)
 
-    observe(model, images, tensors, visit, batch_size)
-    return found
+    logits = observe(model, np.concatenate([images, then]), tensors, visit, batch_size, visited=len(images))
+    return found, logits[len(images) :]
 
 
 def channel_absmax(

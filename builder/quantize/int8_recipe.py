@@ -40,7 +40,7 @@ from builder.choices import Flavour
 from builder.errors import BuildError
 from builder.evaluate.measure import cosine
 from builder.memory import release_freed_memory
-from builder.quantize.calibration import absmax, channel_ranges, observe, rescaled_ranges
+from builder.quantize.calibration import absmax, channel_ranges_and_logits, observe, rescaled_ranges
 from builder.quantize.precision import (
     WEIGHT_OPS,
     prepare,
@@ -128,9 +128,9 @@ class Int8Search:
         self.ranges, self.holdout = calibration[0::2], calibration[1::2]
         self.targets = find_targets(model)
         self._say(f"measuring activations on {len(calibration)} calibration images")
-        self.channels = channel_ranges(model, self.ranges, [n for t in self.targets for n in t.scaled])
+        scaled = [n for t in self.targets for n in t.scaled]
+        self.channels, self.reference = channel_ranges_and_logits(model, self.ranges, scaled, self.holdout)
         self.absmax = absmax({t.norm: self.channels[t.norm] for t in self.targets})
-        self.reference = observe(model, self.holdout, [], lambda *_: None)
         self._weight_max = weight_maxima(model, self.targets)
         self._tensors = {name for node in model.graph.node for name in node.output}
         self._shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
