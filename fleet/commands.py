@@ -16,6 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
+from agent import bounded_json
 from agent.control.protocol import PROTOCOL_VERSION
 from agent.engine.bundle import MANIFEST, file_digest
 from agent.engine.signing import SignatureError, load_private_key
@@ -171,10 +172,10 @@ def bundle_reference(archive: Path, url: str) -> tuple[str, dict[str, Any]]:
     try:
         with tarfile.open(archive, "r:*") as tar:
             member = next(m for m in tar.getmembers() if m.isfile() and Path(m.name).name == MANIFEST)
-            manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+            manifest = bounded_json.load(tar.extractfile(member))  # type: ignore[arg-type]
         if not isinstance(manifest, dict) or not isinstance(manifest.get("bundle_id"), str):
             raise ValueError(f"its {MANIFEST} names no bundle_id")
-    except (OSError, tarfile.TarError, StopIteration, ValueError, RecursionError) as exc:
+    except (OSError, tarfile.TarError, StopIteration, ValueError) as exc:
         raise FleetError(
             f"{archive} is not a bundle archive (edgevit-build pack makes one): {str(exc)[:200]}"
         ) from None

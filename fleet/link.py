@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.control import bounded_json
+from agent import bounded_json
 from agent.control.command_auth import sign_command
 from fleet.protocol import command_topic, device_of, events_topic, metrics_topic, reply_topic, status_topic
 from fleet.records import Engine, Event, Reply, Status

@@ -36,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from agent import bounded_json
 from agent.lifecycle.canary import REGRESSION
 from agent.lifecycle.failpoints import failpoint
 from agent.lifecycle.store import atomic_write
@@ -76,6 +77,13 @@ class RolloutState(_Named):
 ACTIVE = (RolloutState.RUNNING, RolloutState.INTERRUPTED)
 POLL_S = 0.25
 OUTCOMES_FLUSH_S = 1.0  # how often observed outcomes reach the journal while a wave is awaited
+# What a rollout file and one journal line may hold when read back. The controller writes both, but a file is
+# outside input once on disk (damage, a hand edit). A target keeps its device's canary evidence (a pool of up to
+# 10,000 blocks, fleet.records) until its wave is weighed; the rest is a few hundred bytes per device.
+ROLLOUT_LIMITS = bounded_json.JSONLimits(max_bytes=1 << 30, max_depth=16, max_string_chars=64 * 1024, non_finite=True)
+JOURNAL_LINE_LIMITS = bounded_json.JSONLimits(
+    max_bytes=1 << 20, max_depth=16, max_string_chars=64 * 1024, non_finite=True
+)
 REASON_GRACE_S = 2.0  # how long a failed device's reason (its revert event) may trail its status
 VERDICT_KINDS = ("commit", "revert")  # the events that carry a device's canary verdict
 VERDICT_GRACE_S = 5.0  # how long a committed device's canary verdict (its commit event) may trail its status
@@ -174,7 +182,7 @@ class Rollout:
         are skipped, and counted in the rollout's log.
         """
         try:
-            data = json.loads(path.read_bytes())
+            data = bounded_json.load(path, ROLLOUT_LIMITS)
             targets = [Target(**t) for t in data.pop("targets")]
             rollout = cls(**data, targets=targets)
             rollout.state = RolloutState(rollout.state)
@@ -182,7 +190,7 @@ class Rollout:
                 target.state = TargetState(target.state)
                 if not isinstance(target.device, str):
                     raise ValueError("a target of an unknown shape")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise RolloutFileError(f"{path.name} cannot be read: {str(exc)[:200]}") from None
         journal = path.with_suffix(".journal")
         if journal.exists():
@@ -196,8 +204,8 @@ class Rollout:
     def _replay(self, line: bytes, targets: dict[str, Target]) -> bool:
         """Apply one journal line; False when it is not one this controller writes."""
         try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError):  # damage nested thousands deep raises the latter
+            entry = bounded_json.loads(line, JOURNAL_LINE_LIMITS)
+        except bounded_json.JSONLimitError:
             return False
         if not isinstance(entry, dict):
             return False

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.control.bounded_json import JSONLimitError, JSONLimits, loads
+from agent.bounded_json import FILE_LIMITS, JSONLimitError, JSONLimits, load, loads
 
 
 @pytest.mark.parametrize(
@@ -83,3 +85,26 @@ def test_what_only_looks_suspect_still_parses() -> None:
     """Brackets and digit runs inside strings, and small exponents, are screened but not refused."""
     text = json.dumps({"s": "[" * 40 + "1" * 60, "e": 1.5e-300, "f": 2.5e99, "g": [1e10, -3]})
     assert loads(text) == json.loads(text)
+
+
+def test_a_file_is_read_no_further_than_its_limit(tmp_path: Path) -> None:
+    """A sparse file of 64 GiB costs what one at the limit costs; an open file (a tar member) reads the same."""
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as fh:
+        fh.truncate(64 << 30)
+    with pytest.raises(JSONLimitError, match="over the limit of 16777216 bytes"):
+        load(huge)
+    small = tmp_path / "small.json"
+    small.write_text('{"a": [1, 2.5, "x"]}')
+    with open(small, "rb") as fh:
+        assert load(small) == load(fh, FILE_LIMITS) == {"a": [1, 2.5, "x"]}
+
+
+def test_files_written_by_pythons_json_keep_their_non_finite_figures() -> None:
+    """A passport's unmeasured figure is written as NaN by ``json.dumps``; its reader judges it, as before."""
+    text = json.dumps({"p99_ms": float("nan"), "ratio": float("inf"), "low": -1e999})
+    found = loads(text, FILE_LIMITS)
+    assert math.isnan(found["p99_ms"]) and found["ratio"] == math.inf and found["low"] == -math.inf
+    assert loads('{"n": 1e999}', FILE_LIMITS)["n"] == math.inf
+    with pytest.raises(JSONLimitError, match="NaN is not a JSON value"):
+        loads(text)

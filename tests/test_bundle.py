@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.engine.bundle import MANIFEST, SIGNATURE, BundleError, incompatibilities, verify_bundle
+from agent.engine.bundle import (
+    LABELS,
+    MANIFEST,
+    PASSPORT,
+    SIGNATURE,
+    BundleError,
+    incompatibilities,
+    verify_bundle,
+)
 from agent.engine.device import X86_INT8_FEATURES, DeviceInfo
 from agent.engine.signing import load_private_key, load_public_key, sign
 from builder.bundle.build import build_engine_bundle
@@ -102,10 +110,18 @@ def test_unlisted_file(bundle: Path, trusted) -> None:
         verify_bundle(bundle, trusted)
 
 
-@pytest.mark.parametrize("text", ["not json", "[" * 100_000, '{"key_id": 1' + "0" * 5000 + "}"])
-def test_garbled_signature(bundle: Path, trusted, text: str) -> None:
-    (bundle / SIGNATURE).write_text(text)  # not JSON; nested past the parser's recursion; a 5000-digit number
-    with pytest.raises(BundleError, match="signature file is malformed"):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not json", "signature file is malformed"),
+        ("[" * 5000, "signature file is malformed: JSON nested deeper than 16"),
+        ('{"key_id": 1' + "0" * 5000 + "}", "signature file is malformed: a JSON number is longer than 40"),
+        ("[" * 100_000, "manifest.sig cannot be read: document is over the limit of 16384 bytes"),
+    ],
+)
+def test_garbled_signature(bundle: Path, trusted, text: str, message: str) -> None:
+    (bundle / SIGNATURE).write_text(text)
+    with pytest.raises(BundleError, match=message):
         verify_bundle(bundle, trusted)
 
 
@@ -114,6 +130,25 @@ def test_an_unsigned_manifest_nested_too_deep_or_too_long_a_number_is_refused(bu
     (bundle / MANIFEST).write_text(text)
     with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
         verify_bundle(bundle, None)  # no signature check: the operator's explicit choice
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        (LABELS, '{"0": "zero"}', "labels.json must be a JSON list"),
+        (LABELS, "[" * 5000, "labels.json cannot be read: JSON nested deeper than 32"),
+        (PASSPORT, "[1, 2]", "passport.json must be a JSON object"),
+        (PASSPORT, '{"n": ' + "9" * 5000 + "}", "passport.json cannot be read: a JSON number is longer than 40"),
+    ],
+)
+def test_labels_and_passport_are_read_with_limits_and_of_their_kind(
+    bundle: Path, trusted, name: str, text: str, message: str
+) -> None:
+    """They are read after verification, from a folder that can change: an unsigned bundle's, or a store's."""
+    verified = verify_bundle(bundle, trusted)
+    (bundle / name).write_text(text)
+    with pytest.raises(BundleError, match=message):
+        getattr(verified, "labels" if name == LABELS else "passport")
 
 
 def test_signed_but_malformed_manifest(bundle: Path, trusted, signing_key) -> None:

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from agent import bounded_json
 from agent.config import AgentConfig, BatchingConfig, CameraConfig
-from agent.control import bounded_json
 from agent.control.command_auth import CommandAuthError, CommandVerifier
 from agent.lifecycle.fetch import BundleRef
 

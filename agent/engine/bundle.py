@@ -19,7 +19,6 @@ slipped in), and that this device meets the engine's requirements. Each failure 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from agent import bounded_json
 from agent.engine.device import DeviceInfo
 from agent.engine.preprocess import InputSpec, InputSpecError
 from agent.engine.signing import SignatureError, verify
@@ -87,7 +87,7 @@ class Bundle:
 
     @property
     def labels(self) -> list[str]:
-        return [str(label) for label in json.loads((self.root / LABELS).read_text())]
+        return [str(label) for label in read_document(self.root, LABELS, list)]
 
     @property
     def passport(self) -> dict[str, Any]:
@@ -111,8 +111,21 @@ def schema_of(manifest: dict[str, Any]) -> int:
 
 def read_passport(root: Path) -> dict[str, Any]:
     """The passport of the bundle at ``root``, as built (reading it verifies nothing)."""
-    passport: dict[str, Any] = json.loads((root / PASSPORT).read_text())
+    passport: dict[str, Any] = read_document(root, PASSPORT, dict)
     return passport
+
+
+def read_document(root: Path, name: str, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """The JSON document ``name`` of the bundle at ``root``, parsed with limits and of the ``kind`` its reader
+    needs. A signed bundle's hashes vouch for what its builder wrote; an unsigned one's files (an operator's
+    ``require_signature: false``) and a store's bundles read before verification vouch for nothing."""
+    try:
+        document = bounded_json.load(root / name)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {root.name}: {name} cannot be read: {exc}") from exc
+    if not isinstance(document, kind):
+        raise BundleError(f"bundle {root.name}: {name} must be a JSON {'list' if kind is list else 'object'}")
+    return document
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -278,19 +291,26 @@ def verify_bundle(root: Path, trusted_keys: list[Ed25519PublicKey] | None, devic
     manifest_path, signature_path = root / MANIFEST, root / SIGNATURE
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-    data = manifest_path.read_bytes()
+    try:
+        data = bounded_json.read_bytes(manifest_path, bounded_json.FILE_LIMITS)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {root.name}: {MANIFEST} cannot be read: {exc}") from exc
     signer = "unchecked"
     if trusted_keys is not None:
         if not signature_path.is_file():
             raise BundleError(f"bundle {root.name} is unsigned: {SIGNATURE} is missing")
         try:
-            signer = verify(data, signature_path.read_bytes(), trusted_keys)
+            signature = bounded_json.read_bytes(signature_path, bounded_json.COMMAND_LIMITS)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"bundle {root.name}: {SIGNATURE} cannot be read: {exc}") from exc
+        try:
+            signer = verify(data, signature, trusted_keys)
         except SignatureError as exc:
             raise BundleError(f"bundle {root.name}: {exc}") from exc
     try:
-        manifest = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # not JSON, an integer of thousands of digits, nested too deep
-        raise BundleError(f"bundle {root.name}: {MANIFEST} is not valid JSON: {str(exc)[:200]}") from exc
+        manifest = bounded_json.loads(data, bounded_json.FILE_LIMITS)
+    except bounded_json.JSONLimitError as exc:
+        raise BundleError(f"bundle {root.name}: {MANIFEST} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
         raise BundleError(f"bundle {root.name}: {MANIFEST} must be a JSON object")
     validate_manifest(manifest)

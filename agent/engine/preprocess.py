@@ -16,6 +16,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from agent import bounded_json
+
 ResizePolicy = Literal["stretch", "center_crop"]
 Interpolation = Literal["linear", "area"]
 ChannelOrder = Literal["RGB", "BGR"]
@@ -79,9 +81,9 @@ class InputSpec:
     @classmethod
     def from_json(cls, text: str) -> InputSpec:
         try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # not JSON, an integer of thousands of digits, nested too deep
-            raise InputSpecError(f"input spec is not valid JSON: {str(exc)[:200]}") from exc
+            data = bounded_json.loads(text, bounded_json.FILE_LIMITS)
+        except bounded_json.JSONLimitError as exc:
+            raise InputSpecError(f"input spec is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise InputSpecError("input spec must be a JSON object")
         return cls.from_dict(data)

@@ -17,6 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent import bounded_json
+
 
 class SignatureError(ValueError):
     """A signature or key is missing, malformed, untrusted or does not match."""
@@ -62,9 +64,9 @@ def verify(
 ) -> str:
     """Check ``data`` (``subject``, for messages) against a signature document; return the signer's key id."""
     try:
-        document = json.loads(signature_document)
+        document = bounded_json.loads(signature_document, bounded_json.COMMAND_LIMITS)
         kid, signature = document["key_id"], base64.b64decode(document["signature"], validate=True)
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # the latter: nested thousands deep
+    except (ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"signature file is malformed: {str(exc)[:200]}") from exc
     keys = {key_id(k): k for k in trusted}
     if kid not in keys:

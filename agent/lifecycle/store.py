@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import bounded_json
 from agent.engine.bundle import Bundle
 from agent.lifecycle.failpoints import failpoint
 
@@ -126,8 +127,8 @@ class EngineStore:
         if not self.state_path.exists():
             return EngineState()
         try:
-            return EngineState.from_json(json.loads(self.state_path.read_text()))
-        except (OSError, ValueError, TypeError, RecursionError) as exc:
+            return EngineState.from_json(bounded_json.load(self.state_path))
+        except (OSError, ValueError, TypeError) as exc:
             raise StoreError(f"the state file {self.state_path} is unreadable: {exc}") from exc
 
     def save(self, state: EngineState) -> None:

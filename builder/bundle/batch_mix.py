@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from agent.control.bounded_json import JSONLimitError, JSONLimits, loads
+from agent.bounded_json import JSONLimitError, JSONLimits, loads
 from builder.errors import BuildError
 
 # A metrics payload carries one entry per camera; a few hundred KiB is far beyond any real one.

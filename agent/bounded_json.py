@@ -1,10 +1,13 @@
-"""JSON from outside the device, parsed with limits before anything else looks at it.
+"""JSON from outside the process, parsed with limits before anything else looks at it.
 
 ``json.loads`` on hostile bytes can raise far more than ``JSONDecodeError``: nesting a few
 thousand deep raises ``RecursionError``, an integer of more than 4,300 digits ``ValueError``,
 and ``1e999`` quietly becomes ``inf``. Raised inside paho's network thread, any of these ends
-the MQTT link for good. :func:`loads` refuses such documents with :class:`JSONLimitError`
-(a ``ValueError``), and never raises anything else for any input.
+the MQTT link for good; raised while reading a bundle, the engine store's state or a rollout
+journal, it escapes the error that names the file. :func:`loads` refuses such documents with
+:class:`JSONLimitError` (a ``ValueError``), and never raises anything else for any input;
+:func:`load` reads a file no further than its limit. Every layer of the agent, the fleet tool
+and the builder read outside JSON through this module, so it sits below them all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 # A JSON string token (escapes included) and the structural characters outside strings.
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -35,9 +39,15 @@ class JSONLimits:
     max_depth: int = 16
     max_string_chars: int = 4096
     max_number_chars: int = 40
+    # NaN, Infinity and numbers past a float's range: refused in messages; kept where the writer is Python's json,
+    # whose dumps writes them (a passport's unmeasured figure), and the reader judges each figure itself
+    non_finite: bool = False
 
 
 COMMAND_LIMITS = JSONLimits()
+# A document file inside a bundle (manifest, passport, labels, input spec) or the engine store's state: the
+# largest a builder writes is a label list of tens of thousands of classes, far below these.
+FILE_LIMITS = JSONLimits(max_bytes=16 * 1024 * 1024, max_depth=32, max_string_chars=64 * 1024, non_finite=True)
 
 
 def _check_depth(text: str, limits: JSONLimits) -> None:
@@ -79,16 +89,20 @@ def loads(payload: bytes | str, limits: JSONLimits = COMMAND_LIMITS) -> Any:
                 if len(token) > limits.max_number_chars:
                     raise JSONLimitError(f"a JSON number is longer than {limits.max_number_chars} characters")
                 value = kind(token)
-                if isinstance(value, float) and not math.isfinite(value):
+                if isinstance(value, float) and not math.isfinite(value) and not limits.non_finite:
                     raise JSONLimitError(f"JSON number {token} is out of range")
                 return value
 
             return parse
 
         def constant(token: str) -> Any:
+            if limits.non_finite:
+                return float(token)
             raise JSONLimitError(f"{token} is not a JSON value")
 
-        if not _long_run(limits.max_number_chars).search(text) and not _BIG_EXPONENT.search(text):
+        if not _long_run(limits.max_number_chars).search(text) and (
+            limits.non_finite or not _BIG_EXPONENT.search(text)
+        ):
             return json.loads(text, parse_constant=constant)
         return json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=constant)
     except JSONLimitError:
@@ -99,3 +113,24 @@ def loads(payload: bytes | str, limits: JSONLimits = COMMAND_LIMITS) -> Any:
         raise JSONLimitError(f"not valid JSON: {exc}") from None
     except (ValueError, RecursionError, MemoryError) as exc:  # what the checks above should already stop
         raise JSONLimitError(f"JSON refused: {type(exc).__name__}") from None
+
+
+def read_bytes(source: Path | BinaryIO, limits: JSONLimits) -> bytes:
+    """The bytes of a file (a path, or one already open) that should hold a document within ``limits``, read no
+    further than the limit: a file of gigabytes costs no more than one at the limit.
+
+    Raises :class:`JSONLimitError` for a larger file and ``OSError`` for one that cannot be read.
+    """
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            data = fh.read(limits.max_bytes + 1)
+    else:
+        data = source.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise JSONLimitError(f"document is over the limit of {limits.max_bytes} bytes")
+    return data
+
+
+def load(source: Path | BinaryIO, limits: JSONLimits = FILE_LIMITS) -> Any:
+    """The document in a file, parsed as :func:`loads` parses; ``OSError`` where it cannot be read."""
+    return loads(read_bytes(source, limits), limits)
