@@ -155,8 +155,12 @@ def test_last_will_marks_a_killed_agent_offline(
         mqtt={"host": "127.0.0.1", "port": mosquitto, "keepalive_s": 5},
         labels={"site": "lab"},
     )
+    watcher = Subscriber(mosquitto, "edgevit/test-box/status")
     agent = start_agent(config)
-    time.sleep(4)
+    deadline = time.time() + 60  # the will is the broker's once the agent has connected: its first status says so
+    while time.time() < deadline and not any(s["state"] != "offline" for s in watcher.on("/status")):
+        time.sleep(0.2)
+    watcher.close()
     agent.kill()  # no goodbye: the broker must publish the will
     agent.wait()
     subscriber = Subscriber(mosquitto, "edgevit/test-box/status")
