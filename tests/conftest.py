@@ -10,19 +10,24 @@ cannot forget; a test outside them that starts a service anyway fails and says w
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from builder.export.architecture import MixerConfig, ModelConfig, ViTConfig
 from builder.export.checkpoint import save_checkpoint
 from builder.export.models import init_params
+
+T = TypeVar("T")
 
 # What puts a test in a tier: fixtures (their own, or through the fixtures they use).
 INTEGRATION_FIXTURES = {"demo_exports", "demo_bundle", "demo_run", "digits_video", "mosquitto"}
@@ -37,7 +42,26 @@ SERVICES = (
 )
 
 
+# The files that take longest, longest first (measured on a 2-core runner, in CI's two workers; fixture waits
+# included). pytest-xdist hands a worker the next file in collection order when it is free: started last, the
+# longest would run alone at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_doc_commands.py",
+    "test_int8_outliers.py",
+    "test_fleet.py",
+    "test_cli.py",
+    "test_engine_build.py",
+    "test_export.py",
+    "test_lifecycle.py",
+    "test_fleet_demo.py",
+    "test_lifecycle_crash.py",
+    "test_fleet_hostile.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & BROWSER_FIXTURES:
@@ -94,16 +118,41 @@ def write_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T]) -> T:
+    """What ``make(folder)`` returns, made once per test run and read-only to the tests.
+
+    Session fixtures are per process, and under pytest-xdist each worker would make its own: the demo
+    builds cost minutes of both cores each on a slow runner. There the first worker to ask makes it in
+    the run's shared folder, under a lock, and the other waits for it and reads what it returned.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / "shared"  # this run's, beside each worker's own
+    shared.mkdir(exist_ok=True)
+    made = shared / f"{name}.pickle"
+    with FileLock(shared / f"{name}.lock"):
+        if not made.exists():
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)  # a worker's attempt that failed
+            folder.mkdir()
+            made.write_bytes(pickle.dumps(make(folder)))
+        found: T = pickle.loads(made.read_bytes())
+        return found
+
+
 @pytest.fixture(scope="session")
 def demo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The bundled demo checkpoints, exported once per test session."""
+    """The bundled demo checkpoints, exported once per test run."""
     from builder.demo.train import CHECKPOINT_DIR, DEMO_MODELS
     from builder.export.job import export_checkpoint
 
-    root = tmp_path_factory.mktemp("demo-exports")
-    return {
-        name: export_checkpoint(CHECKPOINT_DIR / f"{name}.npz", root / name).model_path.parent for name in DEMO_MODELS
-    }
+    def make(root: Path) -> dict[str, Path]:
+        return {
+            name: export_checkpoint(CHECKPOINT_DIR / f"{name}.npz", root / name).model_path.parent
+            for name in DEMO_MODELS
+        }
+
+    return once_per_run(tmp_path_factory, "demo-exports", make)
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +160,11 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(private, public) key files made by ``edgevit-build keygen``'s function."""
     from builder.bundle.keys import keygen
 
-    private, public, _ = keygen(tmp_path_factory.mktemp("keys"))
-    return private, public
+    def make(folder: Path) -> tuple[Path, Path]:
+        private, public, _ = keygen(folder)
+        return private, public
+
+    return once_per_run(tmp_path_factory, "keys", make)
 
 
 @pytest.fixture(scope="session")
@@ -125,9 +177,11 @@ def demo_bundle(demo_exports: dict[str, Path], signing_key: tuple[Path, Path], t
     options = EngineOptions(
         precision="int8", eval="demo", calib="demo", calibration_images=64, profile_seconds=0.2, runtime="onnxruntime"
     )
-    return build_engine_bundle(
-        demo_exports["vit-digits"], tmp_path_factory.mktemp("bundle") / "vit-int8", signing_key[0], options
-    ).path
+
+    def make(folder: Path) -> Path:
+        return build_engine_bundle(demo_exports["vit-digits"], folder / "vit-int8", signing_key[0], options).path
+
+    return once_per_run(tmp_path_factory, "bundle", make)
 
 
 @pytest.fixture(scope="session")
@@ -137,9 +191,12 @@ def digits_video(tmp_path_factory) -> Path:
     from builder.demo.train import CHECKPOINT_DIR
     from builder.demo.video import write_labelled_video
 
-    path = tmp_path_factory.mktemp("video") / "digits.mp4"
-    write_labelled_video(path, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz")[:120])
-    return path
+    def make(folder: Path) -> Path:
+        path = folder / "digits.mp4"
+        write_labelled_video(path, held_out_indices(CHECKPOINT_DIR / "vit-digits.npz")[:120])
+        return path
+
+    return once_per_run(tmp_path_factory, "video", make)
 
 
 @pytest.fixture
@@ -175,13 +232,16 @@ def mosquitto(tmp_path: Path):
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """``edgevit-build demo`` run once as a user runs it: (its output folder, the finished process)."""
-    out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "demo", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out, proc
+
+    def make(out: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "builder.cli", "demo", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        return out, proc
+
+    return once_per_run(tmp_path_factory, "demo", make)
