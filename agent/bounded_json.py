@@ -6,8 +6,8 @@ and ``1e999`` quietly becomes ``inf``. Raised inside paho's network thread, any 
 the MQTT link for good; raised while reading a bundle, the engine store's state or a rollout
 journal, it escapes the error that names the file. :func:`loads` refuses such documents with
 :class:`JSONLimitError` (a ``ValueError``), and never raises anything else for any input;
-:func:`load` reads a file no further than its limit. Every layer of the agent, the fleet tool
-and the builder read outside JSON through this module, so it sits below them all.
+:func:`load` reads a file no further than its limit. Every layer of the agent and the fleet
+tool read outside JSON through this module, so it sits below the agent's layers.
 """
 
 from __future__ import annotations
