@@ -12,7 +12,16 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from agent_helpers import read_results, run_agent, start_agent, start_mosquitto, stop_agent, summary, write_config
+from agent_helpers import (
+    read_results,
+    run_agent,
+    start_agent,
+    start_mosquitto,
+    stop_agent,
+    summary,
+    wait_for_result,
+    write_config,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -191,7 +200,8 @@ def test_broker_outage_loses_no_result(demo_bundle, signing_key, digits_video: P
     )
     agent = start_agent(config)
     try:
-        time.sleep(4)
+        assert wait_for_result(tmp_path / "results.jsonl", lambda _: True, 60), "the agent served no frame in 60 s"
+        time.sleep(1)
         down_at = time.time()
         broker.terminate()
         broker.wait()

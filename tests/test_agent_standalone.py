@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from agent_helpers import read_results, run_agent, start_agent, stop_agent, summary, write_config
+from agent_helpers import read_results, run_agent, start_agent, stop_agent, summary, wait_for_result, write_config
 
 from agent.engine.bundle import verify_bundle
 from agent.engine.preprocess import preprocess_into
@@ -72,7 +72,8 @@ def test_labelled_video_end_to_end(demo_bundle: Path, signing_key, digits_video:
 def test_sigterm_drains_and_flushes(demo_bundle: Path, signing_key, digits_video: Path, tmp_path: Path) -> None:
     cameras = [{"name": f"c{i}", "source": str(digits_video), "loop": True, "fps": 60} for i in range(2)]
     proc = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
-    time.sleep(4)
+    assert wait_for_result(tmp_path / "results.jsonl", lambda _: True, 60), "the agent served no frame in 60 s"
+    time.sleep(1)
     stdout, stderr = stop_agent(proc)
     assert proc.returncode == 0, stderr
     results = read_results(tmp_path / "results.jsonl")  # every line parses: nothing half-written

@@ -144,7 +144,7 @@ def test_a_repeated_id_is_remembered_across_a_restart(device, tmp_path: Path) ->
     assert operator.process is not None and operator.folder is not None
     stop_agent(operator.process)
     operator.process = start_agent(operator.folder / "agent.yaml")
-    time.sleep(4)
+    operator.wait_serving()
     again = operator.send({"id": "survives-restart", "cmd": "pause", "camera": "door"})
     assert again == {**first, "duplicate": True}
     check_alive_and_truthful(operator, lambda: results_in(operator))
