@@ -42,26 +42,7 @@ SERVICES = (
 )
 
 
-# The files that take longest, longest first (measured on a 2-core runner, in CI's two workers; fixture waits
-# included). pytest-xdist hands a worker the next file in collection order when it is free: started last, the
-# longest would run alone at the end while the other worker idles.
-LONGEST_FIRST = (
-    "test_doc_commands.py",
-    "test_int8_outliers.py",
-    "test_fleet.py",
-    "test_cli.py",
-    "test_engine_build.py",
-    "test_export.py",
-    "test_lifecycle.py",
-    "test_fleet_demo.py",
-    "test_lifecycle_crash.py",
-    "test_fleet_hostile.py",
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & BROWSER_FIXTURES:
