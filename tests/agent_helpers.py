@@ -58,7 +58,9 @@ def run_agent(config: Path, *args: str, timeout: float = 120) -> subprocess.Comp
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The complete lines of an agent's results file: one it is still writing may end mid-line."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def wait_for_result(path: Path, wanted: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
@@ -69,9 +71,7 @@ def wait_for_result(path: Path, wanted: Callable[[dict[str, Any]], bool], timeou
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        text = path.read_text() if path.exists() else ""
-        complete = text[: text.rfind("\n") + 1].splitlines()
-        if any(wanted(json.loads(line)) for line in complete):
+        if any(wanted(r) for r in read_results(path)):
             return True
         time.sleep(0.2)
     return False
@@ -238,6 +238,18 @@ class Operator:
             except queue.Empty:
                 continue
         raise AssertionError(f"the agent did not answer a ping in {timeout} s")
+
+    def wait_status(self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+        """The first ``status`` result ``wanted`` accepts, asked for every half second: a camera's state
+        changes on its own clock (connect timeouts, backoff), which a loaded runner stretches."""
+        self.wait_serving(timeout)
+        deadline, result = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            result = self.send({"id": f"status-{time.monotonic_ns()}", "cmd": "status"})["result"]
+            if wanted(result):
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"no status as wanted in {timeout} s; the last: {result}")
 
     def wait_event(self, kind: str, timeout: float = 90, **match: Any) -> dict[str, Any]:
         """The first event of ``kind`` whose fields equal ``match``; fails with every event seen."""

@@ -102,7 +102,7 @@ def test_reload_applies_batching_without_restart(demo_bundle, signing_key, digit
     )
     time.sleep(1.0)
     proc.send_signal(signal.SIGHUP)  # the file watcher has usually applied it already; SIGHUP is the other way in
-    time.sleep(3)
+    assert wait_for_result(results, lambda r: r["batch"] == 3, 60), "the new batch size never served"
     (tmp_path / "agent.yaml").write_text("device: [unclosed")  # a broken edit must not stop the agent
     time.sleep(1.5)
     assert proc.poll() is None

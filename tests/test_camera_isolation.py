@@ -118,7 +118,8 @@ def test_streams_that_are_not_video_cannot_crash_the_agent(
     ]
     agent = start_agent(write_config(tmp_path / "agent.yaml", demo_bundle, signing_key[1], cameras))
     try:
-        time.sleep(12)
+        assert first_results(tmp_path / "results.jsonl", {"good"}, 0, timeout=60), "the good camera never served"
+        time.sleep(10)
         assert agent.poll() is None
     finally:
         _, stderr = stop_agent(agent)

@@ -102,9 +102,9 @@ def test_no_password_in_anything_the_agent_writes_or_publishes(
     agent = start_agent(config, "--log-level", "DEBUG", env={"CAM_PASSWORD": ENV_SECRET})
     operator = Operator(port)
     try:
-        time.sleep(5)
+        failing = operator.wait_status(lambda s: s["cameras"]["front"]["state"] == "reconnecting")
         replies = [
-            operator.send({"id": "s1", "cmd": "status"}),
+            {"id": "s1", "ok": True, "result": failing},
             operator.send({"id": "set1", "cmd": "set", "camera": "front", "settings": {"fps": 5}}),
             operator.send({"id": "set2", "cmd": "set", "camera": "back", "settings": {"source": "/etc/passwd"}}),
         ]
