@@ -30,7 +30,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -195,8 +195,7 @@ class Rollout:
         journal = path.with_suffix(".journal")
         if journal.exists():
             by_device = {t.device: t for t in rollout.targets}
-            lines = journal.read_bytes().split(b"\n")[:-1]  # the last piece is empty, or a line torn by a crash
-            skipped = sum(not rollout._replay(line, by_device) for line in lines)
+            skipped = sum(line is None or not rollout._replay(line, by_device) for line in journal_lines(journal))
             if skipped:
                 rollout.log.append(f"{journal.name}: {skipped} damaged lines skipped")
         return rollout
@@ -255,15 +254,43 @@ class RolloutFileError(ValueError):
     """A rollout file that is empty, damaged or not one this controller wrote; the message names it."""
 
 
+def journal_lines(path: Path) -> Iterator[bytes | None]:
+    """A journal's whole lines, read one at a time: ``None`` for a line over :data:`JOURNAL_LINE_LIMITS`
+    (skipped, never held). A last line without its newline (torn by a crash) is left out."""
+    limit = JOURNAL_LINE_LIMITS.max_bytes
+    with open(path, "rb") as fh:
+        while line := fh.readline(limit + 1):
+            if line.endswith(b"\n"):
+                yield line
+                continue
+            if len(line) <= limit:
+                return  # the torn end
+            while (rest := fh.readline(limit)) and not rest.endswith(b"\n"):
+                pass
+            if rest:
+                yield None
+
+
 def repair_journal(path: Path) -> None:
-    """Cut a torn last line (a crash mid-write) off a journal before appending to it."""
+    """Cut a torn last line (a crash mid-write) off a journal before appending to it: read from the end, back
+    to the last newline, so a long journal is not read whole."""
     try:
-        data = path.read_bytes()
+        fh = open(path, "r+b")
     except FileNotFoundError:
         return
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        cut = end
+        while cut > 0:
+            start = max(0, cut - 64 * 1024)
+            fh.seek(start)
+            block = fh.read(cut - start)
+            if (newline := block.rfind(b"\n")) >= 0:
+                cut = start + newline + 1
+                break
+            cut = start
+        if cut != end:
+            fh.truncate(cut)
             fh.flush()
             os.fsync(fh.fileno())
 

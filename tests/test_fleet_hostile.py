@@ -139,10 +139,12 @@ def test_damaged_journals_and_files_are_named_and_the_rest_carries_on(tmp_path: 
         journal.write(os.urandom(300).replace(b"\n", b"") + b"\n")  # random bytes
         journal.write(b'{"target": "d1", "state": 5}\n{"target": "nobody"}\n[1, 2]\n{"wave": "x"}\n')
         journal.write(b"[" * 100_000 + b"\n")  # nested past the parser's recursion limit
+        journal.write(b'{"note": "' + b"x" * (3 << 20) + b'"}\n')  # past the line limit: skipped, never held
+        journal.write(b'{"target": "d1", "state": "sent", "command_id": "c1", "sent_at": 2.0}\n')
         journal.write(b'{"target": "d1", "state": "succ')  # torn by a crash
     loaded = Rollout.load(path)
-    assert loaded.targets[0].state == "sent" and loaded.targets[1].state == "pending"
-    assert loaded.log[-1].endswith("journal: 6 damaged lines skipped")
+    assert loaded.targets[0].state == "sent" and loaded.targets[1].command_id == "c1"
+    assert loaded.log[-1].endswith("journal: 7 damaged lines skipped")
     (tmp_path / "rollouts" / "00000000-empty.json").write_bytes(b"")
     (tmp_path / "rollouts" / "00000001-list.json").write_text("[1, 2, 3]")
     (tmp_path / "rollouts" / "00000002-deep.json").write_bytes(b'{"a": ' * 100_000)
@@ -161,7 +163,7 @@ def test_damaged_journals_and_files_are_named_and_the_rest_carries_on(tmp_path: 
 def test_a_torn_tail_is_cut_before_the_next_append(tmp_path: Path) -> None:
     path = journal_rollout(tmp_path)
     with open(path.with_suffix(".journal"), "ab") as journal:
-        journal.write(b'{"target": "d1", "sta')
+        journal.write(b'{"target": "d1", "sta' + b"x" * 200_000)  # longer than the block read back from the end
     repair_journal(path.with_suffix(".journal"))
     Rollout.load(path).append(tmp_path, [{"target": "d1", "state": "failed", "detail": "x"}])
     loaded = Rollout.load(path)
