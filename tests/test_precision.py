@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnxruntime.quantization.calibrate import load_tensors_data
 from test_export import FAMILIES, export
 
 from agent.engine.preprocess import InputSpec
@@ -74,6 +75,28 @@ def test_static_int8_quantizes_every_weight_op(demo_exports, calibration, tmp_pa
     ]
     assert activation_zero_points, "CPU flavour quantizes activations to u8"
     assert run(dst, calibration[:4]).shape == (4, 10)
+
+
+@pytest.mark.parametrize("name", ["vit-digits", "mixer-digits"])
+def test_the_search_takes_the_ranges_the_calibrator_would(demo_exports, calibration, tmp_path: Path, name: str) -> None:
+    """The search measures min/max ranges in its own pass over the calibration frames, in place of ONNX Runtime's
+    calibrator: the same tensors, the same ranges to float rounding, and the same INT8 graph from them."""
+    src = demo_exports[name] / "model.onnx"
+    (tmp_path / "search").mkdir()
+    search = Int8Search(src, calibration, tmp_path / "search")
+    ours = tmp_path / "search" / "ranges-minmax-None.json"
+    assert ours.exists() and search.prepared is not None
+    theirs = tmp_path / "calibrator.json"
+    quantize_static_int8(search.prepared, tmp_path / "theirs.onnx", search.ranges, prepared=True, ranges=theirs)
+    mine, calibrated = load_tensors_data(ours), load_tensors_data(theirs)
+    assert set(mine.keys()) == set(calibrated.keys()) and len(mine.keys()) > 4 * 4
+    for tensor in calibrated.keys():
+        np.testing.assert_allclose(mine[tensor].range_value, calibrated[tensor].range_value, rtol=1e-5, atol=1e-6)
+    built = search.build(Recipe("static"))
+    for a, b in zip(int8_weights(built), int8_weights(tmp_path / "theirs.onnx"), strict=True):
+        assert np.abs(a.astype(int) - b).max() <= 1  # weights do not depend on the ranges; a rounding flip at most
+    images = calibration[1::2]
+    assert (run(built, images).argmax(-1) == run(tmp_path / "theirs.onnx", images).argmax(-1)).mean() >= 0.95
 
 
 def int8_weights(path: Path) -> list[np.ndarray]:

@@ -19,7 +19,9 @@ judges is never looked at here.
 
 Work is shared across the recipes of a search, since it dominates a build's time and memory: the
 export goes through ONNX Runtime's pre-quantization pass once (each smoothing is folded in after
-it), and its calibrator runs once per calibration method. Every recipe with the same calibration
+it); min/max ranges are taken in the pass that measures the per-channel ranges and the held-aside
+reference (:func:`~builder.quantize.calibration.measure`), and ONNX Runtime's calibrator runs once
+for each other calibration method. Every recipe with the same calibration
 and smoothing reads the same ranges, the mixed-precision steps included, and with min/max
 calibration each smoothed graph's ranges are worked out exactly from the unsmoothed graph's
 (:func:`~builder.quantize.smoothing.smoothed_ranges`).
@@ -40,7 +42,14 @@ from builder.choices import Flavour
 from builder.errors import BuildError
 from builder.evaluate.measure import cosine
 from builder.memory import release_freed_memory
-from builder.quantize.calibration import absmax, channel_ranges_and_logits, observe, rescaled_ranges
+from builder.quantize.calibration import (
+    absmax,
+    calibrated_tensors,
+    measure,
+    minmax_ranges,
+    observe,
+    rescaled_ranges,
+)
 from builder.quantize.precision import (
     WEIGHT_OPS,
     prepare,
@@ -124,19 +133,26 @@ class Int8Search:
         self.model_path, self.work, self.op_types = model_path, work, op_types
         self.embeddings = embeddings  # outputs are embeddings: agree by cosine, argmax means nothing
         self._say = on_step or (lambda _: None)
+        prepared = prepare(self.model_path, work / "prepared.onnx")
+        calibrated = calibrated_tensors(prepared, op_types) if op_types else None
         model = onnx.load(str(model_path))  # not kept: a build holds no more graphs than the step at hand
         self.ranges, self.holdout = calibration[0::2], calibration[1::2]
         self.targets = find_targets(model)
-        self._say(f"measuring activations on {len(calibration)} calibration images")
-        scaled = [n for t in self.targets for n in t.scaled]
-        self.channels, self.reference = channel_ranges_and_logits(model, self.ranges, scaled, self.holdout)
-        self.absmax = absmax({t.norm: self.channels[t.norm] for t in self.targets})
-        self._weight_max = weight_maxima(model, self.targets)
         self._tensors = {name for node in model.graph.node for name in node.output}
         self._shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        del model
-        self.prepared = self._prepared(prepare(self.model_path, work / "prepared.onnx"))
+        self.prepared = self._prepared(prepared)
         self.prepared_dynamic: Path | None = None  # made when the first dynamic recipe needs it
+        # min/max ranges are taken in this pass where every tensor the calibrator would range is in the export
+        whole = calibrated if self.prepared and calibrated and calibrated <= self._tensors else set()
+        self._say(f"measuring activations on {len(calibration)} calibration images")
+        scaled = [n for t in self.targets for n in t.scaled]
+        seen = measure(model, self.ranges, scaled, whole, self.holdout)
+        self.channels, self.reference = seen.channels, seen.logits
+        if whole:
+            minmax_ranges(self.work / "ranges-minmax-None.json", seen.extrema)
+        self.absmax = absmax({t.norm: self.channels[t.norm] for t in self.targets})
+        self._weight_max = weight_maxima(model, self.targets)
+        del model
         self._count = 0
         release_freed_memory()
 
