@@ -103,7 +103,8 @@ def build_engine_bundle(
     baseline = _baseline(options.baseline) if options.baseline else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
-        source = rewritten(export, options, images[: options.max_batch], Path(tmp), progress)
+        checked = slice(0, options.max_batch)
+        source = rewritten(export, options, images[checked], reference_logits[checked], Path(tmp), progress)
         candidates, search = make_candidates(source, options, Path(tmp), progress)
         for c in candidates:
             evaluation.measure(c)

@@ -153,8 +153,11 @@ class Candidate:
         }
 
 
-def rewritten(export: Export, options: EngineOptions, frames: np.ndarray, work: Path, progress: Progress) -> Export:
-    """The export with the exact rewrites a CPU engine build applies (:mod:`builder.rewrites.class_token`).
+def rewritten(
+    export: Export, options: EngineOptions, frames: np.ndarray, expected: np.ndarray, work: Path, progress: Progress
+) -> Export:
+    """The export with the exact rewrites a CPU engine build applies (:mod:`builder.rewrites.class_token`),
+    checked on ``frames`` against ``expected``, the export's own logits on them.
 
     Not yet for TensorRT and CUDA: the rewrite is exact there too, but their graph rules and plans
     have not been checked with it on a GPU.
@@ -162,7 +165,7 @@ def rewritten(export: Export, options: EngineOptions, frames: np.ndarray, work: 
     if options.target != "cpu":
         return export
     with step(progress, "checking the class-token rewrite of the last block"):
-        files = class_token_only(export.model, work / "model-class-token.onnx", export.architecture, frames)
+        files = class_token_only(export.model, work / "model-class-token.onnx", export.architecture, frames, expected)
     return export if files is None else replace(export, files=files, rewrites=("class-token-only last block",))
 
 
