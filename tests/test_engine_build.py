@@ -224,6 +224,27 @@ def test_unverified_export_is_refused(demo_exports, signing_key, tmp_path: Path)
     (export / "verification.json").write_text(json.dumps({**report, "passed": False}))
     with pytest.raises(BuildError, match="no passing verification.json: only verified exports become engines"):
         build_engine_bundle(export, tmp_path / "b", signing_key[0], EngineOptions())
+    for damaged, why in [(b"[" * 100_000, "cannot be read"), (b'["passed"]', "no passing verification.json")]:
+        (export / "verification.json").write_bytes(damaged)
+        with pytest.raises(BuildError, match=why):
+            build_engine_bundle(export, tmp_path / "b", signing_key[0], EngineOptions())
+
+
+def test_a_labels_file_is_read_with_limits(tmp_path: Path) -> None:
+    from builder.evaluate.datasets import DatasetError, load_labels
+
+    labels = tmp_path / "labels.json"
+    labels.write_text('["cat", "dog"]')
+    assert load_labels(labels, "x.npz", "folder", 2) == ["cat", "dog"]
+    for text, why in [
+        ('[{"a": 1}]', "a JSON list of label strings"),
+        ("[" * 100_000, "nested deeper than"),
+        ('["cat", ', "--labels"),
+        (b"\xff\xfe".decode("latin-1"), "--labels"),
+    ]:
+        labels.write_text(text, encoding="latin-1")
+        with pytest.raises(DatasetError, match=why):
+            load_labels(labels, "x.npz", "folder", None)
 
 
 def test_tensorrt_without_tensorrt(demo_exports, signing_key, tmp_path: Path) -> None:

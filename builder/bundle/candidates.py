@@ -9,7 +9,6 @@ fewest sensitive layers in float, searched on that runtime.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import onnx_ir as ir
 import psutil
 from rich.progress import Progress
 
+from agent import bounded_json
 from agent.engine.bundle import PROVIDERS
 from agent.engine.device import DeviceInfo
 from agent.engine.preprocess import METADATA_KEY, InputSpec
@@ -48,6 +48,8 @@ from builder.targets import openvino as openvino_engines
 from builder.targets.tensorrt_check import require_parsable
 from builder.targets.tensorrt_plan import PlanSettings, build_plan
 
+_DOCUMENTS = ("edgevit.architecture", "edgevit.source")  # an export's metadata besides its input spec
+
 
 @dataclass
 class Export:
@@ -69,18 +71,26 @@ class Export:
         if not model.is_file():
             raise BuildError(f"{folder} holds no {MODEL_FILE}: run edgevit-build export first")
         report_path = folder / REPORT_FILE
-        if not report_path.is_file() or not json.loads(report_path.read_text()).get("passed"):
+        try:
+            report = bounded_json.load(report_path) if report_path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise BuildError(f"{report_path} cannot be read: {str(exc)[:200]}") from None
+        if not isinstance(report, dict) or report.get("passed") is not True:
             raise BuildError(f"{folder} has no passing {REPORT_FILE}: only verified exports become engines")
         meta = read_metadata(model)
         if METADATA_KEY not in meta:
             raise BuildError(f"{model} lacks edgevit metadata: it was not exported by edgevit-build")
         files = [model] + ([folder / EXTERNAL_DATA_FILE] if (folder / EXTERNAL_DATA_FILE).is_file() else [])
-        return cls(
-            files,
-            InputSpec.from_json(meta[METADATA_KEY]),
-            json.loads(meta["edgevit.architecture"]),
-            json.loads(meta["edgevit.source"]),
-        )
+        try:
+            architecture, source = (
+                bounded_json.loads(meta.get(key, ""), bounded_json.FILE_LIMITS) for key in _DOCUMENTS
+            )
+            spec = InputSpec.from_json(meta[METADATA_KEY])
+        except (ValueError, TypeError) as exc:
+            raise BuildError(f"{model}'s edgevit metadata cannot be read: {str(exc)[:200]}") from None
+        if not isinstance(architecture, dict) or not isinstance(source, dict):
+            raise BuildError(f"{model}'s edgevit metadata is not what edgevit-build export writes")
+        return cls(files, spec, architecture, source)
 
 
 def output_width(architecture: dict[str, Any]) -> int:

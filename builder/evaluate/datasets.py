@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agent import bounded_json
 from agent.engine.preprocess import ChannelOrder, InputSpec, preprocess_into
 from builder.errors import BuildError
 
@@ -143,12 +144,18 @@ def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, class
     """Labels from a file (JSON list or one per line), the demo card, or the eval folder's class names; ``classes``
     None: any number (an embedding model's, whose references are made one per label)."""
     if path is not None:
-        text = path.read_text()
-        labels = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [line.strip() for line in text.splitlines() if line.strip()]
-        )
+        try:
+            data = bounded_json.read_bytes(path, bounded_json.FILE_LIMITS)
+            text = data.decode()
+            labels = (
+                bounded_json.loads(text, bounded_json.FILE_LIMITS)
+                if text.lstrip().startswith("[")
+                else [line.strip() for line in text.splitlines() if line.strip()]
+            )
+        except (OSError, ValueError) as exc:  # JSONLimitError and UnicodeDecodeError are ValueErrors
+            raise DatasetError(f"--labels {path}: {str(exc)[:200]}") from None
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise DatasetError(f"--labels {path}: a JSON list of label strings, or one label per line")
         origin = str(path)
     elif is_demo(eval_spec):
         labels, origin = demo_card(_demo_source(eval_spec, source_checkpoint))[0]["labels"], "the demo card"
