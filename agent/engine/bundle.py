@@ -119,9 +119,20 @@ def read_document(root: Path, name: str, kind: type[list[Any]] | type[dict[str, 
     """The JSON document ``name`` of the bundle at ``root``, parsed with limits and of the ``kind`` its reader
     needs. A signed bundle's hashes vouch for what its builder wrote; an unsigned one's files (an operator's
     ``require_signature: false``) and a store's bundles read before verification vouch for nothing."""
+    return _parsed(root, name, _read(root, name, bounded_json.FILE_LIMITS), kind)
+
+
+def _read(root: Path, name: str, limits: bounded_json.JSONLimits) -> bytes:
     try:
-        document = bounded_json.load(root / name)
+        return bounded_json.read_bytes(root / name, limits)
     except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {root.name}: {name} cannot be read: {exc}") from exc
+
+
+def _parsed(root: Path, name: str, data: bytes, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    try:
+        document = bounded_json.loads(data, bounded_json.FILE_LIMITS)
+    except bounded_json.JSONLimitError as exc:
         raise BundleError(f"bundle {root.name}: {name} cannot be read: {exc}") from exc
     if not isinstance(document, kind):
         raise BundleError(f"bundle {root.name}: {name} must be a JSON {'list' if kind is list else 'object'}")
@@ -291,28 +302,16 @@ def verify_bundle(root: Path, trusted_keys: list[Ed25519PublicKey] | None, devic
     manifest_path, signature_path = root / MANIFEST, root / SIGNATURE
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-    try:
-        data = bounded_json.read_bytes(manifest_path, bounded_json.FILE_LIMITS)
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"bundle {root.name}: {MANIFEST} cannot be read: {exc}") from exc
+    data = _read(root, MANIFEST, bounded_json.FILE_LIMITS)  # the bytes the signature covers
     signer = "unchecked"
     if trusted_keys is not None:
         if not signature_path.is_file():
             raise BundleError(f"bundle {root.name} is unsigned: {SIGNATURE} is missing")
         try:
-            signature = bounded_json.read_bytes(signature_path, bounded_json.COMMAND_LIMITS)
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"bundle {root.name}: {SIGNATURE} cannot be read: {exc}") from exc
-        try:
-            signer = verify(data, signature, trusted_keys)
+            signer = verify(data, _read(root, SIGNATURE, bounded_json.COMMAND_LIMITS), trusted_keys)
         except SignatureError as exc:
             raise BundleError(f"bundle {root.name}: {exc}") from exc
-    try:
-        manifest = bounded_json.loads(data, bounded_json.FILE_LIMITS)
-    except bounded_json.JSONLimitError as exc:
-        raise BundleError(f"bundle {root.name}: {MANIFEST} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise BundleError(f"bundle {root.name}: {MANIFEST} must be a JSON object")
+    manifest = _parsed(root, MANIFEST, data, dict)
     validate_manifest(manifest)
     check_files(root, manifest["files"])
     if device is not None and (problems := incompatibilities(manifest["requires"], device)):
