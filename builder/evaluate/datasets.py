@@ -145,8 +145,7 @@ def load_labels(path: Path | None, source_checkpoint: str, eval_spec: str, class
     None: any number (an embedding model's, whose references are made one per label)."""
     if path is not None:
         try:
-            data = bounded_json.read_bytes(path, bounded_json.FILE_LIMITS)
-            text = data.decode()
+            text = bounded_json.read_bytes(path, bounded_json.FILE_LIMITS).decode()
             labels = (
                 bounded_json.loads(text, bounded_json.FILE_LIMITS)
                 if text.lstrip().startswith("[")

@@ -58,7 +58,8 @@ def observe(
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
-    reduced = _add_extrema(copy, list(dict.fromkeys(extrema)))
+    reduced = list(dict.fromkeys(extrema))
+    _add_extrema(copy, reduced)
     # the weights are nearly all of it, and summing theirs is quick where the whole graph's size is not
     external = sum(t.ByteSize() for t in copy.graph.initializer) > _EXTERNAL_ABOVE
     seen = len(images) if visited is None else visited
@@ -99,8 +100,8 @@ def _session(path: Path) -> ort.InferenceSession:
 _EXTREMA_SUFFIXES = ("/edgevit_min", "/edgevit_max")
 
 
-def _add_extrema(model: onnx.ModelProto, names: list[str]) -> list[str]:
-    """Adds a ReduceMin and a ReduceMax over the whole of each of ``names`` as graph outputs; returns ``names``.
+def _add_extrema(model: onnx.ModelProto, names: list[str]) -> None:
+    """Adds a ReduceMin and a ReduceMax over the whole of each of ``names`` as graph outputs.
 
     Each pair goes right after the node that makes its tensor, where :func:`_session` runs it.
     """
@@ -120,7 +121,6 @@ def _add_extrema(model: onnx.ModelProto, names: list[str]) -> list[str]:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.output.extend(onnx.ValueInfoProto(name=name + suffix) for name in names for suffix in _EXTREMA_SUFFIXES)
-    return names
 
 
 @dataclass

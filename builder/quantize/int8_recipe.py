@@ -149,7 +149,7 @@ class Int8Search:
         seen = measure(model, self.ranges, scaled, whole, self.holdout)
         self.channels, self.reference = seen.channels, seen.logits
         if whole:
-            minmax_ranges(self.work / "ranges-minmax-None.json", seen.extrema)
+            minmax_ranges(self._ranges("minmax", None), seen.extrema)
         self.absmax = absmax({t.norm: self.channels[t.norm] for t in self.targets})
         self._weight_max = weight_maxima(model, self.targets)
         del model
