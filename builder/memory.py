@@ -5,6 +5,11 @@ ONNX Runtime sessions come and go with their arenas. glibc's allocator keeps wha
 reuse rather than returning it, so without this the builder's resident memory ratchets up step
 by step, and the build's peak with it (``bench/build_bench.py`` measures both). Elsewhere than
 glibc this only collects garbage.
+
+glibc also raises its mmap threshold each time a large block is freed (up to 32 MiB), so that the
+weight-sized buffers of the next step come from the heap, where one that stays alive keeps every
+free block below it from being returned. :func:`return_large_blocks` pins the threshold, so each
+such buffer is mapped on its own and unmapped when freed.
 """
 
 from __future__ import annotations
@@ -15,15 +20,23 @@ import gc
 from collections.abc import Callable
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc(function: str) -> Callable[..., int] | None:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(name), function) if name else None
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM, _MALLOPT = _glibc("malloc_trim"), _glibc("mallopt")
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+LARGE_BLOCK = 1 << 20  # bytes: a tensor of a ViT's layer, not the small objects of Python and protobuf
+
+
+def return_large_blocks() -> None:
+    """From now on, blocks of :data:`LARGE_BLOCK` or more go straight back to the system when freed."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BLOCK)
 
 
 def release_freed_memory() -> None:

@@ -41,6 +41,7 @@ from builder.evaluate.baseline import Baseline, baseline_misses, bundle_baseline
 from builder.evaluate.datasets import evaluation_set, load_labels
 from builder.evaluate.measure import logits
 from builder.evaluate.references import prototypes, read_references
+from builder.memory import return_large_blocks
 from builder.progress import counter, step
 from builder.targets.tensorrt_check import require_parsable
 from builder.targets.tensorrt_plan import build_plan, tensorrt_version
@@ -69,6 +70,7 @@ def build_engine_bundle(
     """
     progress = progress or Progress(disable=True)
     check_options(options)
+    return_large_blocks()
     key = load_private_key(key_path)
     if out.exists():
         raise BuildError(f"{out} exists; choose another --out or remove it")

@@ -36,7 +36,7 @@ _EXTERNAL_ABOVE = 1536 * 2**20
 
 
 def observe(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | Path,
     images: np.ndarray,
     tensors: Iterable[str],
     visit: Callable[[str, np.ndarray], None],
@@ -45,18 +45,25 @@ def observe(
     extrema: Iterable[str] = (),
     visit_extrema: Callable[[str, float, float], None] = lambda name, low, high: None,
 ) -> np.ndarray:
-    """Run ``images`` through ``model``; ``visit(name, value)`` sees each of ``tensors`` per batch of the first
-    ``visited`` images (all by default); the rest run for their logits alone, in the same session.
+    """Run ``images`` through ``model`` (a graph, or a file of one); ``visit(name, value)`` sees each of
+    ``tensors`` per batch of the first ``visited`` images (all by default); the rest run for their logits
+    alone, in the same session.
 
     ``visit_extrema(name, low, high)`` sees the min and max of each of ``extrema`` per batch of those images,
     reduced inside the graph: a ViT-B's Dense inputs and outputs at batch 8 would be hundreds of MB a batch.
 
+    Given a file, the graph is read and freed again before the session opens, so that the pass holds one
+    copy of a large model's weights (the session's) rather than two.
+
     Returns the model's own first output (the logits) for all images.
     """
     names = list(dict.fromkeys(tensors))
-    graph_outputs = [o.name for o in model.graph.output]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    if isinstance(model, Path):
+        copy = onnx.load(str(model))
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+    graph_outputs = [o.name for o in copy.graph.output]
     copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in graph_outputs)
     reduced = list(dict.fromkeys(extrema))
     _add_extrema(copy, reduced)
@@ -133,7 +140,7 @@ class Activations:
 
 
 def measure(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | Path,
     images: np.ndarray,
     per_channel: Iterable[str],
     whole: Iterable[str] = (),

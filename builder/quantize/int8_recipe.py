@@ -140,19 +140,20 @@ class Int8Search:
         self.targets = find_targets(model)
         self._tensors = {name for node in model.graph.node for name in node.output}
         self._shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        self._weight_max = weight_maxima(model, self.targets)
+        del model  # before the measuring pass, whose session holds the weights once more
+        release_freed_memory()
         self.prepared = self._prepared(prepared)
         self.prepared_dynamic: Path | None = None  # made when the first dynamic recipe needs it
         # min/max ranges are taken in this pass where every tensor the calibrator would range is in the export
         whole = calibrated if self.prepared and calibrated and calibrated <= self._tensors else set()
         self._say(f"measuring activations on {len(calibration)} calibration images")
         scaled = [n for t in self.targets for n in t.scaled]
-        seen = measure(model, self.ranges, scaled, whole, self.holdout)
+        seen = measure(model_path, self.ranges, scaled, whole, self.holdout)
         self.channels, self.reference = seen.channels, seen.logits
         if whole:
             minmax_ranges(self._ranges("minmax", None), seen.extrema)
         self.absmax = absmax({t.norm: self.channels[t.norm] for t in self.targets})
-        self._weight_max = weight_maxima(model, self.targets)
-        del model
         self._count = 0
         release_freed_memory()
 

@@ -43,6 +43,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from builder.choices import CALIBRATIONS, Flavour
 from builder.errors import BuildError
+from builder.memory import release_freed_memory
 from builder.rewrites.graph_passes import gemm_to_matmul
 
 CALIBRATION_METHODS = dict(
@@ -73,16 +74,9 @@ class _Batches(CalibrationDataReader):
         return {"images": chunk}
 
 
-def _pre_processed(model: ir.Model, tmp: Path) -> Path:
-    """ONNX Runtime's recommended pre-quantization pass (shape inference, graph clean-up)."""
-    raw = tmp / "raw.onnx"
-    ir.save(model, raw)
-    return prepare(raw, tmp / "prepared.onnx")
-
-
 def prepare(src: Path, dst: Path) -> Path:
-    """``src`` through ONNX Runtime's pre-quantization pass, once for every recipe quantized from it
-    (``quantize_static_int8(..., prepared=True)``)."""
+    """``src`` through ONNX Runtime's recommended pre-quantization pass (shape inference, graph clean-up), once
+    for every recipe quantized from it (``quantize_static_int8(..., prepared=True)``)."""
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
 
@@ -129,7 +123,7 @@ def quantize_static_int8(
     if flavour not in FLAVOURS:
         raise QuantizationError(f"unknown INT8 flavour {flavour!r}; one of {', '.join(FLAVOURS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        source = src if prepared else _pre_processed(ir.load(src), Path(tmp))
+        source = src if prepared else prepare(src, Path(tmp) / "prepared.onnx")
         quantize_static(
             str(source),
             str(dst),
@@ -176,9 +170,13 @@ def quantize_dynamic_int8(
 def prepare_for_dynamic(src: Path, dst: Path) -> Path:
     """``src`` with its Dense layers as ``MatMul`` (all the dynamic quantizer touches), through :func:`prepare`."""
     with tempfile.TemporaryDirectory() as tmp:
+        rewritten = Path(tmp) / "matmul.onnx"
         model = ir.load(src)
         gemm_to_matmul(model)
-        return _pre_processed(model, Path(tmp)).replace(dst)
+        ir.save(model, rewritten)
+        del model  # before the pass, which reads the file into copies of its own
+        release_freed_memory()
+        return prepare(rewritten, dst)
 
 
 def float_weight_ops(path: Path) -> list[tuple[str, str]]:

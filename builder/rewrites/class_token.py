@@ -32,6 +32,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from builder.errors import BuildError
 from builder.export.onnx_export import EXTERNAL_DATA_THRESHOLD, weight_bytes
+from builder.memory import release_freed_memory
 
 TOLERANCE = 1e-3  # max |Δlogit| against the export, relative to the largest logit
 
@@ -119,6 +120,8 @@ def class_token_only(
     external = weight_bytes(rewritten) > EXTERNAL_DATA_THRESHOLD
     data = dst.with_name(f"{dst.name}.data")
     ir.save(rewritten, dst, external_data=data.name if external else None, size_threshold_bytes=1024)
+    del model, rewritten  # the IR's graph is a web of references: only a collection frees it, and the proto it reads
+    release_freed_memory()
     _verify(dst, check, _logits(src, check) if expected is None else expected)
     return [dst, data] if external else [dst]
 
