@@ -34,7 +34,11 @@ LARGE_BLOCK = 1 << 20  # bytes: a tensor of a ViT's layer, not the small objects
 
 
 def return_large_blocks() -> None:
-    """From now on, blocks of :data:`LARGE_BLOCK` or more go straight back to the system when freed."""
+    """From now on, blocks of :data:`LARGE_BLOCK` or more go straight back to the system when freed.
+
+    The setting is the whole process's: the engine job sets it for the builder, whose engine profiles run in
+    processes of their own (their timings keep glibc's default), and a program that calls the job gets it too.
+    """
     if _MALLOPT is not None:
         _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BLOCK)
 
