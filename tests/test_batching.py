@@ -132,6 +132,32 @@ def test_a_size_slowed_once_is_ranked_by_its_passport_again() -> None:
     assert abs(p.typical(1) - 0.006) < 1e-3
 
 
+# CHUNKED as the passport of a 4-images-per-stream bundle records it: 2 to 4 and 5 to 8 are each timed once
+SHARED = {1: 0.010, **{b: 0.036 for b in range(2, 5)}, **{b: 0.041 for b in range(5, 9)}}
+RUNS_AS = {**{b: 4 for b in range(2, 4)}, **{b: 8 for b in range(5, 8)}}
+
+
+def test_sizes_that_run_the_same_requests_share_one_estimate() -> None:
+    """8 cameras at 30 fps. One slow batch of 8 is a slow batch of 7 too (the same two chunks of 4, one
+    padded): the policy does not step down to 7, which would run the same requests for fewer frames over
+    the budget, but to a size that runs fewer."""
+    p = BatchPolicy(0.1, SHARED, 8, mean_by_batch=SHARED, runs_as=RUNS_AS)
+    assert p.decide(arrival_rate=240, sources=8).batch == 8
+    p.observe(8, 0.100)  # a preempted thread
+    assert p.latency(7) == p.latency(5) == p.latency(8) > 0.1 - 1 / 30
+    assert p.decide(arrival_rate=240, sources=8).batch == 4
+    for _ in range(100):
+        p.observe(4, 0.036)  # relaxed while a size that runs other requests serves
+    assert p.latency(7) == p.latency(8) and p.decide(arrival_rate=240, sources=8).batch == 8
+    assert p.typical(6) == p.typical(8)
+
+
+def test_without_shared_requests_each_size_keeps_its_own_estimate() -> None:
+    p = BatchPolicy(0.1, SHARED, 8, mean_by_batch=SHARED)
+    p.observe(8, 0.100)
+    assert p.latency(7) == 0.041 and p.decide(arrival_rate=240, sources=8).batch == 7
+
+
 def test_batch_never_exceeds_the_cameras_delivering() -> None:
     assert policy(budget_ms=30).decide(arrival_rate=5000, sources=2).batch <= 2
     assert policy().decide(arrival_rate=5000, sources=0).batch == 1
@@ -208,6 +234,14 @@ def test_passport_latency_rows_the_policy_cannot_use_are_passed_over(demo_bundle
     (root / "passport.json").write_text(json.dumps({**bundle.passport, "latency": rows}))
     latency = PassportLatency.of(bundle)
     assert latency.p99 == {low: 0.004, high: 0.006} and latency.mean == {low: low / 500.0}
+    shared = [
+        {"batch": low, "p99_ms": 4.0, "timed_at": high},
+        {"batch": low + 1, "p99_ms": 4.0, "timed_at": high + 1},  # a size outside the bundle's
+        {"batch": high, "p99_ms": 4.0, "timed_at": low},  # a smaller size: no batch runs as one
+        {"batch": high - 1, "p99_ms": 4.0, "timed_at": True},
+    ]
+    (root / "passport.json").write_text(json.dumps({**bundle.passport, "latency": shared}))
+    assert PassportLatency.of(bundle).runs_as == {low: high}
     for broken in ("fast", [], None, {"batch": 1}):
         (root / "passport.json").write_text(json.dumps({**bundle.passport, "latency": broken}))
         latency = PassportLatency.of(bundle)

@@ -25,7 +25,11 @@ back up. Each batch of one size therefore moves every other size's estimate a li
 back toward its passport figure: an unused size is tried again once it looks feasible,
 and one slow batch then raises it again. The estimates stay per size because sizes
 differ in how much a loaded device slows them (one image over every core waits on both
-cores at every layer; a chunk per stream does not).
+cores at every layer; a chunk per stream does not), except for sizes that run the same
+requests (an OpenVINO engine pads a short chunk: with 4 images per stream, 5 to 8 run two
+chunks of 4), which the passport times once and the policy estimates once: a slow batch
+of 8 is a slow batch of 7, and a policy that stepped down to 7 would run the same requests,
+for fewer frames, over the budget it stepped down to keep.
 
 The policy picks the smallest batch that keeps up with the arrival rate (with 10 %
 headroom) and fits the budget; when none keeps up, the feasible batch with the highest
@@ -70,9 +74,10 @@ class BatchPolicy:
         mode: str = "adaptive",
         fixed_batch: int = 1,
         mean_by_batch: dict[int, float] | None = None,
+        runs_as: dict[int, int] | None = None,
     ) -> None:
         self._lock = threading.Lock()
-        self.relearn(p99_by_batch, mean_by_batch)
+        self.relearn(p99_by_batch, mean_by_batch, runs_as)
         self.configure(budget_s, max_batch, mode, fixed_batch)
 
     def configure(self, budget_s: float, max_batch: int, mode: str, fixed_batch: int) -> None:
@@ -81,37 +86,56 @@ class BatchPolicy:
             self.budget, self.max_batch, self.mode = budget_s, max_batch, mode
             self.fixed_batch = min(fixed_batch, max_batch)
 
-    def relearn(self, p99_by_batch: dict[int, float], mean_by_batch: dict[int, float] | None = None) -> None:
+    def relearn(
+        self,
+        p99_by_batch: dict[int, float],
+        mean_by_batch: dict[int, float] | None = None,
+        runs_as: dict[int, int] | None = None,
+    ) -> None:
         """Start over from another engine's passport (a swap): the old measurements describe the old engine.
-        A passport that measured nothing starts from a neutral guess, which the first batches replace."""
+        A passport that measured nothing starts from a neutral guess, which the first batches replace.
+        ``runs_as`` maps a batch size to the size whose requests it runs (the passport's ``timed_at``)."""
         p99_by_batch = p99_by_batch or {1: NEUTRAL_P99_S}
         with self._lock:
-            self._passport = dict(p99_by_batch)
-            self._latency = dict(p99_by_batch)
-            self._passport_typical = {**p99_by_batch, **(mean_by_batch or {})}  # the p99 where no mean was measured
+            self._runs_as = dict(runs_as or {})
+            self._passport = self._by_request(p99_by_batch)
+            self._latency = dict(self._passport)
+            # the p99 where no mean was measured
+            self._passport_typical = {**self._passport, **self._by_request(mean_by_batch or {})}
             self._typical = dict(self._passport_typical)
+
+    def _by_request(self, figures: dict[int, float]) -> dict[int, float]:
+        """``figures`` keyed by the size each batch size runs as; that size's own figure where it has one."""
+        shared = {self._key(b): figure for b, figure in figures.items()}
+        return shared | {b: figure for b, figure in figures.items() if b in shared}
+
+    def _key(self, batch: int) -> int:
+        return self._runs_as.get(batch, batch)
 
     def latency(self, batch: int) -> float:
         """Predicted p99 seconds for ``batch``: measured or from the passport, else extrapolated linearly."""
-        if batch in self._latency:
-            return self._latency[batch]
+        key = self._key(batch)
+        if key in self._latency:
+            return self._latency[key]
         known = sorted(self._latency)
         below = max((b for b in known if b < batch), default=known[0])
         return self._latency[below] * batch / below
 
     def observe(self, batch: int, seconds: float) -> None:
-        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly) and the mean; every
-        other size's estimates move :data:`RELAX` of the way back toward their passport figures."""
+        """Fold one measured batch latency into the p99 estimate (rises fast, decays slowly) and the mean of every
+        size that runs the same requests; every other size's estimates move :data:`RELAX` of the way back toward
+        their passport figures."""
         with self._lock:
+            key = self._key(batch)
             current = self.latency(batch)
             weight = 0.5 if seconds > current else SMOOTHING / 10  # a p99 must react to slow batches
             for estimates, passport in ((self._latency, self._passport), (self._typical, self._passport_typical)):
                 for other, estimate in estimates.items():
-                    if other != batch and other in passport:
+                    if other != key and other in passport:
                         estimates[other] = estimate + RELAX * (passport[other] - estimate)
-            self._latency[batch] = current + weight * (seconds - current)
-            typical = self._typical.get(batch, seconds)
-            self._typical[batch] = typical + SMOOTHING * (seconds - typical)
+            self._latency[key] = current + weight * (seconds - current)
+            typical = self._typical.get(key, seconds)
+            self._typical[key] = typical + SMOOTHING * (seconds - typical)
 
     def typical(self, batch: int) -> float:
         """Mean seconds for ``batch``: as measured here, else the passport's, else the p99 estimate."""
@@ -119,7 +143,7 @@ class BatchPolicy:
             return self._mean(batch)
 
     def _mean(self, batch: int) -> float:
-        return self._typical.get(batch) or self.latency(batch)
+        return self._typical.get(self._key(batch)) or self.latency(batch)
 
     def decide(self, arrival_rate: float, sources: int) -> Decision:
         """``sources``: cameras delivering frames. Each has one pending slot (latest frame wins),

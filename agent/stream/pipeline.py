@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class PassportLatency:
 
     p99: dict[int, float]
     mean: dict[int, float]  # from the rows' images/s; a size without one is ranked by its p99
+    runs_as: dict[int, int]  # a size timed at another that runs the same requests ("timed_at"): that size
 
     @classmethod
     def of(cls, bundle: Bundle) -> PassportLatency:
@@ -74,15 +75,22 @@ class PassportLatency:
         rows = bundle.passport.get("latency")
         p99: dict[int, float] = {}
         mean: dict[int, float] = {}
+        runs_as: dict[int, int] = {}
         for row in rows if isinstance(rows, list) else []:
             size = row.get("batch") if isinstance(row, dict) else None
-            if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+            if not _size_within(size, low, high):
                 continue
             if (ms := _positive(row.get("p99_ms"))) is not None:
                 p99[size] = ms / 1e3
             if (rate := _positive(row.get("images_per_s"))) is not None:
                 mean[size] = size / rate
-        return cls(p99, mean)
+            if _size_within(timed_at := row.get("timed_at"), size, high):
+                runs_as[size] = timed_at
+        return cls(p99, mean, runs_as)
+
+
+def _size_within(value: object, low: int, high: int) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _positive(value: object) -> float | None:
@@ -152,6 +160,7 @@ class Pipeline:
             (passport := PassportLatency.of(serving.bundle)).p99,
             serving.bundle.batch_range[1],
             mean_by_batch=passport.mean,
+            runs_as=passport.runs_as,
         )
         self.metrics = Metrics()
         # two batch buffers: one runs on the engine while the next fills
@@ -246,7 +255,7 @@ class Pipeline:
             self._batches = [self._batch_buffer(max_batch) for _ in range(2)]
         self.serving = request.serving
         passport = PassportLatency.of(request.serving.bundle)
-        self.policy.relearn(passport.p99, passport.mean)
+        self.policy.relearn(passport.p99, passport.mean, passport.runs_as)
         self._configure_batching(self._batching)
         self._swap = None
         request.applied_at = time.monotonic()
