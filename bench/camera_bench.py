@@ -225,14 +225,16 @@ def main() -> None:
         for run in range(parsed.throughput_runs if parsed.only in (None, "throughput") else 0):
             print(f"  throughput: run {run + 1}", file=sys.stderr, flush=True)
             flows.append(throughput(work, bundle, public, parsed))
-    lines = [
-        f"agent: {parsed.agent_root}; {GOOD} good cameras at 640x480, fps 10; {parsed.runs} runs per row; "
-        f"a camera not back within {parsed.patience:g} s counts as never",
-        "",
-        "| dead cameras | their stall_timeout_s | transport | good cameras' start-up s | never started "
-        "| recovery after the server's return s | never recovered | median recovery s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"agent: {parsed.agent_root}"]
+    if rows:
+        lines += [
+            f"{GOOD} good cameras at 640x480, fps 10; {parsed.runs} runs per row; "
+            f"a camera not back within {parsed.patience:g} s counts as never",
+            "",
+            "| dead cameras | their stall_timeout_s | transport | good cameras' start-up s | never started "
+            "| recovery after the server's return s | never recovered | median recovery s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for row in rows:
         start = [s for r in row["runs"] for s in r["start_s"]]
         back = [s for r in row["runs"] for s in r["recovery_s"]]
@@ -245,16 +247,16 @@ def main() -> None:
     if flows:
         flow = sorted(flows, key=lambda f: f["agent_cpu_ms_per_frame"])[len(flows) // 2]
 
-        def measured(key: str) -> str:
-            return f"{flow[key]}" + (f" ({spread([f[key] for f in flows], 3)})" if len(flows) > 1 else "")
+        def measured(key: str, digits: int) -> str:
+            return f"{flow[key]}" + (f" ({spread([f[key] for f in flows], digits)})" if len(flows) > 1 else "")
 
         lines += [
             "",
             f"4 x 1280x720 at 30 fps, 0 dead cameras, {parsed.seconds:g} s, "
             f"{'the median of ' + str(len(flows)) + ' runs (range)' if len(flows) > 1 else 'one run'}: "
-            f"{measured('processed_fps')} frames/s processed, {flow['decoded_fps']} decoded; per decoded frame: "
-            f"{measured('decode_cpu_ms_per_frame')} ms decode CPU as the agent reports it, "
-            f"{measured('agent_cpu_ms_per_frame')} ms CPU of the agent and all its processes",
+            f"{measured('processed_fps', 1)} frames/s processed, {flow['decoded_fps']} decoded; per decoded frame: "
+            f"{measured('decode_cpu_ms_per_frame', 3)} ms decode CPU as the agent reports it, "
+            f"{measured('agent_cpu_ms_per_frame', 3)} ms CPU of the agent and all its processes",
         ]
         if flow["decoders"]:
             lines.append(
