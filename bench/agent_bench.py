@@ -185,25 +185,31 @@ def steady_window(pid: int, cameras: int, window: float, port: int) -> tuple[dic
     while time.monotonic() < deadline and sum(_kind(p) == "decoders" for p in _tree(agent)) < cameras:
         time.sleep(0.1)
     time.sleep(2.0)
-    before, frames_before, start = _cpu_by_kind(agent), processed_frames(port), time.monotonic()
+    before, frames_before, start = _cpu_by_kind(agent), frame_count(port, "processed"), time.monotonic()
     time.sleep(window)
-    after, frames_after, elapsed = _cpu_by_kind(agent), processed_frames(port), time.monotonic() - start
+    after, frames_after, elapsed = _cpu_by_kind(agent), frame_count(port, "processed"), time.monotonic() - start
     cores = psutil.cpu_count() or 1
     split = {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / elapsed / cores * 100, 1) for k in KINDS}
     split["idle"] = round(100 - sum(split.values()), 1)
     return split, (frames_after - frames_before) / elapsed
 
 
-def processed_frames(port: int) -> float:
-    """Frames the agent has processed so far, every camera's, as its Prometheus endpoint counts them."""
+def frame_counts(port: int, kind: str) -> dict[str, float]:
+    """Each camera's frames of one fate so far (``processed``, ``decoded``...), as the agent's Prometheus
+    endpoint counts them."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    return sum(
-        sample.value
+    return {
+        sample.labels["camera"]: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "edgevit_frames_total" and sample.labels.get("kind") == "processed"
-    )
+        if sample.name == "edgevit_frames_total" and sample.labels.get("kind") == kind
+    }
+
+
+def frame_count(port: int, kind: str) -> float:
+    """Every camera's frames of one fate so far."""
+    return sum(frame_counts(port, kind).values())
 
 
 KINDS = ("engine", "decoders", "agent")

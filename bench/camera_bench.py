@@ -11,8 +11,11 @@ every good camera serves, and restarted 5 s later. Measured per scenario over ``
 Then throughput at 0 dead cameras, 4 x 720p, for ``--seconds``, ``--throughput-runs`` times: processed
 frames/s and decode CPU per frame (the decoder's CPU outside preprocessing) from the agent's summary,
 and the CPU per decoded frame of the agent with every process it reaped, which compares designs
-(a row gives the median run and the range). ``--only throughput`` runs only these and keeps them
-as ``camera_bench_throughput*``.
+(a row gives the median run and the range). Those are whole-run figures: start-up included, which
+costs a process per camera an interpreter's start each. Beside them, the steady state: over half
+the run, from 2 s after every camera's first frame, the frames processed per second and the CPU of
+the agent and every process under it per frame decoded (the agent's Prometheus counters, /proc).
+``--only throughput`` runs only these and keeps them as ``camera_bench_throughput*``.
 
 ``--agent-root`` runs the agent from another checkout (same virtual environment), to measure the
 code before a change beside the code after it.
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from agent_bench import frame_count, frame_counts  # noqa: E402
 from agent_helpers import dead_listener, read_results, start_rtsp_server  # noqa: E402
 
 from builder.bundle.build import build_engine_bundle  # noqa: E402
@@ -58,14 +62,16 @@ GOOD = 4
 SCENARIOS = [(0, 5, "auto"), (2, 5, "auto"), (2, 20, "auto"), (4, 5, "auto"), (4, 20, "auto"), (2, 20, "tcp")]
 
 
-def agent_config(work: Path, bundle: Path, public: Path, cameras: list[dict[str, Any]]) -> Path:
+def agent_config(
+    work: Path, bundle: Path, public: Path, cameras: list[dict[str, Any]], prometheus_port: int = 0
+) -> Path:
     config = {
         "device": "bench",
         "state_dir": str(work / "state"),
         "engine": {"bundle": str(bundle), "trusted_keys": [str(public)]},
         "cameras": cameras,
         "results": {"jsonl": str(work / "results.jsonl")},
-        "metrics": {"print_every_s": 0},
+        "metrics": {"print_every_s": 0, "prometheus_port": prometheus_port},
     }
     path = work / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -145,14 +151,16 @@ def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace)
     cameras = [
         {"name": f"good{i}", "source": f"rtsp://127.0.0.1:{port}/cam", "rtsp_transport": "tcp"} for i in range(4)
     ]
+    metrics = free_port()
     try:
         agent = start_agent(
-            agent_config(work, bundle, public, cameras), args.agent_root, "--duration", str(args.seconds)
+            agent_config(work, bundle, public, cameras, metrics), args.agent_root, "--duration", str(args.seconds)
         )
         assert agent.stdout is not None
         memory: list[tuple[float, float]] = []  # (RSS, USS) MiB of each decoder process, mid-run
         sampler = threading.Timer(args.seconds / 2 + 5, lambda: memory.extend(decoder_memory(agent.pid)))
         sampler.start()
+        steady = steady_state(agent.pid, metrics, len(cameras), args.seconds / 2)
         stdout = agent.stdout.read()
         sampler.cancel()
         # the agent's CPU with every child it reaped (decoders, the engine worker): comparable across designs
@@ -174,7 +182,47 @@ def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace)
         "decode_cpu_ms_per_frame": round(
             sum((c["decode_cpu_ms"] or 0) * c["decoded"] for c in cams) / max(decoded, 1), 3
         ),
+        **steady,
     }
+
+
+def steady_state(agent_pid: int, port: int, cameras: int, window: float) -> dict[str, float]:
+    """Frames processed per second and CPU per decoded frame of the agent and every process under it, over
+    ``window`` seconds from 2 s after every camera's first frame: what serving costs, start-up aside."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(n > 0 for n in _counts(port, "decoded").values()) < cameras:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    cpu, decoded, processed, start = tree_cpu_s(agent_pid), *_totals(port), time.monotonic()
+    time.sleep(window)
+    cpu_after, decoded_after, processed_after, elapsed = tree_cpu_s(agent_pid), *_totals(port), time.monotonic()
+    elapsed -= start
+    return {
+        "steady_processed_fps": round((processed_after - processed) / elapsed, 1),
+        "steady_cpu_ms_per_frame": round((cpu_after - cpu) / max(decoded_after - decoded, 1) * 1e3, 3),
+    }
+
+
+def _counts(port: int, kind: str) -> dict[str, float]:
+    try:
+        return frame_counts(port, kind)
+    except OSError:  # the endpoint is not up yet
+        return {}
+
+
+def _totals(port: int) -> tuple[float, float]:
+    return frame_count(port, "decoded"), frame_count(port, "processed")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds so far of a process and every process under it."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def decoder_memory(agent_pid: int) -> list[tuple[float, float]]:
@@ -245,22 +293,29 @@ def main() -> None:
             f"{statistics.median(back) if back else float('nan'):.1f} |"
         )
     if flows:
-        flow = sorted(flows, key=lambda f: f["agent_cpu_ms_per_frame"])[len(flows) // 2]
+        flow = flows[0]
 
         def measured(key: str, digits: int) -> str:
-            return f"{flow[key]}" + (f" ({spread([f[key] for f in flows], digits)})" if len(flows) > 1 else "")
+            """The figure's median over the runs, and its range."""
+            values = [f[key] for f in flows]
+            middle = f"{statistics.median(values):.{digits}f}"
+            return middle + (f" ({spread(values, digits)})" if len(flows) > 1 else "")
 
         lines += [
             "",
             f"4 x 1280x720 at 30 fps, 0 dead cameras, {parsed.seconds:g} s, "
-            f"{'the median of ' + str(len(flows)) + ' runs (range)' if len(flows) > 1 else 'one run'}: "
-            f"{measured('processed_fps', 1)} frames/s processed, {flow['decoded_fps']} decoded; per decoded frame: "
+            f"{'each figure the median of ' + str(len(flows)) + ' runs (range)' if len(flows) > 1 else 'one run'}: "
+            f"{measured('processed_fps', 1)} frames/s processed, {measured('decoded_fps', 1)} decoded; per decoded "
+            "frame: "
             f"{measured('decode_cpu_ms_per_frame', 3)} ms decode CPU as the agent reports it, "
             f"{measured('agent_cpu_ms_per_frame', 3)} ms CPU of the agent and all its processes",
+            f"steady state (half the run, every camera serving): {measured('steady_processed_fps', 1)} frames/s "
+            f"processed, {measured('steady_cpu_ms_per_frame', 3)} ms CPU of the agent and all its processes per "
+            "decoded frame",
         ]
         if flow["decoders"]:
             lines.append(
-                f"{flow['decoders']} decoder processes: {flow['decoder_rss_mib']} MiB resident each, "
+                f"{flow['decoders']} decoder processes (first run): {flow['decoder_rss_mib']} MiB resident each, "
                 f"{flow['decoder_uss_mib']} MiB of it their own (USS; the rest is shared libraries)"
             )
     table = "\n".join(lines) + "\n"
