@@ -11,7 +11,7 @@ every good camera serves, and restarted 5 s later. Measured per scenario over ``
 Then throughput at 0 dead cameras, 4 x 720p, for ``--seconds``, ``--throughput-runs`` times: processed
 frames/s and decode CPU per frame (the decoder's CPU outside preprocessing) from the agent's summary,
 and the CPU per decoded frame of the agent with every process it reaped, which compares designs
-(a row gives the median run and the range). Those are whole-run figures: start-up included, which
+(each figure its median over the runs, and the range). Those are whole-run figures: start-up included, which
 costs a process per camera an interpreter's start each. Beside them, the steady state: over half
 the run, from 2 s after every camera's first frame, the frames processed per second and the CPU of
 the agent and every process under it per frame decoded (the agent's Prometheus counters, /proc).
