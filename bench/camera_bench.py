@@ -18,7 +18,9 @@ the agent and every process under it per frame decoded (the agent's Prometheus c
 ``--only throughput`` runs only these and keeps them as ``camera_bench_throughput*``.
 
 ``--agent-root`` runs the agent from another checkout (same virtual environment), to measure the
-code before a change beside the code after it.
+code before a change beside the code after it. ``--compare PATH`` runs the throughput runs of
+``--agent-root`` and of the checkout at PATH in turn, one of each after the other, so that the
+machine's drift over the runs weighs on both alike.
 
     python bench/camera_bench.py [--runs 3] [--agent-root PATH] [--out bench/results]
 """
@@ -144,8 +146,8 @@ def one_run(work: Path, bundle: Path, public: Path, scenario: tuple[int, int, st
     return {"start_s": sorted(start.values()), "recovery_s": sorted(recovery.values()), "good": GOOD}
 
 
-def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace) -> dict:
-    """0 dead cameras, 4 x 720p at the server's 30 fps, every frame taken."""
+def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace, agent_root: Path) -> dict:
+    """0 dead cameras, 4 x 720p at the server's 30 fps, every frame taken, the agent of ``agent_root``."""
     port = free_port()
     server = start_rtsp_server(port, "--size", "1280x720")
     cameras = [
@@ -154,7 +156,7 @@ def throughput(work: Path, bundle: Path, public: Path, args: argparse.Namespace)
     metrics = free_port()
     try:
         agent = start_agent(
-            agent_config(work, bundle, public, cameras, metrics), args.agent_root, "--duration", str(args.seconds)
+            agent_config(work, bundle, public, cameras, metrics), agent_root, "--duration", str(args.seconds)
         )
         assert agent.stdout is not None
         memory: list[tuple[float, float]] = []  # (RSS, USS) MiB of each decoder process, mid-run
@@ -247,6 +249,7 @@ def main() -> None:
     args.add_argument("--seconds", type=float, default=20.0, help="length of the 4 x 720p throughput run")
     args.add_argument("--throughput-runs", type=int, default=1, help="how many 4 x 720p throughput runs")
     args.add_argument("--agent-root", type=Path, default=ROOT, help="the checkout whose agent runs")
+    args.add_argument("--compare", type=Path, help="another checkout whose throughput runs alternate with these")
     args.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args.add_argument("--logs", type=Path, help="keep each run's agent log in this folder")
     args.add_argument(
@@ -269,10 +272,12 @@ def main() -> None:
                 print(f"  {scenario}: run {run + 1}", file=sys.stderr, flush=True)
                 runs.append(one_run(work, bundle, public, scenario, parsed))
             rows.append({"dead": scenario[0], "stall_s": scenario[1], "transport": scenario[2], "runs": runs})
-        flows = []
+        roots = [parsed.agent_root, *([parsed.compare] if parsed.compare else [])]
+        flows: dict[Path, list[dict]] = {root: [] for root in roots}
         for run in range(parsed.throughput_runs if parsed.only in (None, "throughput") else 0):
-            print(f"  throughput: run {run + 1}", file=sys.stderr, flush=True)
-            flows.append(throughput(work, bundle, public, parsed))
+            for root in roots:
+                print(f"  throughput: run {run + 1}, {root}", file=sys.stderr, flush=True)
+                flows[root].append(throughput(work, bundle, public, parsed, root))
     lines = [f"agent: {parsed.agent_root}"]
     if rows:
         lines += [
@@ -292,6 +297,22 @@ def main() -> None:
             f"{expected - len(start)} | {spread(back)} | {expected - len(back)} | "
             f"{statistics.median(back) if back else float('nan'):.1f} |"
         )
+    for root, runs_of_root in flows.items():
+        lines += throughput_lines(runs_of_root, parsed.seconds, root if parsed.compare else None)
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if parsed.only not in (None, "throughput"):  # a partial run: nothing to keep as the bench's result
+        return
+    parsed.out.mkdir(parents=True, exist_ok=True)
+    name = "camera_bench" + ("_throughput" if parsed.only else "") + ("" if parsed.agent_root == ROOT else "_other")
+    kept = {str(root): runs_of_root for root, runs_of_root in flows.items()} if parsed.compare else flows[roots[0]]
+    (parsed.out / f"{name}.json").write_text(json.dumps({"rows": rows, "throughput": kept}, indent=2) + "\n")
+    (parsed.out / f"{name}.md").write_text(table)
+
+
+def throughput_lines(flows: list[dict], seconds: float, root: Path | None) -> list[str]:
+    """The 4 x 720p runs of one checkout (named where two are compared): each figure's median and range."""
+    lines: list[str] = []
     if flows:
         flow = flows[0]
 
@@ -303,7 +324,8 @@ def main() -> None:
 
         lines += [
             "",
-            f"4 x 1280x720 at 30 fps, 0 dead cameras, {parsed.seconds:g} s, "
+            *([f"agent: {root}"] if root else []),
+            f"4 x 1280x720 at 30 fps, 0 dead cameras, {seconds:g} s, "
             f"{'each figure the median of ' + str(len(flows)) + ' runs (range)' if len(flows) > 1 else 'one run'}: "
             f"{measured('processed_fps', 1)} frames/s processed, {measured('decoded_fps', 1)} decoded; per decoded "
             "frame: "
@@ -318,14 +340,7 @@ def main() -> None:
                 f"{flow['decoders']} decoder processes (first run): {flow['decoder_rss_mib']} MiB resident each, "
                 f"{flow['decoder_uss_mib']} MiB of it their own (USS; the rest is shared libraries)"
             )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if parsed.only not in (None, "throughput"):  # a partial run: nothing to keep as the bench's result
-        return
-    parsed.out.mkdir(parents=True, exist_ok=True)
-    name = "camera_bench" + ("_throughput" if parsed.only else "") + ("" if parsed.agent_root == ROOT else "_other")
-    (parsed.out / f"{name}.json").write_text(json.dumps({"rows": rows, "throughput": flows}, indent=2) + "\n")
-    (parsed.out / f"{name}.md").write_text(table)
+    return lines
 
 
 if __name__ == "__main__":
