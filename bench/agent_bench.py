@@ -185,9 +185,9 @@ def steady_window(pid: int, cameras: int, window: float, port: int) -> tuple[dic
     while time.monotonic() < deadline and sum(_kind(p) == "decoders" for p in _tree(agent)) < cameras:
         time.sleep(0.1)
     time.sleep(2.0)
-    before, frames_before, start = _cpu_by_kind(agent), frame_count(port, "processed"), time.monotonic()
+    before, frames_before, start = cpu_by_kind(agent), frame_count(port, "processed"), time.monotonic()
     time.sleep(window)
-    after, frames_after, elapsed = _cpu_by_kind(agent), frame_count(port, "processed"), time.monotonic() - start
+    after, frames_after, elapsed = cpu_by_kind(agent), frame_count(port, "processed"), time.monotonic() - start
     cores = psutil.cpu_count() or 1
     split = {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / elapsed / cores * 100, 1) for k in KINDS}
     split["idle"] = round(100 - sum(split.values()), 1)
@@ -227,7 +227,7 @@ def _kind(process: psutil.Process) -> str:
     return "decoders" if "agent.stream.decoder" in command else "agent" if "agent.daemon" in command else "engine"
 
 
-def _cpu_by_kind(agent: psutil.Process) -> dict[str, float]:
+def cpu_by_kind(agent: psutil.Process) -> dict[str, float]:
     """CPU seconds so far of each kind of process, children that were waited for excluded."""
     found: dict[str, float] = {}
     for process in _tree(agent):

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent_bench import frame_count, frame_counts  # noqa: E402
+from agent_bench import cpu_by_kind, frame_count, frame_counts  # noqa: E402
 from agent_helpers import dead_listener, read_results, start_rtsp_server  # noqa: E402
 
 from builder.bundle.build import build_engine_bundle  # noqa: E402
@@ -218,13 +218,7 @@ def _totals(port: int) -> tuple[float, float]:
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds so far of a process and every process under it."""
-    total = 0.0
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
+    return sum(cpu_by_kind(psutil.Process(pid)).values())
 
 
 def decoder_memory(agent_pid: int) -> list[tuple[float, float]]:
@@ -305,7 +299,7 @@ def main() -> None:
         return
     parsed.out.mkdir(parents=True, exist_ok=True)
     name = "camera_bench" + ("_throughput" if parsed.only else "") + ("" if parsed.agent_root == ROOT else "_other")
-    kept = {str(root): runs_of_root for root, runs_of_root in flows.items()} if parsed.compare else flows[roots[0]]
+    kept = {str(root): runs_of_root for root, runs_of_root in flows.items()}  # each checkout's runs
     (parsed.out / f"{name}.json").write_text(json.dumps({"rows": rows, "throughput": kept}, indent=2) + "\n")
     (parsed.out / f"{name}.md").write_text(table)
 
